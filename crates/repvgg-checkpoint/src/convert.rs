@@ -1,0 +1,87 @@
+//! Training-form state dict -> deploy-form state dict, through [`repvgg_fuse`] in `f64`.
+
+use repvgg_arch::{ArchSpec, BlockSpec};
+use repvgg_fuse::{BatchNorm, Kernel, TrainBlock, fuse_block};
+
+use crate::layout::{self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, REPARAM};
+use crate::tensor::{StateDict, Tensor};
+
+/// The eps of PyTorch's `BatchNorm2d` default, which RepVGG, timm and mmpretrain all use. State
+/// dicts do not record eps, so models trained with another (YOLOv7's RepConv: 1e-3) must say so.
+pub const DEFAULT_BN_EPS: f64 = 1e-5;
+
+fn get<'a>(dict: &'a StateDict, key: &str) -> Result<&'a Tensor, String> {
+    dict.get(key).ok_or_else(|| format!("missing key '{key}'"))
+}
+
+fn kernel(dict: &StateDict, key: &str) -> Result<Kernel<f64>, String> {
+    let t = get(dict, key)?;
+    let [o, i, h, w] = t.shape[..] else {
+        return Err(format!("'{key}' has shape {:?}, expected a 4-d kernel", t.shape));
+    };
+    Ok(Kernel {
+        out_channels: o,
+        in_per_group: i,
+        height: h,
+        width: w,
+        data: t.to_f64(),
+    })
+}
+
+fn batch_norm(dict: &StateDict, prefix: &str, eps: f64) -> Result<BatchNorm<f64>, String> {
+    let [gamma, beta, running_mean, running_var] =
+        BN_FIELDS.map(|field| get(dict, &format!("{prefix}{field}")).map(Tensor::to_f64));
+    Ok(BatchNorm {
+        gamma: gamma?,
+        beta: beta?,
+        running_mean: running_mean?,
+        running_var: running_var?,
+        eps,
+    })
+}
+
+/// The eval-mode branches of one block, read from a training-form state dict.
+pub fn train_block(dict: &StateDict, block: &BlockSpec, eps: f64) -> Result<TrainBlock<f64>, String> {
+    let p = layout::prefix(block);
+    Ok(TrainBlock {
+        dense: (
+            kernel(dict, &format!("{p}{DENSE_CONV}weight"))?,
+            batch_norm(dict, &format!("{p}{DENSE_BN}"), eps)?,
+        ),
+        one_by_one: Some((
+            kernel(dict, &format!("{p}{ONE_CONV}weight"))?,
+            batch_norm(dict, &format!("{p}{ONE_BN}"), eps)?,
+        )),
+        identity: if block.has_identity {
+            Some(batch_norm(dict, &format!("{p}{IDENTITY_BN}"), eps)?)
+        } else {
+            None
+        },
+        groups: block.groups,
+    })
+}
+
+/// Fuses every block; SE and the head carry over unchanged. Expects official naming and a
+/// state dict already checked against `spec`.
+pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDict, String> {
+    let mut deploy = StateDict::new();
+    for block in spec.blocks() {
+        let fused = fuse_block(&train_block(train, &block, eps)?);
+        let p = layout::prefix(&block);
+        let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        deploy.insert(
+            format!("{p}{REPARAM}weight"),
+            Tensor::new(fused.kernel.shape().to_vec(), to_f32(&fused.kernel.data)),
+        );
+        deploy.insert(
+            format!("{p}{REPARAM}bias"),
+            Tensor::new(vec![fused.bias.len()], to_f32(&fused.bias)),
+        );
+    }
+    for (key, tensor) in train {
+        if key.starts_with(HEAD) || key.contains(".se.") {
+            deploy.insert(key.clone(), tensor.clone());
+        }
+    }
+    Ok(deploy)
+}

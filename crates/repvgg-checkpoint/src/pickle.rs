@@ -1,0 +1,559 @@
+//! A pickle reader that builds data and never runs anything.
+//!
+//! `torch.save` pickles a state dict as containers, numbers, strings and calls to a handful of
+//! torch rebuild functions whose tensor bytes live outside the pickle (persistent ids). This
+//! reader understands exactly that: it recognises the allowed globals by name, interprets their
+//! calls itself, and refuses any other global at the point it is named, before anything could
+//! be called. There is no Python involved, so nothing can be imported or executed either way.
+
+use std::collections::HashMap;
+
+use crate::tensor::DType;
+
+/// A storage blob referenced from the pickle by persistent id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageRef {
+    pub key: String,
+    pub dtype: DType,
+}
+
+/// A tensor view onto a storage: what `torch._utils._rebuild_tensor_v2` receives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorRef {
+    pub storage: StorageRef,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    pub stride: Vec<usize>,
+}
+
+/// The allowed globals.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Global {
+    OrderedDict,
+    RebuildTensorV2,
+    RebuildParameter,
+    RebuildParameterWithState,
+    StorageType(DType),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i128),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    List(Vec<Value>),
+    Tuple(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(Global),
+    Storage(StorageRef),
+    Tensor(TensorRef),
+}
+
+impl Value {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::None => "None",
+            Value::Bool(_) => "bool",
+            Value::Int(_) => "int",
+            Value::Float(_) => "float",
+            Value::Str(_) => "str",
+            Value::Bytes(_) => "bytes",
+            Value::List(_) => "list",
+            Value::Tuple(_) => "tuple",
+            Value::Dict(_) => "dict",
+            Value::Global(_) => "class",
+            Value::Storage(_) => "storage",
+            Value::Tensor(_) => "tensor",
+        }
+    }
+}
+
+fn allowed_global(module: &str, name: &str) -> Result<Global, String> {
+    let storage = |dtype| Ok(Global::StorageType(dtype));
+    match (module, name) {
+        ("collections", "OrderedDict") => Ok(Global::OrderedDict),
+        ("torch._utils", "_rebuild_tensor_v2") => Ok(Global::RebuildTensorV2),
+        ("torch._utils", "_rebuild_parameter") => Ok(Global::RebuildParameter),
+        ("torch._utils", "_rebuild_parameter_with_state") => Ok(Global::RebuildParameterWithState),
+        ("torch", "FloatStorage") => storage(DType::F32),
+        ("torch", "DoubleStorage") => storage(DType::F64),
+        ("torch", "HalfStorage") => storage(DType::F16),
+        ("torch", "BFloat16Storage") => storage(DType::BF16),
+        ("torch", "LongStorage") => storage(DType::I64),
+        ("torch", "IntStorage") => storage(DType::I32),
+        ("torch", "ShortStorage") => storage(DType::I16),
+        ("torch", "CharStorage") => storage(DType::I8),
+        ("torch", "ByteStorage") => storage(DType::U8),
+        ("torch", "BoolStorage") => storage(DType::Bool),
+        _ => Err(format!(
+            "refusing the pickled global '{module}.{name}': a state dict needs only tensors, \
+             numbers, strings and containers (nothing was imported or executed)"
+        )),
+    }
+}
+
+/// Reads one pickle from the start of `bytes`; returns the value and the bytes consumed.
+pub fn read_pickle(bytes: &[u8]) -> Result<(Value, usize), String> {
+    Machine {
+        bytes,
+        pos: 0,
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+    }
+    .run()
+}
+
+struct Machine<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    /// Stack heights at each MARK.
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+}
+
+impl Machine<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| format!("pickle ends early (wanted {n} bytes at offset {})", self.pos))?;
+        let slice = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        let rest = &self.bytes[self.pos..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("pickle ends inside a text line")?;
+        let text = String::from_utf8_lossy(&rest[..end]).into_owned();
+        self.pos += end + 1;
+        Ok(text)
+    }
+
+    fn string(&mut self, len: usize) -> Result<String, String> {
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| "pickle holds a string that is not UTF-8".to_string())
+    }
+
+    fn pop(&mut self) -> Result<Value, String> {
+        self.stack.pop().ok_or_else(|| "pickle pops an empty stack".to_string())
+    }
+
+    fn top(&mut self) -> Result<&mut Value, String> {
+        self.stack.last_mut().ok_or_else(|| "pickle reads an empty stack".to_string())
+    }
+
+    fn pop_to_mark(&mut self) -> Result<Vec<Value>, String> {
+        let mark = self.marks.pop().ok_or("pickle has no MARK to pop to")?;
+        if mark > self.stack.len() {
+            return Err("pickle MARK lies above the stack".into());
+        }
+        Ok(self.stack.split_off(mark))
+    }
+
+    fn memoize(&mut self, index: u32) -> Result<(), String> {
+        let value = self.top()?.clone();
+        self.memo.insert(index, value);
+        Ok(())
+    }
+
+    fn recall(&mut self, index: u32) -> Result<(), String> {
+        let value = self
+            .memo
+            .get(&index)
+            .cloned()
+            .ok_or_else(|| format!("pickle refers to memo entry {index}, which was never stored"))?;
+        self.stack.push(value);
+        Ok(())
+    }
+
+    fn run(mut self) -> Result<(Value, usize), String> {
+        loop {
+            let op = self.u8()?;
+            match op {
+                0x80 => {
+                    self.u8()?; // PROTO
+                }
+                0x95 => {
+                    self.u64()?; // FRAME: a length hint only
+                }
+                b'.' => {
+                    let value = self.pop()?;
+                    return Ok((value, self.pos));
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    self.stack.push(Value::Global(allowed_global(&module, &name)?));
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(allowed_global(&m, &n)?)),
+                        _ => return Err("STACK_GLOBAL without module and name strings".into()),
+                    }
+                }
+                b'q' => {
+                    let i = self.u8()? as u32;
+                    self.memoize(i)?
+                }
+                b'r' => {
+                    let i = self.u32()?;
+                    self.memoize(i)?
+                }
+                0x94 => {
+                    let i = self.memo.len() as u32;
+                    self.memoize(i)?
+                }
+                b'h' => {
+                    let i = self.u8()? as u32;
+                    self.recall(i)?
+                }
+                b'j' => {
+                    let i = self.u32()?;
+                    self.recall(i)?
+                }
+                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.stack.push(Value::List(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET
+                b'(' => self.marks.push(self.stack.len()),
+                b't' => {
+                    let items = self.pop_to_mark()?;
+                    self.stack.push(Value::Tuple(items));
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    if self.stack.len() < n {
+                        return Err("pickle builds a tuple from too few items".into());
+                    }
+                    let items = self.stack.split_off(self.stack.len() - n);
+                    self.stack.push(Value::Tuple(items));
+                }
+                b'l' | 0x91 => {
+                    let items = self.pop_to_mark()?;
+                    self.stack.push(Value::List(items));
+                }
+                b'd' => {
+                    let items = self.pop_to_mark()?;
+                    let pairs = pairs(items)?;
+                    self.stack.push(Value::Dict(pairs));
+                }
+                b'a' => {
+                    let item = self.pop()?;
+                    match self.top()? {
+                        Value::List(list) => list.push(item),
+                        other => return Err(format!("pickle appends to a {}", other.kind())),
+                    }
+                }
+                b'e' | 0x90 => {
+                    let items = self.pop_to_mark()?;
+                    match self.top()? {
+                        Value::List(list) => list.extend(items),
+                        other => return Err(format!("pickle appends to a {}", other.kind())),
+                    }
+                }
+                b's' => {
+                    let value = self.pop()?;
+                    let key = self.pop()?;
+                    match self.top()? {
+                        Value::Dict(dict) => dict.push((key, value)),
+                        other => return Err(format!("pickle sets an item on a {}", other.kind())),
+                    }
+                }
+                b'u' => {
+                    let items = self.pop_to_mark()?;
+                    let new_pairs = pairs(items)?;
+                    match self.top()? {
+                        Value::Dict(dict) => dict.extend(new_pairs),
+                        other => return Err(format!("pickle sets items on a {}", other.kind())),
+                    }
+                }
+                b'J' => {
+                    let v = self.u32()? as i32;
+                    self.stack.push(Value::Int(v as i128))
+                }
+                b'K' => {
+                    let v = self.u8()?;
+                    self.stack.push(Value::Int(v as i128))
+                }
+                b'M' => {
+                    let v = self.u16()?;
+                    self.stack.push(Value::Int(v as i128))
+                }
+                0x8a => {
+                    let n = self.u8()? as usize;
+                    let v = self.long(n)?;
+                    self.stack.push(v)
+                }
+                0x8b => {
+                    let n = self.u32()? as usize;
+                    let v = self.long(n)?;
+                    self.stack.push(v)
+                }
+                b'I' => {
+                    let text = self.line()?;
+                    let v = match text.as_str() {
+                        "00" => Value::Bool(false),
+                        "01" => Value::Bool(true),
+                        t => Value::Int(t.parse().map_err(|_| format!("bad INT '{t}' in pickle"))?),
+                    };
+                    self.stack.push(v)
+                }
+                b'L' => {
+                    let text = self.line()?;
+                    let t = text.trim_end_matches('L');
+                    let v = t.parse().map_err(|_| format!("bad LONG '{t}' in pickle"))?;
+                    self.stack.push(Value::Int(v))
+                }
+                b'F' => {
+                    let text = self.line()?;
+                    let v = text.parse().map_err(|_| format!("bad FLOAT '{text}' in pickle"))?;
+                    self.stack.push(Value::Float(v))
+                }
+                b'G' => {
+                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
+                    self.stack.push(Value::Float(v))
+                }
+                b'X' => {
+                    let n = self.u32()? as usize;
+                    let s = self.string(n)?;
+                    self.stack.push(Value::Str(s))
+                }
+                0x8c => {
+                    let n = self.u8()? as usize;
+                    let s = self.string(n)?;
+                    self.stack.push(Value::Str(s))
+                }
+                0x8d => {
+                    let n = self.u64()? as usize;
+                    let s = self.string(n)?;
+                    self.stack.push(Value::Str(s))
+                }
+                b'T' | b'U' => {
+                    // Python 2 byte strings: latin-1 text as torch's legacy files store them.
+                    let n = if op == b'T' { self.u32()? as usize } else { self.u8()? as usize };
+                    let s = self.take(n)?.iter().map(|&b| b as char).collect();
+                    self.stack.push(Value::Str(s))
+                }
+                b'B' | b'C' | 0x8e => {
+                    let n = match op {
+                        b'B' => self.u32()? as usize,
+                        b'C' => self.u8()? as usize,
+                        _ => self.u64()? as usize,
+                    };
+                    let b = self.take(n)?.to_vec();
+                    self.stack.push(Value::Bytes(b))
+                }
+                0x88 => self.stack.push(Value::Bool(true)),
+                0x89 => self.stack.push(Value::Bool(false)),
+                b'N' => self.stack.push(Value::None),
+                b'0' => {
+                    self.pop()?;
+                }
+                b'1' => {
+                    self.pop_to_mark()?;
+                }
+                b'2' => {
+                    let v = self.top()?.clone();
+                    self.stack.push(v)
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    self.stack.push(persistent_load(pid)?)
+                }
+                b'R' | 0x81 => {
+                    let args = self.pop()?;
+                    let callable = self.pop()?;
+                    self.stack.push(call(callable, args)?)
+                }
+                b'b' => {
+                    // BUILD sets attributes (an OrderedDict's `_metadata`, a tensor's hooks).
+                    // Neither matters to the weights, so the state is dropped.
+                    self.pop()?;
+                    match self.top()? {
+                        Value::Dict(_) | Value::Tensor(_) => {}
+                        other => return Err(format!("pickle sets state on a {}", other.kind())),
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unsupported pickle opcode 0x{other:02x} at offset {}",
+                        self.pos - 1
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A little-endian two's-complement integer of `n` bytes.
+    fn long(&mut self, n: usize) -> Result<Value, String> {
+        if n > 16 {
+            return Err(format!("pickle holds a {n}-byte integer; at most 16 are supported"));
+        }
+        let bytes = self.take(n)?;
+        let mut buf = if bytes.last().is_some_and(|&b| b & 0x80 != 0) { [0xff; 16] } else { [0; 16] };
+        buf[..n].copy_from_slice(bytes);
+        Ok(Value::Int(i128::from_le_bytes(buf)))
+    }
+}
+
+fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
+    if items.len() % 2 != 0 {
+        return Err("pickle builds a dict from an odd number of items".into());
+    }
+    let mut it = items.into_iter();
+    let mut out = Vec::new();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn as_usize(v: &Value, what: &str) -> Result<usize, String> {
+    match v {
+        Value::Int(i) if *i >= 0 => usize::try_from(*i).map_err(|_| format!("{what} too large")),
+        other => Err(format!("{what} should be a non-negative int, found {}", other.kind())),
+    }
+}
+
+fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, String> {
+    match v {
+        Value::Tuple(items) | Value::List(items) => items.iter().map(|i| as_usize(i, what)).collect(),
+        other => Err(format!("{what} should be a tuple, found {}", other.kind())),
+    }
+}
+
+/// torch's persistent id: `('storage', StorageType, key, location, numel[, view_metadata])`.
+fn persistent_load(pid: Value) -> Result<Value, String> {
+    let Value::Tuple(items) = pid else {
+        return Err(format!("persistent id should be a tuple, found {}", pid.kind()));
+    };
+    match items.as_slice() {
+        [Value::Str(tag), Value::Global(Global::StorageType(dtype)), key, ..] if tag == "storage" => {
+            let key = match key {
+                Value::Str(s) => s.clone(),
+                Value::Int(i) => i.to_string(),
+                other => return Err(format!("storage key should be a string, found {}", other.kind())),
+            };
+            if items.get(5).is_some_and(|v| *v != Value::None) {
+                return Err("legacy storage views are not supported".into());
+            }
+            Ok(Value::Storage(StorageRef { key, dtype: *dtype }))
+        }
+        _ => Err("unrecognised persistent id (not a torch storage)".into()),
+    }
+}
+
+fn call(callable: Value, args: Value) -> Result<Value, String> {
+    let Value::Global(global) = callable else {
+        return Err(format!("pickle calls a {}, which is not an allowed function", callable.kind()));
+    };
+    let Value::Tuple(args) = args else {
+        return Err(format!("pickle call arguments should be a tuple, found {}", args.kind()));
+    };
+    match global {
+        Global::OrderedDict => match args.as_slice() {
+            [] => Ok(Value::Dict(Vec::new())),
+            [Value::List(items)] => Ok(Value::Dict(
+                items
+                    .iter()
+                    .map(|item| match item {
+                        Value::Tuple(kv) | Value::List(kv) if kv.len() == 2 => Ok((kv[0].clone(), kv[1].clone())),
+                        _ => Err("OrderedDict items should be pairs".to_string()),
+                    })
+                    .collect::<Result<_, _>>()?,
+            )),
+            _ => Err("OrderedDict called with unexpected arguments".into()),
+        },
+        Global::RebuildTensorV2 => {
+            let [storage, offset, shape, stride, ..] = args.as_slice() else {
+                return Err("_rebuild_tensor_v2 called with too few arguments".into());
+            };
+            let Value::Storage(storage) = storage else {
+                return Err(format!("_rebuild_tensor_v2 expects a storage, found {}", storage.kind()));
+            };
+            let shape = as_usizes(shape, "tensor size")?;
+            let stride = as_usizes(stride, "tensor stride")?;
+            if shape.len() != stride.len() {
+                return Err("tensor size and stride differ in length".into());
+            }
+            Ok(Value::Tensor(TensorRef {
+                storage: storage.clone(),
+                offset: as_usize(offset, "storage offset")?,
+                shape,
+                stride,
+            }))
+        }
+        Global::RebuildParameter | Global::RebuildParameterWithState => match args.first() {
+            Some(tensor @ Value::Tensor(_)) => Ok(tensor.clone()),
+            _ => Err("_rebuild_parameter expects a tensor".into()),
+        },
+        Global::StorageType(_) => Err("pickle instantiates a storage class directly".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_containers_numbers_and_strings() {
+        // pickle.dumps({'a': [1, -2, 300, 70000], 'b': (1.5, None, True), 'c': 'x'}, protocol=2)
+        let bytes = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01J\xfe\xff\xff\xffM,\x01J\x70\x11\x01\x00eX\x01\x00\x00\x00bq\x03G?\xf8\x00\x00\x00\x00\x00\x00N\x88\x87q\x04X\x01\x00\x00\x00cq\x05X\x01\x00\x00\x00xq\x06u.";
+        let (value, used) = read_pickle(bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        let Value::Dict(items) = value else { panic!() };
+        assert_eq!(items[0].1, Value::List(vec![Value::Int(1), Value::Int(-2), Value::Int(300), Value::Int(70000)]));
+        assert_eq!(items[1].1, Value::Tuple(vec![Value::Float(1.5), Value::None, Value::Bool(true)]));
+        assert_eq!(items[2].1, Value::Str("x".into()));
+    }
+
+    #[test]
+    fn refuses_unknown_globals_before_calling_them() {
+        let bytes = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.";
+        let err = read_pickle(bytes).unwrap_err();
+        assert!(err.contains("refusing the pickled global 'posix.system'"), "{err}");
+    }
+
+    #[test]
+    fn truncated_pickle_is_an_error_not_a_panic() {
+        let bytes = b"\x80\x02}q\x00(X\x05\x00\x00\x00ab";
+        assert!(read_pickle(bytes).unwrap_err().contains("ends early"));
+        assert!(read_pickle(b"").is_err());
+    }
+
+    #[test]
+    fn long1_handles_the_legacy_magic_number() {
+        // pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)
+        let bytes = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.";
+        let (value, _) = read_pickle(bytes).unwrap();
+        assert_eq!(value, Value::Int(0x1950a86a20f9469cfc6c));
+    }
+}

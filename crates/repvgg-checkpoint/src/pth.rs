@@ -1,0 +1,218 @@
+//! PyTorch `.pth` files: the zip layout `torch.save` has written since 1.6
+//! (`<name>/data.pkl` + `<name>/data/<key>` storages) and the older "legacy" stream
+//! (magic, protocol, sys info, pickle, storage keys, raw storages).
+
+use std::collections::HashMap;
+use std::io::{Cursor, Read};
+
+use crate::pickle::{TensorRef, Value, read_pickle};
+use crate::tensor::{DType, Tensor};
+
+/// The legacy format's magic number, the first pickle in such a file.
+const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
+
+/// Parses `.pth` bytes into raw tensors (any dtype) keyed as in the file, after unwrapping
+/// `state_dict`/`model` wrappers. Integer tensors are returned too: the caller decides.
+pub fn read_pth(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+    if bytes.starts_with(b"PK\x03\x04") {
+        read_zip(bytes)
+    } else if bytes.starts_with(b"\x80") {
+        read_legacy(bytes)
+    } else {
+        Err("not a PyTorch checkpoint (neither a zip archive nor a pickle stream)".into())
+    }
+}
+
+/// A tensor before conversion to `f32`: its dtype and contiguous little-endian bytes.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    /// `None` for integer tensors.
+    pub fn to_f32(&self) -> Option<Tensor> {
+        self.dtype
+            .decode_floats(&self.bytes)
+            .map(|data| Tensor::new(self.shape.clone(), data))
+    }
+}
+
+fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("corrupt zip archive: {e}"))?;
+    let pickle_name = archive
+        .file_names()
+        .find(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .map(str::to_owned)
+        .ok_or("zip archive has no data.pkl: not a torch.save file")?;
+    let prefix = pickle_name.trim_end_matches("data.pkl").to_owned();
+    if let Ok(mut entry) = archive.by_name(&format!("{prefix}byteorder")) {
+        let mut order = String::new();
+        entry.read_to_string(&mut order).map_err(|e| e.to_string())?;
+        if order.trim() != "little" {
+            return Err(format!("storages are {order}-endian; only little-endian is supported"));
+        }
+    }
+    let pickle = read_entry(&mut archive, &pickle_name)?;
+    let (root, _) = read_pickle(&pickle)?;
+    let mut storages = HashMap::new();
+    collect_tensors(&root, |key| {
+        if !storages.contains_key(key) {
+            let data = read_entry(&mut archive, &format!("{prefix}data/{key}"))?;
+            storages.insert(key.to_owned(), data);
+        }
+        Ok(())
+    })?;
+    materialize(root, &storages)
+}
+
+fn read_entry(archive: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str) -> Result<Vec<u8>, String> {
+    let mut entry = archive
+        .by_name(name)
+        .map_err(|e| format!("zip entry '{name}' is missing or unreadable: {e}"))?;
+    let mut data = Vec::with_capacity(entry.size() as usize);
+    entry
+        .read_to_end(&mut data)
+        .map_err(|e| format!("zip entry '{name}' is corrupt: {e}"))?;
+    Ok(data)
+}
+
+fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+    let mut pos = 0;
+    let mut next = |what: &str| -> Result<Value, String> {
+        let (value, used) =
+            read_pickle(&bytes[pos..]).map_err(|e| format!("legacy .pth, {what}: {e}"))?;
+        pos += used;
+        Ok(value)
+    };
+    if next("magic number")? != Value::Int(LEGACY_MAGIC) {
+        return Err("a pickle stream, but not a torch.save file (wrong magic number)".into());
+    }
+    next("protocol version")?;
+    next("system info")?;
+    let root = next("state dict")?;
+    let Value::List(keys) = next("storage keys")? else {
+        return Err("legacy .pth: storage key list is not a list".into());
+    };
+    // Each storage follows as an 8-byte element count and its raw elements, in key order.
+    let mut element_sizes = HashMap::new();
+    collect_dtypes(&root, &mut element_sizes);
+    let mut storages = HashMap::new();
+    for key in keys {
+        let Value::Str(key) = key else {
+            return Err("legacy .pth: a storage key is not a string".into());
+        };
+        let size = *element_sizes
+            .get(&key)
+            .ok_or_else(|| format!("legacy .pth: storage '{key}' is not used by any tensor"))?;
+        let count_bytes = bytes
+            .get(pos..pos + 8)
+            .ok_or_else(|| format!("legacy .pth: file ends before storage '{key}'"))?;
+        let count = u64::from_le_bytes(count_bytes.try_into().unwrap()) as usize;
+        let start = pos + 8;
+        let end = count
+            .checked_mul(size)
+            .and_then(|n| start.checked_add(n))
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(|| format!("legacy .pth: file ends inside storage '{key}'"))?;
+        storages.insert(key, bytes[start..end].to_vec());
+        pos = end;
+    }
+    materialize(root, &storages)
+}
+
+fn collect_dtypes(value: &Value, out: &mut HashMap<String, usize>) {
+    match value {
+        Value::Tensor(t) => {
+            out.insert(t.storage.key.clone(), t.storage.dtype.size());
+        }
+        Value::List(items) | Value::Tuple(items) => items.iter().for_each(|v| collect_dtypes(v, out)),
+        Value::Dict(items) => items.iter().for_each(|(_, v)| collect_dtypes(v, out)),
+        _ => {}
+    }
+}
+
+fn collect_tensors(value: &Value, mut visit: impl FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+    fn walk(value: &Value, visit: &mut dyn FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+        match value {
+            Value::Tensor(t) => visit(&t.storage.key),
+            Value::List(items) | Value::Tuple(items) => items.iter().try_for_each(|v| walk(v, visit)),
+            Value::Dict(items) => items.iter().try_for_each(|(_, v)| walk(v, visit)),
+            _ => Ok(()),
+        }
+    }
+    walk(value, &mut visit)
+}
+
+/// Finds the state dict inside the pickled object: the object itself, or its `state_dict`
+/// or `model` entry (training scripts wrap weights with epoch counters and optimizer state).
+fn state_dict_of(root: Value) -> Result<Vec<(Value, Value)>, String> {
+    let Value::Dict(items) = root else {
+        return Err(format!("the file holds a {}, not a state dict", root.kind()));
+    };
+    for wrapper in ["state_dict", "model", "model_state_dict", "module"] {
+        let inner = items
+            .iter()
+            .find(|(k, v)| *k == Value::Str(wrapper.into()) && matches!(v, Value::Dict(_)));
+        if let Some((_, Value::Dict(inner))) = inner {
+            return Ok(inner.clone());
+        }
+    }
+    Ok(items)
+}
+
+fn materialize(root: Value, storages: &HashMap<String, Vec<u8>>) -> Result<Vec<(String, RawTensor)>, String> {
+    let mut out = Vec::new();
+    for (key, value) in state_dict_of(root)? {
+        let Value::Str(key) = key else {
+            return Err(format!("state dict key is a {}, not a string", key.kind()));
+        };
+        match value {
+            Value::Tensor(t) => {
+                let storage = storages
+                    .get(&t.storage.key)
+                    .ok_or_else(|| format!("{key}: storage '{}' is missing", t.storage.key))?;
+                out.push((key.clone(), gather(&t, storage).map_err(|e| format!("{key}: {e}"))?));
+            }
+            other => return Err(format!("state dict entry '{key}' holds a {}, not a tensor", other.kind())),
+        }
+    }
+    Ok(out)
+}
+
+/// Copies a strided view out of its storage into contiguous bytes.
+fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, String> {
+    let size = t.storage.dtype.size();
+    let numel: usize = t.shape.iter().product();
+    let mut bytes = Vec::with_capacity(numel * size);
+    if numel > 0 {
+        let last = t.offset + t.shape.iter().zip(&t.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
+        if (last + 1) * size > storage.len() {
+            return Err(format!(
+                "tensor of shape {:?} reaches element {last}, but its storage has {} (truncated file?)",
+                t.shape,
+                storage.len() / size
+            ));
+        }
+        let mut index = vec![0usize; t.shape.len()];
+        for _ in 0..numel {
+            let at = t.offset + index.iter().zip(&t.stride).map(|(&i, &s)| i * s).sum::<usize>();
+            bytes.extend_from_slice(&storage[at * size..(at + 1) * size]);
+            for d in (0..index.len()).rev() {
+                index[d] += 1;
+                if index[d] < t.shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+    }
+    Ok(RawTensor {
+        dtype: t.storage.dtype,
+        shape: t.shape.clone(),
+        bytes,
+    })
+}

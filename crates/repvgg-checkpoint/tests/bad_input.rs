@@ -1,0 +1,142 @@
+//! Each kind of broken checkpoint gives an error that names the file and the problem.
+
+use std::path::{Path, PathBuf};
+
+use repvgg_arch::ArchSpec;
+use repvgg_checkpoint::Checkpoint;
+use safetensors::{Dtype, tensor::TensorView};
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(rel)
+}
+
+/// One tensor as (dtype, shape, bytes), editable before writing.
+type Entry = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn entries(rel: &str) -> Vec<Entry> {
+    let bytes = std::fs::read(fixture(rel)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<Entry> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn write(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
+    let views: Vec<(String, TensorView<'_>)> = entries
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let path = dir.join(name);
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    path
+}
+
+fn error_for(path: &Path, arch: Option<&ArchSpec>) -> String {
+    let err = Checkpoint::load(path, arch).unwrap_err().to_string();
+    let name = path.file_name().unwrap().to_string_lossy();
+    assert!(err.contains(name.as_ref()), "error does not name the file: {err}");
+    err
+}
+
+#[test]
+fn truncated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    for rel in ["tiny/train_official.pth", "tiny/train_official.safetensors", "pth/legacy.pth"] {
+        let bytes = std::fs::read(fixture(rel)).unwrap();
+        for keep in [10, bytes.len() / 2, bytes.len() - 7] {
+            let path = dir.path().join(format!("cut_{keep}_{}", rel.replace('/', "_")));
+            std::fs::write(&path, &bytes[..keep]).unwrap();
+            let err = error_for(&path, None);
+            assert!(!err.is_empty());
+        }
+    }
+    let empty = dir.path().join("empty.pth");
+    std::fs::write(&empty, b"").unwrap();
+    error_for(&empty, None);
+    let missing = dir.path().join("no_such_file.pth");
+    assert!(error_for(&missing, None).contains("cannot read"));
+}
+
+#[test]
+fn wrong_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = entries("tiny/deploy_official.safetensors");
+    let target = e.iter_mut().find(|x| x.0 == "linear.bias").unwrap();
+    target.1 = Dtype::I32;
+    let path = write(dir.path(), "int_bias.safetensors", &e);
+    let err = error_for(&path, None);
+    assert!(err.contains("'linear.bias' has dtype I32"), "{err}");
+}
+
+#[test]
+fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ArchSpec::from_json_file(&fixture("tiny/spec.json")).unwrap();
+
+    let mut e = entries("tiny/deploy_official.safetensors");
+    let t = e.iter_mut().find(|x| x.0 == "stage1.1.rbr_reparam.bias").unwrap();
+    t.2 = vec![4, 2];
+    let path = write(dir.path(), "bad_shape.safetensors", &e);
+    let err = error_for(&path, Some(&spec));
+    assert!(err.contains("'stage1.1.rbr_reparam.bias' has shape [4, 2], expected [8]"), "{err}");
+
+    let mut e = entries("tiny/train_official.safetensors");
+    e.retain(|x| x.0 != "stage2.1.rbr_identity.running_var");
+    let path = write(dir.path(), "missing.safetensors", &e);
+    for arch in [None, Some(&spec)] {
+        let err = error_for(&path, arch);
+        assert!(err.contains("missing key 'stage2.1.rbr_identity.running_var'"), "{err}");
+    }
+
+    let mut e = entries("tiny/train_official.safetensors");
+    let extra = e.iter().find(|x| x.0 == "stage1.0.rbr_1x1.bn.weight").unwrap().clone();
+    e.push(("stage1.0.rbr_identity.weight".into(), extra.1, extra.2, extra.3));
+    e.push(("stage1.0.rbr_dense.bn.weight_extra".into(), Dtype::F32, vec![1], vec![0; 4]));
+    let path = write(dir.path(), "extra.safetensors", &e);
+    let err = error_for(&path, Some(&spec));
+    assert!(err.contains("unexpected key 'stage1.0.rbr_identity.weight'"), "{err}");
+    assert!(err.contains("unexpected key 'stage1.0.rbr_dense.bn.weight_extra'"), "{err}");
+
+    let e = entries("tiny/train_official.safetensors");
+    let mut e2 = e.clone();
+    e2.push(("fc.weight".into(), Dtype::F32, vec![1], vec![0; 4]));
+    let path = write(dir.path(), "foreign_key.safetensors", &e2);
+    assert!(error_for(&path, None).contains("unexpected key 'fc.weight'"));
+}
+
+#[test]
+fn a_file_for_another_architecture_is_rejected_with_every_key() {
+    let a0 = ArchSpec::named("A0").unwrap();
+    let err = error_for(&fixture("tiny_g2/train_timm.pth"), Some(&a0));
+    assert!(err.contains("does not match RepVGG-A0"), "{err}");
+    assert!(err.contains("and ") && err.contains("more"), "{err}");
+}
+
+#[test]
+fn nan_and_negative_variance() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = entries("tiny/train_official.safetensors");
+    let t = e.iter_mut().find(|x| x.0 == "stage3.0.rbr_dense.conv.weight").unwrap();
+    t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let path = write(dir.path(), "nan.safetensors", &e);
+    let err = error_for(&path, None);
+    assert!(err.contains("NaN") && err.contains("stage3.0.rbr_dense.conv.weight"), "{err}");
+
+    let mut e = entries("tiny/train_official.safetensors");
+    let t = e.iter_mut().find(|x| x.0 == "stage0.rbr_1x1.bn.running_var").unwrap();
+    t.3[0..4].copy_from_slice(&(-1.0f32).to_le_bytes());
+    let path = write(dir.path(), "negvar.safetensors", &e);
+    assert!(error_for(&path, None).contains("negative BN running variance"));
+}
+
+#[test]
+fn not_a_checkpoint_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("photo.safetensors");
+    std::fs::write(&path, b"\xff\xd8\xff\xe0 this is a jpeg").unwrap();
+    assert!(error_for(&path, None).contains("neither a PyTorch checkpoint nor valid safetensors"));
+}
