@@ -405,6 +405,13 @@ def make_config(cfg) -> dict:
     for k, v in feats.items():
         assert v.dtype == torch.float64
         iod[f"features.{k}"] = v.contiguous()
+    # One forward in training mode (batch statistics; running statistics updated with PyTorch's
+    # momentum 0.1 and unbiased variance): logits and every BN's running stats afterwards.
+    trainmode = copy.deepcopy(off64).train()
+    iod["logits_trainmode_f64"] = trainmode(x64).detach().contiguous()
+    for k, v in trainmode.state_dict().items():
+        if k.endswith("running_mean") or k.endswith("running_var"):
+            iod[f"trainmode.{k}"] = v.detach().contiguous()
     save_file(iod, str(out / "io.safetensors"))
     os.chmod(out / "io.safetensors", 0o644)
 

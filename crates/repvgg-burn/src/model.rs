@@ -1,0 +1,307 @@
+//! RepVGG in its two forms, built from checkpoints and exported back to them.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::Conv2d;
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+use repvgg_arch::{ArchSpec, BlockSpec, Form};
+use repvgg_checkpoint::layout::{
+    self, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, REPARAM, SE_DOWN, SE_UP,
+};
+use repvgg_checkpoint::{Checkpoint, StateDict};
+
+use crate::layers::{BatchNorm2d, Head, SqueezeExcite, conv2d, from_device, to_device};
+
+/// Reads official-named tensors of a checked checkpoint onto a device.
+struct Reader<'a> {
+    tensors: &'a StateDict,
+    device: &'a Device,
+}
+
+impl Reader<'_> {
+    fn get<const D: usize>(&self, key: &str) -> Tensor<D> {
+        // Checkpoint::load has verified every key and shape against the spec.
+        to_device(&self.tensors[key], self.device)
+    }
+
+    fn bn(&self, prefix: &str, eps: f64) -> BatchNorm2d {
+        BatchNorm2d::new(
+            self.get(&format!("{prefix}weight")),
+            self.get(&format!("{prefix}bias")),
+            self.get(&format!("{prefix}running_mean")),
+            self.get(&format!("{prefix}running_var")),
+            eps,
+        )
+    }
+
+    fn se(&self, p: &str, block: &BlockSpec) -> Option<SqueezeExcite> {
+        block.se_channels.map(|_| {
+            let conv = |part: &str| {
+                conv2d(
+                    self.get(&format!("{p}{part}weight")),
+                    Some(self.get(&format!("{p}{part}bias"))),
+                    1,
+                    0,
+                    1,
+                )
+            };
+            SqueezeExcite {
+                down: conv(SE_DOWN),
+                up: conv(SE_UP),
+            }
+        })
+    }
+
+    fn head(&self) -> Head {
+        Head {
+            weight: Param::from_tensor(self.get(&format!("{HEAD}weight"))),
+            bias: Param::from_tensor(self.get(&format!("{HEAD}bias"))),
+        }
+    }
+}
+
+/// Collects a module's tensors back into official naming.
+struct Writer(StateDict);
+
+impl Writer {
+    fn put<const D: usize>(&mut self, key: String, t: Tensor<D>) {
+        self.0.insert(key, from_device(t));
+    }
+
+    fn conv(&mut self, prefix: &str, conv: &Conv2d) {
+        self.put(format!("{prefix}weight"), conv.weight.val());
+        if let Some(b) = &conv.bias {
+            self.put(format!("{prefix}bias"), b.val());
+        }
+    }
+
+    fn bn(&mut self, prefix: &str, bn: &BatchNorm2d) {
+        self.put(format!("{prefix}weight"), bn.gamma.val());
+        self.put(format!("{prefix}bias"), bn.beta.val());
+        self.put(format!("{prefix}running_mean"), bn.running_mean.value_sync());
+        self.put(format!("{prefix}running_var"), bn.running_var.value_sync());
+    }
+
+    fn se(&mut self, p: &str, se: &Option<SqueezeExcite>) {
+        if let Some(se) = se {
+            self.conv(&format!("{p}{SE_DOWN}"), &se.down);
+            self.conv(&format!("{p}{SE_UP}"), &se.up);
+        }
+    }
+
+    fn head(&mut self, head: &Head) {
+        self.put(format!("{HEAD}weight"), head.weight.val());
+        self.put(format!("{HEAD}bias"), head.bias.val());
+    }
+}
+
+/// A block's official name from its position (modules hold only numbers).
+fn block_name(stage: usize, index: usize) -> String {
+    if stage == 0 {
+        "stage0".into()
+    } else {
+        format!("stage{stage}.{index}")
+    }
+}
+
+/// Training-form block: `ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) + BN(x)))`.
+#[derive(Module, Debug)]
+pub struct TrainBlock {
+    pub dense_conv: Conv2d,
+    pub dense_bn: BatchNorm2d,
+    pub one_conv: Conv2d,
+    pub one_bn: BatchNorm2d,
+    pub identity: Option<BatchNorm2d>,
+    pub se: Option<SqueezeExcite>,
+    pub stage: usize,
+    pub index: usize,
+}
+
+impl TrainBlock {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut sum = self.dense_bn.forward(self.dense_conv.forward(x.clone()))
+            + self.one_bn.forward(self.one_conv.forward(x.clone()));
+        if let Some(identity) = &self.identity {
+            sum = sum + identity.forward(x);
+        }
+        if let Some(se) = &self.se {
+            sum = se.forward(sum);
+        }
+        relu(sum)
+    }
+}
+
+/// Deploy-form block: `ReLU(SE(conv3x3 x + b))`.
+#[derive(Module, Debug)]
+pub struct DeployBlock {
+    pub conv: Conv2d,
+    pub se: Option<SqueezeExcite>,
+    pub stage: usize,
+    pub index: usize,
+}
+
+impl DeployBlock {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let mut y = self.conv.forward(x);
+        if let Some(se) = &self.se {
+            y = se.forward(y);
+        }
+        relu(y)
+    }
+}
+
+/// The multi-branch network that is trained.
+#[derive(Module, Debug)]
+pub struct RepVggTrain {
+    pub blocks: Vec<TrainBlock>,
+    pub head: Head,
+}
+
+/// The plain network that is deployed.
+#[derive(Module, Debug)]
+pub struct RepVggDeploy {
+    pub blocks: Vec<DeployBlock>,
+    pub head: Head,
+}
+
+impl RepVggTrain {
+    /// Builds the model from training-form weights (official naming, already checked).
+    pub fn from_state_dict(spec: &ArchSpec, tensors: &StateDict, bn_eps: f64, device: &Device) -> Self {
+        let r = Reader { tensors, device };
+        let blocks = spec
+            .blocks()
+            .iter()
+            .map(|b| {
+                let p = layout::prefix(b);
+                TrainBlock {
+                    dense_conv: conv2d(r.get(&format!("{p}{DENSE_CONV}weight")), None, b.stride, 1, b.groups),
+                    dense_bn: r.bn(&format!("{p}{DENSE_BN}"), bn_eps),
+                    one_conv: conv2d(r.get(&format!("{p}{ONE_CONV}weight")), None, b.stride, 0, b.groups),
+                    one_bn: r.bn(&format!("{p}{ONE_BN}"), bn_eps),
+                    identity: b.has_identity.then(|| r.bn(&format!("{p}{IDENTITY_BN}"), bn_eps)),
+                    se: r.se(&p, b),
+                    stage: b.stage,
+                    index: b.index,
+                }
+            })
+            .collect();
+        RepVggTrain { blocks, head: r.head() }
+    }
+
+    /// The weights in official naming, running statistics included.
+    pub fn state_dict(&self) -> StateDict {
+        let mut w = Writer(StateDict::new());
+        for b in &self.blocks {
+            let p = format!("{}.", block_name(b.stage, b.index));
+            w.conv(&format!("{p}{DENSE_CONV}"), &b.dense_conv);
+            w.bn(&format!("{p}{DENSE_BN}"), &b.dense_bn);
+            w.conv(&format!("{p}{ONE_CONV}"), &b.one_conv);
+            w.bn(&format!("{p}{ONE_BN}"), &b.one_bn);
+            if let Some(id) = &b.identity {
+                w.bn(&format!("{p}{IDENTITY_BN}"), id);
+            }
+            w.se(&p, &b.se);
+        }
+        w.head(&self.head);
+        w.0
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.head.forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
+    }
+
+    /// Logits and every block's output, by official block name.
+    pub fn forward_with_features(&self, x: Tensor<4>) -> (Tensor<2>, Vec<(String, Tensor<4>)>) {
+        let mut features = Vec::with_capacity(self.blocks.len());
+        let mut x = x;
+        for b in &self.blocks {
+            x = b.forward(x);
+            features.push((block_name(b.stage, b.index), x.clone()));
+        }
+        (self.head.forward(x), features)
+    }
+}
+
+impl RepVggDeploy {
+    /// Builds the model from deploy-form weights (official naming, already checked).
+    pub fn from_state_dict(spec: &ArchSpec, tensors: &StateDict, device: &Device) -> Self {
+        let r = Reader { tensors, device };
+        let blocks = spec
+            .blocks()
+            .iter()
+            .map(|b| {
+                let p = layout::prefix(b);
+                DeployBlock {
+                    conv: conv2d(
+                        r.get(&format!("{p}{REPARAM}weight")),
+                        Some(r.get(&format!("{p}{REPARAM}bias"))),
+                        b.stride,
+                        1,
+                        b.groups,
+                    ),
+                    se: r.se(&p, b),
+                    stage: b.stage,
+                    index: b.index,
+                }
+            })
+            .collect();
+        RepVggDeploy { blocks, head: r.head() }
+    }
+
+    pub fn state_dict(&self) -> StateDict {
+        let mut w = Writer(StateDict::new());
+        for b in &self.blocks {
+            let p = format!("{}.", block_name(b.stage, b.index));
+            w.conv(&format!("{p}{REPARAM}"), &b.conv);
+            w.se(&p, &b.se);
+        }
+        w.head(&self.head);
+        w.0
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        self.head.forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
+    }
+
+    pub fn forward_with_features(&self, x: Tensor<4>) -> (Tensor<2>, Vec<(String, Tensor<4>)>) {
+        let mut features = Vec::with_capacity(self.blocks.len());
+        let mut x = x;
+        for b in &self.blocks {
+            x = b.forward(x);
+            features.push((block_name(b.stage, b.index), x.clone()));
+        }
+        (self.head.forward(x), features)
+    }
+}
+
+/// Either form, as loaded from a checkpoint.
+#[derive(Debug)]
+pub enum RepVgg {
+    Train(RepVggTrain),
+    Deploy(RepVggDeploy),
+}
+
+impl RepVgg {
+    /// The model in the checkpoint's own form. `bn_eps` applies to training-form checkpoints.
+    pub fn from_checkpoint(ckpt: &Checkpoint, bn_eps: f64, device: &Device) -> Self {
+        match ckpt.form {
+            Form::Train => RepVgg::Train(RepVggTrain::from_state_dict(&ckpt.spec, &ckpt.tensors, bn_eps, device)),
+            Form::Deploy => RepVgg::Deploy(RepVggDeploy::from_state_dict(&ckpt.spec, &ckpt.tensors, device)),
+        }
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
+        match self {
+            RepVgg::Train(m) => m.forward(x),
+            RepVgg::Deploy(m) => m.forward(x),
+        }
+    }
+
+    pub fn forward_with_features(&self, x: Tensor<4>) -> (Tensor<2>, Vec<(String, Tensor<4>)>) {
+        match self {
+            RepVgg::Train(m) => m.forward_with_features(x),
+            RepVgg::Deploy(m) => m.forward_with_features(x),
+        }
+    }
+}
