@@ -1,0 +1,87 @@
+//! `repvgg forward`: safetensors in, logits (and block outputs) out.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Tensor, TensorData};
+
+use repvgg_burn::{RepVgg, default_device, layers::from_device};
+use repvgg_checkpoint::{DType, write_atomically};
+
+use crate::load_checkpoint;
+
+/// Reads tensor `input` (N, C, H, W) of any float type, as f32.
+fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let view = st
+        .tensor("input")
+        .with_context(|| format!("{}: has no tensor named 'input'", path.display()))?;
+    let dtype = match view.dtype() {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F64 => DType::F64,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        other => bail!("{}: 'input' has dtype {other:?}; expected a float type", path.display()),
+    };
+    let values = dtype.decode_floats(view.data()).expect("float dtype");
+    if values.iter().any(|v| !v.is_finite()) {
+        bail!("{}: 'input' contains NaN or infinite values", path.display());
+    }
+    Ok((view.shape().to_vec(), values))
+}
+
+pub fn run(
+    weights: &Path,
+    input: &Path,
+    output: &Path,
+    arch: Option<String>,
+    features: bool,
+    bn_eps: f64,
+) -> Result<()> {
+    let ckpt = load_checkpoint(weights, arch)?;
+    let (shape, values) = read_input(input)?;
+    let spec = &ckpt.spec;
+    match shape[..] {
+        [n, c, h, w] if n > 0 && c == spec.in_channels && h > 0 && w > 0 => {}
+        _ => bail!(
+            "{}: 'input' has shape {shape:?}; {} expects (N, {}, H, W)",
+            input.display(),
+            spec.name,
+            spec.in_channels
+        ),
+    }
+    let device = default_device();
+    let model = RepVgg::from_checkpoint(&ckpt, bn_eps, &device);
+    let x: Tensor<4> = Tensor::from_data(TensorData::new(values, shape), &device);
+
+    let mut out = HashMap::new();
+    let logits = if features {
+        let (logits, blocks) = model.forward_with_features(x);
+        for (name, tensor) in blocks {
+            out.insert(format!("features.{name}"), from_device(tensor));
+        }
+        logits
+    } else {
+        model.forward(x)
+    };
+    out.insert("logits".to_string(), from_device(logits));
+
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
+        .iter()
+        .map(|(k, t)| {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.data),
+            )
+            .expect("shape matches data");
+            (k.clone(), view)
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).context("serialising outputs")?;
+    write_atomically(output, &bytes)?;
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! `repvgg`: inspect, convert and run RepVGG models.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use repvgg_arch::{ArchSpec, Form, VARIANT_NAMES};
+use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
+use repvgg_checkpoint::{Checkpoint, Naming};
+
+mod forward;
+
+#[derive(Parser)]
+#[command(name = "repvgg", version, about = "RepVGG toolkit: inspect, convert and run RepVGG models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe variants (parameters and MACs of both forms) or a checkpoint file.
+    ///
+    /// With no argument, prints the table of all published variants. With a variant name or
+    /// custom spec, prints that one. With a file, reports its form, naming and architecture.
+    Info {
+        /// A variant (A0, RepVGG-B1g4, repvgg_d2se), a custom spec
+        /// ("depths=1,2,2,1;widths=16,32,64,128;stem=16"), a spec .json, or a checkpoint.
+        target: Option<String>,
+        /// Input size for MAC counts: 224, or HxW such as 256x320.
+        #[arg(long, default_value = "224")]
+        size: String,
+        /// Check a checkpoint against this architecture (reports every mismatching key).
+        #[arg(long)]
+        arch: Option<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a training-form checkpoint to a deploy-form .safetensors file.
+    Convert {
+        /// Training-form checkpoint: .pth or .safetensors, official, timm or mmpretrain names.
+        input: PathBuf,
+        /// Output .safetensors file (written atomically).
+        output: PathBuf,
+        /// Require the checkpoint to be this architecture.
+        #[arg(long)]
+        arch: Option<String>,
+        /// Key naming of the output.
+        #[arg(long, default_value = "official")]
+        naming: Naming,
+        /// Batch-norm eps (state dicts do not record it; PyTorch's default is 1e-5).
+        #[arg(long, default_value_t = DEFAULT_BN_EPS)]
+        bn_eps: f64,
+    },
+    /// Run a model in inference mode on a batch of images stored as safetensors.
+    Forward {
+        /// Weights in either form and any naming, .pth or .safetensors.
+        #[arg(long)]
+        weights: PathBuf,
+        /// A .safetensors file with tensor `input` of shape (N, 3, H, W).
+        #[arg(long)]
+        input: PathBuf,
+        /// Output .safetensors: `logits` (N, classes), and `features.<block>` with --features.
+        #[arg(long)]
+        output: PathBuf,
+        /// Require the weights to be this architecture.
+        #[arg(long)]
+        arch: Option<String>,
+        /// Also write every block's output, in official block names (stage0, stage1.0, ...).
+        #[arg(long)]
+        features: bool,
+        /// Batch-norm eps for training-form weights.
+        #[arg(long, default_value_t = DEFAULT_BN_EPS)]
+        bn_eps: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Info { target, size, arch, json } => info(target, &size, arch, json),
+        Command::Convert { input, output, arch, naming, bn_eps } => convert(&input, &output, arch, naming, bn_eps),
+        Command::Forward { weights, input, output, arch, features, bn_eps } => {
+            forward::run(&weights, &input, &output, arch, features, bn_eps)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn parse_arch(arch: Option<String>) -> Result<Option<ArchSpec>> {
+    arch.map(|a| ArchSpec::parse(&a)).transpose().map_err(Into::into)
+}
+
+pub fn load_checkpoint(path: &Path, arch: Option<String>) -> Result<Checkpoint> {
+    let arch = parse_arch(arch)?;
+    Ok(Checkpoint::load(path, arch.as_ref())?)
+}
+
+fn parse_size(size: &str) -> Result<(usize, usize)> {
+    let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    match size.split_once(['x', 'X']) {
+        Some((h, w)) => parse(h).zip(parse(w)),
+        None => parse(size).map(|s| (s, s)),
+    }
+    .with_context(|| format!("--size '{size}': expected a positive size such as 224 or 256x320"))
+}
+
+fn millions(n: usize) -> String {
+    format!("{:.3}M", n as f64 / 1e6)
+}
+
+fn giga(n: u64) -> String {
+    format!("{:.3}G", n as f64 / 1e9)
+}
+
+fn spec_json(spec: &ArchSpec, h: usize, w: usize) -> serde_json::Value {
+    serde_json::json!({
+        "arch": spec,
+        "params_train": spec.params(Form::Train),
+        "params_deploy": spec.params(Form::Deploy),
+        "macs_train": spec.macs(Form::Train, h, w),
+        "macs_deploy": spec.macs(Form::Deploy, h, w),
+        "input_size": [h, w],
+    })
+}
+
+fn describe(spec: &ArchSpec) -> String {
+    let groups = if spec.groups.is_empty() {
+        "none".to_string()
+    } else {
+        spec.groups.iter().map(|(l, g)| format!("{l}:{g}")).collect::<Vec<_>>().join(",")
+    };
+    format!(
+        "{}: stem {}, depths {:?}, widths {:?}, groups {}, SE {}, {} classes, {} input channels",
+        spec.name,
+        spec.stem_width,
+        spec.depths,
+        spec.widths,
+        groups,
+        if spec.se { "yes" } else { "no" },
+        spec.num_classes,
+        spec.in_channels
+    )
+}
+
+fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) -> Result<()> {
+    let (h, w) = parse_size(size)?;
+    let Some(target) = target else {
+        let specs: Vec<ArchSpec> = VARIANT_NAMES.iter().map(|n| ArchSpec::named(n).unwrap()).collect();
+        if json {
+            for spec in &specs {
+                println!("{}", spec_json(spec, h, w));
+            }
+            return Ok(());
+        }
+        println!(
+            "{:<14} {:>12} {:>13} {:>12} {:>13}   (MACs at {h}x{w})",
+            "variant", "params train", "params deploy", "MACs train", "MACs deploy"
+        );
+        for spec in &specs {
+            println!(
+                "{:<14} {:>12} {:>13} {:>12} {:>13}",
+                spec.name,
+                millions(spec.params(Form::Train)),
+                millions(spec.params(Form::Deploy)),
+                giga(spec.macs(Form::Train, h, w)),
+                giga(spec.macs(Form::Deploy, h, w)),
+            );
+        }
+        return Ok(());
+    };
+
+    let path = Path::new(&target);
+    let is_spec_file = target.ends_with(".json");
+    if !path.exists() || is_spec_file {
+        let spec = ArchSpec::parse(&target)?;
+        if json {
+            println!("{}", spec_json(&spec, h, w));
+        } else {
+            println!("{}", describe(&spec));
+            println!("params: train {} / deploy {}", millions(spec.params(Form::Train)), millions(spec.params(Form::Deploy)));
+            println!(
+                "MACs at {h}x{w}: train {} / deploy {}",
+                giga(spec.macs(Form::Train, h, w)),
+                giga(spec.macs(Form::Deploy, h, w))
+            );
+        }
+        return Ok(());
+    }
+
+    let ckpt = load_checkpoint(path, arch)?;
+    let spec = &ckpt.spec;
+    if json {
+        let mut value = spec_json(spec, h, w);
+        let extra = serde_json::json!({
+            "file": path.display().to_string(),
+            "form": ckpt.form,
+            "naming": ckpt.naming.to_string(),
+            "dtype": format!("{:?}", ckpt.source_dtype),
+            "tensors": ckpt.file_tensor_count,
+        });
+        value.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        println!("{value}");
+        return Ok(());
+    }
+    println!("file: {}", path.display());
+    println!("form: {}", ckpt.form);
+    println!("naming: {}", ckpt.naming);
+    println!("dtype: {:?}", ckpt.source_dtype);
+    println!("tensors: {} in file, {} weights used", ckpt.file_tensor_count, ckpt.tensors.len());
+    println!("architecture: {}", describe(spec));
+    println!("params: {} in this form ({} train / {} deploy)",
+        millions(spec.params(ckpt.form)),
+        millions(spec.params(Form::Train)),
+        millions(spec.params(Form::Deploy)));
+    println!(
+        "MACs at {h}x{w}: train {} / deploy {}",
+        giga(spec.macs(Form::Train, h, w)),
+        giga(spec.macs(Form::Deploy, h, w))
+    );
+    Ok(())
+}
+
+fn convert(input: &Path, output: &Path, arch: Option<String>, naming: Naming, bn_eps: f64) -> Result<()> {
+    if output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("{}: the output must be a .safetensors file", output.display());
+    }
+    if !(bn_eps.is_finite() && bn_eps > 0.0) {
+        bail!("--bn-eps must be positive, got {bn_eps}");
+    }
+    let ckpt = load_checkpoint(input, arch)?;
+    if ckpt.form == Form::Deploy {
+        eprintln!("{}: already in deploy form; rewriting it in {naming} naming", input.display());
+    }
+    let deploy = ckpt.to_deploy(bn_eps)?;
+    deploy.save_safetensors(output, naming)?;
+    eprintln!(
+        "{} ({}, {} form, {} naming) -> {} (deploy form, {naming} naming, {} tensors, {} params)",
+        input.display(),
+        ckpt.spec.name,
+        ckpt.form,
+        ckpt.naming,
+        output.display(),
+        deploy.tensors.len(),
+        millions(deploy.spec.params(Form::Deploy)),
+    );
+    Ok(())
+}
