@@ -162,8 +162,11 @@ impl BlockSpec {
     }
 }
 
-/// Width multipliers and depths of the named variants: (name, depths, a, b, groups, se).
-const VARIANT_TABLE: &[(&str, [usize; 4], f64, f64, usize, bool)] = &[
+/// One published variant: (name, depths, a, b, groups, se).
+type VariantRow = (&'static str, [usize; 4], f64, f64, usize, bool);
+
+/// Width multipliers and depths of the named variants.
+const VARIANT_TABLE: &[VariantRow] = &[
     ("A0", DEPTHS_A, 0.75, 2.5, 1, false),
     ("A1", DEPTHS_A, 1.0, 2.5, 1, false),
     ("A2", DEPTHS_A, 1.5, 2.75, 1, false),
@@ -255,6 +258,15 @@ impl ArchSpec {
         if text.ends_with(".json") || Path::new(text).is_file() {
             return ArchSpec::from_json_file(Path::new(text));
         }
+        // "A0;classes=10": a named variant with fields overridden.
+        if let Some((base, overrides)) = text.split_once(';')
+            && !base.contains('=')
+        {
+            let mut spec = ArchSpec::named(base)?;
+            spec.apply_overrides(overrides)?;
+            spec.validate()?;
+            return Ok(spec);
+        }
         if text.contains('=') {
             return ArchSpec::parse_custom(text);
         }
@@ -275,6 +287,32 @@ impl ArchSpec {
     }
 
     fn parse_custom(text: &str) -> Result<ArchSpec, ArchError> {
+        let mut spec = ArchSpec {
+            name: custom_name(),
+            stem_width: 0,
+            depths: [0; 4],
+            widths: [0; 4],
+            groups: BTreeMap::new(),
+            se: false,
+            num_classes: default_classes(),
+            in_channels: default_in_channels(),
+        };
+        let given = spec.apply_overrides(text)?;
+        if !given.contains(&"depths") {
+            return Err(ArchError::Invalid("missing depths=...".into()));
+        }
+        if !given.contains(&"widths") {
+            return Err(ArchError::Invalid("missing widths=...".into()));
+        }
+        if !given.contains(&"stem") {
+            spec.stem_width = 64.min(spec.widths[0]);
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Applies `key=value;...` fields; returns the keys given.
+    fn apply_overrides(&mut self, text: &str) -> Result<Vec<&'static str>, ArchError> {
         let invalid = |msg: String| ArchError::Invalid(msg);
         let numbers = |value: &str| -> Result<Vec<usize>, ArchError> {
             value
@@ -291,48 +329,57 @@ impl ArchSpec {
                 .try_into()
                 .map_err(|_| invalid(format!("{key} needs exactly 4 numbers, got '{value}'")))
         };
-        let (mut depths, mut widths, mut stem) = (None, None, None);
-        let mut spec = ArchSpec {
-            name: custom_name(),
-            stem_width: 0,
-            depths: [0; 4],
-            widths: [0; 4],
-            groups: BTreeMap::new(),
-            se: false,
-            num_classes: default_classes(),
-            in_channels: default_in_channels(),
-        };
+        let mut given = Vec::new();
         for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or((part, ""));
-            match key.trim() {
-                "depths" => depths = Some(four(key, value)?),
-                "widths" => widths = Some(four(key, value)?),
-                "stem" => stem = Some(numbers(value)?[0]),
-                "classes" => spec.num_classes = numbers(value)?[0],
-                "in" => spec.in_channels = numbers(value)?[0],
-                "se" => spec.se = true,
-                "name" => spec.name = value.to_string(),
+            let key: &'static str = match key.trim() {
+                "depths" => {
+                    self.depths = four(key, value)?;
+                    "depths"
+                }
+                "widths" => {
+                    self.widths = four(key, value)?;
+                    "widths"
+                }
+                "stem" => {
+                    self.stem_width = numbers(value)?[0];
+                    "stem"
+                }
+                "classes" => {
+                    self.num_classes = numbers(value)?[0];
+                    "classes"
+                }
+                "in" => {
+                    self.in_channels = numbers(value)?[0];
+                    "in"
+                }
+                "se" => {
+                    self.se = true;
+                    "se"
+                }
+                "name" => {
+                    self.name = value.to_string();
+                    "name"
+                }
                 "groups" => {
                     for pair in value.split(',') {
-                        let (layer, g) = pair
-                            .split_once(':')
-                            .ok_or_else(|| invalid(format!("groups wants layer:groups, got '{pair}'")))?;
+                        let (layer, g) = pair.split_once(':').ok_or_else(|| {
+                            invalid(format!("groups wants layer:groups, got '{pair}'"))
+                        })?;
                         let layer = numbers(layer)?[0];
-                        spec.groups.insert(layer, numbers(g)?[0]);
+                        self.groups.insert(layer, numbers(g)?[0]);
                     }
+                    "groups"
                 }
                 other => {
                     return Err(invalid(format!(
                         "unknown key '{other}' (known: depths, widths, stem, groups, se, classes, in, name)"
                     )));
                 }
-            }
+            };
+            given.push(key);
         }
-        spec.depths = depths.ok_or_else(|| invalid("missing depths=...".into()))?;
-        spec.widths = widths.ok_or_else(|| invalid("missing widths=...".into()))?;
-        spec.stem_width = stem.unwrap_or(64.min(spec.widths[0]));
-        spec.validate()?;
-        Ok(spec)
+        Ok(given)
     }
 
     /// Checks that every block can be built: positive sizes, channels divisible by groups,
@@ -343,19 +390,25 @@ impl ArchSpec {
             return invalid("widths and channels must be positive".into());
         }
         if self.depths.contains(&0) {
-            return invalid(format!("every stage needs at least one block: depths {:?}", self.depths));
+            return invalid(format!(
+                "every stage needs at least one block: depths {:?}",
+                self.depths
+            ));
         }
         if self.num_classes == 0 {
             return invalid("num_classes must be positive".into());
         }
         let layers = self.num_blocks();
         if let Some((&layer, _)) = self.groups.iter().find(|&(&l, _)| l >= layers) {
-            return invalid(format!("groups name layer {layer}, but the network has layers 0..{}", layers - 1));
+            return invalid(format!(
+                "groups name layer {layer}, but the network has layers 0..{}",
+                layers - 1
+            ));
         }
         for block in self.blocks() {
             if block.groups == 0
-                || block.in_channels % block.groups != 0
-                || block.out_channels % block.groups != 0
+                || !block.in_channels.is_multiple_of(block.groups)
+                || !block.out_channels.is_multiple_of(block.groups)
             {
                 return invalid(format!(
                     "{}: {} -> {} channels cannot be split into {} groups",
@@ -492,7 +545,10 @@ mod tests {
         }
         assert_eq!(ArchSpec::named("b1G4").unwrap().name, "RepVGG-B1g4");
         let err = ArchSpec::named("A9").unwrap_err().to_string();
-        assert!(err.contains("unknown variant 'A9'") && err.contains("D2se"), "{err}");
+        assert!(
+            err.contains("unknown variant 'A9'") && err.contains("D2se"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -514,13 +570,17 @@ mod tests {
         let groups: Vec<usize> = b1g4.blocks().iter().map(|b| b.groups).collect();
         assert_eq!(groups[0], 1);
         assert_eq!(&groups[1..7], &[1, 4, 1, 4, 1, 4]);
-        assert_eq!(groups[27], 1, "layer 27 (stage 4) is not in the official map");
+        assert_eq!(
+            groups[27], 1,
+            "layer 27 (stage 4) is not in the official map"
+        );
     }
 
     #[test]
     fn custom_specs_parse_and_validate() {
-        let spec = ArchSpec::parse("depths=1,2,1,1;widths=16,32,64,128;stem=16;groups=2:2;se;classes=7")
-            .unwrap();
+        let spec =
+            ArchSpec::parse("depths=1,2,1,1;widths=16,32,64,128;stem=16;groups=2:2;se;classes=7")
+                .unwrap();
         assert_eq!(spec.depths, [1, 2, 1, 1]);
         assert_eq!(spec.blocks()[2].groups, 2);
         assert!(spec.se && spec.num_classes == 7);
@@ -530,6 +590,13 @@ mod tests {
             .to_string();
         assert!(err.contains("cannot be split into 3 groups"), "{err}");
         assert!(ArchSpec::parse("depths=1,1,1,1;widths=8,16,32,64;se").is_err());
+        let tuned = ArchSpec::parse("RepVGG-B1g4;classes=10").unwrap();
+        assert_eq!(
+            (tuned.name.as_str(), tuned.num_classes),
+            ("RepVGG-B1g4", 10)
+        );
+        assert_eq!(tuned.groups, ArchSpec::named("B1g4").unwrap().groups);
+        assert!(ArchSpec::parse("A0;colour=red").is_err());
     }
 
     #[test]

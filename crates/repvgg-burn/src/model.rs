@@ -79,7 +79,10 @@ impl Writer {
     fn bn(&mut self, prefix: &str, bn: &BatchNorm2d) {
         self.put(format!("{prefix}weight"), bn.gamma.val());
         self.put(format!("{prefix}bias"), bn.beta.val());
-        self.put(format!("{prefix}running_mean"), bn.running_mean.value_sync());
+        self.put(
+            format!("{prefix}running_mean"),
+            bn.running_mean.value_sync(),
+        );
         self.put(format!("{prefix}running_var"), bn.running_var.value_sync());
     }
 
@@ -167,7 +170,12 @@ pub struct RepVggDeploy {
 
 impl RepVggTrain {
     /// Builds the model from training-form weights (official naming, already checked).
-    pub fn from_state_dict(spec: &ArchSpec, tensors: &StateDict, bn_eps: f64, device: &Device) -> Self {
+    pub fn from_state_dict(
+        spec: &ArchSpec,
+        tensors: &StateDict,
+        bn_eps: f64,
+        device: &Device,
+    ) -> Self {
         let r = Reader { tensors, device };
         let blocks = spec
             .blocks()
@@ -175,18 +183,35 @@ impl RepVggTrain {
             .map(|b| {
                 let p = layout::prefix(b);
                 TrainBlock {
-                    dense_conv: conv2d(r.get(&format!("{p}{DENSE_CONV}weight")), None, b.stride, 1, b.groups),
+                    dense_conv: conv2d(
+                        r.get(&format!("{p}{DENSE_CONV}weight")),
+                        None,
+                        b.stride,
+                        1,
+                        b.groups,
+                    ),
                     dense_bn: r.bn(&format!("{p}{DENSE_BN}"), bn_eps),
-                    one_conv: conv2d(r.get(&format!("{p}{ONE_CONV}weight")), None, b.stride, 0, b.groups),
+                    one_conv: conv2d(
+                        r.get(&format!("{p}{ONE_CONV}weight")),
+                        None,
+                        b.stride,
+                        0,
+                        b.groups,
+                    ),
                     one_bn: r.bn(&format!("{p}{ONE_BN}"), bn_eps),
-                    identity: b.has_identity.then(|| r.bn(&format!("{p}{IDENTITY_BN}"), bn_eps)),
+                    identity: b
+                        .has_identity
+                        .then(|| r.bn(&format!("{p}{IDENTITY_BN}"), bn_eps)),
                     se: r.se(&p, b),
                     stage: b.stage,
                     index: b.index,
                 }
             })
             .collect();
-        RepVggTrain { blocks, head: r.head() }
+        RepVggTrain {
+            blocks,
+            head: r.head(),
+        }
     }
 
     /// The weights in official naming, running statistics included.
@@ -208,7 +233,8 @@ impl RepVggTrain {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.head.forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
+        self.head
+            .forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
     }
 
     /// Logits and every block's output, by official block name.
@@ -246,7 +272,10 @@ impl RepVggDeploy {
                 }
             })
             .collect();
-        RepVggDeploy { blocks, head: r.head() }
+        RepVggDeploy {
+            blocks,
+            head: r.head(),
+        }
     }
 
     pub fn state_dict(&self) -> StateDict {
@@ -261,7 +290,8 @@ impl RepVggDeploy {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.head.forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
+        self.head
+            .forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
     }
 
     pub fn forward_with_features(&self, x: Tensor<4>) -> (Tensor<2>, Vec<(String, Tensor<4>)>) {
@@ -286,8 +316,17 @@ impl RepVgg {
     /// The model in the checkpoint's own form. `bn_eps` applies to training-form checkpoints.
     pub fn from_checkpoint(ckpt: &Checkpoint, bn_eps: f64, device: &Device) -> Self {
         match ckpt.form {
-            Form::Train => RepVgg::Train(RepVggTrain::from_state_dict(&ckpt.spec, &ckpt.tensors, bn_eps, device)),
-            Form::Deploy => RepVgg::Deploy(RepVggDeploy::from_state_dict(&ckpt.spec, &ckpt.tensors, device)),
+            Form::Train => RepVgg::Train(RepVggTrain::from_state_dict(
+                &ckpt.spec,
+                &ckpt.tensors,
+                bn_eps,
+                device,
+            )),
+            Form::Deploy => RepVgg::Deploy(RepVggDeploy::from_state_dict(
+                &ckpt.spec,
+                &ckpt.tensors,
+                device,
+            )),
         }
     }
 

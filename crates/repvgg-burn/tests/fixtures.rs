@@ -17,7 +17,10 @@ const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsq
 const TOLERANCE: f64 = 1e-5;
 
 fn fixture(config: &str, file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(config).join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(config)
+        .join(file)
 }
 
 /// Tensors of `io.safetensors` as f64, with their shapes.
@@ -52,13 +55,21 @@ fn input(config: &str) -> Tensor<4> {
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.into_data().try_into_vec::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+    t.into_data()
+        .try_into_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
 }
 
 fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
     assert_eq!(ours.len(), reference.len());
     let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let diff = ours.iter().zip(reference).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
     diff / scale
 }
 
@@ -80,16 +91,28 @@ fn logits_of_both_forms_match_the_fp64_reference() {
         ] {
             let model = RepVgg::from_checkpoint(&load(config, file), DEFAULT_BN_EPS, &device);
             let logits = values(model.forward(x.clone()));
-            let key = if file.starts_with("train") { "logits_train_f64" } else { "logits_deploy_f64" };
+            let key = if file.starts_with("train") {
+                "logits_train_f64"
+            } else {
+                "logits_deploy_f64"
+            };
             let err = relative_error(&logits, &reference[key].1);
             println!("{config:15} {file:28} relative error {err:.2e}");
             assert!(err < TOLERANCE, "{config} {file}: {err:e}");
         }
         // Converted here, run as the plain network: the same function as the training form.
-        let deploy = load(config, "train_official.safetensors").to_deploy(DEFAULT_BN_EPS).unwrap();
+        let deploy = load(config, "train_official.safetensors")
+            .to_deploy(DEFAULT_BN_EPS)
+            .unwrap();
         let model = RepVggDeploy::from_state_dict(&deploy.spec, &deploy.tensors, &device);
-        let err = relative_error(&values(model.forward(x.clone())), &reference["logits_train_f64"].1);
-        println!("{config:15} {:28} relative error {err:.2e}", "converted in Rust");
+        let err = relative_error(
+            &values(model.forward(x.clone())),
+            &reference["logits_train_f64"].1,
+        );
+        println!(
+            "{config:15} {:28} relative error {err:.2e}",
+            "converted in Rust"
+        );
         assert!(err < TOLERANCE, "{config} converted: {err:e}");
     }
 }
@@ -102,7 +125,10 @@ fn every_block_output_matches_the_reference() {
         for file in ["train_official.safetensors", "deploy_timm.safetensors"] {
             let model = RepVgg::from_checkpoint(&load(config, file), DEFAULT_BN_EPS, &device);
             let (_, features) = model.forward_with_features(input(config));
-            let expected = reference.keys().filter(|k| k.starts_with("features.")).count();
+            let expected = reference
+                .keys()
+                .filter(|k| k.starts_with("features."))
+                .count();
             assert_eq!(features.len(), expected, "{config}");
             for (name, tensor) in features {
                 let (shape, want) = &reference[&format!("features.{name}")];
@@ -119,7 +145,8 @@ fn state_dicts_round_trip_through_the_models() {
     let device = default_device();
     for config in CONFIGS {
         let train = load(config, "train_timm.pth");
-        let model = RepVggTrain::from_state_dict(&train.spec, &train.tensors, DEFAULT_BN_EPS, &device);
+        let model =
+            RepVggTrain::from_state_dict(&train.spec, &train.tensors, DEFAULT_BN_EPS, &device);
         assert_eq!(model.state_dict(), train.tensors, "{config} train");
         let deploy = load(config, "deploy_official.pth");
         let model = RepVggDeploy::from_state_dict(&deploy.spec, &deploy.tensors, &device);
@@ -135,14 +162,18 @@ fn training_mode_batch_norm_follows_pytorch() {
     for config in CONFIGS {
         let reference = io(config);
         let ckpt = load(config, "train_official.safetensors");
-        let model = RepVggTrain::from_state_dict(&ckpt.spec, &ckpt.tensors, DEFAULT_BN_EPS, &device);
+        let model =
+            RepVggTrain::from_state_dict(&ckpt.spec, &ckpt.tensors, DEFAULT_BN_EPS, &device);
         let x = input(config).to_device(&device);
         let logits = values(model.forward(x));
         let err = relative_error(&logits, &reference["logits_trainmode_f64"].1);
         assert!(err < TOLERANCE, "{config} train-mode logits: {err:e}");
         let after = model.state_dict();
         let mut checked = 0;
-        for (key, (_, want)) in reference.iter().filter(|(k, _)| k.starts_with("trainmode.")) {
+        for (key, (_, want)) in reference
+            .iter()
+            .filter(|(k, _)| k.starts_with("trainmode."))
+        {
             let key = key.trim_start_matches("trainmode.");
             let got: Vec<f64> = after[key].data.iter().map(|&v| v as f64).collect();
             let err = relative_error(&got, want);

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 
 use repvgg_arch::{ArchSpec, Form, VARIANT_NAMES};
 use repvgg_burn::{RepVggDeploy, RepVggTrain, default_device};
-use repvgg_checkpoint::convert::{DEFAULT_BN_EPS, train_block, to_deploy};
+use repvgg_checkpoint::convert::{DEFAULT_BN_EPS, to_deploy, train_block};
 use repvgg_checkpoint::layout::{self, expected_tensors};
 use repvgg_checkpoint::{StateDict, Tensor as CkptTensor};
 use repvgg_fuse::Kernel;
@@ -44,7 +44,13 @@ fn random_weights(spec: &ArchSpec, seed: u64) -> StateDict {
 
 fn kernel_of(dict: &StateDict, key: &str) -> Kernel<f64> {
     let t = &dict[key];
-    Kernel { out_channels: t.shape[0], in_per_group: t.shape[1], height: t.shape[2], width: t.shape[3], data: t.to_f64() }
+    Kernel {
+        out_channels: t.shape[0],
+        in_per_group: t.shape[1],
+        height: t.shape[2],
+        width: t.shape[3],
+        data: t.to_f64(),
+    }
 }
 
 /// The training form, branch by branch, in f64, one image.
@@ -52,7 +58,11 @@ fn reference_logits(spec: &ArchSpec, dict: &StateDict, image: FeatureMap<f64>) -
     let mut x = image;
     for block in spec.blocks() {
         let b = train_block(dict, &block, DEFAULT_BN_EPS).unwrap();
-        let params = |padding| Conv2dParams { stride: block.stride, padding, groups: block.groups };
+        let params = |padding| Conv2dParams {
+            stride: block.stride,
+            padding,
+            groups: block.groups,
+        };
         let mut y = batch_norm(&conv2d(&x, &b.dense.0, None, params(1)), &b.dense.1);
         let (k1, bn1) = b.one_by_one.as_ref().unwrap();
         let one = batch_norm(&conv2d(&x, k1, None, params(0)), bn1);
@@ -68,14 +78,32 @@ fn reference_logits(spec: &ArchSpec, dict: &StateDict, image: FeatureMap<f64>) -
                 channels: y.channels,
                 height: 1,
                 width: 1,
-                data: y.data.chunks_exact(plane).map(|c| c.iter().sum::<f64>() / plane as f64).collect(),
+                data: y
+                    .data
+                    .chunks_exact(plane)
+                    .map(|c| c.iter().sum::<f64>() / plane as f64)
+                    .collect(),
             };
-            let one_by_one = Conv2dParams { stride: 1, padding: 0, groups: 1 };
+            let one_by_one = Conv2dParams {
+                stride: 1,
+                padding: 0,
+                groups: 1,
+            };
             let down_bias = dict[&format!("{p}se.down.bias")].to_f64();
-            let mut hidden = conv2d(&pooled, &kernel_of(dict, &format!("{p}se.down.weight")), Some(&down_bias), one_by_one);
+            let mut hidden = conv2d(
+                &pooled,
+                &kernel_of(dict, &format!("{p}se.down.weight")),
+                Some(&down_bias),
+                one_by_one,
+            );
             hidden.data.iter_mut().for_each(|v| *v = v.max(0.0));
             let up_bias = dict[&format!("{p}se.up.bias")].to_f64();
-            let gate = conv2d(&hidden, &kernel_of(dict, &format!("{p}se.up.weight")), Some(&up_bias), one_by_one);
+            let gate = conv2d(
+                &hidden,
+                &kernel_of(dict, &format!("{p}se.up.weight")),
+                Some(&up_bias),
+                one_by_one,
+            );
             for (channel, g) in y.data.chunks_exact_mut(plane).zip(&gate.data) {
                 let s = 1.0 / (1.0 + (-g).exp());
                 channel.iter_mut().for_each(|v| *v *= s);
@@ -85,21 +113,42 @@ fn reference_logits(spec: &ArchSpec, dict: &StateDict, image: FeatureMap<f64>) -
         x = y;
     }
     let plane = x.height * x.width;
-    let pooled: Vec<f64> = x.data.chunks_exact(plane).map(|c| c.iter().sum::<f64>() / plane as f64).collect();
+    let pooled: Vec<f64> = x
+        .data
+        .chunks_exact(plane)
+        .map(|c| c.iter().sum::<f64>() / plane as f64)
+        .collect();
     let (w, b) = (dict["linear.weight"].to_f64(), dict["linear.bias"].to_f64());
     (0..spec.num_classes)
-        .map(|k| b[k] + pooled.iter().enumerate().map(|(c, p)| p * w[k * pooled.len() + c]).sum::<f64>())
+        .map(|k| {
+            b[k] + pooled
+                .iter()
+                .enumerate()
+                .map(|(c, p)| p * w[k * pooled.len() + c])
+                .sum::<f64>()
+        })
         .collect()
 }
 
 fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
     let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    assert!(scale.is_finite() && scale > 1e-6, "degenerate reference scale {scale}");
-    ours.iter().zip(reference).fold(0f64, |m, (a, b)| m.max((a - b).abs())) / scale
+    assert!(
+        scale.is_finite() && scale > 1e-6,
+        "degenerate reference scale {scale}"
+    );
+    ours.iter()
+        .zip(reference)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
 }
 
 fn values(t: Tensor<2>) -> Vec<f64> {
-    t.into_data().try_into_vec::<f32>().unwrap().iter().map(|&v| v as f64).collect()
+    t.into_data()
+        .try_into_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
 }
 
 #[test]
@@ -107,8 +156,11 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
     let device = default_device();
     let (h, w) = (40, 48);
     let mut rng = StdRng::seed_from_u64(99);
-    let pixels: Vec<f32> = (0..3 * h * w).map(|_| rng.random_range(-1.5..1.5)).collect();
-    let input: Tensor<4> = Tensor::from_data(TensorData::new(pixels.clone(), [1, 3, h, w]), &device);
+    let pixels: Vec<f32> = (0..3 * h * w)
+        .map(|_| rng.random_range(-1.5..1.5))
+        .collect();
+    let input: Tensor<4> =
+        Tensor::from_data(TensorData::new(pixels.clone(), [1, 3, h, w]), &device);
     for (i, name) in VARIANT_NAMES.iter().enumerate() {
         let mut spec = ArchSpec::named(name).unwrap();
         spec.num_classes = 10;
@@ -122,7 +174,12 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
         drop(deploy);
 
         let reference = if ["A0", "B1g4", "D2se"].contains(name) {
-            let image = FeatureMap { channels: 3, height: h, width: w, data: pixels.iter().map(|&v| v as f64).collect() };
+            let image = FeatureMap {
+                channels: 3,
+                height: h,
+                width: w,
+                data: pixels.iter().map(|&v| v as f64).collect(),
+            };
             reference_logits(&spec, &train_dict, image)
         } else {
             // No independent f64 run for the large ones: the two forms must agree.
@@ -131,6 +188,9 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
         let train_err = relative_error(&train_logits, &reference);
         let deploy_err = relative_error(&deploy_logits, &reference);
         println!("{name:5} train {train_err:.2e} deploy {deploy_err:.2e}");
-        assert!(train_err < TOLERANCE && deploy_err < TOLERANCE, "{name}: train {train_err:e}, deploy {deploy_err:e}");
+        assert!(
+            train_err < TOLERANCE && deploy_err < TOLERANCE,
+            "{name}: train {train_err:e}, deploy {deploy_err:e}"
+        );
     }
 }

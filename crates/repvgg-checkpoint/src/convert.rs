@@ -3,7 +3,9 @@
 use repvgg_arch::{ArchSpec, BlockSpec};
 use repvgg_fuse::{BatchNorm, Kernel, TrainBlock, fuse_block};
 
-use crate::layout::{self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, REPARAM};
+use crate::layout::{
+    self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, REPARAM,
+};
 use crate::tensor::{StateDict, Tensor};
 
 /// The eps of PyTorch's `BatchNorm2d` default, which RepVGG, timm and mmpretrain all use. State
@@ -17,7 +19,10 @@ fn get<'a>(dict: &'a StateDict, key: &str) -> Result<&'a Tensor, String> {
 fn kernel(dict: &StateDict, key: &str) -> Result<Kernel<f64>, String> {
     let t = get(dict, key)?;
     let [o, i, h, w] = t.shape[..] else {
-        return Err(format!("'{key}' has shape {:?}, expected a 4-d kernel", t.shape));
+        return Err(format!(
+            "'{key}' has shape {:?}, expected a 4-d kernel",
+            t.shape
+        ));
     };
     Ok(Kernel {
         out_channels: o,
@@ -41,7 +46,11 @@ fn batch_norm(dict: &StateDict, prefix: &str, eps: f64) -> Result<BatchNorm<f64>
 }
 
 /// The eval-mode branches of one block, read from a training-form state dict.
-pub fn train_block(dict: &StateDict, block: &BlockSpec, eps: f64) -> Result<TrainBlock<f64>, String> {
+pub fn train_block(
+    dict: &StateDict,
+    block: &BlockSpec,
+    eps: f64,
+) -> Result<TrainBlock<f64>, String> {
     let p = layout::prefix(block);
     Ok(TrainBlock {
         dense: (

@@ -63,7 +63,10 @@ pub fn expected_tensors(spec: &ArchSpec, form: Form) -> Vec<(String, Vec<usize>)
             out.push((format!("{p}{SE_UP}bias"), vec![o]));
         }
     }
-    out.push((format!("{HEAD}weight"), vec![spec.num_classes, spec.feature_width()]));
+    out.push((
+        format!("{HEAD}weight"),
+        vec![spec.num_classes, spec.feature_width()],
+    ));
     out.push((format!("{HEAD}bias"), vec![spec.num_classes]));
     out
 }
@@ -77,9 +80,10 @@ pub fn mismatches(tensors: &StateDict, spec: &ArchSpec, form: Form) -> Vec<Strin
     for (key, shape) in &expected {
         match tensors.get(key) {
             None => problems.push(format!("missing key '{key}' (expected shape {shape:?})")),
-            Some(t) if &t.shape != shape => {
-                problems.push(format!("'{key}' has shape {:?}, expected {shape:?}", t.shape))
-            }
+            Some(t) if &t.shape != shape => problems.push(format!(
+                "'{key}' has shape {:?}, expected {shape:?}",
+                t.shape
+            )),
             Some(_) => {}
         }
     }
@@ -95,7 +99,9 @@ pub fn detect_form(tensors: &StateDict) -> Result<Form, String> {
     match (has(REPARAM), has(DENSE_CONV) || has(DENSE_BN)) {
         (true, false) => Ok(Form::Deploy),
         (false, true) => Ok(Form::Train),
-        (true, true) => Err("mixes training-form (rbr_dense) and deploy-form (rbr_reparam) blocks".into()),
+        (true, true) => {
+            Err("mixes training-form (rbr_dense) and deploy-form (rbr_reparam) blocks".into())
+        }
         (false, false) => Err("has neither training-form nor deploy-form block weights".into()),
     }
 }
@@ -149,9 +155,12 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         for index in 0..count {
             let id = BlockId { stage, index };
             let name = Naming::Official.block_prefix(id);
-            let width = shape_of(id, width_parts)
-                .map(|s| s[0])
-                .ok_or_else(|| format!("cannot tell the width of block {}", name.trim_end_matches('.')))?;
+            let width = shape_of(id, width_parts).map(|s| s[0]).ok_or_else(|| {
+                format!(
+                    "cannot tell the width of block {}",
+                    name.trim_end_matches('.')
+                )
+            })?;
             if let Some(kernel) = shape_of(id, kernel_parts) {
                 if kernel.len() != 4 || kernel[1] == 0 {
                     return Err(format!("{name}: kernel has shape {kernel:?}"));
@@ -180,7 +189,9 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         let first: usize = 1 + depths[..stage - 1].iter().sum::<usize>();
         widths_seen[first]
     };
-    let head = tensors.get("linear.weight").or_else(|| tensors.get("linear.bias"));
+    let head = tensors
+        .get("linear.weight")
+        .or_else(|| tensors.get("linear.bias"));
     let num_classes = head
         .map(|t| t.shape[0])
         .ok_or("has no classifier (linear.weight)")?;
@@ -188,7 +199,12 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         name: "custom".into(),
         stem_width: widths_seen[0],
         depths,
-        widths: [stage_width(1), stage_width(2), stage_width(3), stage_width(4)],
+        widths: [
+            stage_width(1),
+            stage_width(2),
+            stage_width(3),
+            stage_width(4),
+        ],
         groups,
         se: tensors.keys().any(|k| k.contains(".se.")),
         num_classes,

@@ -129,9 +129,13 @@ impl Checkpoint {
             .iter()
             .map(|(key, t)| {
                 let bytes: &[u8] = bytemuck::cast_slice(&t.data);
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes)
-                    .map(|view| (key.clone(), view))
-                    .map_err(|e| fail(format!("{key}: {e}")))
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    t.shape.clone(),
+                    bytes,
+                )
+                .map(|view| (key.clone(), view))
+                .map_err(|e| fail(format!("{key}: {e}")))
             })
             .collect::<Result<_, _>>()?;
         let metadata = HashMap::from([
@@ -143,13 +147,19 @@ impl Checkpoint {
                 serde_json::to_string(&self.spec).expect("spec serialises"),
             ),
         ]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| fail(e.to_string()))?;
+        let bytes =
+            safetensors::serialize(views, Some(metadata)).map_err(|e| fail(e.to_string()))?;
         write_atomically(path, &bytes)
     }
 }
 
 fn summarise(problems: &[String]) -> String {
-    let mut text = problems.iter().take(MAX_LISTED).cloned().collect::<Vec<_>>().join("; ");
+    let mut text = problems
+        .iter()
+        .take(MAX_LISTED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
     if problems.len() > MAX_LISTED {
         text.push_str(&format!("; and {} more", problems.len() - MAX_LISTED));
     }
@@ -164,7 +174,10 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(|e| fail("cannot create", e))?;
@@ -223,7 +236,10 @@ fn normalise(raw: Vec<(String, RawTensor)>) -> Result<(StateDict, Naming, DType)
             continue;
         }
         let converted = tensor.to_f32().ok_or_else(|| {
-            format!("'{key}' has dtype {:?}; RepVGG weights must be floating point", tensor.dtype)
+            format!(
+                "'{key}' has dtype {:?}; RepVGG weights must be floating point",
+                tensor.dtype
+            )
         })?;
         if widest.is_none_or(|w| tensor.dtype.size() > w.size()) {
             widest = Some(tensor.dtype);
@@ -265,7 +281,10 @@ fn check_values(tensors: &StateDict) -> Result<(), String> {
         .map(|(k, _)| format!("'{k}'"))
         .collect();
     if !negative.is_empty() {
-        return Err(format!("negative BN running variance in {}", summarise(&negative)));
+        return Err(format!(
+            "negative BN running variance in {}",
+            summarise(&negative)
+        ));
     }
     Ok(())
 }

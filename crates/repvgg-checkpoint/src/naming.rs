@@ -37,7 +37,9 @@ impl FromStr for Naming {
             "official" => Ok(Naming::Official),
             "timm" => Ok(Naming::Timm),
             "mmpretrain" | "mmcls" | "mm" => Ok(Naming::MmPretrain),
-            _ => Err(format!("unknown naming '{s}' (expected official, timm or mmpretrain)")),
+            _ => Err(format!(
+                "unknown naming '{s}' (expected official, timm or mmpretrain)"
+            )),
         }
     }
 }
@@ -99,7 +101,13 @@ impl Naming {
             Naming::Official => {
                 let rest = key.strip_prefix("stage")?;
                 let (stage, rest) = rest.split_once('.')?;
-                (stage.parse::<usize>().ok().filter(|&s| (1..=4).contains(&s))?, rest)
+                (
+                    stage
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&s| (1..=4).contains(&s))?,
+                    rest,
+                )
             }
             Naming::Timm => {
                 let rest = key.strip_prefix("stages.")?;
@@ -109,11 +117,23 @@ impl Naming {
             Naming::MmPretrain => {
                 let rest = key.strip_prefix("backbone.stage_")?;
                 let (stage, rest) = rest.split_once('.')?;
-                (stage.parse::<usize>().ok().filter(|&s| (1..=4).contains(&s))?, rest)
+                (
+                    stage
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&s| (1..=4).contains(&s))?,
+                    rest,
+                )
             }
         };
         let (index, rest) = rest.split_once('.')?;
-        Some((BlockId { stage, index: index.parse().ok()? }, rest))
+        Some((
+            BlockId {
+                stage,
+                index: index.parse().ok()?,
+            },
+            rest,
+        ))
     }
 
     /// Renames one key from this naming to `to`; `None` if the key is not a RepVGG key.
@@ -175,30 +195,44 @@ mod tests {
             "stages.1.3.conv_1x1.bn.running_var"
         );
         assert_eq!(
-            Naming::Official.rename_key(key, Naming::MmPretrain).unwrap(),
+            Naming::Official
+                .rename_key(key, Naming::MmPretrain)
+                .unwrap(),
             "backbone.stage_2.3.branch_1x1.norm.running_var"
         );
         assert_eq!(
-            Naming::Official.rename_key("stage0.se.up.bias", Naming::MmPretrain).unwrap(),
+            Naming::Official
+                .rename_key("stage0.se.up.bias", Naming::MmPretrain)
+                .unwrap(),
             "backbone.stem.se_layer.conv2.conv.bias"
         );
         assert_eq!(
-            Naming::Timm.rename_key("stem.reparam_conv.weight", Naming::Official).unwrap(),
+            Naming::Timm
+                .rename_key("stem.reparam_conv.weight", Naming::Official)
+                .unwrap(),
             "stage0.rbr_reparam.weight"
         );
         assert_eq!(
-            Naming::MmPretrain.rename_key("head.fc.bias", Naming::Official).unwrap(),
+            Naming::MmPretrain
+                .rename_key("head.fc.bias", Naming::Official)
+                .unwrap(),
             "linear.bias"
         );
         assert_eq!(Naming::Official.rename_key("fc.weight", Naming::Timm), None);
-        assert_eq!(Naming::Official.rename_key("stage5.0.rbr_dense.conv.weight", Naming::Timm), None);
+        assert_eq!(
+            Naming::Official.rename_key("stage5.0.rbr_dense.conv.weight", Naming::Timm),
+            None
+        );
     }
 
     #[test]
     fn every_part_round_trips_through_every_naming() {
         for part in PARTS {
             for stage in 0..=4 {
-                let block = BlockId { stage, index: if stage == 0 { 0 } else { 7 } };
+                let block = BlockId {
+                    stage,
+                    index: if stage == 0 { 0 } else { 7 },
+                };
                 let key = official_key(block, part[0], "weight");
                 for a in ALL_NAMINGS {
                     for b in ALL_NAMINGS {

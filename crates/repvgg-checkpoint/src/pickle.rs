@@ -122,7 +122,12 @@ impl Machine<'_> {
             .pos
             .checked_add(n)
             .filter(|&end| end <= self.bytes.len())
-            .ok_or_else(|| format!("pickle ends early (wanted {n} bytes at offset {})", self.pos))?;
+            .ok_or_else(|| {
+                format!(
+                    "pickle ends early (wanted {n} bytes at offset {})",
+                    self.pos
+                )
+            })?;
         let slice = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(slice)
@@ -157,15 +162,20 @@ impl Machine<'_> {
 
     fn string(&mut self, len: usize) -> Result<String, String> {
         let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| "pickle holds a string that is not UTF-8".to_string())
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| "pickle holds a string that is not UTF-8".to_string())
     }
 
     fn pop(&mut self) -> Result<Value, String> {
-        self.stack.pop().ok_or_else(|| "pickle pops an empty stack".to_string())
+        self.stack
+            .pop()
+            .ok_or_else(|| "pickle pops an empty stack".to_string())
     }
 
     fn top(&mut self) -> Result<&mut Value, String> {
-        self.stack.last_mut().ok_or_else(|| "pickle reads an empty stack".to_string())
+        self.stack
+            .last_mut()
+            .ok_or_else(|| "pickle reads an empty stack".to_string())
     }
 
     fn pop_to_mark(&mut self) -> Result<Vec<Value>, String> {
@@ -183,11 +193,9 @@ impl Machine<'_> {
     }
 
     fn recall(&mut self, index: u32) -> Result<(), String> {
-        let value = self
-            .memo
-            .get(&index)
-            .cloned()
-            .ok_or_else(|| format!("pickle refers to memo entry {index}, which was never stored"))?;
+        let value = self.memo.get(&index).cloned().ok_or_else(|| {
+            format!("pickle refers to memo entry {index}, which was never stored")
+        })?;
         self.stack.push(value);
         Ok(())
     }
@@ -209,13 +217,16 @@ impl Machine<'_> {
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global(allowed_global(&module, &name)?));
+                    self.stack
+                        .push(Value::Global(allowed_global(&module, &name)?));
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => self.stack.push(Value::Global(allowed_global(&m, &n)?)),
+                        (Value::Str(m), Value::Str(n)) => {
+                            self.stack.push(Value::Global(allowed_global(&m, &n)?))
+                        }
                         _ => return Err("STACK_GLOBAL without module and name strings".into()),
                     }
                 }
@@ -334,7 +345,9 @@ impl Machine<'_> {
                 }
                 b'F' => {
                     let text = self.line()?;
-                    let v = text.parse().map_err(|_| format!("bad FLOAT '{text}' in pickle"))?;
+                    let v = text
+                        .parse()
+                        .map_err(|_| format!("bad FLOAT '{text}' in pickle"))?;
                     self.stack.push(Value::Float(v))
                 }
                 b'G' => {
@@ -358,7 +371,11 @@ impl Machine<'_> {
                 }
                 b'T' | b'U' => {
                     // Python 2 byte strings: latin-1 text as torch's legacy files store them.
-                    let n = if op == b'T' { self.u32()? as usize } else { self.u8()? as usize };
+                    let n = if op == b'T' {
+                        self.u32()? as usize
+                    } else {
+                        self.u8()? as usize
+                    };
                     let s = self.take(n)?.iter().map(|&b| b as char).collect();
                     self.stack.push(Value::Str(s))
                 }
@@ -415,17 +432,23 @@ impl Machine<'_> {
     /// A little-endian two's-complement integer of `n` bytes.
     fn long(&mut self, n: usize) -> Result<Value, String> {
         if n > 16 {
-            return Err(format!("pickle holds a {n}-byte integer; at most 16 are supported"));
+            return Err(format!(
+                "pickle holds a {n}-byte integer; at most 16 are supported"
+            ));
         }
         let bytes = self.take(n)?;
-        let mut buf = if bytes.last().is_some_and(|&b| b & 0x80 != 0) { [0xff; 16] } else { [0; 16] };
+        let mut buf = if bytes.last().is_some_and(|&b| b & 0x80 != 0) {
+            [0xff; 16]
+        } else {
+            [0; 16]
+        };
         buf[..n].copy_from_slice(bytes);
         Ok(Value::Int(i128::from_le_bytes(buf)))
     }
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err("pickle builds a dict from an odd number of items".into());
     }
     let mut it = items.into_iter();
@@ -439,13 +462,18 @@ fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
 fn as_usize(v: &Value, what: &str) -> Result<usize, String> {
     match v {
         Value::Int(i) if *i >= 0 => usize::try_from(*i).map_err(|_| format!("{what} too large")),
-        other => Err(format!("{what} should be a non-negative int, found {}", other.kind())),
+        other => Err(format!(
+            "{what} should be a non-negative int, found {}",
+            other.kind()
+        )),
     }
 }
 
 fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, String> {
     match v {
-        Value::Tuple(items) | Value::List(items) => items.iter().map(|i| as_usize(i, what)).collect(),
+        Value::Tuple(items) | Value::List(items) => {
+            items.iter().map(|i| as_usize(i, what)).collect()
+        }
         other => Err(format!("{what} should be a tuple, found {}", other.kind())),
     }
 }
@@ -453,14 +481,27 @@ fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, String> {
 /// torch's persistent id: `('storage', StorageType, key, location, numel[, view_metadata])`.
 fn persistent_load(pid: Value) -> Result<Value, String> {
     let Value::Tuple(items) = pid else {
-        return Err(format!("persistent id should be a tuple, found {}", pid.kind()));
+        return Err(format!(
+            "persistent id should be a tuple, found {}",
+            pid.kind()
+        ));
     };
     match items.as_slice() {
-        [Value::Str(tag), Value::Global(Global::StorageType(dtype)), key, ..] if tag == "storage" => {
+        [
+            Value::Str(tag),
+            Value::Global(Global::StorageType(dtype)),
+            key,
+            ..,
+        ] if tag == "storage" => {
             let key = match key {
                 Value::Str(s) => s.clone(),
                 Value::Int(i) => i.to_string(),
-                other => return Err(format!("storage key should be a string, found {}", other.kind())),
+                other => {
+                    return Err(format!(
+                        "storage key should be a string, found {}",
+                        other.kind()
+                    ));
+                }
             };
             if items.get(5).is_some_and(|v| *v != Value::None) {
                 return Err("legacy storage views are not supported".into());
@@ -473,10 +514,16 @@ fn persistent_load(pid: Value) -> Result<Value, String> {
 
 fn call(callable: Value, args: Value) -> Result<Value, String> {
     let Value::Global(global) = callable else {
-        return Err(format!("pickle calls a {}, which is not an allowed function", callable.kind()));
+        return Err(format!(
+            "pickle calls a {}, which is not an allowed function",
+            callable.kind()
+        ));
     };
     let Value::Tuple(args) = args else {
-        return Err(format!("pickle call arguments should be a tuple, found {}", args.kind()));
+        return Err(format!(
+            "pickle call arguments should be a tuple, found {}",
+            args.kind()
+        ));
     };
     match global {
         Global::OrderedDict => match args.as_slice() {
@@ -485,7 +532,9 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
                 items
                     .iter()
                     .map(|item| match item {
-                        Value::Tuple(kv) | Value::List(kv) if kv.len() == 2 => Ok((kv[0].clone(), kv[1].clone())),
+                        Value::Tuple(kv) | Value::List(kv) if kv.len() == 2 => {
+                            Ok((kv[0].clone(), kv[1].clone()))
+                        }
                         _ => Err("OrderedDict items should be pairs".to_string()),
                     })
                     .collect::<Result<_, _>>()?,
@@ -497,7 +546,10 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
                 return Err("_rebuild_tensor_v2 called with too few arguments".into());
             };
             let Value::Storage(storage) = storage else {
-                return Err(format!("_rebuild_tensor_v2 expects a storage, found {}", storage.kind()));
+                return Err(format!(
+                    "_rebuild_tensor_v2 expects a storage, found {}",
+                    storage.kind()
+                ));
             };
             let shape = as_usizes(shape, "tensor size")?;
             let stride = as_usizes(stride, "tensor stride")?;
@@ -530,8 +582,19 @@ mod tests {
         let (value, used) = read_pickle(bytes).unwrap();
         assert_eq!(used, bytes.len());
         let Value::Dict(items) = value else { panic!() };
-        assert_eq!(items[0].1, Value::List(vec![Value::Int(1), Value::Int(-2), Value::Int(300), Value::Int(70000)]));
-        assert_eq!(items[1].1, Value::Tuple(vec![Value::Float(1.5), Value::None, Value::Bool(true)]));
+        assert_eq!(
+            items[0].1,
+            Value::List(vec![
+                Value::Int(1),
+                Value::Int(-2),
+                Value::Int(300),
+                Value::Int(70000)
+            ])
+        );
+        assert_eq!(
+            items[1].1,
+            Value::Tuple(vec![Value::Float(1.5), Value::None, Value::Bool(true)])
+        );
         assert_eq!(items[2].1, Value::Str("x".into()));
     }
 
@@ -539,7 +602,10 @@ mod tests {
     fn refuses_unknown_globals_before_calling_them() {
         let bytes = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.";
         let err = read_pickle(bytes).unwrap_err();
-        assert!(err.contains("refusing the pickled global 'posix.system'"), "{err}");
+        assert!(
+            err.contains("refusing the pickled global 'posix.system'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -41,8 +41,8 @@ impl RawTensor {
 }
 
 fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
-    let mut archive =
-        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| format!("corrupt zip archive: {e}"))?;
+    let mut archive = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| format!("corrupt zip archive: {e}"))?;
     let pickle_name = archive
         .file_names()
         .find(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
@@ -51,9 +51,13 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
     let prefix = pickle_name.trim_end_matches("data.pkl").to_owned();
     if let Ok(mut entry) = archive.by_name(&format!("{prefix}byteorder")) {
         let mut order = String::new();
-        entry.read_to_string(&mut order).map_err(|e| e.to_string())?;
+        entry
+            .read_to_string(&mut order)
+            .map_err(|e| e.to_string())?;
         if order.trim() != "little" {
-            return Err(format!("storages are {order}-endian; only little-endian is supported"));
+            return Err(format!(
+                "storages are {order}-endian; only little-endian is supported"
+            ));
         }
     }
     let pickle = read_entry(&mut archive, &pickle_name)?;
@@ -129,17 +133,27 @@ fn collect_dtypes(value: &Value, out: &mut HashMap<String, usize>) {
         Value::Tensor(t) => {
             out.insert(t.storage.key.clone(), t.storage.dtype.size());
         }
-        Value::List(items) | Value::Tuple(items) => items.iter().for_each(|v| collect_dtypes(v, out)),
+        Value::List(items) | Value::Tuple(items) => {
+            items.iter().for_each(|v| collect_dtypes(v, out))
+        }
         Value::Dict(items) => items.iter().for_each(|(_, v)| collect_dtypes(v, out)),
         _ => {}
     }
 }
 
-fn collect_tensors(value: &Value, mut visit: impl FnMut(&str) -> Result<(), String>) -> Result<(), String> {
-    fn walk(value: &Value, visit: &mut dyn FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+fn collect_tensors(
+    value: &Value,
+    mut visit: impl FnMut(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    fn walk(
+        value: &Value,
+        visit: &mut dyn FnMut(&str) -> Result<(), String>,
+    ) -> Result<(), String> {
         match value {
             Value::Tensor(t) => visit(&t.storage.key),
-            Value::List(items) | Value::Tuple(items) => items.iter().try_for_each(|v| walk(v, visit)),
+            Value::List(items) | Value::Tuple(items) => {
+                items.iter().try_for_each(|v| walk(v, visit))
+            }
             Value::Dict(items) => items.iter().try_for_each(|(_, v)| walk(v, visit)),
             _ => Ok(()),
         }
@@ -151,7 +165,10 @@ fn collect_tensors(value: &Value, mut visit: impl FnMut(&str) -> Result<(), Stri
 /// or `model` entry (training scripts wrap weights with epoch counters and optimizer state).
 fn state_dict_of(root: Value) -> Result<Vec<(Value, Value)>, String> {
     let Value::Dict(items) = root else {
-        return Err(format!("the file holds a {}, not a state dict", root.kind()));
+        return Err(format!(
+            "the file holds a {}, not a state dict",
+            root.kind()
+        ));
     };
     for wrapper in ["state_dict", "model", "model_state_dict", "module"] {
         let inner = items
@@ -164,7 +181,10 @@ fn state_dict_of(root: Value) -> Result<Vec<(Value, Value)>, String> {
     Ok(items)
 }
 
-fn materialize(root: Value, storages: &HashMap<String, Vec<u8>>) -> Result<Vec<(String, RawTensor)>, String> {
+fn materialize(
+    root: Value,
+    storages: &HashMap<String, Vec<u8>>,
+) -> Result<Vec<(String, RawTensor)>, String> {
     let mut out = Vec::new();
     for (key, value) in state_dict_of(root)? {
         let Value::Str(key) = key else {
@@ -175,9 +195,17 @@ fn materialize(root: Value, storages: &HashMap<String, Vec<u8>>) -> Result<Vec<(
                 let storage = storages
                     .get(&t.storage.key)
                     .ok_or_else(|| format!("{key}: storage '{}' is missing", t.storage.key))?;
-                out.push((key.clone(), gather(&t, storage).map_err(|e| format!("{key}: {e}"))?));
+                out.push((
+                    key.clone(),
+                    gather(&t, storage).map_err(|e| format!("{key}: {e}"))?,
+                ));
             }
-            other => return Err(format!("state dict entry '{key}' holds a {}, not a tensor", other.kind())),
+            other => {
+                return Err(format!(
+                    "state dict entry '{key}' holds a {}, not a tensor",
+                    other.kind()
+                ));
+            }
         }
     }
     Ok(out)
@@ -189,7 +217,12 @@ fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, String> {
     let numel: usize = t.shape.iter().product();
     let mut bytes = Vec::with_capacity(numel * size);
     if numel > 0 {
-        let last = t.offset + t.shape.iter().zip(&t.stride).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
+        let last = t.offset
+            + t.shape
+                .iter()
+                .zip(&t.stride)
+                .map(|(&n, &s)| (n - 1) * s)
+                .sum::<usize>();
         if (last + 1) * size > storage.len() {
             return Err(format!(
                 "tensor of shape {:?} reaches element {last}, but its storage has {} (truncated file?)",
@@ -199,7 +232,12 @@ fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, String> {
         }
         let mut index = vec![0usize; t.shape.len()];
         for _ in 0..numel {
-            let at = t.offset + index.iter().zip(&t.stride).map(|(&i, &s)| i * s).sum::<usize>();
+            let at = t.offset
+                + index
+                    .iter()
+                    .zip(&t.stride)
+                    .map(|(&i, &s)| i * s)
+                    .sum::<usize>();
             bytes.extend_from_slice(&storage[at * size..(at + 1) * size]);
             for d in (0..index.len()).rev() {
                 index[d] += 1;

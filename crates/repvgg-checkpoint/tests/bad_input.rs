@@ -7,7 +7,9 @@ use repvgg_checkpoint::Checkpoint;
 use safetensors::{Dtype, tensor::TensorView};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(rel)
 }
 
 /// One tensor as (dtype, shape, bytes), editable before writing.
@@ -38,17 +40,26 @@ fn write(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
 fn error_for(path: &Path, arch: Option<&ArchSpec>) -> String {
     let err = Checkpoint::load(path, arch).unwrap_err().to_string();
     let name = path.file_name().unwrap().to_string_lossy();
-    assert!(err.contains(name.as_ref()), "error does not name the file: {err}");
+    assert!(
+        err.contains(name.as_ref()),
+        "error does not name the file: {err}"
+    );
     err
 }
 
 #[test]
 fn truncated_files() {
     let dir = tempfile::tempdir().unwrap();
-    for rel in ["tiny/train_official.pth", "tiny/train_official.safetensors", "pth/legacy.pth"] {
+    for rel in [
+        "tiny/train_official.pth",
+        "tiny/train_official.safetensors",
+        "pth/legacy.pth",
+    ] {
         let bytes = std::fs::read(fixture(rel)).unwrap();
         for keep in [10, bytes.len() / 2, bytes.len() - 7] {
-            let path = dir.path().join(format!("cut_{keep}_{}", rel.replace('/', "_")));
+            let path = dir
+                .path()
+                .join(format!("cut_{keep}_{}", rel.replace('/', "_")));
             std::fs::write(&path, &bytes[..keep]).unwrap();
             let err = error_for(&path, None);
             assert!(!err.is_empty());
@@ -78,28 +89,57 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
     let spec = ArchSpec::from_json_file(&fixture("tiny/spec.json")).unwrap();
 
     let mut e = entries("tiny/deploy_official.safetensors");
-    let t = e.iter_mut().find(|x| x.0 == "stage1.1.rbr_reparam.bias").unwrap();
+    let t = e
+        .iter_mut()
+        .find(|x| x.0 == "stage1.1.rbr_reparam.bias")
+        .unwrap();
     t.2 = vec![4, 2];
     let path = write(dir.path(), "bad_shape.safetensors", &e);
     let err = error_for(&path, Some(&spec));
-    assert!(err.contains("'stage1.1.rbr_reparam.bias' has shape [4, 2], expected [8]"), "{err}");
+    assert!(
+        err.contains("'stage1.1.rbr_reparam.bias' has shape [4, 2], expected [8]"),
+        "{err}"
+    );
 
     let mut e = entries("tiny/train_official.safetensors");
     e.retain(|x| x.0 != "stage2.1.rbr_identity.running_var");
     let path = write(dir.path(), "missing.safetensors", &e);
     for arch in [None, Some(&spec)] {
         let err = error_for(&path, arch);
-        assert!(err.contains("missing key 'stage2.1.rbr_identity.running_var'"), "{err}");
+        assert!(
+            err.contains("missing key 'stage2.1.rbr_identity.running_var'"),
+            "{err}"
+        );
     }
 
     let mut e = entries("tiny/train_official.safetensors");
-    let extra = e.iter().find(|x| x.0 == "stage1.0.rbr_1x1.bn.weight").unwrap().clone();
-    e.push(("stage1.0.rbr_identity.weight".into(), extra.1, extra.2, extra.3));
-    e.push(("stage1.0.rbr_dense.bn.weight_extra".into(), Dtype::F32, vec![1], vec![0; 4]));
+    let extra = e
+        .iter()
+        .find(|x| x.0 == "stage1.0.rbr_1x1.bn.weight")
+        .unwrap()
+        .clone();
+    e.push((
+        "stage1.0.rbr_identity.weight".into(),
+        extra.1,
+        extra.2,
+        extra.3,
+    ));
+    e.push((
+        "stage1.0.rbr_dense.bn.weight_extra".into(),
+        Dtype::F32,
+        vec![1],
+        vec![0; 4],
+    ));
     let path = write(dir.path(), "extra.safetensors", &e);
     let err = error_for(&path, Some(&spec));
-    assert!(err.contains("unexpected key 'stage1.0.rbr_identity.weight'"), "{err}");
-    assert!(err.contains("unexpected key 'stage1.0.rbr_dense.bn.weight_extra'"), "{err}");
+    assert!(
+        err.contains("unexpected key 'stage1.0.rbr_identity.weight'"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected key 'stage1.0.rbr_dense.bn.weight_extra'"),
+        "{err}"
+    );
 
     let e = entries("tiny/train_official.safetensors");
     let mut e2 = e.clone();
@@ -120,14 +160,23 @@ fn a_file_for_another_architecture_is_rejected_with_every_key() {
 fn nan_and_negative_variance() {
     let dir = tempfile::tempdir().unwrap();
     let mut e = entries("tiny/train_official.safetensors");
-    let t = e.iter_mut().find(|x| x.0 == "stage3.0.rbr_dense.conv.weight").unwrap();
+    let t = e
+        .iter_mut()
+        .find(|x| x.0 == "stage3.0.rbr_dense.conv.weight")
+        .unwrap();
     t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     let path = write(dir.path(), "nan.safetensors", &e);
     let err = error_for(&path, None);
-    assert!(err.contains("NaN") && err.contains("stage3.0.rbr_dense.conv.weight"), "{err}");
+    assert!(
+        err.contains("NaN") && err.contains("stage3.0.rbr_dense.conv.weight"),
+        "{err}"
+    );
 
     let mut e = entries("tiny/train_official.safetensors");
-    let t = e.iter_mut().find(|x| x.0 == "stage0.rbr_1x1.bn.running_var").unwrap();
+    let t = e
+        .iter_mut()
+        .find(|x| x.0 == "stage0.rbr_1x1.bn.running_var")
+        .unwrap();
     t.3[0..4].copy_from_slice(&(-1.0f32).to_le_bytes());
     let path = write(dir.path(), "negvar.safetensors", &e);
     assert!(error_for(&path, None).contains("negative BN running variance"));

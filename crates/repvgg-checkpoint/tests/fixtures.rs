@@ -23,13 +23,23 @@ fn spec_of(config: &str) -> ArchSpec {
 
 /// max |a - b| / max |b| over a tensor.
 fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    let scale = b.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)).max(1e-30);
-    let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    let scale = b
+        .iter()
+        .fold(0f64, |m, &v| m.max(v.abs() as f64))
+        .max(1e-30);
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
     diff / scale
 }
 
 fn assert_same_tensors(a: &StateDict, b: &StateDict, what: &str) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: keys");
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: keys"
+    );
     for (key, t) in a {
         assert_eq!(t, &b[key], "{what}: {key}");
     }
@@ -43,7 +53,9 @@ fn every_fixture_loads_with_the_right_naming_form_and_architecture() {
             for (naming, expected) in [("official", Naming::Official), ("timm", Naming::Timm)] {
                 let mut loaded = Vec::new();
                 for ext in ["pth", "safetensors"] {
-                    let path = fixtures().join(config).join(format!("{form}_{naming}.{ext}"));
+                    let path = fixtures()
+                        .join(config)
+                        .join(format!("{form}_{naming}.{ext}"));
                     let ckpt = load(&path);
                     assert_eq!(ckpt.naming, expected, "{}", path.display());
                     assert_eq!(ckpt.form.to_string(), form, "{}", path.display());
@@ -54,12 +66,28 @@ fn every_fixture_loads_with_the_right_naming_form_and_architecture() {
                     Checkpoint::load(&path, Some(&spec)).unwrap();
                     loaded.push(ckpt.tensors);
                 }
-                assert_same_tensors(&loaded[0], &loaded[1], &format!("{config} {form} {naming}: pth vs safetensors"));
+                assert_same_tensors(
+                    &loaded[0],
+                    &loaded[1],
+                    &format!("{config} {form} {naming}: pth vs safetensors"),
+                );
             }
             // Both references hold the same weights under their own names.
-            let official = load(&fixtures().join(config).join(format!("{form}_official.safetensors")));
-            let timm = load(&fixtures().join(config).join(format!("{form}_timm.safetensors")));
-            assert_same_tensors(&official.tensors, &timm.tensors, &format!("{config} {form}: official vs timm"));
+            let official = load(
+                &fixtures()
+                    .join(config)
+                    .join(format!("{form}_official.safetensors")),
+            );
+            let timm = load(
+                &fixtures()
+                    .join(config)
+                    .join(format!("{form}_timm.safetensors")),
+            );
+            assert_same_tensors(
+                &official.tensors,
+                &timm.tensors,
+                &format!("{config} {form}: official vs timm"),
+            );
         }
     }
 }
@@ -84,7 +112,10 @@ fn conversion_matches_the_references_own_deploy_weights() {
                 .iter()
                 .map(|(key, t)| relative_error(&converted.tensors[key].data, &t.data))
                 .fold(0.0, f64::max);
-            assert!(worst < 1e-6, "{config} vs {reference_file}: fused weights off by {worst:e}");
+            assert!(
+                worst < 1e-6,
+                "{config} vs {reference_file}: fused weights off by {worst:e}"
+            );
         }
     }
 }
@@ -94,13 +125,23 @@ fn renaming_is_lossless_through_every_naming() {
     let dir = tempfile::tempdir().unwrap();
     for config in ["tiny_se", "tiny_g2"] {
         for form in ["train", "deploy"] {
-            let original = load(&fixtures().join(config).join(format!("{form}_official.safetensors")));
+            let original = load(
+                &fixtures()
+                    .join(config)
+                    .join(format!("{form}_official.safetensors")),
+            );
             for naming in [Naming::Timm, Naming::MmPretrain, Naming::Official] {
-                let path = dir.path().join(format!("{config}_{form}_{naming}.safetensors"));
+                let path = dir
+                    .path()
+                    .join(format!("{config}_{form}_{naming}.safetensors"));
                 original.save_safetensors(&path, naming).unwrap();
                 let back = load(&path);
                 assert_eq!(back.naming, naming);
-                assert_same_tensors(&back.tensors, &original.tensors, &format!("{config} via {naming}"));
+                assert_same_tensors(
+                    &back.tensors,
+                    &original.tensors,
+                    &format!("{config} via {naming}"),
+                );
             }
             // Our timm-named file holds exactly the keys timm's own file does.
             if form == "deploy" {
@@ -109,7 +150,8 @@ fn renaming_is_lossless_through_every_naming() {
                 let keys = |p: &Path| {
                     let bytes = std::fs::read(p).unwrap();
                     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-                    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+                    let mut names: Vec<String> =
+                        st.names().into_iter().map(str::to_owned).collect();
                     names.sort();
                     names
                 };

@@ -24,11 +24,17 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         safetensors::Dtype::F64 => DType::F64,
         safetensors::Dtype::F16 => DType::F16,
         safetensors::Dtype::BF16 => DType::BF16,
-        other => bail!("{}: 'input' has dtype {other:?}; expected a float type", path.display()),
+        other => bail!(
+            "{}: 'input' has dtype {other:?}; expected a float type",
+            path.display()
+        ),
     };
     let values = dtype.decode_floats(view.data()).expect("float dtype");
     if values.iter().any(|v| !v.is_finite()) {
-        bail!("{}: 'input' contains NaN or infinite values", path.display());
+        bail!(
+            "{}: 'input' contains NaN or infinite values",
+            path.display()
+        );
     }
     Ok((view.shape().to_vec(), values))
 }

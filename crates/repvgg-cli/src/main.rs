@@ -13,7 +13,11 @@ use repvgg_checkpoint::{Checkpoint, Naming};
 mod forward;
 
 #[derive(Parser)]
-#[command(name = "repvgg", version, about = "RepVGG toolkit: inspect, convert and run RepVGG models")]
+#[command(
+    name = "repvgg",
+    version,
+    about = "RepVGG toolkit: inspect, convert and run RepVGG models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -81,11 +85,27 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Info { target, size, arch, json } => info(target, &size, arch, json),
-        Command::Convert { input, output, arch, naming, bn_eps } => convert(&input, &output, arch, naming, bn_eps),
-        Command::Forward { weights, input, output, arch, features, bn_eps } => {
-            forward::run(&weights, &input, &output, arch, features, bn_eps)
-        }
+        Command::Info {
+            target,
+            size,
+            arch,
+            json,
+        } => info(target, &size, arch, json),
+        Command::Convert {
+            input,
+            output,
+            arch,
+            naming,
+            bn_eps,
+        } => convert(&input, &output, arch, naming, bn_eps),
+        Command::Forward {
+            weights,
+            input,
+            output,
+            arch,
+            features,
+            bn_eps,
+        } => forward::run(&weights, &input, &output, arch, features, bn_eps),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,7 +117,9 @@ fn main() -> ExitCode {
 }
 
 pub fn parse_arch(arch: Option<String>) -> Result<Option<ArchSpec>> {
-    arch.map(|a| ArchSpec::parse(&a)).transpose().map_err(Into::into)
+    arch.map(|a| ArchSpec::parse(&a))
+        .transpose()
+        .map_err(Into::into)
 }
 
 pub fn load_checkpoint(path: &Path, arch: Option<String>) -> Result<Checkpoint> {
@@ -137,7 +159,11 @@ fn describe(spec: &ArchSpec) -> String {
     let groups = if spec.groups.is_empty() {
         "none".to_string()
     } else {
-        spec.groups.iter().map(|(l, g)| format!("{l}:{g}")).collect::<Vec<_>>().join(",")
+        spec.groups
+            .iter()
+            .map(|(l, g)| format!("{l}:{g}"))
+            .collect::<Vec<_>>()
+            .join(",")
     };
     format!(
         "{}: stem {}, depths {:?}, widths {:?}, groups {}, SE {}, {} classes, {} input channels",
@@ -155,7 +181,10 @@ fn describe(spec: &ArchSpec) -> String {
 fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) -> Result<()> {
     let (h, w) = parse_size(size)?;
     let Some(target) = target else {
-        let specs: Vec<ArchSpec> = VARIANT_NAMES.iter().map(|n| ArchSpec::named(n).unwrap()).collect();
+        let specs: Vec<ArchSpec> = VARIANT_NAMES
+            .iter()
+            .map(|n| ArchSpec::named(n).unwrap())
+            .collect();
         if json {
             for spec in &specs {
                 println!("{}", spec_json(spec, h, w));
@@ -187,7 +216,11 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
             println!("{}", spec_json(&spec, h, w));
         } else {
             println!("{}", describe(&spec));
-            println!("params: train {} / deploy {}", millions(spec.params(Form::Train)), millions(spec.params(Form::Deploy)));
+            println!(
+                "params: train {} / deploy {}",
+                millions(spec.params(Form::Train)),
+                millions(spec.params(Form::Deploy))
+            );
             println!(
                 "MACs at {h}x{w}: train {} / deploy {}",
                 giga(spec.macs(Form::Train, h, w)),
@@ -208,7 +241,10 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
             "dtype": format!("{:?}", ckpt.source_dtype),
             "tensors": ckpt.file_tensor_count,
         });
-        value.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         println!("{value}");
         return Ok(());
     }
@@ -216,12 +252,18 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
     println!("form: {}", ckpt.form);
     println!("naming: {}", ckpt.naming);
     println!("dtype: {:?}", ckpt.source_dtype);
-    println!("tensors: {} in file, {} weights used", ckpt.file_tensor_count, ckpt.tensors.len());
+    println!(
+        "tensors: {} in file, {} weights used",
+        ckpt.file_tensor_count,
+        ckpt.tensors.len()
+    );
     println!("architecture: {}", describe(spec));
-    println!("params: {} in this form ({} train / {} deploy)",
+    println!(
+        "params: {} in this form ({} train / {} deploy)",
         millions(spec.params(ckpt.form)),
         millions(spec.params(Form::Train)),
-        millions(spec.params(Form::Deploy)));
+        millions(spec.params(Form::Deploy))
+    );
     println!(
         "MACs at {h}x{w}: train {} / deploy {}",
         giga(spec.macs(Form::Train, h, w)),
@@ -230,16 +272,28 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
     Ok(())
 }
 
-fn convert(input: &Path, output: &Path, arch: Option<String>, naming: Naming, bn_eps: f64) -> Result<()> {
+fn convert(
+    input: &Path,
+    output: &Path,
+    arch: Option<String>,
+    naming: Naming,
+    bn_eps: f64,
+) -> Result<()> {
     if output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-        bail!("{}: the output must be a .safetensors file", output.display());
+        bail!(
+            "{}: the output must be a .safetensors file",
+            output.display()
+        );
     }
     if !(bn_eps.is_finite() && bn_eps > 0.0) {
         bail!("--bn-eps must be positive, got {bn_eps}");
     }
     let ckpt = load_checkpoint(input, arch)?;
     if ckpt.form == Form::Deploy {
-        eprintln!("{}: already in deploy form; rewriting it in {naming} naming", input.display());
+        eprintln!(
+            "{}: already in deploy form; rewriting it in {naming} naming",
+            input.display()
+        );
     }
     let deploy = ckpt.to_deploy(bn_eps)?;
     deploy.save_safetensors(output, naming)?;

@@ -4,11 +4,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(rel)
 }
 
 fn repvgg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_repvgg")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_repvgg"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn ok(args: &[&str]) -> String {
@@ -26,7 +31,11 @@ fn fails(args: &[&str]) -> String {
     let out = repvgg(args);
     assert!(!out.status.success(), "repvgg {args:?} should have failed");
     let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(err.trim_end().lines().count(), 1, "error should be one line: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error should be one line: {err}"
+    );
     assert!(err.starts_with("error: "), "{err}");
     err
 }
@@ -38,7 +47,11 @@ fn read_f64(path: &Path) -> std::collections::HashMap<String, Vec<f64>> {
         .into_iter()
         .map(|(k, v)| {
             let values = match v.dtype() {
-                safetensors::Dtype::F64 => v.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+                safetensors::Dtype::F64 => v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
                 safetensors::Dtype::F32 => v
                     .data()
                     .chunks_exact(4)
@@ -66,12 +79,22 @@ fn info_prints_the_variant_table() {
         assert!(a0.contains(figure), "{a0}");
     }
     assert_eq!(table.lines().count(), 15, "header + 14 variants");
-    let d2se = table.lines().find(|l| l.starts_with("RepVGG-D2se")).unwrap();
-    assert!(d2se.contains("133.335M") && d2se.contains("32.830G"), "{d2se}");
+    let d2se = table
+        .lines()
+        .find(|l| l.starts_with("RepVGG-D2se"))
+        .unwrap();
+    assert!(
+        d2se.contains("133.335M") && d2se.contains("32.830G"),
+        "{d2se}"
+    );
 
     let one = ok(&["info", "repvgg_b1g4", "--size", "320"]);
-    assert!(one.contains("RepVGG-B1g4") && one.contains("MACs at 320x320"), "{one}");
-    let json: serde_json::Value = serde_json::from_str(ok(&["info", "B1g4", "--json"]).trim()).unwrap();
+    assert!(
+        one.contains("RepVGG-B1g4") && one.contains("MACs at 320x320"),
+        "{one}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(ok(&["info", "B1g4", "--json"]).trim()).unwrap();
     let deploy_millions = json["params_deploy"].as_f64().unwrap() / 1e6;
     assert_eq!((deploy_millions * 1000.0).round() / 1000.0, 36.125);
 }
@@ -79,9 +102,21 @@ fn info_prints_the_variant_table() {
 #[test]
 fn info_describes_checkpoints() {
     let text = ok(&["info", fixture("tiny_g2/train_timm.pth").to_str().unwrap()]);
-    assert!(text.contains("form: train") && text.contains("naming: timm"), "{text}");
-    assert!(text.contains("depths [2, 2, 4, 1]") && text.contains("groups 2:2,4:2,6:2,8:2"), "{text}");
-    let text = ok(&["info", fixture("tiny_se/deploy_official.safetensors").to_str().unwrap(), "--json"]);
+    assert!(
+        text.contains("form: train") && text.contains("naming: timm"),
+        "{text}"
+    );
+    assert!(
+        text.contains("depths [2, 2, 4, 1]") && text.contains("groups 2:2,4:2,6:2,8:2"),
+        "{text}"
+    );
+    let text = ok(&[
+        "info",
+        fixture("tiny_se/deploy_official.safetensors")
+            .to_str()
+            .unwrap(),
+        "--json",
+    ]);
     let json: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
     assert_eq!(json["form"], "deploy");
     assert_eq!(json["arch"]["se"], true);
@@ -93,13 +128,26 @@ fn convert_matches_the_references_deploy_weights_in_every_naming() {
     let dir = tempfile::tempdir().unwrap();
     for config in ["tiny_g4", "tiny_se"] {
         let reference = read_f64(&fixture(&format!("{config}/deploy_official.safetensors")));
-        for (naming, source) in [("official", "train_timm.pth"), ("timm", "train_official.safetensors"), ("mmpretrain", "train_official.pth")] {
+        for (naming, source) in [
+            ("official", "train_timm.pth"),
+            ("timm", "train_official.safetensors"),
+            ("mmpretrain", "train_official.pth"),
+        ] {
             let out = dir.path().join(format!("{config}_{naming}.safetensors"));
             let input = fixture(&format!("{config}/{source}"));
-            ok(&["convert", input.to_str().unwrap(), out.to_str().unwrap(), "--naming", naming]);
+            ok(&[
+                "convert",
+                input.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--naming",
+                naming,
+            ]);
             // Read back through our loader, which renames to official.
             let info = ok(&["info", out.to_str().unwrap()]);
-            assert!(info.contains(&format!("naming: {naming}")) && info.contains("form: deploy"), "{info}");
+            assert!(
+                info.contains(&format!("naming: {naming}")) && info.contains("form: deploy"),
+                "{info}"
+            );
             if naming == "official" {
                 let ours = read_f64(&out);
                 for (key, want) in &reference {
@@ -117,7 +165,10 @@ fn convert_matches_the_references_deploy_weights_in_every_naming() {
         "--arch",
         "A0",
     ]);
-    assert!(err.contains("does not match RepVGG-A0") && err.contains("train_official.pth"), "{err}");
+    assert!(
+        err.contains("does not match RepVGG-A0") && err.contains("train_official.pth"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -126,8 +177,15 @@ fn forward_matches_the_fp64_reference_for_every_fixture_and_form() {
     for config in ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"] {
         let io = fixture(&format!("{config}/io.safetensors"));
         let reference = read_f64(&io);
-        for weights in ["train_official.pth", "train_timm.safetensors", "deploy_timm.pth", "deploy_official.safetensors"] {
-            let out = dir.path().join(format!("{config}_{weights}.out.safetensors"));
+        for weights in [
+            "train_official.pth",
+            "train_timm.safetensors",
+            "deploy_timm.pth",
+            "deploy_official.safetensors",
+        ] {
+            let out = dir
+                .path()
+                .join(format!("{config}_{weights}.out.safetensors"));
             let w = fixture(&format!("{config}/{weights}"));
             ok(&[
                 "forward",
@@ -140,11 +198,16 @@ fn forward_matches_the_fp64_reference_for_every_fixture_and_form() {
                 "--features",
             ]);
             let got = read_f64(&out);
-            let key = if weights.starts_with("train") { "logits_train_f64" } else { "logits_deploy_f64" };
+            let key = if weights.starts_with("train") {
+                "logits_train_f64"
+            } else {
+                "logits_deploy_f64"
+            };
             let err = relative_error(&got["logits"], &reference[key]);
             println!("{config:15} {weights:28} logits relative error {err:.2e}");
             assert!(err < 1e-5, "{config} {weights}: {err:e}");
-            let features: Vec<&String> = got.keys().filter(|k| k.starts_with("features.")).collect();
+            let features: Vec<&String> =
+                got.keys().filter(|k| k.starts_with("features.")).collect();
             assert!(!features.is_empty());
             for key in features {
                 let err = relative_error(&got[key], &reference[key]);
@@ -167,20 +230,52 @@ fn bad_input_gives_one_clear_line() {
     let err = fails(&["convert", &cut, &d("o.safetensors")]);
     assert!(err.contains("cut.pth"), "{err}");
 
-    let err = fails(&["convert", fixture("tiny/train_official.pth").to_str().unwrap(), &d("o.pth")]);
+    let err = fails(&[
+        "convert",
+        fixture("tiny/train_official.pth").to_str().unwrap(),
+        &d("o.pth"),
+    ]);
     assert!(err.contains("must be a .safetensors file"), "{err}");
 
     let weights = fixture("tiny/deploy_official.pth");
     let weights = weights.to_str().unwrap();
-    let err = fails(&["forward", "--weights", weights, "--input", weights, "--output", &d("y.safetensors")]);
-    assert!(err.contains("deploy_official.pth") && err.contains("not a valid safetensors"), "{err}");
+    let err = fails(&[
+        "forward",
+        "--weights",
+        weights,
+        "--input",
+        weights,
+        "--output",
+        &d("y.safetensors"),
+    ]);
+    assert!(
+        err.contains("deploy_official.pth") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
     // Wrong input channels: the error names the input file and the expected layout.
     let grey = d("grey.safetensors");
     let pixels = vec![0u8; 4 * 16 * 16];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 1, 16, 16], &pixels).unwrap();
-    std::fs::write(&grey, safetensors::serialize([("input", view)], None).unwrap()).unwrap();
-    let err = fails(&["forward", "--weights", weights, "--input", &grey, "--output", &d("y.safetensors")]);
-    assert!(err.contains("grey.safetensors") && err.contains("expects (N, 3, H, W)"), "{err}");
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 1, 16, 16], &pixels)
+            .unwrap();
+    std::fs::write(
+        &grey,
+        safetensors::serialize([("input", view)], None).unwrap(),
+    )
+    .unwrap();
+    let err = fails(&[
+        "forward",
+        "--weights",
+        weights,
+        "--input",
+        &grey,
+        "--output",
+        &d("y.safetensors"),
+    ]);
+    assert!(
+        err.contains("grey.safetensors") && err.contains("expects (N, 3, H, W)"),
+        "{err}"
+    );
     let forbidden = fixture("pth/forbidden_global.pth");
     let io = fixture("tiny/io.safetensors");
     let err = fails(&[
@@ -193,5 +288,8 @@ fn bad_input_gives_one_clear_line() {
         &d("z.safetensors"),
     ]);
     assert!(err.contains("posix.system"), "{err}");
-    assert!(!dir.path().join("z.safetensors").exists(), "no output on failure");
+    assert!(
+        !dir.path().join("z.safetensors").exists(),
+        "no output on failure"
+    );
 }

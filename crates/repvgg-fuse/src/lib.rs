@@ -42,7 +42,12 @@ impl<T: Float> Kernel<T> {
     }
 
     pub fn shape(&self) -> [usize; 4] {
-        [self.out_channels, self.in_per_group, self.height, self.width]
+        [
+            self.out_channels,
+            self.in_per_group,
+            self.height,
+            self.width,
+        ]
     }
 
     fn index(&self, o: usize, i: usize, y: usize, x: usize) -> usize {
@@ -85,7 +90,11 @@ pub struct ConvBias<T> {
 
 /// `W' = W * gamma / sigma`, `b' = beta - mu * gamma / sigma`.
 pub fn fuse_conv_bn<T: Float>(kernel: &Kernel<T>, bn: &BatchNorm<T>) -> ConvBias<T> {
-    assert_eq!(bn.gamma.len(), kernel.out_channels, "BN width != kernel outputs");
+    assert_eq!(
+        bn.gamma.len(),
+        kernel.out_channels,
+        "BN width != kernel outputs"
+    );
     let scale = bn.scale();
     let n = kernel.per_out_channel();
     let data = kernel
@@ -123,7 +132,10 @@ pub fn pad_1x1_to_3x3<T: Float>(kernel: &Kernel<T>) -> Kernel<T> {
 
 /// The identity map as a grouped 3x3 kernel: shape `(C, C/g, 3, 3)`, 1 at `[i, i mod (C/g), 1, 1]`.
 pub fn identity_kernel<T: Float>(channels: usize, groups: usize) -> Kernel<T> {
-    assert!(channels % groups == 0, "{channels} channels, {groups} groups");
+    assert!(
+        channels.is_multiple_of(groups),
+        "{channels} channels, {groups} groups"
+    );
     let in_per_group = channels / groups;
     let mut kernel = Kernel::zeros(channels, in_per_group, 3, 3);
     for i in 0..channels {
@@ -190,7 +202,9 @@ mod tests {
             in_per_group: i,
             height: k,
             width: k,
-            data: (0..o * i * k * k).map(|_| rng.random_range(-1.0..1.0)).collect(),
+            data: (0..o * i * k * k)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect(),
         }
     }
 
@@ -205,7 +219,10 @@ mod tests {
     }
 
     fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
     }
 
     /// Property: for random shapes, groups, strides, eps and odd map sizes, the fused 3x3 conv
@@ -231,7 +248,9 @@ mod tests {
                 channels: in_channels,
                 height: h,
                 width: w,
-                data: (0..in_channels * h * w).map(|_| rng.random_range(-2.0..2.0)).collect(),
+                data: (0..in_channels * h * w)
+                    .map(|_| rng.random_range(-2.0..2.0))
+                    .collect(),
             };
             let block = TrainBlock {
                 dense: (
@@ -246,15 +265,27 @@ mod tests {
                 groups,
             };
 
-            let params = |padding| Conv2dParams { stride, padding, groups };
+            let params = |padding| Conv2dParams {
+                stride,
+                padding,
+                groups,
+            };
             let (k3, bn3) = &block.dense;
             let (k1, bn1) = block.one_by_one.as_ref().unwrap();
             let mut expected = batch_norm(&conv2d(&input, k3, None, params(1)), bn3);
             let one = batch_norm(&conv2d(&input, k1, None, params(0)), bn1);
-            expected.data.iter_mut().zip(&one.data).for_each(|(e, o)| *e += o);
+            expected
+                .data
+                .iter_mut()
+                .zip(&one.data)
+                .for_each(|(e, o)| *e += o);
             if let Some(bn) = &block.identity {
                 let id = batch_norm(&input, bn);
-                expected.data.iter_mut().zip(&id.data).for_each(|(e, o)| *e += o);
+                expected
+                    .data
+                    .iter_mut()
+                    .zip(&id.data)
+                    .for_each(|(e, o)| *e += o);
             }
 
             let fused = fuse_block(&block);
@@ -279,7 +310,11 @@ mod tests {
             };
             let kernel = identity_kernel::<f64>(c, groups);
             assert_eq!(kernel.shape(), [c, c / groups, 3, 3]);
-            let params = Conv2dParams { stride: 1, padding: 1, groups };
+            let params = Conv2dParams {
+                stride: 1,
+                padding: 1,
+                groups,
+            };
             let out = conv2d(&input, &kernel, None, params);
             assert_eq!(out.data, input.data);
         }

@@ -28,8 +28,16 @@ pub fn conv2d<T: Float>(
     bias: Option<&[T]>,
     p: Conv2dParams,
 ) -> FeatureMap<T> {
-    let Conv2dParams { stride, padding, groups } = p;
-    assert_eq!(input.channels, kernel.in_per_group * groups, "input channels");
+    let Conv2dParams {
+        stride,
+        padding,
+        groups,
+    } = p;
+    assert_eq!(
+        input.channels,
+        kernel.in_per_group * groups,
+        "input channels"
+    );
     let out_h = (input.height + 2 * padding - kernel.height) / stride + 1;
     let out_w = (input.width + 2 * padding - kernel.width) / stride + 1;
     let out_per_group = kernel.out_channels / groups;
@@ -45,12 +53,19 @@ pub fn conv2d<T: Float>(
                         for kx in 0..kernel.width {
                             let y = (oy * stride + ky) as isize - padding as isize;
                             let x = (ox * stride + kx) as isize - padding as isize;
-                            if y < 0 || x < 0 || y >= input.height as isize || x >= input.width as isize {
+                            if y < 0
+                                || x < 0
+                                || y >= input.height as isize
+                                || x >= input.width as isize
+                            {
                                 continue;
                             }
-                            let v = input.data[(c * input.height + y as usize) * input.width + x as usize];
-                            let w = kernel.data
-                                [((o * kernel.in_per_group + i) * kernel.height + ky) * kernel.width + kx];
+                            let v = input.data
+                                [(c * input.height + y as usize) * input.width + x as usize];
+                            let w = kernel.data[((o * kernel.in_per_group + i) * kernel.height
+                                + ky)
+                                * kernel.width
+                                + kx];
                             acc = acc + v * w;
                         }
                     }
