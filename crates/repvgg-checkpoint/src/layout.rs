@@ -71,24 +71,33 @@ pub fn expected_tensors(spec: &ArchSpec, form: Form) -> Vec<(String, Vec<usize>)
     out
 }
 
-/// Every difference between a state dict and what `spec` needs: missing keys, unexpected
-/// keys and wrong shapes, one line each.
-pub fn mismatches(tensors: &StateDict, spec: &ArchSpec, form: Form) -> Vec<String> {
+/// Every difference between a state dict (official naming) and what `spec` needs: missing
+/// keys, unexpected keys and wrong shapes, one line each, keys spelled in `naming` (the file's).
+pub fn mismatches(tensors: &StateDict, spec: &ArchSpec, form: Form, naming: Naming) -> Vec<String> {
     let expected = expected_tensors(spec, form);
     let mut problems = Vec::new();
+    let spell = |key: &str| {
+        Naming::Official
+            .rename_key(key, naming)
+            .unwrap_or_else(|| key.to_string())
+    };
     let known: BTreeSet<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
     for (key, shape) in &expected {
         match tensors.get(key) {
-            None => problems.push(format!("missing key '{key}' (expected shape {shape:?})")),
+            None => problems.push(format!(
+                "missing key '{}' (expected shape {shape:?})",
+                spell(key)
+            )),
             Some(t) if &t.shape != shape => problems.push(format!(
-                "'{key}' has shape {:?}, expected {shape:?}",
+                "'{}' has shape {:?}, expected {shape:?}",
+                spell(key),
                 t.shape
             )),
             Some(_) => {}
         }
     }
     for key in tensors.keys().filter(|k| !known.contains(k.as_str())) {
-        problems.push(format!("unexpected key '{key}'"));
+        problems.push(format!("unexpected key '{}'", spell(key)));
     }
     problems
 }
@@ -117,7 +126,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
     }
     let mut depths = [0usize; 4];
     for id in blocks.keys().filter(|id| id.stage > 0) {
-        depths[id.stage - 1] = depths[id.stage - 1].max(id.index + 1);
+        depths[id.stage - 1] = depths[id.stage - 1].max(id.index.saturating_add(1));
     }
     if !blocks.contains_key(&BlockId { stage: 0, index: 0 }) {
         return Err("has no stage 0 (stem) weights".into());
@@ -155,12 +164,14 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         for index in 0..count {
             let id = BlockId { stage, index };
             let name = Naming::Official.block_prefix(id);
-            let width = shape_of(id, width_parts).map(|s| s[0]).ok_or_else(|| {
-                format!(
-                    "cannot tell the width of block {}",
-                    name.trim_end_matches('.')
-                )
-            })?;
+            let width = shape_of(id, width_parts)
+                .and_then(|s| s.first().copied())
+                .ok_or_else(|| {
+                    format!(
+                        "cannot tell the width of block {}",
+                        name.trim_end_matches('.')
+                    )
+                })?;
             if let Some(kernel) = shape_of(id, kernel_parts) {
                 if kernel.len() != 4 || kernel[1] == 0 {
                     return Err(format!("{name}: kernel has shape {kernel:?}"));
@@ -193,7 +204,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         .get("linear.weight")
         .or_else(|| tensors.get("linear.bias"));
     let num_classes = head
-        .map(|t| t.shape[0])
+        .and_then(|t| t.shape.first().copied())
         .ok_or("has no classifier (linear.weight)")?;
     let mut spec = ArchSpec {
         name: "custom".into(),
@@ -211,6 +222,8 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         in_channels: in_channels.ok_or("cannot tell the input channels of stage 0")?,
     };
     spec.name = variant_name(&spec).unwrap_or_else(|| "custom".into());
+    spec.validate()
+        .map_err(|e| format!("describes an impossible network: {e}"))?;
     Ok(spec)
 }
 

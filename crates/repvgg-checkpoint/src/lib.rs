@@ -66,9 +66,6 @@ pub struct Checkpoint {
     pub file_tensor_count: usize,
 }
 
-/// How many mismatching keys an error lists before summarising the rest.
-const MAX_LISTED: usize = 40;
-
 impl Checkpoint {
     /// Reads, normalises and checks a checkpoint. With `arch`, the file must match that
     /// architecture exactly, and every mismatching key is reported.
@@ -83,7 +80,7 @@ impl Checkpoint {
             Some(spec) => spec.clone(),
             None => layout::infer_spec(&tensors, form).map_err(fail)?,
         };
-        let problems = layout::mismatches(&tensors, &spec, form);
+        let problems = layout::mismatches(&tensors, &spec, form, naming);
         if !problems.is_empty() {
             let what = if arch.is_some() {
                 format!("does not match {} ({form} form)", spec.name)
@@ -153,17 +150,9 @@ impl Checkpoint {
     }
 }
 
+/// All problems on one line: an error names every key that is wrong, not the first few.
 fn summarise(problems: &[String]) -> String {
-    let mut text = problems
-        .iter()
-        .take(MAX_LISTED)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join("; ");
-    if problems.len() > MAX_LISTED {
-        text.push_str(&format!("; and {} more", problems.len() - MAX_LISTED));
-    }
-    text
+    problems.join("; ")
 }
 
 /// Writes to a temporary file beside `path`, syncs, then renames over it: a crash or a full
@@ -193,7 +182,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
 
 /// Raw tensors from either file format, keyed as in the file.
 fn read_raw(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
-    if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"\x80") {
+    // A safetensors file opens with its JSON header's length (u64, little-endian) and then the
+    // header itself. That length can begin with any byte, 0x80 (a pickle's PROTO) included, so
+    // it is recognised by its structure rather than by a magic byte.
+    let looks_like_safetensors = bytes.len() >= 9
+        && bytes[8] == b'{'
+        && u64::from_le_bytes(bytes[..8].try_into().unwrap())
+            .checked_add(8)
+            .is_some_and(|end| end <= bytes.len() as u64);
+    if !looks_like_safetensors && (bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"\x80")) {
         return pth::read_pth(bytes);
     }
     let st = safetensors::SafeTensors::deserialize(bytes)

@@ -153,7 +153,17 @@ fn a_file_for_another_architecture_is_rejected_with_every_key() {
     let a0 = ArchSpec::named("A0").unwrap();
     let err = error_for(&fixture("tiny_g2/train_timm.pth"), Some(&a0));
     assert!(err.contains("does not match RepVGG-A0"), "{err}");
-    assert!(err.contains("and ") && err.contains("more"), "{err}");
+    // Every problem is listed, in the file's own (timm) naming.
+    assert!(
+        err.contains("missing key 'stages.2.13.conv_kxk.conv.weight'"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected key 'stages.0.0.conv_kxk.bn.weight'")
+            || err.contains("'stages.0.0.conv_kxk.bn.weight' has shape"),
+        "{err}"
+    );
+    assert!(!err.contains("rbr_dense"), "{err}");
 }
 
 #[test]
@@ -188,4 +198,40 @@ fn not_a_checkpoint_at_all() {
     let path = dir.path().join("photo.safetensors");
     std::fs::write(&path, b"\xff\xd8\xff\xe0 this is a jpeg").unwrap();
     assert!(error_for(&path, None).contains("neither a PyTorch checkpoint nor valid safetensors"));
+}
+
+#[test]
+fn safetensors_whose_header_length_starts_with_0x80_are_not_mistaken_for_pickles() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = entries("tiny/deploy_official.safetensors");
+    let views: Vec<(String, TensorView<'_>)> = e
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let found = (0..512).find_map(|pad| {
+        let metadata = std::collections::HashMap::from([("pad".to_string(), "x".repeat(pad))]);
+        let bytes = safetensors::serialize(views.clone(), Some(metadata)).unwrap();
+        (bytes[0] == 0x80).then_some(bytes)
+    });
+    let bytes = found.expect("some padding puts 0x80 first");
+    let path = dir.path().join("starts_with_0x80.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    Checkpoint::load(&path, None).unwrap();
+}
+
+#[test]
+fn zero_dimensional_tensors_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    for key in [
+        "stage0.rbr_reparam.weight",
+        "linear.weight",
+        "stage1.0.rbr_reparam.bias",
+    ] {
+        let mut e = entries("tiny/deploy_official.safetensors");
+        let t = e.iter_mut().find(|x| x.0 == key).unwrap();
+        t.2 = vec![];
+        t.3 = vec![0; 4];
+        let path = write(dir.path(), &format!("scalar_{key}.safetensors"), &e);
+        error_for(&path, None);
+    }
 }
