@@ -54,11 +54,13 @@ pub enum ArchError {
 
 /// A complete description of one RepVGG network.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ArchSpec {
     /// Display name: the variant ("RepVGG-A0") or "custom".
     #[serde(default = "custom_name")]
     pub name: String,
-    /// Output channels of stage 0.
+    /// Output channels of stage 0 (in JSON, optional: min(64, widths[0]) as in the official code).
+    #[serde(default, alias = "stem")]
     pub stem_width: usize,
     /// Blocks in stages 1..4.
     pub depths: [usize; 4],
@@ -70,9 +72,9 @@ pub struct ArchSpec {
     /// Squeeze-and-excitation before every block's ReLU (RepVGG-D2se).
     #[serde(default)]
     pub se: bool,
-    #[serde(default = "default_classes")]
+    #[serde(default = "default_classes", alias = "classes")]
     pub num_classes: usize,
-    #[serde(default = "default_in_channels")]
+    #[serde(default = "default_in_channels", alias = "in")]
     pub in_channels: usize,
 }
 
@@ -279,8 +281,11 @@ impl ArchSpec {
             problem,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let spec: ArchSpec = serde_json::from_str(&text)
+        let mut spec: ArchSpec = serde_json::from_str(&text)
             .map_err(|e| file_error(format!("not a valid architecture spec: {e}")))?;
+        if spec.stem_width == 0 {
+            spec.stem_width = 64.min(spec.widths[0]);
+        }
         spec.validate()
             .map_err(|e| file_error(e.to_string()))
             .map(|()| spec)
@@ -354,7 +359,13 @@ impl ArchSpec {
                     "in"
                 }
                 "se" => {
-                    self.se = true;
+                    self.se = match value.trim() {
+                        "" | "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" => false,
+                        other => {
+                            return Err(invalid(format!("se={other}: expected true or false")));
+                        }
+                    };
                     "se"
                 }
                 "name" => {
@@ -397,6 +408,23 @@ impl ArchSpec {
         }
         if self.num_classes == 0 {
             return invalid("num_classes must be positive".into());
+        }
+        // Bounds that no real network approaches, checked before anything is allocated.
+        if self.depths.iter().any(|&d| d > 10_000)
+            || self
+                .widths
+                .iter()
+                .chain([&self.stem_width, &self.in_channels])
+                .any(|&w| w > 1 << 20)
+            || self.num_classes > 1 << 24
+        {
+            return invalid(format!(
+                "sizes out of range: depths {:?}, widths {:?}, stem {}, {} classes",
+                self.depths, self.widths, self.stem_width, self.num_classes
+            ));
+        }
+        if self.groups.contains_key(&0) {
+            return invalid("layer 0 (stage 0) is never grouped".into());
         }
         let layers = self.num_blocks();
         if let Some((&layer, _)) = self.groups.iter().find(|&(&l, _)| l >= layers) {
@@ -590,6 +618,13 @@ mod tests {
             .to_string();
         assert!(err.contains("cannot be split into 3 groups"), "{err}");
         assert!(ArchSpec::parse("depths=1,1,1,1;widths=8,16,32,64;se").is_err());
+        assert!(
+            !ArchSpec::parse("depths=1,1,1,1;widths=16,16,16,16;se=false")
+                .unwrap()
+                .se
+        );
+        assert!(ArchSpec::parse("depths=1,1,1,1;widths=16,16,16,16;groups=0:2").is_err());
+        assert!(ArchSpec::parse("depths=100000000000,1,1,1;widths=8,8,8,8").is_err());
         let tuned = ArchSpec::parse("RepVGG-B1g4;classes=10").unwrap();
         assert_eq!(
             (tuned.name.as_str(), tuned.num_classes),
@@ -597,6 +632,29 @@ mod tests {
         );
         assert_eq!(tuned.groups, ArchSpec::named("B1g4").unwrap().groups);
         assert!(ArchSpec::parse("A0;colour=red").is_err());
+    }
+
+    #[test]
+    fn json_specs_accept_the_short_names_and_reject_unknown_fields() {
+        let dir = std::env::temp_dir().join(format!("repvgg-arch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(
+            &good,
+            r#"{"depths": [1,1,1,1], "widths": [16,16,32,32], "classes": 5}"#,
+        )
+        .unwrap();
+        let spec = ArchSpec::from_json_file(&good).unwrap();
+        assert_eq!((spec.stem_width, spec.num_classes), (16, 5));
+        let bad = dir.join("bad.json");
+        std::fs::write(
+            &bad,
+            r#"{"depths": [1,1,1,1], "widths": [16,16,32,32], "colour": 5}"#,
+        )
+        .unwrap();
+        let err = ArchSpec::from_json_file(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.json") && err.contains("colour"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

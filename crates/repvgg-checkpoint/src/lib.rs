@@ -228,7 +228,15 @@ fn normalise(raw: Vec<(String, RawTensor)>) -> Result<(StateDict, Naming, DType)
     let mut floats = Vec::new();
     let mut widest: Option<DType> = None;
     for (key, tensor) in raw {
-        let key = key.strip_prefix("module.").unwrap_or(&key).to_string();
+        // DDP's `module.` and torch.compile's `_orig_mod.`, in either order.
+        let mut key = key.as_str();
+        while let Some(rest) = key
+            .strip_prefix("module.")
+            .or_else(|| key.strip_prefix("_orig_mod."))
+        {
+            key = rest;
+        }
+        let key = key.to_string();
         if key.ends_with("num_batches_tracked") {
             continue;
         }

@@ -379,7 +379,8 @@ impl Machine<'_> {
                     let s = self.take(n)?.iter().map(|&b| b as char).collect();
                     self.stack.push(Value::Str(s))
                 }
-                b'B' | b'C' | 0x8e => {
+                b'B' | b'C' | 0x8e | 0x96 => {
+                    // BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8
                     let n = match op {
                         b'B' => self.u32()? as usize,
                         b'C' => self.u8()? as usize,
@@ -392,7 +393,12 @@ impl Machine<'_> {
                 0x89 => self.stack.push(Value::Bool(false)),
                 b'N' => self.stack.push(Value::None),
                 b'0' => {
-                    self.pop()?;
+                    // POP drops the top item, or the topmost mark if nothing lies above it.
+                    if self.marks.last() == Some(&self.stack.len()) {
+                        self.marks.pop();
+                    } else {
+                        self.pop()?;
+                    }
                 }
                 b'1' => {
                     self.pop_to_mark()?;

@@ -60,12 +60,12 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
             ));
         }
     }
-    let pickle = read_entry(&mut archive, &pickle_name)?;
+    let pickle = read_entry(&mut archive, &pickle_name, bytes.len())?;
     let (root, _) = read_pickle(&pickle)?;
     let mut storages = HashMap::new();
     collect_tensors(&root, |key| {
         if !storages.contains_key(key) {
-            let data = read_entry(&mut archive, &format!("{prefix}data/{key}"))?;
+            let data = read_entry(&mut archive, &format!("{prefix}data/{key}"), bytes.len())?;
             storages.insert(key.to_owned(), data);
         }
         Ok(())
@@ -73,11 +73,16 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
     materialize(root, &storages)
 }
 
-fn read_entry(archive: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str) -> Result<Vec<u8>, String> {
+fn read_entry(
+    archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    name: &str,
+    archive_len: usize,
+) -> Result<Vec<u8>, String> {
     let mut entry = archive
         .by_name(name)
         .map_err(|e| format!("zip entry '{name}' is missing or unreadable: {e}"))?;
-    let mut data = Vec::with_capacity(entry.size() as usize);
+    // The declared size is untrusted: never reserve more than the whole file.
+    let mut data = Vec::with_capacity((entry.size() as usize).min(archive_len));
     entry
         .read_to_end(&mut data)
         .map_err(|e| format!("zip entry '{name}' is corrupt: {e}"))?;
@@ -214,22 +219,40 @@ fn materialize(
 /// Copies a strided view out of its storage into contiguous bytes.
 fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, String> {
     let size = t.storage.dtype.size();
-    let numel: usize = t.shape.iter().product();
-    let mut bytes = Vec::with_capacity(numel * size);
+    let too_large = || format!("tensor of shape {:?} is impossibly large", t.shape);
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(too_large)?;
+    let total = numel.checked_mul(size).ok_or_else(too_large)?;
+    // Views may repeat elements (stride 0), but never by more than a state dict could need.
+    if total > storage.len().saturating_add(1 << 28) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(total);
     if numel > 0 {
-        let last = t.offset
-            + t.shape
-                .iter()
-                .zip(&t.stride)
-                .map(|(&n, &s)| (n - 1) * s)
-                .sum::<usize>();
-        if (last + 1) * size > storage.len() {
+        // The furthest element the view touches must lie inside the storage.
+        let last = t
+            .shape
+            .iter()
+            .zip(&t.stride)
+            .try_fold(t.offset, |acc, (&n, &s)| {
+                (n - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+            })
+            .ok_or_else(too_large)?;
+        if last
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(size))
+            .is_none_or(|end| end > storage.len())
+        {
             return Err(format!(
                 "tensor of shape {:?} reaches element {last}, but its storage has {} (truncated file?)",
                 t.shape,
                 storage.len() / size
             ));
         }
+        // Every index below is bounded by `last`, checked above.
         let mut index = vec![0usize; t.shape.len()];
         for _ in 0..numel {
             let at = t.offset

@@ -16,8 +16,15 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    // The tensor named `input`, or the only tensor in the file.
+    let names = st.names();
+    let name = if names.contains(&"input") || names.len() != 1 {
+        "input"
+    } else {
+        names[0]
+    };
     let view = st
-        .tensor("input")
+        .tensor(name)
         .with_context(|| format!("{}: has no tensor named 'input'", path.display()))?;
     let dtype = match view.dtype() {
         safetensors::Dtype::F32 => DType::F32,
@@ -47,6 +54,7 @@ pub fn run(
     features: bool,
     bn_eps: f64,
 ) -> Result<()> {
+    crate::check_bn_eps(bn_eps)?;
     let ckpt = load_checkpoint(weights, arch)?;
     let (shape, values) = read_input(input)?;
     let spec = &ckpt.spec;

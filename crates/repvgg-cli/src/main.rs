@@ -83,7 +83,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, as for every other error; --help has the details.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{} (see repvgg --help)", first.trim_end());
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Info {
             target,
@@ -178,6 +192,22 @@ fn describe(spec: &ArchSpec) -> String {
     )
 }
 
+/// Whether `info`'s argument names a checkpoint file (existing or not) rather than a variant.
+fn is_checkpoint_path(target: &str) -> bool {
+    let lower = target.to_ascii_lowercase();
+    Path::new(target).is_file() && !lower.ends_with(".json")
+        || [".pth", ".pt", ".bin", ".ckpt", ".safetensors"]
+            .iter()
+            .any(|ext| lower.ends_with(ext))
+}
+
+pub fn check_bn_eps(bn_eps: f64) -> Result<()> {
+    if !(bn_eps.is_finite() && bn_eps > 0.0) {
+        bail!("--bn-eps must be a positive number, got {bn_eps}");
+    }
+    Ok(())
+}
+
 fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) -> Result<()> {
     let (h, w) = parse_size(size)?;
     let Some(target) = target else {
@@ -209,8 +239,7 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
     };
 
     let path = Path::new(&target);
-    let is_spec_file = target.ends_with(".json");
-    if !path.exists() || is_spec_file {
+    if !is_checkpoint_path(&target) {
         let spec = ArchSpec::parse(&target)?;
         if json {
             println!("{}", spec_json(&spec, h, w));
@@ -279,15 +308,18 @@ fn convert(
     naming: Naming,
     bn_eps: f64,
 ) -> Result<()> {
-    if output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+    let extension = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if ["pth", "pt", "bin", "ckpt"].contains(&extension.as_str()) {
         bail!(
-            "{}: the output must be a .safetensors file",
+            "{}: only .safetensors can be written (PyTorch reads it with safetensors.torch.load_file)",
             output.display()
         );
     }
-    if !(bn_eps.is_finite() && bn_eps > 0.0) {
-        bail!("--bn-eps must be positive, got {bn_eps}");
-    }
+    check_bn_eps(bn_eps)?;
     let ckpt = load_checkpoint(input, arch)?;
     if ckpt.form == Form::Deploy {
         eprintln!(

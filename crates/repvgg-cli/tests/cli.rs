@@ -223,6 +223,23 @@ fn bad_input_gives_one_clear_line() {
     let d = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let err = fails(&["info", "B9"]);
     assert!(err.contains("unknown variant 'B9'"), "{err}");
+    let err = fails(&["info", "no/such/model.pth"]);
+    assert!(err.contains("no/such/model.pth: cannot read"), "{err}");
+    let err = fails(&["convert", "--naming", "keras", "a.pth", "b.safetensors"]);
+    assert!(err.contains("keras"), "{err}");
+    let io = fixture("tiny/io.safetensors");
+    let err = fails(&[
+        "forward",
+        "--weights",
+        fixture("tiny/train_official.pth").to_str().unwrap(),
+        "--input",
+        io.to_str().unwrap(),
+        "--output",
+        &d("eps.safetensors"),
+        "--bn-eps",
+        "0",
+    ]);
+    assert!(err.contains("--bn-eps must be a positive number"), "{err}");
 
     let cut = d("cut.pth");
     let bytes = std::fs::read(fixture("tiny/train_official.pth")).unwrap();
@@ -235,7 +252,7 @@ fn bad_input_gives_one_clear_line() {
         fixture("tiny/train_official.pth").to_str().unwrap(),
         &d("o.pth"),
     ]);
-    assert!(err.contains("must be a .safetensors file"), "{err}");
+    assert!(err.contains("only .safetensors can be written"), "{err}");
 
     let weights = fixture("tiny/deploy_official.pth");
     let weights = weights.to_str().unwrap();
