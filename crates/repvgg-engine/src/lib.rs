@@ -1,0 +1,386 @@
+//! A CPU inference engine for deployed RepVGG: 3x3 conv + bias (+ SE) + ReLU, then pool and
+//! linear, with no framework underneath.
+//!
+//! Activations are NHWC, so a 3x3 convolution is one GEMM per group: rows are output positions,
+//! the reduction runs over (tap, input channel) and columns are output channels. Weights are
+//! packed once at load into that `(9 * Cin/g) x (Cout/g)` layout; each tile of output rows
+//! gathers its patches into a thread-local buffer (im2col), runs [`gemm`] single-threaded onto
+//! an output pre-filled with the bias, and applies ReLU while the tile is still in cache.
+//! Threads split the tiles (rows, and output channels when rows are few), one level only.
+
+use std::cell::RefCell;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use repvgg_arch::{ArchSpec, Form};
+use repvgg_checkpoint::layout::{HEAD, REPARAM, SE_DOWN, SE_UP, prefix};
+use repvgg_checkpoint::{Checkpoint, CheckpointError};
+
+/// Output positions per tile: big enough to amortise the GEMM's packing, small enough that
+/// the tile's patches stay in L2.
+const ROW_TILE: usize = 96;
+/// Output channels per tile when a layer has too few rows to keep every thread busy.
+const MIN_COL_TILE: usize = 64;
+
+/// One packed 3x3 convolution with bias (and SE).
+struct ConvLayer {
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+    stride: usize,
+    /// Per group, row-major `(9 * in/g) x (out/g)`, rows ordered (ky, kx, c).
+    packed: Vec<f32>,
+    bias: Vec<f32>,
+    se: Option<SqueezeExcite>,
+}
+
+struct SqueezeExcite {
+    hidden: usize,
+    /// `(hidden, C)` row-major.
+    down: Vec<f32>,
+    down_bias: Vec<f32>,
+    /// `(C, hidden)` row-major.
+    up: Vec<f32>,
+    up_bias: Vec<f32>,
+}
+
+/// A deployed RepVGG ready to run.
+pub struct Engine {
+    spec: ArchSpec,
+    layers: Vec<ConvLayer>,
+    /// `(classes, features)` row-major, as PyTorch stores it.
+    head_weight: Vec<f32>,
+    head_bias: Vec<f32>,
+}
+
+/// Activation buffers reused across calls, so that steady-state inference does not allocate.
+#[derive(Default)]
+pub struct Workspace {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+thread_local! {
+    static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A raw pointer that tiles write through; every tile owns a disjoint block of the output.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl Engine {
+    /// Builds the engine from a checkpoint of either form (a training-form one is converted
+    /// first, with `bn_eps`).
+    pub fn from_checkpoint(ckpt: &Checkpoint, bn_eps: f64) -> Result<Engine, CheckpointError> {
+        let deploy = ckpt.to_deploy(bn_eps)?;
+        debug_assert_eq!(deploy.form, Form::Deploy);
+        let t = |key: String| &deploy.tensors[&key];
+        let layers = deploy
+            .spec
+            .blocks()
+            .iter()
+            .map(|b| {
+                let p = prefix(b);
+                let weight = t(format!("{p}{REPARAM}weight"));
+                let bias = t(format!("{p}{REPARAM}bias")).data.clone();
+                let se = b.se_channels.map(|hidden| SqueezeExcite {
+                    hidden,
+                    down: t(format!("{p}{SE_DOWN}weight")).data.clone(),
+                    down_bias: t(format!("{p}{SE_DOWN}bias")).data.clone(),
+                    up: t(format!("{p}{SE_UP}weight")).data.clone(),
+                    up_bias: t(format!("{p}{SE_UP}bias")).data.clone(),
+                });
+                ConvLayer {
+                    in_channels: b.in_channels,
+                    out_channels: b.out_channels,
+                    groups: b.groups,
+                    stride: b.stride,
+                    packed: pack_kernel(
+                        &weight.data,
+                        b.out_channels,
+                        b.in_channels / b.groups,
+                        b.groups,
+                    ),
+                    bias,
+                    se,
+                }
+            })
+            .collect();
+        Ok(Engine {
+            spec: deploy.spec.clone(),
+            layers,
+            head_weight: t(format!("{HEAD}weight")).data.clone(),
+            head_bias: t(format!("{HEAD}bias")).data.clone(),
+        })
+    }
+
+    pub fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    /// Logits `(n, classes)` for an NCHW batch.
+    pub fn forward(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        ws: &mut Workspace,
+    ) -> Vec<f32> {
+        self.forward_with(input, n, h, w, ws, |_, _, _, _| {})
+    }
+
+    /// Like [`Engine::forward`], calling `tap(block_index, h, w, nhwc)` after every block.
+    pub fn forward_with(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        ws: &mut Workspace,
+        mut tap: impl FnMut(usize, usize, usize, &[f32]),
+    ) -> Vec<f32> {
+        let c = self.spec.in_channels;
+        assert_eq!(
+            input.len(),
+            n * c * h * w,
+            "input is not (n, {c}, {h}, {w})"
+        );
+        nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
+        let (mut h, mut w) = (h, w);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
+            ws.b.resize(n * oh * ow * layer.out_channels, 0.0);
+            layer.forward(&ws.a, n, h, w, &mut ws.b);
+            std::mem::swap(&mut ws.a, &mut ws.b);
+            (h, w) = (oh, ow);
+            tap(i, h, w, &ws.a);
+        }
+        self.head(&ws.a, n, h * w)
+    }
+
+    fn head(&self, features: &[f32], n: usize, positions: usize) -> Vec<f32> {
+        let c = self.spec.feature_width();
+        let classes = self.spec.num_classes;
+        let mut logits = Vec::with_capacity(n * classes);
+        for image in features.chunks_exact(positions * c) {
+            let pooled = channel_means(image, c);
+            for k in 0..classes {
+                let row = &self.head_weight[k * c..(k + 1) * c];
+                logits.push(self.head_bias[k] + dot(row, &pooled));
+            }
+        }
+        logits
+    }
+}
+
+impl ConvLayer {
+    fn forward(&self, input: &[f32], n: usize, h: usize, w: usize, output: &mut [f32]) {
+        let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
+        let rows = n * oh * ow;
+        let cout_g = self.out_channels / self.groups;
+        let row_tiles = rows.div_ceil(ROW_TILE);
+        // Few rows (late layers, batch 1): split the output channels too.
+        let threads = rayon::current_num_threads();
+        let col_splits = if row_tiles >= 2 * threads {
+            1
+        } else {
+            (2 * threads)
+                .div_ceil(row_tiles)
+                .min((cout_g / MIN_COL_TILE).max(1))
+        };
+        let col_tile = cout_g.div_ceil(col_splits);
+        let out = OutPtr(output.as_mut_ptr());
+        let fuse_relu = self.se.is_none();
+        (0..row_tiles * col_splits * self.groups)
+            .into_par_iter()
+            .for_each(|task| {
+                let out = out;
+                let (rest, col_block) = (task / col_splits, task % col_splits);
+                let (row_tile, group) = (rest / self.groups, rest % self.groups);
+                let first = row_tile * ROW_TILE;
+                let count = ROW_TILE.min(rows - first);
+                let cols = col_block * col_tile..((col_block + 1) * col_tile).min(cout_g);
+                // SAFETY: tasks write disjoint (rows, group columns) blocks of `output`.
+                unsafe {
+                    self.tile(
+                        input, h, w, oh, ow, first, count, group, cols, out.0, fuse_relu,
+                    )
+                };
+            });
+        if let Some(se) = &self.se {
+            let c = self.out_channels;
+            output.par_chunks_mut(oh * ow * c).for_each(|image| {
+                se.apply(image, c);
+                image.iter_mut().for_each(|v| *v = v.max(0.0));
+            });
+        }
+    }
+
+    /// Computes output rows `first..first+count`, columns `cols` of group `group`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        input: &[f32],
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+        first: usize,
+        count: usize,
+        group: usize,
+        cols: std::ops::Range<usize>,
+        out: *mut f32,
+        relu: bool,
+    ) {
+        let cin = self.in_channels;
+        let cin_g = cin / self.groups;
+        let cout = self.out_channels;
+        let cout_g = cout / self.groups;
+        let k = 9 * cin_g;
+        PATCHES.with(|patches| {
+            let mut patches = patches.borrow_mut();
+            if patches.len() < count * k {
+                patches.resize(count * k, 0.0);
+            }
+            let patches = &mut patches[..count * k];
+            // im2col: row r holds the 3x3 patch of output position first + r, tap-major.
+            for (r, row) in patches.chunks_exact_mut(k).enumerate() {
+                let pos = first + r;
+                let image = pos / (oh * ow);
+                let (y, x) = ((pos / ow) % oh, pos % ow);
+                for ky in 0..3 {
+                    let iy = (y * self.stride + ky) as isize - 1;
+                    for kx in 0..3 {
+                        let ix = (x * self.stride + kx) as isize - 1;
+                        let dst = &mut row[(ky * 3 + kx) * cin_g..(ky * 3 + kx + 1) * cin_g];
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let at =
+                                ((image * h + iy as usize) * w + ix as usize) * cin + group * cin_g;
+                            dst.copy_from_slice(&input[at..at + cin_g]);
+                        }
+                    }
+                }
+            }
+            let col0 = group * cout_g + cols.start;
+            let ncols = cols.len();
+            unsafe {
+                let dst = out.add(first * cout + col0);
+                for r in 0..count {
+                    let row = std::slice::from_raw_parts_mut(dst.add(r * cout), ncols);
+                    row.copy_from_slice(&self.bias[col0..col0 + ncols]);
+                }
+                let rhs = self.packed.as_ptr().add(group * k * cout_g + cols.start);
+                gemm::gemm(
+                    count,
+                    ncols,
+                    k,
+                    dst,
+                    1,
+                    cout as isize,
+                    true,
+                    patches.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs,
+                    1,
+                    cout_g as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+                if relu {
+                    for r in 0..count {
+                        let row = std::slice::from_raw_parts_mut(dst.add(r * cout), ncols);
+                        row.iter_mut().for_each(|v| *v = v.max(0.0));
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl SqueezeExcite {
+    /// Scales one NHWC image's channels by `sigmoid(up(relu(down(mean))))`.
+    fn apply(&self, image: &mut [f32], c: usize) {
+        let pooled = channel_means(image, c);
+        let hidden: Vec<f32> = (0..self.hidden)
+            .map(|j| (self.down_bias[j] + dot(&self.down[j * c..(j + 1) * c], &pooled)).max(0.0))
+            .collect();
+        let gate: Vec<f32> = (0..c)
+            .map(|i| {
+                let z = self.up_bias[i]
+                    + dot(&self.up[i * self.hidden..(i + 1) * self.hidden], &hidden);
+                1.0 / (1.0 + (-z).exp())
+            })
+            .collect();
+        for pixel in image.chunks_exact_mut(c) {
+            pixel.iter_mut().zip(&gate).for_each(|(v, g)| *v *= g);
+        }
+    }
+}
+
+/// OIHW kernel -> per group `(ky, kx, c) x out` rows, so a row of patches meets a column of
+/// weights in the same order.
+fn pack_kernel(weight: &[f32], cout: usize, cin_g: usize, groups: usize) -> Vec<f32> {
+    let cout_g = cout / groups;
+    let k = 9 * cin_g;
+    let mut packed = vec![0.0; groups * k * cout_g];
+    for o in 0..cout {
+        let (group, oc) = (o / cout_g, o % cout_g);
+        for c in 0..cin_g {
+            for tap in 0..9 {
+                let row = tap * cin_g + c;
+                packed[group * k * cout_g + row * cout_g + oc] = weight[(o * cin_g + c) * 9 + tap];
+            }
+        }
+    }
+    packed
+}
+
+fn nchw_to_nhwc(input: &[f32], n: usize, c: usize, h: usize, w: usize, out: &mut Vec<f32>) {
+    out.resize(n * c * h * w, 0.0);
+    for image in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                out[(image * h * w + p) * c + ch] = input[(image * c + ch) * h * w + p];
+            }
+        }
+    }
+}
+
+/// NHWC block output -> NCHW, for callers that compare with framework tensors.
+pub fn nhwc_to_nchw(data: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+    let c = data.len() / (n * h * w);
+    let mut out = vec![0.0; data.len()];
+    for image in 0..n {
+        for p in 0..h * w {
+            for ch in 0..c {
+                out[(image * c + ch) * h * w + p] = data[(image * h * w + p) * c + ch];
+            }
+        }
+    }
+    out
+}
+
+fn channel_means(image: &[f32], c: usize) -> Vec<f32> {
+    let positions = image.len() / c;
+    let mut sums = vec![0.0f32; c];
+    for pixel in image.chunks_exact(c) {
+        sums.iter_mut().zip(pixel).for_each(|(s, v)| *s += v);
+    }
+    sums.iter_mut().for_each(|s| *s /= positions as f32);
+    sums
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
