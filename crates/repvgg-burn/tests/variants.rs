@@ -12,35 +12,16 @@ use rand::{Rng, SeedableRng};
 
 use repvgg_arch::{ArchSpec, Form, VARIANT_NAMES};
 use repvgg_burn::{RepVggDeploy, RepVggTrain, default_device};
+use repvgg_checkpoint::Checkpoint;
+use repvgg_checkpoint::StateDict;
 use repvgg_checkpoint::convert::{DEFAULT_BN_EPS, to_deploy, train_block};
-use repvgg_checkpoint::layout::{self, expected_tensors};
-use repvgg_checkpoint::{StateDict, Tensor as CkptTensor};
+use repvgg_checkpoint::layout;
+use repvgg_checkpoint::random::training_weights;
+use repvgg_engine::{Engine, Workspace};
 use repvgg_fuse::Kernel;
 use repvgg_fuse::reference::{Conv2dParams, FeatureMap, batch_norm, conv2d};
 
 const TOLERANCE: f64 = 1e-5;
-
-/// Random training-form weights with every BN statistic randomised, scaled so activations
-/// neither explode nor vanish through 40 blocks.
-fn random_weights(spec: &ArchSpec, seed: u64) -> StateDict {
-    let mut rng = StdRng::seed_from_u64(seed);
-    expected_tensors(spec, Form::Train)
-        .into_iter()
-        .map(|(key, shape)| {
-            let n: usize = shape.iter().product();
-            let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
-            let bound = (3.0 / fan_in as f32).sqrt() * 0.6;
-            let (lo, hi) = match key.rsplit('.').next().unwrap() {
-                "running_var" => (0.5, 2.0),
-                "running_mean" | "bias" => (-0.1, 0.1),
-                "weight" if shape.len() == 1 => (0.5, 1.0),
-                _ => (-bound, bound),
-            };
-            let data = (0..n).map(|_| rng.random_range(lo..hi)).collect();
-            (key, CkptTensor::new(shape, data))
-        })
-        .collect()
-}
 
 fn kernel_of(dict: &StateDict, key: &str) -> Kernel<f64> {
     let t = &dict[key];
@@ -164,7 +145,7 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
     for (i, name) in VARIANT_NAMES.iter().enumerate() {
         let mut spec = ArchSpec::named(name).unwrap();
         spec.num_classes = 10;
-        let train_dict = random_weights(&spec, i as u64);
+        let train_dict = training_weights(&spec, i as u64);
         let train = RepVggTrain::from_state_dict(&spec, &train_dict, DEFAULT_BN_EPS, &device);
         let train_logits = values(train.forward(input.clone()));
         drop(train);
@@ -172,6 +153,19 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
         let deploy = RepVggDeploy::from_state_dict(&spec, &deploy_dict, &device);
         let deploy_logits = values(deploy.forward(input.clone()));
         drop(deploy);
+        // The engine against the framework deploy model, its reference.
+        let ckpt = Checkpoint::from_state_dict(spec.clone(), Form::Deploy, deploy_dict).unwrap();
+        let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
+        let engine_logits: Vec<f64> = engine
+            .forward(&pixels, 1, h, w, &mut Workspace::default())
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let engine_err = relative_error(&engine_logits, &deploy_logits);
+        assert!(
+            engine_err < TOLERANCE,
+            "{name}: engine vs burn deploy {engine_err:e}"
+        );
 
         let reference = if ["A0", "B1g4", "D2se"].contains(name) {
             let image = FeatureMap {
@@ -187,7 +181,9 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
         };
         let train_err = relative_error(&train_logits, &reference);
         let deploy_err = relative_error(&deploy_logits, &reference);
-        println!("{name:5} train {train_err:.2e} deploy {deploy_err:.2e}");
+        println!(
+            "{name:5} train {train_err:.2e} deploy {deploy_err:.2e} engine-vs-deploy {engine_err:.2e}"
+        );
         assert!(
             train_err < TOLERANCE && deploy_err < TOLERANCE,
             "{name}: train {train_err:e}, deploy {deploy_err:e}"

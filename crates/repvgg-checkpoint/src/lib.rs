@@ -24,6 +24,7 @@ pub mod layout;
 pub mod naming;
 pub mod pickle;
 pub mod pth;
+pub mod random;
 pub mod tensor;
 
 pub use naming::Naming;
@@ -98,6 +99,33 @@ impl Checkpoint {
             tensors,
             source_dtype,
             file_tensor_count,
+        })
+    }
+
+    /// A checkpoint made in memory (official naming), checked like a loaded one.
+    pub fn from_state_dict(
+        spec: ArchSpec,
+        form: Form,
+        tensors: StateDict,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let fail = |problem: String| CheckpointError::new(Path::new("<memory>"), problem);
+        let problems = layout::mismatches(&tensors, &spec, form, Naming::Official);
+        if !problems.is_empty() {
+            return Err(fail(format!(
+                "does not match {}: {}",
+                spec.name,
+                summarise(&problems)
+            )));
+        }
+        check_values(&tensors).map_err(fail)?;
+        Ok(Checkpoint {
+            path: PathBuf::from("<memory>"),
+            naming: Naming::Official,
+            form,
+            spec,
+            file_tensor_count: tensors.len(),
+            tensors,
+            source_dtype: DType::F32,
         })
     }
 
