@@ -4,10 +4,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::{Tensor, TensorData};
-
-use repvgg_burn::{RepVgg, default_device, layers::from_device};
-use repvgg_checkpoint::{DType, write_atomically};
+use repvgg_checkpoint::{DType, Tensor as CkptTensor, write_atomically};
+use repvgg_engine::{Engine, Workspace, nhwc_to_nchw};
 
 use crate::load_checkpoint;
 
@@ -67,21 +65,27 @@ pub fn run(
             spec.in_channels
         ),
     }
-    let device = default_device();
-    let model = RepVgg::from_checkpoint(&ckpt, bn_eps, &device);
-    let x: Tensor<4> = Tensor::from_data(TensorData::new(values, shape), &device);
-
-    let mut out = HashMap::new();
-    let logits = if features {
-        let (logits, blocks) = model.forward_with_features(x);
-        for (name, tensor) in blocks {
-            out.insert(format!("features.{name}"), from_device(tensor));
-        }
-        logits
-    } else {
-        model.forward(x)
+    let [n, _, h, w] = shape[..] else {
+        unreachable!("checked above")
     };
-    out.insert("logits".to_string(), from_device(logits));
+    // Training-form weights are converted in memory; the engine runs the plain network.
+    let engine = Engine::from_checkpoint(&ckpt, bn_eps)?;
+    let names: Vec<String> = spec.blocks().iter().map(|b| b.name()).collect();
+    let mut out = HashMap::new();
+    let mut ws = Workspace::default();
+    let logits = engine.forward_with(&values, n, h, w, &mut ws, |i, fh, fw, nhwc| {
+        if features {
+            let c = nhwc.len() / (n * fh * fw);
+            out.insert(
+                format!("features.{}", names[i]),
+                CkptTensor::new(vec![n, c, fh, fw], nhwc_to_nchw(nhwc, n, fh, fw)),
+            );
+        }
+    });
+    out.insert(
+        "logits".to_string(),
+        CkptTensor::new(vec![n, spec.num_classes], logits),
+    );
 
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
         .iter()

@@ -10,6 +10,7 @@ use repvgg_arch::{ArchSpec, Form, VARIANT_NAMES};
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, Naming};
 
+mod bench;
 mod forward;
 
 #[derive(Parser)]
@@ -80,6 +81,39 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_BN_EPS)]
         bn_eps: f64,
     },
+    /// Time inference: median and p90 latency, images/s, GFLOP/s (2 x MACs / time), peak memory.
+    ///
+    /// The deploy form runs on the engine; the training form is the unconverted multi-branch
+    /// model (burn, eval mode), so the gain of conversion is measured.
+    Bench {
+        /// A variant or custom spec (seeded random weights) or a checkpoint file.
+        #[arg(long, default_value = "A0")]
+        arch: String,
+        /// train, deploy or both.
+        #[arg(long, default_value = "deploy")]
+        form: String,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "1,8")]
+        batch: String,
+        /// Input size: 224, or HxW.
+        #[arg(long, default_value = "224")]
+        size: String,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed iterations per case.
+        #[arg(long, default_value_t = 15)]
+        iters: usize,
+        /// Untimed iterations before timing.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// One JSON object per line and case.
+        #[arg(long)]
+        json: bool,
+        /// Per-block time and GFLOP/s of the deploy form instead.
+        #[arg(long)]
+        layers: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -120,6 +154,29 @@ fn main() -> ExitCode {
             features,
             bn_eps,
         } => forward::run(&weights, &input, &output, arch, features, bn_eps),
+        Command::Bench {
+            arch,
+            form,
+            batch,
+            size,
+            threads,
+            iters,
+            warmup,
+            json,
+            layers,
+        } => parse_size(&size).and_then(|size| {
+            bench::run(bench::BenchArgs {
+                arch,
+                form,
+                batch,
+                size,
+                threads,
+                iters,
+                warmup,
+                json,
+                layers,
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,8 @@
 use std::cell::RefCell;
 
 use gemm::Parallelism;
+
+mod winograd;
 use rayon::prelude::*;
 
 use repvgg_arch::{ArchSpec, Form};
@@ -31,8 +33,23 @@ struct ConvLayer {
     stride: usize,
     /// Per group, row-major `(9 * in/g) x (out/g)`, rows ordered (ky, kx, c).
     packed: Vec<f32>,
+    /// Winograd-transformed filters, for stride-1 layers where that path is enabled.
+    winograd: Option<Vec<f32>>,
     bias: Vec<f32>,
     se: Option<SqueezeExcite>,
+}
+
+/// How the engine computes; the defaults are the fastest measured on AVX2 machines.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Winograd F(2x2, 3x3) for stride-1 layers.
+    pub winograd: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { winograd: true }
+    }
 }
 
 struct SqueezeExcite {
@@ -52,6 +69,18 @@ pub struct Engine {
     /// `(classes, features)` row-major, as PyTorch stores it.
     head_weight: Vec<f32>,
     head_bias: Vec<f32>,
+}
+
+/// One block's share of a forward pass.
+#[derive(Clone, Debug)]
+pub struct LayerTiming {
+    pub name: String,
+    pub seconds: f64,
+    pub macs: u64,
+    pub stride: usize,
+    pub groups: usize,
+    /// (in channels, out channels, output height, output width)
+    pub shape: (usize, usize, usize, usize),
 }
 
 /// Activation buffers reused across calls, so that steady-state inference does not allocate.
@@ -75,6 +104,14 @@ impl Engine {
     /// Builds the engine from a checkpoint of either form (a training-form one is converted
     /// first, with `bn_eps`).
     pub fn from_checkpoint(ckpt: &Checkpoint, bn_eps: f64) -> Result<Engine, CheckpointError> {
+        Engine::with_options(ckpt, bn_eps, EngineOptions::default())
+    }
+
+    pub fn with_options(
+        ckpt: &Checkpoint,
+        bn_eps: f64,
+        options: EngineOptions,
+    ) -> Result<Engine, CheckpointError> {
         let deploy = ckpt.to_deploy(bn_eps)?;
         debug_assert_eq!(deploy.form, Form::Deploy);
         let t = |key: String| &deploy.tensors[&key];
@@ -104,6 +141,14 @@ impl Engine {
                         b.in_channels / b.groups,
                         b.groups,
                     ),
+                    winograd: (options.winograd && b.stride == 1).then(|| {
+                        winograd::transform_filters(
+                            &weight.data,
+                            b.out_channels,
+                            b.in_channels / b.groups,
+                            b.groups,
+                        )
+                    }),
                     bias,
                     se,
                 }
@@ -162,6 +207,41 @@ impl Engine {
         self.head(&ws.a, n, h * w)
     }
 
+    /// Seconds spent in each block for one forward (after a warm-up call), with the block's
+    /// MACs, for per-layer GFLOP/s.
+    pub fn profile(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        ws: &mut Workspace,
+    ) -> Vec<LayerTiming> {
+        self.forward(input, n, h, w, ws);
+        let c = self.spec.in_channels;
+        nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
+        let (mut h, mut w) = (h, w);
+        let blocks = self.spec.blocks();
+        let mut timings = Vec::with_capacity(self.layers.len());
+        for (layer, block) in self.layers.iter().zip(&blocks) {
+            let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
+            ws.b.resize(n * oh * ow * layer.out_channels, 0.0);
+            let start = std::time::Instant::now();
+            layer.forward(&ws.a, n, h, w, &mut ws.b);
+            timings.push(LayerTiming {
+                name: block.name(),
+                seconds: start.elapsed().as_secs_f64(),
+                macs: n as u64 * block.macs(Form::Deploy, h, w),
+                stride: layer.stride,
+                groups: layer.groups,
+                shape: (layer.in_channels, layer.out_channels, oh, ow),
+            });
+            std::mem::swap(&mut ws.a, &mut ws.b);
+            (h, w) = (oh, ow);
+        }
+        timings
+    }
+
     fn head(&self, features: &[f32], n: usize, positions: usize) -> Vec<f32> {
         let c = self.spec.feature_width();
         let classes = self.spec.num_classes;
@@ -179,12 +259,38 @@ impl Engine {
 
 impl ConvLayer {
     fn forward(&self, input: &[f32], n: usize, h: usize, w: usize, output: &mut [f32]) {
+        let threads = rayon::current_num_threads();
+        if let Some(u) = &self.winograd {
+            let tiles = n * h.div_ceil(2) * w.div_ceil(2);
+            let chunks = tiles.div_ceil(winograd::TILES_PER_TASK);
+            // Too few tiles to share out: the im2col path can split output channels instead.
+            if chunks * self.groups >= threads {
+                let layer = winograd::Layer {
+                    u,
+                    bias: &self.bias,
+                    cin: self.in_channels,
+                    cout: self.out_channels,
+                    groups: self.groups,
+                    relu: self.se.is_none(),
+                };
+                let out = OutPtr(output.as_mut_ptr());
+                (0..chunks * self.groups).into_par_iter().for_each(|task| {
+                    let out = out;
+                    let (chunk, group) = (task / self.groups, task % self.groups);
+                    let first = chunk * winograd::TILES_PER_TASK;
+                    let count = winograd::TILES_PER_TASK.min(tiles - first);
+                    // SAFETY: tasks own disjoint (tiles, group) blocks of the output.
+                    unsafe { winograd::tiles(&layer, input, h, w, first, count, group, out.0) };
+                });
+                self.finish_se(output, n, h, w);
+                return;
+            }
+        }
         let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
         let rows = n * oh * ow;
         let cout_g = self.out_channels / self.groups;
         let row_tiles = rows.div_ceil(ROW_TILE);
         // Few rows (late layers, batch 1): split the output channels too.
-        let threads = rayon::current_num_threads();
         let col_splits = if row_tiles >= 2 * threads {
             1
         } else {
@@ -211,12 +317,19 @@ impl ConvLayer {
                     )
                 };
             });
+        self.finish_se(output, n, oh, ow);
+    }
+
+    /// SE sits between the convolution and the ReLU, and needs the whole map first.
+    fn finish_se(&self, output: &mut [f32], n: usize, oh: usize, ow: usize) {
         if let Some(se) = &self.se {
             let c = self.out_channels;
-            output.par_chunks_mut(oh * ow * c).for_each(|image| {
-                se.apply(image, c);
-                image.iter_mut().for_each(|v| *v = v.max(0.0));
-            });
+            output[..n * oh * ow * c]
+                .par_chunks_mut(oh * ow * c)
+                .for_each(|image| {
+                    se.apply(image, c);
+                    image.iter_mut().for_each(|v| *v = v.max(0.0));
+                });
         }
     }
 

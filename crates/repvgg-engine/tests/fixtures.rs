@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_engine::{Engine, Workspace, nhwc_to_nchw};
+use repvgg_engine::{Engine, EngineOptions, Workspace, nhwc_to_nchw};
 
 const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"];
 
@@ -57,17 +57,40 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
         let (shape, input) = &reference["input"];
         let input: Vec<f32> = input.iter().map(|&v| v as f32).collect();
         let [n, _, h, w] = shape[..] else { panic!() };
-        for file in ["train_official.pth", "deploy_timm.safetensors"] {
+        // One thread makes every stride-1 layer take the Winograd path (with more threads,
+        // small maps fall back to im2col to split output channels); both must be exact.
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        let (one, two) = (pool(1), pool(2));
+        for (file, winograd, pool) in [
+            ("train_official.pth", true, &one),
+            ("deploy_timm.safetensors", true, &one),
+            ("train_official.pth", false, &two),
+            ("deploy_timm.safetensors", true, &two),
+        ] {
             let ckpt = Checkpoint::load(&fixture(config, file), None).unwrap();
-            let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
+            let engine =
+                Engine::with_options(&ckpt, DEFAULT_BN_EPS, EngineOptions { winograd }).unwrap();
+
             let names: Vec<String> = ckpt.spec.blocks().iter().map(|b| b.name()).collect();
             let mut ws = Workspace::default();
             let mut checked = 0;
-            let logits = engine.forward_with(&input, n, h, w, &mut ws, |i, fh, fw, nhwc| {
-                let (_, want) = &reference[&format!("features.{}", names[i])];
-                let err = relative_error(&nhwc_to_nchw(nhwc, n, fh, fw), want);
-                assert!(err < 1e-5, "{config} {file} {}: {err:e}", names[i]);
-                checked += 1;
+            let mut logits = Vec::new();
+            pool.install(|| {
+                logits = engine.forward_with(&input, n, h, w, &mut ws, |i, fh, fw, nhwc| {
+                    let (_, want) = &reference[&format!("features.{}", names[i])];
+                    let err = relative_error(&nhwc_to_nchw(nhwc, n, fh, fw), want);
+                    assert!(
+                        err < 1e-5,
+                        "{config} {file} winograd={winograd} {}: {err:e}",
+                        names[i]
+                    );
+                    checked += 1;
+                });
             });
             assert_eq!(checked, names.len());
             let key = if file.starts_with("train") {
@@ -76,10 +99,15 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
                 "logits_deploy_f64"
             };
             let err = relative_error(&logits, &reference[key].1);
-            println!("{config:15} {file:24} {err:.2e}");
+            println!(
+                "{config:15} {file:24} winograd={winograd:5} threads={} {err:.2e}",
+                pool.current_num_threads()
+            );
             assert!(err < 1e-5, "{config} {file}: {err:e}");
             // A second call reuses the workspace and gives the same answer bit for bit.
-            assert_eq!(engine.forward(&input, n, h, w, &mut ws), logits);
+            let mut again = Vec::new();
+            pool.install(|| again = engine.forward(&input, n, h, w, &mut ws));
+            assert_eq!(again, logits);
         }
     }
 }

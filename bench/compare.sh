@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs `repvgg bench` and the PyTorch / ONNX Runtime reference on the same cases, each case in
+# its own process (so peak memory is per case), back to back, and prints the ratios.
+#
+#   bench/compare.sh                      # A0 at 224, batches 1 and 8, 2 threads
+#   ARCH=B0 BATCHES=8 THREADS=2 bench/compare.sh
+#
+# VENV (default .venv-bench) is created from bench/requirements.txt when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ARCH=${ARCH:-A0}
+SIZE=${SIZE:-224}
+THREADS=${THREADS:-2}
+BATCHES=${BATCHES:-1,8}
+ITERS=${ITERS:-15}
+VENV=${VENV:-.venv-bench}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r bench/requirements.txt
+fi
+cargo build --release -q -p repvgg-cli
+
+out=$(mktemp -d)
+echo "machine: $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)" >&2
+common=(--arch "$ARCH" --size "$SIZE" --threads "$THREADS" --iters "$ITERS" --json)
+for form in train deploy; do
+  for batch in ${BATCHES//,/ }; do
+    target/release/repvgg bench "${common[@]}" --form "$form" --batch "$batch" >>"$out/rust.jsonl"
+    OMP_WAIT_POLICY=PASSIVE "$VENV/bin/python" bench/reference.py "${common[@]}" --form "$form" \
+      --batch "$batch" --engines torch >>"$out/reference.jsonl"
+    env -u OMP_WAIT_POLICY "$VENV/bin/python" bench/reference.py "${common[@]}" --form "$form" \
+      --batch "$batch" --engines torch >>"$out/reference.jsonl"
+    if [ "$form" = deploy ]; then
+      "$VENV/bin/python" bench/reference.py "${common[@]}" --form "$form" --batch "$batch" \
+        --engines onnxruntime >>"$out/reference.jsonl"
+    fi
+  done
+done
+"$VENV/bin/python" bench/ratios.py "$out/rust.jsonl" "$out/reference.jsonl"

@@ -1,0 +1,240 @@
+//! `repvgg bench`: latency, throughput and memory of either form, measured in-process.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use repvgg_arch::{ArchSpec, Form};
+use repvgg_burn::{RepVggTrain, default_device};
+use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
+use repvgg_checkpoint::{Checkpoint, random};
+use repvgg_engine::{Engine, Workspace};
+
+pub struct BenchArgs {
+    pub arch: String,
+    pub form: String,
+    pub batch: String,
+    pub size: (usize, usize),
+    pub threads: Option<usize>,
+    pub iters: usize,
+    pub warmup: usize,
+    pub json: bool,
+    pub layers: bool,
+}
+
+/// Weights to time: a checkpoint file, or seeded random ones for a named or custom spec.
+fn weights(arch: &str) -> Result<Checkpoint> {
+    if Path::new(arch).is_file() && !arch.ends_with(".json") {
+        return Ok(Checkpoint::load(Path::new(arch), None)?);
+    }
+    let spec = ArchSpec::parse(arch)?;
+    let tensors = random::training_weights(&spec, 0);
+    Ok(Checkpoint::from_state_dict(spec, Form::Train, tensors)?)
+}
+
+/// Resets the kernel's peak-RSS counter so each case reports its own peak (Linux).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let at = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[at]
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let forms: Vec<Form> = match args.form.as_str() {
+        "train" => vec![Form::Train],
+        "deploy" => vec![Form::Deploy],
+        "both" => vec![Form::Train, Form::Deploy],
+        other => bail!("--form '{other}': expected train, deploy or both"),
+    };
+    let batches: Vec<usize> = args
+        .batch
+        .split(',')
+        .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b > 0))
+        .collect::<Option<_>>()
+        .with_context(|| format!("--batch '{}': expected sizes such as 1,8", args.batch))?;
+    if args.iters == 0 {
+        bail!("--iters must be at least 1");
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("cannot start the thread pool")?;
+    let ckpt = weights(&args.arch)?;
+    let spec = ckpt.spec.clone();
+    let (h, w) = args.size;
+    if args.layers {
+        return pool.install(|| layer_table(&ckpt, &batches, h, w, threads));
+    }
+    if !args.json {
+        println!(
+            "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10} {:>10} {:>10} {:>9} {:>11}",
+            "arch",
+            "form",
+            "batch",
+            "size",
+            "threads",
+            "median ms",
+            "p90 ms",
+            "images/s",
+            "GFLOP/s",
+            "peak RSS MB"
+        );
+    }
+    for &form in &forms {
+        for &batch in &batches {
+            let mut rng = StdRng::seed_from_u64(1);
+            let input: Vec<f32> = (0..batch * spec.in_channels * h * w)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            reset_peak_rss();
+            let times = pool.install(|| -> Result<Vec<f64>> {
+                let mut run: Box<dyn FnMut()> = match form {
+                    Form::Deploy => {
+                        let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS)?;
+                        let mut ws = Workspace::default();
+                        let input = input.clone();
+                        Box::new(move || {
+                            std::hint::black_box(engine.forward(&input, batch, h, w, &mut ws));
+                        })
+                    }
+                    Form::Train => {
+                        // The unconverted multi-branch model in eval mode, as trained.
+                        let device = default_device();
+                        let tensors = if ckpt.form == Form::Train {
+                            &ckpt.tensors
+                        } else {
+                            bail!(
+                                "{}: deploy-form weights cannot run the training form",
+                                args.arch
+                            )
+                        };
+                        let model =
+                            RepVggTrain::from_state_dict(&spec, tensors, DEFAULT_BN_EPS, &device);
+                        let x: Tensor<4> = Tensor::from_data(
+                            TensorData::new(input.clone(), [batch, spec.in_channels, h, w]),
+                            &device,
+                        );
+                        Box::new(move || {
+                            let logits = model.forward(x.clone());
+                            std::hint::black_box(logits.into_data());
+                        })
+                    }
+                };
+                for _ in 0..args.warmup {
+                    run();
+                }
+                Ok((0..args.iters)
+                    .map(|_| {
+                        let start = Instant::now();
+                        run();
+                        start.elapsed().as_secs_f64()
+                    })
+                    .collect())
+            })?;
+            let mut sorted = times.clone();
+            sorted.sort_by(f64::total_cmp);
+            let median = percentile(&sorted, 0.5);
+            let p90 = percentile(&sorted, 0.9);
+            let images_per_s = batch as f64 / median;
+            let gflops = 2.0 * spec.macs(form, h, w) as f64 * batch as f64 / median / 1e9;
+            let rss = peak_rss_mb();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "arch": spec.name, "form": form, "batch": batch, "size": [h, w],
+                        "threads": threads, "median_ms": median * 1e3, "p90_ms": p90 * 1e3,
+                        "images_per_s": images_per_s, "gflops": gflops, "peak_rss_mb": rss,
+                        "iters": args.iters,
+                    })
+                );
+            } else {
+                println!(
+                    "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10.2} {:>10.2} {:>10.1} {:>9.1} {:>11.0}",
+                    spec.name,
+                    form.to_string(),
+                    batch,
+                    format!("{h}x{w}"),
+                    threads,
+                    median * 1e3,
+                    p90 * 1e3,
+                    images_per_s,
+                    gflops,
+                    rss
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-block time and GFLOP/s of the engine, to see which layer shapes limit it.
+fn layer_table(
+    ckpt: &Checkpoint,
+    batches: &[usize],
+    h: usize,
+    w: usize,
+    threads: usize,
+) -> Result<()> {
+    let engine = Engine::from_checkpoint(ckpt, DEFAULT_BN_EPS)?;
+    for &batch in batches {
+        let input = vec![0.5f32; batch * ckpt.spec.in_channels * h * w];
+        let mut ws = Workspace::default();
+        // Median of five profiles per layer.
+        let runs: Vec<_> = (0..5)
+            .map(|_| engine.profile(&input, batch, h, w, &mut ws))
+            .collect();
+        println!("batch {batch}, {threads} threads, {h}x{w}");
+        println!(
+            "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}",
+            "block", "in", "out", "stride", "out map", "ms", "GFLOP/s"
+        );
+        let mut total = 0.0;
+        for (i, t) in runs[0].iter().enumerate() {
+            let mut s: Vec<f64> = runs.iter().map(|r| r[i].seconds).collect();
+            s.sort_by(f64::total_cmp);
+            let sec = s[2];
+            total += sec;
+            let (cin, cout, oh, ow) = t.shape;
+            println!(
+                "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9.3} {:>8.1}",
+                t.name,
+                cin,
+                if t.groups > 1 {
+                    format!("{cout}/g{}", t.groups)
+                } else {
+                    cout.to_string()
+                },
+                t.stride,
+                format!("{oh}x{ow}"),
+                sec * 1e3,
+                2.0 * t.macs as f64 / sec / 1e9
+            );
+        }
+        println!("total convs: {:.2} ms", total * 1e3);
+    }
+    Ok(())
+}
