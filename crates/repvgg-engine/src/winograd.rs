@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 
 /// Output tiles per task: V and M for 32 tiles of 256 channels are 512 KiB each at most.
-pub const TILES_PER_TASK: usize = 32;
+pub const TILES_PER_TASK: usize = 96;
 
 /// Per-thread scratch, grown to the largest layer once and then reused.
 #[derive(Default)]
