@@ -44,12 +44,27 @@ struct ConvLayer {
 pub struct EngineOptions {
     /// Winograd F(2x2, 3x3) for stride-1 layers.
     pub winograd: bool,
+    pub mode: Mode,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { winograd: true }
+        EngineOptions {
+            winograd: true,
+            mode: Mode::Auto,
+        }
     }
+}
+
+/// How threads share a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every layer split across threads: the lowest latency for one image.
+    Latency,
+    /// Threads take whole images: no synchronisation between layers.
+    Throughput,
+    /// Throughput when the batch has at least one image per thread, else latency.
+    Auto,
 }
 
 struct SqueezeExcite {
@@ -65,6 +80,7 @@ struct SqueezeExcite {
 /// A deployed RepVGG ready to run.
 pub struct Engine {
     spec: ArchSpec,
+    options: EngineOptions,
     layers: Vec<ConvLayer>,
     /// `(classes, features)` row-major, as PyTorch stores it.
     head_weight: Vec<f32>,
@@ -92,6 +108,7 @@ pub struct Workspace {
 
 thread_local! {
     static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static THREAD_WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
 }
 
 /// A raw pointer that tiles write through; every tile owns a disjoint block of the output.
@@ -156,6 +173,7 @@ impl Engine {
             .collect();
         Ok(Engine {
             spec: deploy.spec.clone(),
+            options,
             layers,
             head_weight: t(format!("{HEAD}weight")).data.clone(),
             head_bias: t(format!("{HEAD}bias")).data.clone(),
@@ -175,10 +193,42 @@ impl Engine {
         w: usize,
         ws: &mut Workspace,
     ) -> Vec<f32> {
-        self.forward_with(input, n, h, w, ws, |_, _, _, _| {})
+        let threads = rayon::current_num_threads();
+        let by_image = match self.options.mode {
+            Mode::Latency => false,
+            Mode::Throughput => threads > 1 && n > 1,
+            Mode::Auto => threads > 1 && n >= threads,
+        };
+        if !by_image {
+            return self.forward_with(input, n, h, w, ws, |_, _, _, _| {});
+        }
+        // Throughput mode: each thread runs whole images through every layer, with no
+        // synchronisation between layers.
+        let image = self.spec.in_channels * h * w;
+        assert_eq!(input.len(), n * image, "input size");
+        let per_thread = n.div_ceil(threads);
+        let parts: Vec<Vec<f32>> = input
+            .par_chunks(per_thread * image)
+            .map(|part| {
+                THREAD_WORKSPACE.with(|ws| {
+                    let mut ws = ws.borrow_mut();
+                    self.run(
+                        part,
+                        part.len() / image,
+                        h,
+                        w,
+                        &mut ws,
+                        false,
+                        &mut |_, _, _, _| {},
+                    )
+                })
+            })
+            .collect();
+        parts.concat()
     }
 
-    /// Like [`Engine::forward`], calling `tap(block_index, h, w, nhwc)` after every block.
+    /// Like [`Engine::forward`], calling `tap(block_index, h, w, nhwc)` after every block
+    /// (latency mode: each layer split across threads).
     pub fn forward_with(
         &self,
         input: &[f32],
@@ -187,6 +237,20 @@ impl Engine {
         w: usize,
         ws: &mut Workspace,
         mut tap: impl FnMut(usize, usize, usize, &[f32]),
+    ) -> Vec<f32> {
+        self.run(input, n, h, w, ws, true, &mut tap)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        ws: &mut Workspace,
+        parallel: bool,
+        tap: &mut dyn FnMut(usize, usize, usize, &[f32]),
     ) -> Vec<f32> {
         let c = self.spec.in_channels;
         assert_eq!(
@@ -199,7 +263,7 @@ impl Engine {
         for (i, layer) in self.layers.iter().enumerate() {
             let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
             ws.b.resize(n * oh * ow * layer.out_channels, 0.0);
-            layer.forward(&ws.a, n, h, w, &mut ws.b);
+            layer.forward(&ws.a, n, h, w, &mut ws.b, parallel);
             std::mem::swap(&mut ws.a, &mut ws.b);
             (h, w) = (oh, ow);
             tap(i, h, w, &ws.a);
@@ -227,7 +291,7 @@ impl Engine {
             let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
             ws.b.resize(n * oh * ow * layer.out_channels, 0.0);
             let start = std::time::Instant::now();
-            layer.forward(&ws.a, n, h, w, &mut ws.b);
+            layer.forward(&ws.a, n, h, w, &mut ws.b, true);
             timings.push(LayerTiming {
                 name: block.name(),
                 seconds: start.elapsed().as_secs_f64(),
@@ -258,8 +322,22 @@ impl Engine {
 }
 
 impl ConvLayer {
-    fn forward(&self, input: &[f32], n: usize, h: usize, w: usize, output: &mut [f32]) {
-        let threads = rayon::current_num_threads();
+    /// `parallel`: split this layer across the thread pool (latency mode), or run it on the
+    /// calling thread (throughput mode, where threads take whole images).
+    fn forward(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        output: &mut [f32],
+        parallel: bool,
+    ) {
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
         if let Some(u) = &self.winograd {
             let tiles = n * h.div_ceil(2) * w.div_ceil(2);
             let chunks = tiles.div_ceil(winograd::TILES_PER_TASK);
@@ -274,7 +352,7 @@ impl ConvLayer {
                     relu: self.se.is_none(),
                 };
                 let out = OutPtr(output.as_mut_ptr());
-                (0..chunks * self.groups).into_par_iter().for_each(|task| {
+                run_tasks(chunks * self.groups, parallel, |task| {
                     let out = out;
                     let (chunk, group) = (task / self.groups, task % self.groups);
                     let first = chunk * winograd::TILES_PER_TASK;
@@ -282,7 +360,7 @@ impl ConvLayer {
                     // SAFETY: tasks own disjoint (tiles, group) blocks of the output.
                     unsafe { winograd::tiles(&layer, input, h, w, first, count, group, out.0) };
                 });
-                self.finish_se(output, n, h, w);
+                self.finish_se(output, n, h, w, parallel);
                 return;
             }
         }
@@ -291,39 +369,47 @@ impl ConvLayer {
         let cout_g = self.out_channels / self.groups;
         let row_tiles = rows.div_ceil(ROW_TILE);
         // Few rows (late layers, batch 1): split the output channels too.
-        let col_splits = if row_tiles >= 2 * threads {
+        // Enough tasks that uneven ones even out across threads (a 5-task layer on 2 threads
+        // idles one of them 40% of the time).
+        let wanted = 4 * threads;
+        let col_splits = if row_tiles >= wanted {
             1
         } else {
-            (2 * threads)
+            wanted
                 .div_ceil(row_tiles)
                 .min((cout_g / MIN_COL_TILE).max(1))
         };
         let col_tile = cout_g.div_ceil(col_splits);
         let out = OutPtr(output.as_mut_ptr());
         let fuse_relu = self.se.is_none();
-        (0..row_tiles * col_splits * self.groups)
-            .into_par_iter()
-            .for_each(|task| {
-                let out = out;
-                let (rest, col_block) = (task / col_splits, task % col_splits);
-                let (row_tile, group) = (rest / self.groups, rest % self.groups);
-                let first = row_tile * ROW_TILE;
-                let count = ROW_TILE.min(rows - first);
-                let cols = col_block * col_tile..((col_block + 1) * col_tile).min(cout_g);
-                // SAFETY: tasks write disjoint (rows, group columns) blocks of `output`.
-                unsafe {
-                    self.tile(
-                        input, h, w, oh, ow, first, count, group, cols, out.0, fuse_relu,
-                    )
-                };
-            });
-        self.finish_se(output, n, oh, ow);
+        run_tasks(row_tiles * col_splits * self.groups, parallel, |task| {
+            let out = out;
+            let (rest, col_block) = (task / col_splits, task % col_splits);
+            let (row_tile, group) = (rest / self.groups, rest % self.groups);
+            let first = row_tile * ROW_TILE;
+            let count = ROW_TILE.min(rows - first);
+            let cols = col_block * col_tile..((col_block + 1) * col_tile).min(cout_g);
+            // SAFETY: tasks write disjoint (rows, group columns) blocks of `output`.
+            unsafe {
+                self.tile(
+                    input, h, w, oh, ow, first, count, group, cols, out.0, fuse_relu,
+                )
+            };
+        });
+        self.finish_se(output, n, oh, ow, parallel);
     }
 
     /// SE sits between the convolution and the ReLU, and needs the whole map first.
-    fn finish_se(&self, output: &mut [f32], n: usize, oh: usize, ow: usize) {
+    fn finish_se(&self, output: &mut [f32], n: usize, oh: usize, ow: usize, parallel: bool) {
         if let Some(se) = &self.se {
             let c = self.out_channels;
+            if !parallel {
+                for image in output[..n * oh * ow * c].chunks_mut(oh * ow * c) {
+                    se.apply(image, c);
+                    image.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                return;
+            }
             output[..n * oh * ow * c]
                 .par_chunks_mut(oh * ow * c)
                 .for_each(|image| {
@@ -438,6 +524,15 @@ impl SqueezeExcite {
         for pixel in image.chunks_exact_mut(c) {
             pixel.iter_mut().zip(&gate).for_each(|(v, g)| *v *= g);
         }
+    }
+}
+
+/// Runs `f(0..count)` on the pool, or in order on this thread.
+fn run_tasks(count: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
+    if parallel {
+        (0..count).into_par_iter().for_each(f);
+    } else {
+        (0..count).for_each(f);
     }
 }
 

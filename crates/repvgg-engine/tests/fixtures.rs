@@ -73,8 +73,15 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
             ("deploy_timm.safetensors", true, &two),
         ] {
             let ckpt = Checkpoint::load(&fixture(config, file), None).unwrap();
-            let engine =
-                Engine::with_options(&ckpt, DEFAULT_BN_EPS, EngineOptions { winograd }).unwrap();
+            let engine = Engine::with_options(
+                &ckpt,
+                DEFAULT_BN_EPS,
+                EngineOptions {
+                    winograd,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
 
             let names: Vec<String> = ckpt.spec.blocks().iter().map(|b| b.name()).collect();
             let mut ws = Workspace::default();
@@ -104,10 +111,13 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
                 pool.current_num_threads()
             );
             assert!(err < 1e-5, "{config} {file}: {err:e}");
-            // A second call reuses the workspace and gives the same answer bit for bit.
+            // A second call reuses the workspace.
             let mut again = Vec::new();
             pool.install(|| again = engine.forward(&input, n, h, w, &mut ws));
-            assert_eq!(again, logits);
+            // forward() may take the throughput path (whole images per thread): same numbers
+            // up to rounding.
+            let err_again = relative_error(&again, &reference[key].1);
+            assert!(err_again < 1e-5, "{config} {file} forward(): {err_again:e}");
         }
     }
 }
