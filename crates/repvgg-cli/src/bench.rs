@@ -12,7 +12,7 @@ use repvgg_arch::{ArchSpec, Form};
 use repvgg_burn::{RepVggTrain, default_device};
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, random};
-use repvgg_engine::{Engine, Workspace};
+use repvgg_engine::{Engine, EngineOptions, Mode, Workspace};
 
 pub struct BenchArgs {
     pub arch: String,
@@ -24,6 +24,7 @@ pub struct BenchArgs {
     pub warmup: usize,
     pub json: bool,
     pub layers: bool,
+    pub mode: String,
 }
 
 /// Weights to time: a checkpoint file, or seeded random ones for a named or custom spec.
@@ -72,6 +73,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b > 0))
         .collect::<Option<_>>()
         .with_context(|| format!("--batch '{}': expected sizes such as 1,8", args.batch))?;
+    let mode = match args.mode.as_str() {
+        "auto" => Mode::Auto,
+        "latency" => Mode::Latency,
+        "throughput" => Mode::Throughput,
+        other => bail!("--mode '{other}': expected auto, latency or throughput"),
+    };
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -113,7 +120,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let times = pool.install(|| -> Result<Vec<f64>> {
                 let mut run: Box<dyn FnMut()> = match form {
                     Form::Deploy => {
-                        let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS)?;
+                        let options = EngineOptions {
+                            mode,
+                            ..Default::default()
+                        };
+                        let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options)?;
                         let mut ws = Workspace::default();
                         let input = input.clone();
                         Box::new(move || {

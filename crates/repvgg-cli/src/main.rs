@@ -113,6 +113,10 @@ enum Command {
         /// Per-block time and GFLOP/s of the deploy form instead.
         #[arg(long)]
         layers: bool,
+        /// Engine threading: latency (each layer split across threads), throughput (whole
+        /// images per thread) or auto (throughput when the batch has an image per thread).
+        #[arg(long, default_value = "auto")]
+        mode: String,
     },
 }
 
@@ -164,6 +168,7 @@ fn main() -> ExitCode {
             warmup,
             json,
             layers,
+            mode,
         } => parse_size(&size).and_then(|size| {
             bench::run(bench::BenchArgs {
                 arch,
@@ -175,6 +180,7 @@ fn main() -> ExitCode {
                 warmup,
                 json,
                 layers,
+                mode,
             })
         }),
     };

@@ -340,7 +340,10 @@ impl ConvLayer {
         };
         if let Some(u) = &self.winograd {
             let tiles = n * h.div_ceil(2) * w.div_ceil(2);
-            let chunks = tiles.div_ceil(winograd::TILES_PER_TASK);
+            // Balanced chunks of at most TILES_PER_TASK tiles, a multiple of the thread count.
+            let chunks = tiles.div_ceil(winograd::TILES_PER_TASK).div_ceil(threads) * threads;
+            let per_chunk = tiles.div_ceil(chunks);
+            let chunks = tiles.div_ceil(per_chunk);
             // Too few tiles to share out: the im2col path can split output channels instead.
             if chunks * self.groups >= threads {
                 let layer = winograd::Layer {
@@ -355,8 +358,8 @@ impl ConvLayer {
                 run_tasks(chunks * self.groups, parallel, |task| {
                     let out = out;
                     let (chunk, group) = (task / self.groups, task % self.groups);
-                    let first = chunk * winograd::TILES_PER_TASK;
-                    let count = winograd::TILES_PER_TASK.min(tiles - first);
+                    let first = chunk * per_chunk;
+                    let count = per_chunk.min(tiles - first);
                     // SAFETY: tasks own disjoint (tiles, group) blocks of the output.
                     unsafe { winograd::tiles(&layer, input, h, w, first, count, group, out.0) };
                 });
