@@ -117,6 +117,16 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// A method (not field access) so closures capture the whole `Send` wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Called after every block with (block index, height, width, NHWC activations).
+type Tap<'a> = dyn FnMut(usize, usize, usize, &[f32]) + 'a;
+
 impl Engine {
     /// Builds the engine from a checkpoint of either form (a training-form one is converted
     /// first, with `bn_eps`).
@@ -250,7 +260,7 @@ impl Engine {
         w: usize,
         ws: &mut Workspace,
         parallel: bool,
-        tap: &mut dyn FnMut(usize, usize, usize, &[f32]),
+        tap: &mut Tap<'_>,
     ) -> Vec<f32> {
         let c = self.spec.in_channels;
         assert_eq!(
@@ -356,12 +366,11 @@ impl ConvLayer {
                 };
                 let out = OutPtr(output.as_mut_ptr());
                 run_tasks(chunks * self.groups, parallel, |task| {
-                    let out = out;
                     let (chunk, group) = (task / self.groups, task % self.groups);
                     let first = chunk * per_chunk;
                     let count = per_chunk.min(tiles - first);
                     // SAFETY: tasks own disjoint (tiles, group) blocks of the output.
-                    unsafe { winograd::tiles(&layer, input, h, w, first, count, group, out.0) };
+                    unsafe { winograd::tiles(&layer, input, h, w, first, count, group, out.get()) };
                 });
                 self.finish_se(output, n, h, w, parallel);
                 return;
@@ -386,7 +395,6 @@ impl ConvLayer {
         let out = OutPtr(output.as_mut_ptr());
         let fuse_relu = self.se.is_none();
         run_tasks(row_tiles * col_splits * self.groups, parallel, |task| {
-            let out = out;
             let (rest, col_block) = (task / col_splits, task % col_splits);
             let (row_tile, group) = (rest / self.groups, rest % self.groups);
             let first = row_tile * ROW_TILE;
@@ -395,7 +403,17 @@ impl ConvLayer {
             // SAFETY: tasks write disjoint (rows, group columns) blocks of `output`.
             unsafe {
                 self.tile(
-                    input, h, w, oh, ow, first, count, group, cols, out.0, fuse_relu,
+                    input,
+                    h,
+                    w,
+                    oh,
+                    ow,
+                    first,
+                    count,
+                    group,
+                    cols,
+                    out.get(),
+                    fuse_relu,
                 )
             };
         });

@@ -83,7 +83,8 @@ pub struct Layer<'a> {
 /// # Safety
 /// `out` must point to an `(n, h, w, cout)` buffer, and no other thread may write the output
 /// positions of these tiles in this group's channels.
-#[allow(clippy::too_many_arguments)]
+// Index loops mirror the transform matrices entry by entry.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub unsafe fn tiles(
     layer: &Layer<'_>,
     input: &[f32],
