@@ -101,5 +101,20 @@ pub fn run(
         .collect();
     let bytes = safetensors::serialize(views, None).context("serialising outputs")?;
     write_atomically(output, &bytes)?;
+    let features_note = if features {
+        format!(" and {} block outputs", out.len() - 1)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "{} ({}, {} form) on {} {:?} -> {}: logits [{n}, {}]{features_note}",
+        weights.display(),
+        spec.name,
+        ckpt.form,
+        input.display(),
+        [n, spec.in_channels, h, w],
+        output.display(),
+        spec.num_classes,
+    );
     Ok(())
 }
