@@ -292,27 +292,23 @@ impl Engine {
         ws: &mut Workspace,
     ) -> Vec<LayerTiming> {
         self.forward(input, n, h, w, ws);
-        let c = self.spec.in_channels;
-        nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
-        let (mut h, mut w) = (h, w);
         let blocks = self.spec.blocks();
         let mut timings = Vec::with_capacity(self.layers.len());
-        for (layer, block) in self.layers.iter().zip(&blocks) {
-            let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
-            ws.b.resize(n * oh * ow * layer.out_channels, 0.0);
-            let start = std::time::Instant::now();
-            layer.forward(&ws.a, n, h, w, &mut ws.b, true);
+        let (mut in_h, mut in_w) = (h, w);
+        let mut last = std::time::Instant::now();
+        self.run(input, n, h, w, ws, true, &mut |i, oh, ow, _| {
+            let (layer, block) = (&self.layers[i], &blocks[i]);
             timings.push(LayerTiming {
                 name: block.name(),
-                seconds: start.elapsed().as_secs_f64(),
-                macs: n as u64 * block.macs(Form::Deploy, h, w),
+                seconds: last.elapsed().as_secs_f64(),
+                macs: n as u64 * block.macs(Form::Deploy, in_h, in_w),
                 stride: layer.stride,
                 groups: layer.groups,
                 shape: (layer.in_channels, layer.out_channels, oh, ow),
             });
-            std::mem::swap(&mut ws.a, &mut ws.b);
-            (h, w) = (oh, ow);
-        }
+            (in_h, in_w) = (oh, ow);
+            last = std::time::Instant::now();
+        });
         timings
     }
 
