@@ -137,7 +137,7 @@ fn cifar_batches_round_trip_real_pixels() {
     }
     let c100 = dir.path().join("train.bin");
     std::fs::write(&c100, &hundred).unwrap();
-    let set = load_cifar(&[c100.clone()], Cifar::Hundred).unwrap();
+    let set = load_cifar(std::slice::from_ref(&c100), Cifar::Hundred).unwrap();
     assert_eq!(set.labels[3], expected[3].0 as u16 * 9);
 
     // A truncated batch is refused by name.
