@@ -14,13 +14,28 @@ const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 /// Parses `.pth` bytes into raw tensors (any dtype) keyed as in the file, after unwrapping
 /// `state_dict`/`model` wrappers. Integer tensors are returned too: the caller decides.
 pub fn read_pth(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
-    if bytes.starts_with(b"PK\x03\x04") {
-        read_zip(bytes)
-    } else if bytes.starts_with(b"\x80") {
-        read_legacy(bytes)
-    } else {
-        Err("not a PyTorch checkpoint (neither a zip archive nor a pickle stream)".into())
-    }
+    let parse = || {
+        if bytes.starts_with(b"PK\x03\x04") {
+            read_zip(bytes)
+        } else if bytes.starts_with(b"\x80") {
+            read_legacy(bytes)
+        } else {
+            Err("not a PyTorch checkpoint (neither a zip archive nor a pickle stream)".into())
+        }
+    };
+    // Pickled containers can nest as deep as the file is long (two bytes a level), and
+    // building, walking and dropping them recurses. Parse on a thread whose stack is sized for
+    // that, so a hostile file gives an error instead of overflowing the stack; only flat
+    // tensors come back.
+    let stack = bytes.len().saturating_mul(256).clamp(8 << 20, 1 << 30);
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn_scoped(scope, parse)
+            .map_err(|e| format!("cannot start the parser thread: {e}"))?
+            .join()
+            .map_err(|_| "the pickle parser failed unexpectedly".to_string())?
+    })
 }
 
 /// A tensor before conversion to `f32`: its dtype and contiguous little-endian bytes.

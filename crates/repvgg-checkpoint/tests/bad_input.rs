@@ -235,3 +235,22 @@ fn zero_dimensional_tensors_are_errors_not_panics() {
         error_for(&path, None);
     }
 }
+
+/// A legacy-format file whose pickle nests 200,000 lists deep: an error, not a stack overflow.
+#[test]
+fn deeply_nested_pickles_do_not_overflow_the_stack() {
+    let depth = 200_000;
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."); // magic number
+    bytes.extend_from_slice(b"\x80\x02M\xe9\x03."); // protocol version 1001
+    bytes.extend_from_slice(b"\x80\x02}."); // system info
+    bytes.extend_from_slice(b"\x80\x02");
+    bytes.extend(std::iter::repeat_n(b']', depth));
+    bytes.extend(std::iter::repeat_n(b'a', depth - 1));
+    bytes.push(b'.');
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested.pth");
+    std::fs::write(&path, &bytes).unwrap();
+    let err = error_for(&path, None);
+    assert!(err.contains("legacy .pth"), "{err}");
+}
