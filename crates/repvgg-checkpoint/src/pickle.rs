@@ -103,6 +103,7 @@ pub fn read_pickle(bytes: &[u8]) -> Result<(Value, usize), String> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        recall_budget: RECALL_BUDGET,
     }
     .run()
 }
@@ -114,6 +115,28 @@ struct Machine<'a> {
     /// Stack heights at each MARK.
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    recall_budget: usize,
+}
+
+/// Values a pickle may copy out of its memo in all: far above any state dict's needs.
+const RECALL_BUDGET: usize = 10_000_000;
+
+/// Nodes in `value`, counted without recursion; stops once past `limit`.
+fn node_count(value: &Value, limit: usize) -> usize {
+    let mut pending = vec![value];
+    let mut count = 0;
+    while let Some(v) = pending.pop() {
+        count += 1;
+        if count > limit {
+            return count;
+        }
+        match v {
+            Value::List(items) | Value::Tuple(items) => pending.extend(items),
+            Value::Dict(items) => items.iter().for_each(|(k, v)| pending.extend([k, v])),
+            _ => {}
+        }
+    }
+    count
 }
 
 impl Machine<'_> {
@@ -193,6 +216,15 @@ impl Machine<'_> {
     }
 
     fn recall(&mut self, index: u32) -> Result<(), String> {
+        // Recalls copy; a hostile pickle could recall a large value over and over until memory
+        // runs out, so the copies share one budget.
+        let cost = self
+            .memo
+            .get(&index)
+            .map_or(0, |v| node_count(v, self.recall_budget));
+        self.recall_budget = self.recall_budget.checked_sub(cost).ok_or(
+            "pickle copies its own values more than any state dict needs (refusing to expand it)",
+        )?;
         let value = self.memo.get(&index).cloned().ok_or_else(|| {
             format!("pickle refers to memo entry {index}, which was never stored")
         })?;
@@ -619,6 +651,22 @@ mod tests {
         let bytes = b"\x80\x02}q\x00(X\x05\x00\x00\x00ab";
         assert!(read_pickle(bytes).unwrap_err().contains("ends early"));
         assert!(read_pickle(b"").is_err());
+    }
+
+    #[test]
+    fn repeated_recalls_of_a_large_value_are_refused() {
+        // A list of 10,000 ints, memoized once filled, then appended to another list 2,000 times.
+        let mut bytes = b"\x80\x02](".to_vec();
+        for _ in 0..10_000 {
+            bytes.extend_from_slice(b"K\x01");
+        }
+        bytes.extend_from_slice(b"eq\x00]");
+        for _ in 0..2_000 {
+            bytes.extend_from_slice(b"h\x00a");
+        }
+        bytes.push(b'.');
+        let err = read_pickle(&bytes).unwrap_err();
+        assert!(err.contains("refusing to expand"), "{err}");
     }
 
     #[test]
