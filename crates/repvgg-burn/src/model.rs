@@ -108,6 +108,47 @@ fn block_name(stage: usize, index: usize) -> String {
     }
 }
 
+/// What the two forms' blocks share, so one loop runs either network.
+trait Block {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4>;
+    fn position(&self) -> (usize, usize);
+}
+
+impl Block for TrainBlock {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        TrainBlock::forward(self, x)
+    }
+    fn position(&self) -> (usize, usize) {
+        (self.stage, self.index)
+    }
+}
+
+impl Block for DeployBlock {
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        DeployBlock::forward(self, x)
+    }
+    fn position(&self) -> (usize, usize) {
+        (self.stage, self.index)
+    }
+}
+
+/// Blocks in order, then the head; with `features`, each block's output by official name.
+fn run_blocks<B: Block>(
+    blocks: &[B],
+    head: &Head,
+    mut x: Tensor<4>,
+    mut features: Option<&mut Vec<(String, Tensor<4>)>>,
+) -> Tensor<2> {
+    for b in blocks {
+        x = b.forward(x);
+        if let Some(features) = features.as_mut() {
+            let (stage, index) = b.position();
+            features.push((block_name(stage, index), x.clone()));
+        }
+    }
+    head.forward(x)
+}
+
 /// Training-form block: `ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) + BN(x)))`.
 #[derive(Module, Debug)]
 pub struct TrainBlock {
@@ -233,19 +274,14 @@ impl RepVggTrain {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.head
-            .forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
+        run_blocks(&self.blocks, &self.head, x, None)
     }
 
     /// Logits and every block's output, by official block name.
     pub fn forward_with_features(&self, x: Tensor<4>) -> (Tensor<2>, Vec<(String, Tensor<4>)>) {
         let mut features = Vec::with_capacity(self.blocks.len());
-        let mut x = x;
-        for b in &self.blocks {
-            x = b.forward(x);
-            features.push((block_name(b.stage, b.index), x.clone()));
-        }
-        (self.head.forward(x), features)
+        let logits = run_blocks(&self.blocks, &self.head, x, Some(&mut features));
+        (logits, features)
     }
 }
 
@@ -290,18 +326,14 @@ impl RepVggDeploy {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<2> {
-        self.head
-            .forward(self.blocks.iter().fold(x, |x, b| b.forward(x)))
+        run_blocks(&self.blocks, &self.head, x, None)
     }
 
+    /// Logits and every block's output, by official block name.
     pub fn forward_with_features(&self, x: Tensor<4>) -> (Tensor<2>, Vec<(String, Tensor<4>)>) {
         let mut features = Vec::with_capacity(self.blocks.len());
-        let mut x = x;
-        for b in &self.blocks {
-            x = b.forward(x);
-            features.push((block_name(b.stage, b.index), x.clone()));
-        }
-        (self.head.forward(x), features)
+        let logits = run_blocks(&self.blocks, &self.head, x, Some(&mut features));
+        (logits, features)
     }
 }
 
