@@ -6,46 +6,20 @@
 //! accumulates to ~1e-6 (the reference's own f32 run lands 3e-7..2e-6 from its f64 run), so
 //! 1e-5 passes honest f32 arithmetic and fails any real mistake (a wrong eps alone gives ~1e-4).
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
 
 use burn::tensor::{Tensor, TensorData};
 use repvgg_burn::{RepVgg, RepVggDeploy, RepVggTrain, default_device};
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
+use repvgg_testing::{fixture, read_f64, relative_error};
 
 const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"];
 const TOLERANCE: f64 = 1e-5;
 
-fn fixture(config: &str, file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(config)
-        .join(file)
-}
-
 /// Tensors of `io.safetensors` as f64, with their shapes.
-fn io(config: &str) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(fixture(config, "io.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let values = match v.dtype() {
-                safetensors::Dtype::F64 => v
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::F32 => v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("{k}: {other:?}"),
-            };
-            (k, (v.shape().to_vec(), values))
-        })
-        .collect()
+fn io(config: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    read_f64(&fixture(config, "io.safetensors"))
 }
 
 fn input(config: &str) -> Tensor<4> {
@@ -61,16 +35,6 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
         .iter()
         .map(|&v| v as f64)
         .collect()
-}
-
-fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    let diff = ours
-        .iter()
-        .zip(reference)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
 }
 
 fn load(config: &str, file: &str) -> Checkpoint {

@@ -21,6 +21,8 @@ use repvgg_engine::{Engine, Workspace};
 use repvgg_fuse::Kernel;
 use repvgg_fuse::reference::{Conv2dParams, FeatureMap, batch_norm, conv2d};
 
+use repvgg_testing::relative_error;
+
 const TOLERANCE: f64 = 1e-5;
 
 fn kernel_of(dict: &StateDict, key: &str) -> Kernel<f64> {
@@ -109,18 +111,6 @@ fn reference_logits(spec: &ArchSpec, dict: &StateDict, image: FeatureMap<f64>) -
                 .sum::<f64>()
         })
         .collect()
-}
-
-fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
-    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    assert!(
-        scale.is_finite() && scale > 1e-6,
-        "degenerate reference scale {scale}"
-    );
-    ours.iter()
-        .zip(reference)
-        .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 fn values(t: Tensor<2>) -> Vec<f64> {

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use repvgg_testing::relative_error;
+
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
+    repvgg_testing::fixtures().join(rel)
 }
 
 fn repvgg(args: &[&str]) -> Output {
@@ -40,35 +40,12 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
+/// Values only, by key.
 fn read_f64(path: &Path) -> std::collections::HashMap<String, Vec<f64>> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    repvgg_testing::read_f64(path)
         .into_iter()
-        .map(|(k, v)| {
-            let values = match v.dtype() {
-                safetensors::Dtype::F64 => v
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::F32 => v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-                other => panic!("{other:?}"),
-            };
-            (k, values)
-        })
+        .map(|(k, (_, v))| (k, v))
         .collect()
-}
-
-/// max|a - b| / max|b|
-fn relative_error(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 #[test]

@@ -3,51 +3,21 @@
 //! these depths; any indexing or packing mistake shows up as O(1).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_engine::{Engine, EngineOptions, Workspace, nhwc_to_nchw};
+use repvgg_testing::{fixture, read_f64, widen};
 
 const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"];
 
-fn fixture(config: &str, file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(config)
-        .join(file)
-}
-
 fn io(config: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(fixture(config, "io.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let values = match v.dtype() {
-                safetensors::Dtype::F64 => v
-                    .data()
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                _ => v
-                    .data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
-                    .collect(),
-            };
-            (k, (v.shape().to_vec(), values))
-        })
-        .collect()
+    read_f64(&fixture(config, "io.safetensors"))
 }
 
+/// f32 engine output against an f64 reference.
 fn relative_error(ours: &[f32], reference: &[f64]) -> f64 {
-    assert_eq!(ours.len(), reference.len());
-    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
-    ours.iter()
-        .zip(reference)
-        .fold(0f64, |m, (&a, b)| m.max((a as f64 - b).abs()))
-        / scale
+    repvgg_testing::relative_error(&widen(ours), reference)
 }
 
 #[test]

@@ -1,0 +1,58 @@
+//! What every crate's tests need to compare against the reference fixtures.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// `fixtures/` at the repository root.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// `fixtures/<config>/<file>`.
+pub fn fixture(config: &str, file: &str) -> PathBuf {
+    fixtures().join(config).join(file)
+}
+
+/// Every tensor of a safetensors file (f64, f32 or f16 values) as f64, with its shape.
+pub fn read_f64(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(key, view)| {
+            let data = view.data();
+            let values: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F64 => data
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                other => panic!("{}: {key} has dtype {other:?}", path.display()),
+            };
+            (key, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// max |ours - reference| / max |reference|: the error measure every numeric test uses.
+pub fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(ours.len(), reference.len(), "lengths differ");
+    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(
+        scale.is_finite() && scale > 0.0,
+        "degenerate reference scale {scale}"
+    );
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// f32 values widened for [`relative_error`].
+pub fn widen(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
