@@ -150,19 +150,6 @@ impl Checkpoint {
     pub fn save_safetensors(&self, path: &Path, naming: Naming) -> Result<(), CheckpointError> {
         let fail = |problem: String| CheckpointError::new(path, problem);
         let renamed = naming::rename(&self.tensors, Naming::Official, naming).map_err(fail)?;
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = renamed
-            .iter()
-            .map(|(key, t)| {
-                let bytes: &[u8] = bytemuck::cast_slice(&t.data);
-                safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::F32,
-                    t.shape.clone(),
-                    bytes,
-                )
-                .map(|view| (key.clone(), view))
-                .map_err(|e| fail(format!("{key}: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
         let metadata = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("repvgg.form".to_string(), self.form.to_string()),
@@ -172,10 +159,32 @@ impl Checkpoint {
                 serde_json::to_string(&self.spec).expect("spec serialises"),
             ),
         ]);
-        let bytes =
-            safetensors::serialize(views, Some(metadata)).map_err(|e| fail(e.to_string()))?;
-        write_atomically(path, &bytes)
+        write_safetensors(path, &renamed, Some(metadata))
     }
+}
+
+/// Writes `f32` tensors as safetensors, atomically. Every safetensors file this project
+/// writes (checkpoints, `forward` outputs) goes through here.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &StateDict,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    let fail = |problem: String| CheckpointError::new(path, problem);
+    let views: Vec<(&String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(key, t)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.data),
+            )
+            .map(|view| (key, view))
+            .map_err(|e| fail(format!("{key}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| fail(e.to_string()))?;
+    write_atomically(path, &bytes)
 }
 
 /// All problems on one line: an error names every key that is wrong, not the first few.
@@ -226,19 +235,8 @@ fn read_raw(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
     st.tensors()
         .into_iter()
         .map(|(key, view)| {
-            let dtype = match view.dtype() {
-                safetensors::Dtype::F16 => DType::F16,
-                safetensors::Dtype::BF16 => DType::BF16,
-                safetensors::Dtype::F32 => DType::F32,
-                safetensors::Dtype::F64 => DType::F64,
-                safetensors::Dtype::I64 => DType::I64,
-                safetensors::Dtype::I32 => DType::I32,
-                safetensors::Dtype::I16 => DType::I16,
-                safetensors::Dtype::I8 => DType::I8,
-                safetensors::Dtype::U8 => DType::U8,
-                safetensors::Dtype::BOOL => DType::Bool,
-                other => return Err(format!("'{key}' has unsupported dtype {other:?}")),
-            };
+            let dtype = DType::from_safetensors(view.dtype())
+                .ok_or_else(|| format!("'{key}' has unsupported dtype {:?}", view.dtype()))?;
             Ok((
                 key,
                 RawTensor {

@@ -27,6 +27,24 @@ impl DType {
         }
     }
 
+    /// The matching safetensors element type, if this crate reads it.
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<DType> {
+        use safetensors::Dtype as S;
+        Some(match dtype {
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F32 => DType::F32,
+            S::F64 => DType::F64,
+            S::I64 => DType::I64,
+            S::I32 => DType::I32,
+            S::I16 => DType::I16,
+            S::I8 => DType::I8,
+            S::U8 => DType::U8,
+            S::BOOL => DType::Bool,
+            _ => return None,
+        })
+    }
+
     pub fn is_float(self) -> bool {
         matches!(self, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
     }

@@ -1,10 +1,9 @@
 //! `repvgg forward`: safetensors in, logits (and block outputs) out.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use repvgg_checkpoint::{DType, Tensor as CkptTensor, write_atomically};
+use repvgg_checkpoint::{DType, StateDict, Tensor as CkptTensor, write_safetensors};
 use repvgg_engine::{Engine, Workspace, nhwc_to_nchw};
 
 use crate::load_checkpoint;
@@ -24,16 +23,15 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let view = st
         .tensor(name)
         .with_context(|| format!("{}: has no tensor named 'input'", path.display()))?;
-    let dtype = match view.dtype() {
-        safetensors::Dtype::F32 => DType::F32,
-        safetensors::Dtype::F64 => DType::F64,
-        safetensors::Dtype::F16 => DType::F16,
-        safetensors::Dtype::BF16 => DType::BF16,
-        other => bail!(
-            "{}: 'input' has dtype {other:?}; expected a float type",
-            path.display()
-        ),
-    };
+    let dtype = DType::from_safetensors(view.dtype())
+        .filter(|d| d.is_float())
+        .with_context(|| {
+            format!(
+                "{}: 'input' has dtype {:?}; expected a float type",
+                path.display(),
+                view.dtype()
+            )
+        })?;
     let values = dtype.decode_floats(view.data()).expect("float dtype");
     if values.iter().any(|v| !v.is_finite()) {
         bail!(
@@ -71,7 +69,7 @@ pub fn run(
     // Training-form weights are converted in memory; the engine runs the plain network.
     let engine = Engine::from_checkpoint(&ckpt, bn_eps)?;
     let names: Vec<String> = spec.blocks().iter().map(|b| b.name()).collect();
-    let mut out = HashMap::new();
+    let mut out = StateDict::new();
     let mut ws = Workspace::default();
     let logits = engine.forward_with(&values, n, h, w, &mut ws, |i, fh, fw, nhwc| {
         if features {
@@ -87,20 +85,7 @@ pub fn run(
         CkptTensor::new(vec![n, spec.num_classes], logits),
     );
 
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
-        .iter()
-        .map(|(k, t)| {
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                t.shape.clone(),
-                bytemuck::cast_slice(&t.data),
-            )
-            .expect("shape matches data");
-            (k.clone(), view)
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, None).context("serialising outputs")?;
-    write_atomically(output, &bytes)?;
+    write_safetensors(output, &out, None)?;
     let features_note = if features {
         format!(" and {} block outputs", out.len() - 1)
     } else {
