@@ -14,22 +14,44 @@ use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, random};
 use repvgg_engine::{Engine, EngineOptions, Mode, Workspace};
 
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    /// A variant or custom spec (seeded random weights) or a checkpoint file.
+    #[arg(long, default_value = "A0")]
     pub arch: String,
+    /// train, deploy or both.
+    #[arg(long, default_value = "deploy")]
     pub form: String,
+    /// Batch sizes, comma-separated.
+    #[arg(long, default_value = "1,8")]
     pub batch: String,
-    pub size: (usize, usize),
+    /// Input size: 224, or HxW.
+    #[arg(long, default_value = "224")]
+    pub size: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
     pub threads: Option<usize>,
+    /// Timed iterations per case.
+    #[arg(long, default_value_t = 15)]
     pub iters: usize,
+    /// Untimed iterations before timing.
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// One JSON object per line and case.
+    #[arg(long)]
     pub json: bool,
+    /// Per-block time and GFLOP/s of the deploy form instead.
+    #[arg(long)]
     pub layers: bool,
+    /// Engine threading: latency (each layer split across threads), throughput (whole
+    /// images per thread) or auto (throughput when the batch has an image per thread).
+    #[arg(long, default_value = "auto")]
     pub mode: String,
 }
 
 /// Weights to time: a checkpoint file, or seeded random ones for a named or custom spec.
 fn weights(arch: &str) -> Result<Checkpoint> {
-    if Path::new(arch).is_file() && !arch.ends_with(".json") {
+    if crate::is_checkpoint_path(arch) {
         return Ok(Checkpoint::load(Path::new(arch), None)?);
     }
     let spec = ArchSpec::parse(arch)?;
@@ -91,7 +113,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .context("cannot start the thread pool")?;
     let ckpt = weights(&args.arch)?;
     let spec = ckpt.spec.clone();
-    let (h, w) = args.size;
+    let (h, w) = crate::parse_size(&args.size)?;
     if args.layers {
         return pool.install(|| layer_table(&ckpt, &batches, h, w, threads));
     }

@@ -85,39 +85,7 @@ enum Command {
     ///
     /// The deploy form runs on the engine; the training form is the unconverted multi-branch
     /// model (burn, eval mode), so the gain of conversion is measured.
-    Bench {
-        /// A variant or custom spec (seeded random weights) or a checkpoint file.
-        #[arg(long, default_value = "A0")]
-        arch: String,
-        /// train, deploy or both.
-        #[arg(long, default_value = "deploy")]
-        form: String,
-        /// Batch sizes, comma-separated.
-        #[arg(long, default_value = "1,8")]
-        batch: String,
-        /// Input size: 224, or HxW.
-        #[arg(long, default_value = "224")]
-        size: String,
-        /// Worker threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Timed iterations per case.
-        #[arg(long, default_value_t = 15)]
-        iters: usize,
-        /// Untimed iterations before timing.
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
-        /// One JSON object per line and case.
-        #[arg(long)]
-        json: bool,
-        /// Per-block time and GFLOP/s of the deploy form instead.
-        #[arg(long)]
-        layers: bool,
-        /// Engine threading: latency (each layer split across threads), throughput (whole
-        /// images per thread) or auto (throughput when the batch has an image per thread).
-        #[arg(long, default_value = "auto")]
-        mode: String,
-    },
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -158,31 +126,7 @@ fn main() -> ExitCode {
             features,
             bn_eps,
         } => forward::run(&weights, &input, &output, arch, features, bn_eps),
-        Command::Bench {
-            arch,
-            form,
-            batch,
-            size,
-            threads,
-            iters,
-            warmup,
-            json,
-            layers,
-            mode,
-        } => parse_size(&size).and_then(|size| {
-            bench::run(bench::BenchArgs {
-                arch,
-                form,
-                batch,
-                size,
-                threads,
-                iters,
-                warmup,
-                json,
-                layers,
-                mode,
-            })
-        }),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -204,7 +148,7 @@ pub fn load_checkpoint(path: &Path, arch: Option<String>) -> Result<Checkpoint> 
     Ok(Checkpoint::load(path, arch.as_ref())?)
 }
 
-fn parse_size(size: &str) -> Result<(usize, usize)> {
+pub fn parse_size(size: &str) -> Result<(usize, usize)> {
     let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| n > 0);
     match size.split_once(['x', 'X']) {
         Some((h, w)) => parse(h).zip(parse(w)),
@@ -256,7 +200,7 @@ fn describe(spec: &ArchSpec) -> String {
 }
 
 /// Whether `info`'s argument names a checkpoint file (existing or not) rather than a variant.
-fn is_checkpoint_path(target: &str) -> bool {
+pub fn is_checkpoint_path(target: &str) -> bool {
     let lower = target.to_ascii_lowercase();
     Path::new(target).is_file() && !lower.ends_with(".json")
         || [".pth", ".pt", ".bin", ".ckpt", ".safetensors"]
