@@ -83,6 +83,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    let (h, w) = crate::parse_size(&args.size)?;
     let forms: Vec<Form> = match args.form.as_str() {
         "train" => vec![Form::Train],
         "deploy" => vec![Form::Deploy],
@@ -113,7 +114,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .context("cannot start the thread pool")?;
     let ckpt = weights(&args.arch)?;
     let spec = ckpt.spec.clone();
-    let (h, w) = crate::parse_size(&args.size)?;
     if args.layers {
         return pool.install(|| layer_table(&ckpt, &batches, h, w, threads));
     }
