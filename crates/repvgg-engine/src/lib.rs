@@ -139,8 +139,15 @@ impl Engine {
         bn_eps: f64,
         options: EngineOptions,
     ) -> Result<Engine, CheckpointError> {
-        let deploy = ckpt.to_deploy(bn_eps)?;
-        debug_assert_eq!(deploy.form, Form::Deploy);
+        // Convert only what needs it: a deploy checkpoint is read in place, not copied.
+        let converted;
+        let deploy = match ckpt.form {
+            Form::Deploy => ckpt,
+            Form::Train => {
+                converted = ckpt.to_deploy(bn_eps)?;
+                &converted
+            }
+        };
         let t = |key: String| &deploy.tensors[&key];
         let layers = deploy
             .spec
