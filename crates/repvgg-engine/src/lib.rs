@@ -109,6 +109,9 @@ pub struct Workspace {
 thread_local! {
     static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static THREAD_WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+    /// SE's pooled means, bottleneck and gate.
+    static SE_SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// A raw pointer that tiles write through; every tile owns a disjoint block of the output.
@@ -430,7 +433,6 @@ impl ConvLayer {
             if !parallel {
                 for image in output[..n * oh * ow * c].chunks_mut(oh * ow * c) {
                     se.apply(image, c);
-                    image.iter_mut().for_each(|v| *v = v.max(0.0));
                 }
                 return;
             }
@@ -438,7 +440,6 @@ impl ConvLayer {
                 .par_chunks_mut(oh * ow * c)
                 .for_each(|image| {
                     se.apply(image, c);
-                    image.iter_mut().for_each(|v| *v = v.max(0.0));
                 });
         }
     }
@@ -532,22 +533,30 @@ impl ConvLayer {
 }
 
 impl SqueezeExcite {
-    /// Scales one NHWC image's channels by `sigmoid(up(relu(down(mean))))`.
+    /// Scales one NHWC image's channels by `sigmoid(up(relu(down(mean))))`, then applies the
+    /// block's ReLU (SE sits between the convolution and the ReLU).
     fn apply(&self, image: &mut [f32], c: usize) {
-        let pooled = channel_means(image, c);
-        let hidden: Vec<f32> = (0..self.hidden)
-            .map(|j| (self.down_bias[j] + dot(&self.down[j * c..(j + 1) * c], &pooled)).max(0.0))
-            .collect();
-        let gate: Vec<f32> = (0..c)
-            .map(|i| {
-                let z = self.up_bias[i]
-                    + dot(&self.up[i * self.hidden..(i + 1) * self.hidden], &hidden);
+        SE_SCRATCH.with(|scratch| {
+            let (pooled, hidden, gate) = &mut *scratch.borrow_mut();
+            channel_means_into(image, c, pooled);
+            hidden.clear();
+            hidden.extend((0..self.hidden).map(|j| {
+                (self.down_bias[j] + dot(&self.down[j * c..(j + 1) * c], pooled)).max(0.0)
+            }));
+            gate.clear();
+            gate.extend((0..c).map(|i| {
+                let z =
+                    self.up_bias[i] + dot(&self.up[i * self.hidden..(i + 1) * self.hidden], hidden);
                 1.0 / (1.0 + (-z).exp())
-            })
-            .collect();
-        for pixel in image.chunks_exact_mut(c) {
-            pixel.iter_mut().zip(&gate).for_each(|(v, g)| *v *= g);
-        }
+            }));
+            // Scale, then the block's ReLU, in one pass.
+            for pixel in image.chunks_exact_mut(c) {
+                pixel
+                    .iter_mut()
+                    .zip(gate.iter())
+                    .for_each(|(v, g)| *v = (*v * g).max(0.0));
+            }
+        });
     }
 }
 
@@ -604,13 +613,20 @@ pub fn nhwc_to_nchw(data: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
 }
 
 fn channel_means(image: &[f32], c: usize) -> Vec<f32> {
+    let mut means = Vec::with_capacity(c);
+    channel_means_into(image, c, &mut means);
+    means
+}
+
+/// Per-channel means of one NHWC image, into a reused buffer.
+fn channel_means_into(image: &[f32], c: usize, sums: &mut Vec<f32>) {
     let positions = image.len() / c;
-    let mut sums = vec![0.0f32; c];
+    sums.clear();
+    sums.resize(c, 0.0);
     for pixel in image.chunks_exact(c) {
         sums.iter_mut().zip(pixel).for_each(|(s, v)| *s += v);
     }
     sums.iter_mut().for_each(|s| *s /= positions as f32);
-    sums
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
