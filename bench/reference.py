@@ -67,6 +67,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--engines", default="torch,onnxruntime")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--train", action="store_true",
+                   help="time one training step of the multi-branch form instead (forward, "
+                        "backward, SGD with momentum 0.9 and weight decay 1e-4; label smoothing 0.1)")
     args = p.parse_args()
 
     import numpy as np
@@ -100,6 +103,9 @@ def main():
                 x.remove()
             macs_cache[form] = total[0]
         return macs_cache[form]
+
+    if args.train:
+        return train_steps(args, h, w, batches)
 
     if not args.json:
         print(f"{'engine':<12} {'arch':<10} {'form':<7} {'batch':>5} {'size':>9} {'threads':>7} "
@@ -141,6 +147,36 @@ def main():
                     print(f"{engine:<12} {args.arch:<10} {form:<7} {batch:>5} {f'{h}x{w}':>9} {args.threads:>7} "
                           f"{row['median_ms']:>10.2f} {row['p90_ms']:>10.2f} {row['images_per_s']:>10.1f} "
                           f"{row['gflops']:>9.1f} {row['peak_rss_mb']:>11.0f}", flush=True)
+
+
+def train_steps(args, h, w, batches):
+    import torch
+
+    for batch in batches:
+        model = build(args.arch, deploy=False).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+        x = torch.randn(batch, 3, h, w)
+        y = torch.randint(0, 1000, (batch,))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+
+        median, p90 = time_fn(step, args.warmup, args.iters)
+        row = {
+            "engine": "torch", "arch": args.arch, "form": "train-step", "batch": batch, "size": [h, w],
+            "threads": args.threads, "median_ms": median * 1e3, "p90_ms": p90 * 1e3,
+            "images_per_s": batch / median, "peak_rss_mb": peak_rss_mb(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        }
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            print(f"torch train step {args.arch} batch {batch} at {h}x{w}, {args.threads} threads: "
+                  f"median {row['median_ms']:.1f} ms, p90 {row['p90_ms']:.1f} ms, "
+                  f"{row['images_per_s']:.1f} images/s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

@@ -589,10 +589,11 @@ def verify(results: dict, pth_info: dict) -> None:
 def main() -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if OUT.exists():
-        # Regenerate the generated parts from scratch; keep the hand-written README.
-        for child in OUT.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
+        # Regenerate this script's folders from scratch; leave the other scripts' folders
+        # (photos/, fashion-mnist-subset/) and the hand-written README alone.
+        for name in [cfg["name"] for cfg in CONFIGS] + ["pth"]:
+            if (OUT / name).is_dir():
+                shutil.rmtree(OUT / name)
     OUT.mkdir(exist_ok=True)
     results = {}
     for cfg in CONFIGS:

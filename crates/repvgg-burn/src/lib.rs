@@ -18,3 +18,28 @@ use burn::tensor::Device;
 pub fn default_device() -> Device {
     Device::flex()
 }
+
+/// Where the framework model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// burn's `flex` CPU backend.
+    #[default]
+    Cpu,
+    /// A GPU through burn's `wgpu` backend (Vulkan, Metal or DX12; on a machine without a GPU,
+    /// Mesa's software Vulkan). Needs the `wgpu` cargo feature.
+    Wgpu,
+}
+
+/// The device of a backend, or why this build cannot provide it.
+pub fn device(backend: Backend) -> Result<Device, String> {
+    match backend {
+        Backend::Cpu => Ok(default_device()),
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "wgpu"))]
+        Backend::Wgpu => Err(
+            "this build has no GPU backend; rebuild with `cargo build --release -p repvgg-cli --features wgpu`"
+                .into(),
+        ),
+    }
+}

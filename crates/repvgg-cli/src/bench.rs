@@ -22,12 +22,12 @@ pub struct BenchArgs {
     /// train, deploy or both.
     #[arg(long, default_value = "deploy")]
     pub form: String,
-    /// Batch sizes, comma-separated.
-    #[arg(long, default_value = "1,8")]
-    pub batch: String,
-    /// Input size: 224, or HxW.
-    #[arg(long, default_value = "224")]
-    pub size: String,
+    /// Batch sizes, comma-separated [default: 1,8; with --train: 32].
+    #[arg(long)]
+    pub batch: Option<String>,
+    /// Input size: 224, or HxW [default: 224; with --train: 64].
+    #[arg(long)]
+    pub size: Option<String>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// images per thread) or auto (throughput when the batch has an image per thread).
     #[arg(long, default_value = "auto")]
     pub mode: String,
+    /// Time a training step of the multi-branch form instead: forward in training mode,
+    /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
+    #[arg(long)]
+    pub train: bool,
 }
 
 /// Weights to time: a checkpoint file, or seeded random ones for a named or custom spec.
@@ -83,19 +87,26 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let (h, w) = crate::parse_size(&args.size)?;
+    let size = args
+        .size
+        .clone()
+        .unwrap_or_else(|| if args.train { "64" } else { "224" }.into());
+    let batch = args
+        .batch
+        .clone()
+        .unwrap_or_else(|| if args.train { "32" } else { "1,8" }.into());
+    let (h, w) = crate::parse_size(&size)?;
     let forms: Vec<Form> = match args.form.as_str() {
         "train" => vec![Form::Train],
         "deploy" => vec![Form::Deploy],
         "both" => vec![Form::Train, Form::Deploy],
         other => bail!("--form '{other}': expected train, deploy or both"),
     };
-    let batches: Vec<usize> = args
-        .batch
+    let batches: Vec<usize> = batch
         .split(',')
         .map(|b| b.trim().parse::<usize>().ok().filter(|&b| b > 0))
         .collect::<Option<_>>()
-        .with_context(|| format!("--batch '{}': expected sizes such as 1,8", args.batch))?;
+        .with_context(|| format!("--batch '{batch}': expected sizes such as 1,8"))?;
     let mode = match args.mode.as_str() {
         "auto" => Mode::Auto,
         "latency" => Mode::Latency,
@@ -116,6 +127,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let spec = ckpt.spec.clone();
     if args.layers {
         return pool.install(|| layer_table(&ckpt, &batches, h, w, threads));
+    }
+    if args.train {
+        return pool.install(|| train_steps(&args, &ckpt, &batches, h, w, threads));
     }
     if !args.json {
         println!(
@@ -219,6 +233,88 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     rss
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// Times whole training steps, as `bench/reference.py --train` does in PyTorch.
+fn train_steps(
+    args: &BenchArgs,
+    ckpt: &Checkpoint,
+    batches: &[usize],
+    h: usize,
+    w: usize,
+    threads: usize,
+) -> Result<()> {
+    use burn::optim::GradientsParams;
+    use repvgg_train::loss::{cross_entropy, soft_targets};
+    use repvgg_train::sgd::Sgd;
+
+    if ckpt.form != Form::Train {
+        bail!("{}: training needs training-form weights", args.arch);
+    }
+    let spec = &ckpt.spec;
+    let device = default_device().autodiff();
+    for &batch in batches {
+        let mut rng = StdRng::seed_from_u64(1);
+        let input: Vec<f32> = (0..batch * spec.in_channels * h * w)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let labels: Vec<usize> = (0..batch)
+            .map(|_| rng.random_range(0..spec.num_classes))
+            .collect();
+        let targets = soft_targets(&labels, spec.num_classes, 0.1, None);
+        reset_peak_rss();
+        let mut model = Some(RepVggTrain::from_state_dict(
+            spec,
+            &ckpt.tensors,
+            DEFAULT_BN_EPS,
+            &device,
+        ));
+        let mut sgd = Sgd::new(0.9, false, 1e-4, false);
+        let mut step = || {
+            let m = model.take().unwrap();
+            let x: Tensor<4> = Tensor::from_data(
+                TensorData::new(input.clone(), [batch, spec.in_channels, h, w]),
+                &device,
+            );
+            let loss = cross_entropy(m.forward(x), &targets, &device);
+            let grads = GradientsParams::from_grads(loss.backward(), &m);
+            let m = sgd.step(m, 0.01, grads);
+            // Wait for the update to be computed (burn may defer work).
+            std::hint::black_box(m.head.bias.val().into_data());
+            model = Some(m);
+        };
+        for _ in 0..args.warmup {
+            step();
+        }
+        let mut times: Vec<f64> = (0..args.iters)
+            .map(|_| {
+                let start = Instant::now();
+                step();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let (median, p90) = (percentile(&times, 0.5), percentile(&times, 0.9));
+        let row = serde_json::json!({
+            "arch": spec.name, "form": "train-step", "batch": batch, "size": [h, w],
+            "threads": threads, "median_ms": median * 1e3, "p90_ms": p90 * 1e3,
+            "images_per_s": batch as f64 / median, "peak_rss_mb": peak_rss_mb(),
+            "iters": args.iters,
+        });
+        if args.json {
+            println!("{row}");
+        } else {
+            println!(
+                "train step {} batch {batch} at {h}x{w}, {threads} threads: median {:.1} ms, p90 {:.1} ms, {:.1} images/s, peak RSS {:.0} MB",
+                spec.name,
+                median * 1e3,
+                p90 * 1e3,
+                batch as f64 / median,
+                peak_rss_mb()
+            );
         }
     }
     Ok(())

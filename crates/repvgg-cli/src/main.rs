@@ -12,6 +12,8 @@ use repvgg_checkpoint::{Checkpoint, Naming};
 
 mod bench;
 mod forward;
+mod predict;
+mod train;
 
 #[derive(Parser)]
 #[command(
@@ -86,6 +88,38 @@ enum Command {
     /// The deploy form runs on the engine; the training form is the unconverted multi-branch
     /// model (burn, eval mode), so the gain of conversion is measured.
     Bench(bench::BenchArgs),
+    /// Train the multi-branch form on a data set, then convert it and check both forms agree.
+    Train(train::TrainArgs),
+    /// Top-1/top-5, per-class accuracy and (optionally) the confusion matrix on a data set.
+    Eval(train::EvalArgs),
+    /// Train a small RepVGG on Fashion-MNIST, convert it, verify, benchmark: the whole story.
+    Demo(train::DemoArgs),
+    /// Classify JPEG/PNG photos: top-k classes with probabilities.
+    Predict(predict::PredictArgs),
+    /// Export the deploy-form graph as ONNX (weights in either form and any naming).
+    ///
+    /// Input `input`: float32 (N, 3, H, W), ImageNet-normalised; output `logits`: float32
+    /// (N, classes). N is fixed (--batch) or symbolic (`batch`, with --dynamic-batch).
+    Export {
+        weights: PathBuf,
+        /// Output .onnx file (written atomically).
+        output: PathBuf,
+        #[arg(long, default_value_t = 17)]
+        opset: i64,
+        /// A symbolic batch dimension, so any batch size runs.
+        #[arg(long)]
+        dynamic_batch: bool,
+        /// The fixed batch size without --dynamic-batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Input size: 224, or HxW.
+        #[arg(long, default_value = "224")]
+        size: String,
+        #[arg(long)]
+        arch: Option<String>,
+        #[arg(long, default_value_t = DEFAULT_BN_EPS)]
+        bn_eps: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -127,6 +161,29 @@ fn main() -> ExitCode {
             bn_eps,
         } => forward::run(&weights, &input, &output, arch, features, bn_eps),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::train(args),
+        Command::Eval(args) => train::eval(args),
+        Command::Demo(args) => train::demo(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Export {
+            weights,
+            output,
+            opset,
+            dynamic_batch,
+            batch,
+            size,
+            arch,
+            bn_eps,
+        } => export(
+            &weights,
+            &output,
+            opset,
+            dynamic_batch,
+            batch,
+            &size,
+            arch,
+            bn_eps,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,6 +192,47 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn export(
+    weights: &Path,
+    output: &Path,
+    opset: i64,
+    dynamic_batch: bool,
+    batch: usize,
+    size: &str,
+    arch: Option<String>,
+    bn_eps: f64,
+) -> Result<()> {
+    check_bn_eps(bn_eps)?;
+    let (height, width) = parse_size(size)?;
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let ckpt = load_checkpoint(weights, arch)?;
+    let options = repvgg_onnx::ExportOptions {
+        opset,
+        dynamic_batch,
+        batch,
+        height,
+        width,
+    };
+    let bytes = repvgg_onnx::export(&ckpt, bn_eps, options)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
+    repvgg_checkpoint::write_atomically(output, &bytes)?;
+    eprintln!(
+        "wrote {} ({} MB, opset {opset}, input (N, {}, {height}, {width}) with N {})",
+        output.display(),
+        bytes.len() / 1_000_000,
+        ckpt.spec.in_channels,
+        if dynamic_batch {
+            "symbolic".to_string()
+        } else {
+            batch.to_string()
+        }
+    );
+    Ok(())
 }
 
 pub fn parse_arch(arch: Option<String>) -> Result<Option<ArchSpec>> {

@@ -287,3 +287,345 @@ fn bad_input_gives_one_clear_line() {
         "no output on failure"
     );
 }
+
+/// `demo --data` on the committed subset: trains, converts, verifies and reports in one JSON
+/// line; `eval` on the weights it wrote reproduces the accuracy it reported.
+#[test]
+fn demo_trains_converts_and_eval_agrees() {
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().join("demo");
+    let stdout = ok(&[
+        "demo",
+        "--data",
+        fixture("fashion-mnist-subset").to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--quiet",
+        "--json",
+    ]);
+    let line = stdout.lines().last().unwrap();
+    let report: serde_json::Value = serde_json::from_str(line).unwrap();
+    for key in [
+        "test_accuracy",
+        "deploy_test_accuracy",
+        "predictions_agree",
+        "train_seconds",
+        "deploy_speedup",
+    ] {
+        assert!(report.get(key).is_some(), "{key} missing from {line}");
+    }
+    assert_eq!(report["predictions_agree"], true);
+    let accuracy = report["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5, "{accuracy}");
+    assert_eq!(report["deploy_test_accuracy"].as_f64().unwrap(), accuracy);
+    for file in [
+        "metrics.csv",
+        "curves.png",
+        "checkpoint.safetensors",
+        "deploy.safetensors",
+    ] {
+        assert!(out_dir.join(file).is_file(), "{file} not written");
+    }
+    let eval = ok(&[
+        "eval",
+        "--weights",
+        out_dir.join("deploy.safetensors").to_str().unwrap(),
+        "--data",
+        fixture("fashion-mnist-subset").to_str().unwrap(),
+        "--json",
+        "--confusion",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert_eq!(eval["images"], 500);
+    assert!((eval["top1"].as_f64().unwrap() - accuracy).abs() < 1e-12);
+    let confusion = eval["confusion"].as_array().unwrap();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .sum();
+    assert_eq!(total, 500);
+}
+
+#[test]
+fn train_stops_and_resumes_from_the_command_line() {
+    let out = tempfile::tempdir().unwrap();
+    let data = fixture("fashion-mnist-subset");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--arch",
+            "depths=1,1,1,1;widths=8,8,16,16;stem=8",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--batch",
+            "100",
+            "--quiet",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        repvgg(&a)
+    };
+    let first = run(&["--stop-after-steps", "3"]);
+    assert!(first.status.success());
+    assert!(String::from_utf8_lossy(&first.stderr).contains("--resume"));
+    assert!(!out.path().join("deploy.safetensors").exists());
+    // Other settings on resume are refused, naming the checkpoint.
+    let mut changed = args(&["--resume", "--lr", "0.05"]);
+    changed.push("--json".into());
+    let changed: Vec<&str> = changed.iter().map(|s| s.as_str()).collect();
+    let err = String::from_utf8(repvgg(&changed).stderr).unwrap();
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("different settings"),
+        "{err}"
+    );
+    let done = run(&["--resume", "--json"]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(String::from_utf8(done.stdout).unwrap().trim()).unwrap();
+    assert_eq!(report["predictions_agree"], true);
+    assert!(out.path().join("deploy.safetensors").is_file());
+}
+
+#[test]
+fn training_bad_data_gives_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = fails(&[
+        "train",
+        "--arch",
+        "A0",
+        "--data",
+        dir.path().join("missing").to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("missing") && err.contains("not a directory"),
+        "{err}"
+    );
+    // A truncated IDX file.
+    let gz = std::fs::read(fixture("fashion-mnist-subset/t10k-labels-idx1-ubyte.gz")).unwrap();
+    for name in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+    ] {
+        std::fs::copy(
+            fixture("fashion-mnist-subset").join(name),
+            dir.path().join(name),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.path().join("t10k-labels-idx1-ubyte.gz"),
+        &gz[..gz.len() / 2],
+    )
+    .unwrap();
+    let err = fails(&["demo", "--data", dir.path().to_str().unwrap(), "--quiet"]);
+    assert!(err.contains("t10k-labels-idx1-ubyte.gz"), "{err}");
+    let err = fails(&[
+        "train",
+        "--arch",
+        "Z9",
+        "--data",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(err.contains("Z9"), "{err}");
+}
+
+#[test]
+fn bench_times_a_training_step() {
+    let out = ok(&[
+        "bench",
+        "--train",
+        "--arch",
+        "depths=1,1,1,1;widths=8,8,16,16;stem=8;classes=10",
+        "--size",
+        "32",
+        "--batch",
+        "4",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    let row: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(row["form"], "train-step");
+    assert!(row["images_per_s"].as_f64().unwrap() > 0.0);
+}
+
+/// `predict` with a 1000-class model made by the official code gives the reference top-5 (the
+/// reference pipeline's preprocessing, the same weights, PyTorch in float64).
+#[test]
+fn predict_gives_the_reference_top5_on_real_photos() {
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("photos/expected.json")).unwrap())
+            .unwrap();
+    let weights = fixture("photos/tiny1000_train_official.safetensors");
+    for preset in ["official", "timm", "d2se"] {
+        let photos = [fixture("photos/chelsea.png"), fixture("photos/rocket.jpg")];
+        let mut args = vec![
+            "predict",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--preset",
+            preset,
+            "--json",
+        ];
+        args.extend(photos.iter().map(|p| p.to_str().unwrap()));
+        let out = ok(&args);
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for (line, photo) in lines.iter().zip(["chelsea.png", "rocket.jpg"]) {
+            let reference = &expected["photos"][photo]["presets"][preset]["top5"];
+            let ours: Vec<u64> = line["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["index"].as_u64().unwrap())
+                .collect();
+            let theirs: Vec<u64> = reference
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["index"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ours, theirs, "{photo} {preset}");
+            for (o, t) in line["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(reference.as_array().unwrap())
+            {
+                assert_eq!(o["label"], t["label"]);
+                let (p, q) = (o["prob"].as_f64().unwrap(), t["prob"].as_f64().unwrap());
+                assert!((p - q).abs() / q < 1e-3, "{photo} {preset}: {p} vs {q}");
+            }
+        }
+    }
+    let err = fails(&[
+        "predict",
+        "--weights",
+        weights.to_str().unwrap(),
+        fixture("photos/broken.jpg").to_str().unwrap(),
+    ]);
+    assert!(err.contains("broken.jpg"), "{err}");
+}
+
+/// A Python with onnx and onnxruntime for the export checks: $REPVGG_PYTHON, or the venv that
+/// `.ci/run` (`.venv-ci`) or the reference script (`.venv-ref`) makes. CI sets
+/// REPVGG_REQUIRE_PYTHON=1, so there the checks cannot be skipped.
+fn onnx_python() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidates = std::env::var_os("REPVGG_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            root.join(".venv-ci/bin/python"),
+            root.join(".venv-ref/bin/python"),
+        ]);
+    for python in candidates {
+        let works = Command::new(&python)
+            .args(["-c", "import onnx, onnxruntime, safetensors, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if works {
+            return Some(python);
+        }
+    }
+    assert!(
+        std::env::var_os("REPVGG_REQUIRE_PYTHON").is_none(),
+        "REPVGG_REQUIRE_PYTHON is set but no Python with onnx and onnxruntime was found"
+    );
+    eprintln!("skipped: no Python with onnx + onnxruntime (run .ci/run, or set REPVGG_PYTHON)");
+    None
+}
+
+fn check_onnx(python: &Path, model: &Path, input: &Path, expected: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/check_onnx.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([model, input, expected])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {stdout} {}",
+        model.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// Exported graphs pass `onnx.checker` and agree with `repvgg forward` in ONNX Runtime within
+/// 1e-5 relative (f32 throughout; the two runtimes sum in different orders), at the exported
+/// batch size and, with --dynamic-batch, at another one.
+#[test]
+fn export_agrees_with_forward_in_onnxruntime() {
+    let Some(python) = onnx_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    for config in ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"] {
+        for form in ["train_timm.pth", "deploy_official.safetensors"] {
+            let weights = fixture(&format!("{config}/{form}"));
+            let input = fixture(&format!("{config}/io.safetensors"));
+            let logits = dir
+                .path()
+                .join(format!("{config}_{form}_logits.safetensors"));
+            ok(&[
+                "forward",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                logits.to_str().unwrap(),
+            ]);
+            let (shape, _) = &repvgg_testing::read_f64(&input)["input"];
+            let (n, h, w) = (shape[0], shape[2], shape[3]);
+            let size = format!("{h}x{w}");
+            for dynamic in [false, true] {
+                let model = dir.path().join(format!("{config}_{form}_{dynamic}.onnx"));
+                // The dynamic graph is exported for batch 1 and run at the fixture's batch.
+                let batch = if dynamic {
+                    "1".to_string()
+                } else {
+                    n.to_string()
+                };
+                let mut args = vec![
+                    "export",
+                    weights.to_str().unwrap(),
+                    model.to_str().unwrap(),
+                    "--size",
+                    &size,
+                    "--batch",
+                    &batch,
+                ];
+                if dynamic {
+                    args.push("--dynamic-batch");
+                }
+                ok(&args);
+                let result = check_onnx(&python, &model, &input, &logits);
+                eprintln!("{config} {form} dynamic={dynamic}: {result}");
+            }
+        }
+    }
+}

@@ -1,9 +1,42 @@
 //! Image-classification data in its real on-disk formats: IDX (MNIST, Fashion-MNIST; gzipped or
-//! not) and CIFAR-10/100 binary batches. Everything loads into one [`Dataset`] of `u8` pixels,
-//! NCHW, so that augmentation and batching downstream see a single shape of data.
+//! not), CIFAR-10/100 binary batches and ImageFolder trees of JPEG/PNG files. Small formats load
+//! into one in-memory [`Dataset`] of `u8` pixels; image folders decode on demand. Both are
+//! [`Samples`], so augmentation and batching ([`transform`], [`loader`]) see one kind of data.
+
+pub mod folder;
+pub mod loader;
+pub mod transform;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, GrayImage, RgbImage};
+
+pub use folder::{ImageFolder, decode_image};
+pub use loader::Loader;
+pub use transform::{Batch, EvalPreset, IMAGENET_MEAN, IMAGENET_STD, Pipeline, Transform};
+
+/// The 1000 ImageNet-1k class names in class order, as timm prints them (from timm 1.0.31's
+/// synset lists, Apache-2.0; see `imagenet_classes.NOTICE`).
+pub fn imagenet_class_names() -> Vec<&'static str> {
+    include_str!("imagenet_classes.txt").lines().collect()
+}
+
+/// Labelled images, however they are stored.
+pub trait Samples: Sync + Send {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn classes(&self) -> usize;
+    fn label(&self, i: usize) -> usize;
+    /// Image `i`, grey (one channel) or RGB.
+    fn image(&self, i: usize) -> Result<DynamicImage, DataError>;
+    /// Where sample `i` comes from, for error messages.
+    fn describe(&self, i: usize) -> String {
+        format!("sample {i}")
+    }
+}
 
 /// Every failure names the file and says what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -41,9 +74,66 @@ impl Dataset {
     }
 
     /// The pixels of image `i`, CHW.
-    pub fn image(&self, i: usize) -> &[u8] {
+    pub fn pixels(&self, i: usize) -> &[u8] {
         let size = self.channels * self.height * self.width;
         &self.images[i * size..(i + 1) * size]
+    }
+}
+
+impl Dataset {
+    /// Per-channel mean and standard deviation of the pixels scaled to [0, 1] (grey data sets
+    /// repeat theirs over three channels), for normalising with the data set's own statistics.
+    pub fn channel_stats(&self) -> ([f32; 3], [f32; 3]) {
+        let plane = self.height * self.width;
+        let mut mean = [0f32; 3];
+        let mut std = [0f32; 3];
+        for c in 0..self.channels.min(3) {
+            let (mut sum, mut sq) = (0f64, 0f64);
+            for i in 0..self.len() {
+                for &p in &self.pixels(i)[c * plane..(c + 1) * plane] {
+                    let v = p as f64 / 255.0;
+                    sum += v;
+                    sq += v * v;
+                }
+            }
+            let n = (self.len() * plane).max(1) as f64;
+            let m = sum / n;
+            mean[c] = m as f32;
+            std[c] = (sq / n - m * m).max(1e-12).sqrt() as f32;
+        }
+        if self.channels == 1 {
+            mean = [mean[0]; 3];
+            std = [std[0]; 3];
+        }
+        (mean, std)
+    }
+}
+
+impl Samples for Dataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn classes(&self) -> usize {
+        self.classes
+    }
+
+    fn label(&self, i: usize) -> usize {
+        self.labels[i] as usize
+    }
+
+    fn image(&self, i: usize) -> Result<DynamicImage, DataError> {
+        let (h, w) = (self.height as u32, self.width as u32);
+        let chw = self.pixels(i);
+        Ok(if self.channels == 1 {
+            DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, chw.to_vec()).unwrap())
+        } else {
+            let plane = self.height * self.width;
+            let hwc: Vec<u8> = (0..plane)
+                .flat_map(|p| (0..3).map(move |c| chw[c * plane + p]))
+                .collect();
+            DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, hwc).unwrap())
+        })
     }
 }
 
@@ -224,5 +314,102 @@ pub fn load_cifar(files: &[PathBuf], kind: Cifar) -> Result<Dataset, DataError> 
         height: 32,
         width: 32,
         classes: if kind == Cifar::Ten { 10 } else { 100 },
+    })
+}
+
+/// What kind of data a directory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataKind {
+    Idx,
+    Cifar10,
+    Cifar100,
+    ImageFolder,
+}
+
+/// A training set and the held-out set it is measured on.
+pub struct DataSplits {
+    pub kind: DataKind,
+    pub train: std::sync::Arc<dyn Samples>,
+    pub test: std::sync::Arc<dyn Samples>,
+    /// Stored image size for in-memory formats; `None` for image folders (sizes vary).
+    pub native_size: Option<(usize, usize)>,
+    /// Per-channel mean/std of the training images (in-memory formats only).
+    pub stats: Option<([f32; 3], [f32; 3])>,
+    pub class_names: Option<Vec<String>>,
+}
+
+impl DataSplits {
+    fn in_memory(kind: DataKind, train: Dataset, test: Dataset) -> DataSplits {
+        DataSplits {
+            kind,
+            native_size: Some((train.height, train.width)),
+            stats: Some(train.channel_stats()),
+            train: std::sync::Arc::new(train),
+            test: std::sync::Arc::new(test),
+            class_names: None,
+        }
+    }
+}
+
+/// Opens the data in `dir`, recognising its format by its files:
+/// - IDX: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`;
+/// - CIFAR-10: `data_batch_{1..5}.bin` and `test_batch.bin` (in `dir` or `dir/cifar-10-batches-bin`);
+/// - CIFAR-100: `train.bin` and `test.bin` (in `dir` or `dir/cifar-100-binary`);
+/// - ImageFolder: `train/` and `val/` class trees, or one class tree of which every
+///   `1/val_fraction`-th image per class is held out.
+pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> {
+    if !dir.is_dir() {
+        return Err(fail(dir, "not a directory"));
+    }
+    let has = |d: &Path, name: &str| d.join(name).is_file();
+    if has(dir, "train-images-idx3-ubyte.gz") || has(dir, "train-images-idx3-ubyte") {
+        let train = load_idx_dir(dir, Split::Train)?;
+        let test = load_idx_dir(dir, Split::Test)?;
+        return Ok(DataSplits::in_memory(DataKind::Idx, train, test));
+    }
+    for d in [dir.to_path_buf(), dir.join("cifar-10-batches-bin")] {
+        if has(&d, "data_batch_1.bin") {
+            let train: Vec<PathBuf> = (1..=5)
+                .map(|k| d.join(format!("data_batch_{k}.bin")))
+                .filter(|p| p.is_file())
+                .collect();
+            let train = load_cifar(&train, Cifar::Ten)?;
+            let test = load_cifar(&[d.join("test_batch.bin")], Cifar::Ten)?;
+            return Ok(DataSplits::in_memory(DataKind::Cifar10, train, test));
+        }
+    }
+    for d in [dir.to_path_buf(), dir.join("cifar-100-binary")] {
+        if has(&d, "train.bin") && has(&d, "test.bin") {
+            let train = load_cifar(&[d.join("train.bin")], Cifar::Hundred)?;
+            let test = load_cifar(&[d.join("test.bin")], Cifar::Hundred)?;
+            return Ok(DataSplits::in_memory(DataKind::Cifar100, train, test));
+        }
+    }
+    let (train, test) = if dir.join("train").is_dir() && dir.join("val").is_dir() {
+        (
+            ImageFolder::open(&dir.join("train"))?,
+            ImageFolder::open(&dir.join("val"))?,
+        )
+    } else {
+        let all = ImageFolder::open(dir)?;
+        let (train, val) = all.split(val_fraction);
+        if train.files.is_empty() || val.files.is_empty() {
+            return Err(fail(
+                dir,
+                format!("too few images to hold out {val_fraction} for validation"),
+            ));
+        }
+        (train, val)
+    };
+    if train.class_names != test.class_names {
+        return Err(fail(dir, "train and val class folders differ"));
+    }
+    Ok(DataSplits {
+        kind: DataKind::ImageFolder,
+        class_names: Some(train.class_names.clone()),
+        train: std::sync::Arc::new(train),
+        test: std::sync::Arc::new(test),
+        native_size: None,
+        stats: None,
     })
 }

@@ -26,7 +26,7 @@ fn fashion_mnist_subset_loads_in_both_splits() {
         "{counts:?}"
     );
     // Real photos of clothes on black: dark borders, bright middles, the full byte range used.
-    let first = train.image(0);
+    let first = train.pixels(0);
     assert_eq!(first[0], 0);
     assert_eq!(*train.images.iter().max().unwrap(), 255);
     let mean = train.images.iter().map(|&p| p as f64).sum::<f64>() / train.images.len() as f64;
@@ -108,7 +108,7 @@ fn cifar_batches_round_trip_real_pixels() {
         let mut image = vec![0u8; 3 * 32 * 32];
         for c in 0..3 {
             for y in 0..28 {
-                let row = &source.image(i)[y * 28..(y + 1) * 28];
+                let row = &source.pixels(i)[y * 28..(y + 1) * 28];
                 image[c * 1024 + (y + 2) * 32 + 2..c * 1024 + (y + 2) * 32 + 30]
                     .copy_from_slice(row);
             }
@@ -133,7 +133,7 @@ fn cifar_batches_round_trip_real_pixels() {
     );
     for (i, (label, image)) in expected.iter().enumerate() {
         assert_eq!(set.labels[i], *label as u16);
-        assert_eq!(set.image(i), image.as_slice());
+        assert_eq!(set.pixels(i), image.as_slice());
     }
     let c100 = dir.path().join("train.bin");
     std::fs::write(&c100, &hundred).unwrap();

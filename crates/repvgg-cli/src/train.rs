@@ -1,0 +1,498 @@
+//! `repvgg train`, `repvgg eval` and `repvgg demo`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use repvgg_arch::ArchSpec;
+use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
+use repvgg_data::{DataKind, DataSplits, Pipeline, Transform};
+use repvgg_engine::Engine;
+use repvgg_train::{Augment, FinalReport, Normalize, RunOptions, TrainConfig, Trainer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// The paper's ImageNet recipe: 120 epochs, batch 256, lr 0.1, RandomResizedCrop 224.
+    Imagenet,
+    /// Small images at native size: 10 epochs, batch 128, pad-and-crop + flip.
+    Small,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NormalizeArg {
+    Imagenet,
+    Dataset,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Variant name or custom spec, e.g. A0 or "depths=1,2,2,1;widths=32,64,128,256;stem=32".
+    /// The class count is taken from the data unless the spec sets one.
+    #[arg(long)]
+    arch: String,
+    /// Data directory: IDX files, CIFAR binary batches, or class folders of JPEG/PNG images.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: checkpoint, metrics.csv, curves.png, train/deploy weights.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Starting recipe; every option below overrides it. Default: small for in-memory data
+    /// sets, imagenet for image folders.
+    #[arg(long)]
+    preset: Option<Preset>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    warmup_epochs: Option<f64>,
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Mixup with Beta(ALPHA, ALPHA).
+    #[arg(long)]
+    mixup: Option<f64>,
+    /// The official equivalent-kernel L2 instead of plain decay on the 3x3 and 1x1 kernels.
+    #[arg(long)]
+    custom_l2: bool,
+    #[arg(long)]
+    nesterov: bool,
+    /// Training crop for image folders (RandomResizedCrop size; evaluation crops the same).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Zero padding of pad-and-crop for small images.
+    #[arg(long)]
+    pad: Option<usize>,
+    /// Turn augmentation off.
+    #[arg(long)]
+    no_augment: bool,
+    #[arg(long)]
+    normalize: Option<NormalizeArg>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from OUT/checkpoint.safetensors (same settings required).
+    #[arg(long)]
+    resume: bool,
+    /// Also checkpoint every N steps (always after each epoch).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Stop after N steps in total, with a checkpoint (resume later with --resume).
+    #[arg(long)]
+    stop_after_steps: Option<usize>,
+    /// Share of each class held out for validation when the image folder has no val/.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// No progress bar or per-epoch lines.
+    #[arg(long)]
+    quiet: bool,
+    /// End with one JSON line of results.
+    #[arg(long)]
+    json: bool,
+    /// cpu, or wgpu (a GPU through Vulkan; needs a build with --features wgpu).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Wgpu,
+}
+
+impl From<DeviceArg> for repvgg_burn::Backend {
+    fn from(d: DeviceArg) -> Self {
+        match d {
+            DeviceArg::Cpu => repvgg_burn::Backend::Cpu,
+            DeviceArg::Wgpu => repvgg_burn::Backend::Wgpu,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Weights in either form (training-form weights are converted in memory).
+    #[arg(long)]
+    weights: PathBuf,
+    /// Data directory, as for `train`; the held-out split is evaluated.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    arch: Option<String>,
+    /// Evaluate the training split instead.
+    #[arg(long)]
+    train_split: bool,
+    /// Normalisation used in training. Default: the data set's statistics for in-memory data
+    /// sets, ImageNet's for image folders.
+    #[arg(long)]
+    normalize: Option<NormalizeArg>,
+    /// Crop size for image folders (resize to size/0.875, centre crop).
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Print the confusion matrix (rows: true class, columns: predicted).
+    #[arg(long)]
+    confusion: bool,
+    #[arg(long, default_value_t = DEFAULT_BN_EPS)]
+    bn_eps: f64,
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// An IDX data set directory ({train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]).
+    /// Default: Fashion-MNIST from /usr/share/datasets/fashion-mnist, or the committed
+    /// subset when that is not installed.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Continue an interrupted demo from OUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    quiet: bool,
+    /// End with one JSON line of results.
+    #[arg(long)]
+    json: bool,
+}
+
+fn open_data(dir: &Path, val_fraction: f64) -> Result<DataSplits> {
+    let data = repvgg_data::open_dir(dir, val_fraction)?;
+    Ok(data)
+}
+
+/// The spec, with the class count taken from the data when the spec leaves the default.
+fn arch_for(arch: &str, data: &DataSplits) -> Result<ArchSpec> {
+    let mut spec = ArchSpec::parse(arch)?;
+    let classes = data.train.classes();
+    let says_classes = arch.contains("classes=") || arch.trim_start().starts_with('{');
+    if !says_classes {
+        spec.num_classes = classes;
+    }
+    Ok(spec)
+}
+
+fn config_from(args: &TrainArgs, data: &DataSplits) -> Result<TrainConfig> {
+    let arch = arch_for(&args.arch, data)?;
+    let preset = args.preset.unwrap_or(match data.kind {
+        DataKind::ImageFolder => Preset::Imagenet,
+        _ => Preset::Small,
+    });
+    let mut c = match preset {
+        Preset::Imagenet => TrainConfig::imagenet_120(arch),
+        Preset::Small => TrainConfig::small_images(arch),
+    };
+    if data.kind == DataKind::ImageFolder {
+        if let Augment::PadCropFlip { .. } = c.augment {
+            bail!(
+                "--preset small needs an in-memory data set (IDX or CIFAR); image folders need resizing"
+            );
+        }
+        if let Some(size) = args.size {
+            c.augment = Augment::RandomResizedCrop { size };
+        }
+    } else if let Some(pad) = args.pad {
+        c.augment = Augment::PadCropFlip { pad };
+    }
+    if args.no_augment {
+        if data.kind == DataKind::ImageFolder {
+            bail!("image folders need a resizing transform; --no-augment is for in-memory data");
+        }
+        c.augment = Augment::None;
+    }
+    c.epochs = args.epochs.unwrap_or(c.epochs);
+    c.batch_size = args.batch.unwrap_or(c.batch_size);
+    c.lr = args.lr.unwrap_or(c.lr);
+    c.weight_decay = args.weight_decay.unwrap_or(c.weight_decay);
+    c.warmup_epochs = args.warmup_epochs.unwrap_or(c.warmup_epochs);
+    c.label_smoothing = args.label_smoothing.unwrap_or(c.label_smoothing);
+    c.mixup_alpha = args.mixup.or(c.mixup_alpha);
+    c.custom_l2 |= args.custom_l2;
+    c.nesterov |= args.nesterov;
+    c.seed = args.seed;
+    if let Some(n) = args.normalize {
+        c.normalize = match n {
+            NormalizeArg::Imagenet => Normalize::ImageNet,
+            NormalizeArg::Dataset => Normalize::Dataset,
+        };
+    }
+    if !(c.lr > 0.0 && c.lr.is_finite()) {
+        bail!("--lr must be a positive number");
+    }
+    if !(0.0..1.0).contains(&c.label_smoothing) {
+        bail!("--label-smoothing must be in [0, 1)");
+    }
+    if c.mixup_alpha.is_some_and(|a| !(a > 0.0 && a.is_finite())) {
+        bail!("--mixup must be a positive alpha");
+    }
+    if c.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    Ok(c)
+}
+
+fn print_final(report: &FinalReport, seconds: f64, history: &[repvgg_train::EpochRecord]) {
+    let last = history.last();
+    eprintln!(
+        "trained in {seconds:.1} s ({:.1} s per epoch)",
+        seconds / history.len().max(1) as f64
+    );
+    if let Some(last) = last {
+        eprintln!(
+            "final epoch: train acc {:.4}, validation acc {:.4}",
+            last.train_acc, last.val_acc
+        );
+    }
+    eprintln!(
+        "training form: top-1 {:.4}, top-5 {:.4}, {:.0} img/s (burn, eval mode)",
+        report.train_form.top1, report.train_form.top5, report.train_form_images_per_s
+    );
+    eprintln!(
+        "deploy form:   top-1 {:.4}, top-5 {:.4}, {:.0} img/s (engine)",
+        report.deploy_form.top1, report.deploy_form.top5, report.deploy_images_per_s
+    );
+    eprintln!(
+        "predictions agree on {}/{} images (max logit difference {:.2e} relative); deploy/train speed {:.2}x",
+        report.train_form.count - report.disagreements,
+        report.train_form.count,
+        report.max_logit_rel_diff,
+        report.deploy_images_per_s / report.train_form_images_per_s
+    );
+    eprintln!("deploy weights: {}", report.deploy_path.display());
+}
+
+fn result_json(
+    report: &FinalReport,
+    seconds: f64,
+    history: &[repvgg_train::EpochRecord],
+    out: &Path,
+) -> serde_json::Value {
+    serde_json::json!({
+        "test_accuracy": report.train_form.top1,
+        "test_top5": report.train_form.top5,
+        "deploy_test_accuracy": report.deploy_form.top1,
+        "predictions_agree": report.disagreements == 0,
+        "disagreements": report.disagreements,
+        "max_logit_rel_diff": report.max_logit_rel_diff,
+        "train_seconds": seconds,
+        "epochs": history.len(),
+        "seconds_per_epoch": seconds / history.len().max(1) as f64,
+        "train_images_per_s": history.last().map(|r| r.images_per_s),
+        "data_wait_s": history.iter().map(|r| r.data_wait_s).sum::<f64>(),
+        "deploy_speedup": report.deploy_images_per_s / report.train_form_images_per_s,
+        "deploy_weights": report.deploy_path,
+        "curves": out.join("curves.png"),
+        "metrics": out.join("metrics.csv"),
+    })
+}
+
+/// Trains; returns the seconds spent in training steps (all sessions of a resumed run).
+fn train_and_finish(
+    config: TrainConfig,
+    data: &DataSplits,
+    out: &Path,
+    options: RunOptions,
+    json: bool,
+) -> Result<()> {
+    let quiet = !options.progress;
+    let mut trainer = Trainer::new(config, data, out, options)?;
+    let done = trainer.run()?;
+    let seconds: f64 = trainer.history().iter().map(|r| r.seconds).sum();
+    if !done {
+        eprintln!(
+            "stopped after step {}; continue with --resume (checkpoint: {})",
+            trainer.global_step(),
+            trainer.checkpoint_path().display()
+        );
+        return Ok(());
+    }
+    let report = trainer.finish()?;
+    if !quiet {
+        print_final(&report, seconds, trainer.history());
+    }
+    if json {
+        println!("{}", result_json(&report, seconds, trainer.history(), out));
+    }
+    if report.disagreements > 0 {
+        bail!(
+            "the converted model disagrees with the training form on {} predictions",
+            report.disagreements
+        );
+    }
+    Ok(())
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    // A typo in the architecture is reported before minutes of data loading.
+    ArchSpec::parse(&args.arch)?;
+    let data = open_data(&args.data, args.val_fraction)?;
+    let config = config_from(&args, &data)?;
+    let options = RunOptions {
+        resume: args.resume,
+        checkpoint_every: args.checkpoint_every,
+        stop_after_steps: args.stop_after_steps,
+        progress: !args.quiet,
+        backend: args.device.into(),
+        ..RunOptions::default()
+    };
+    train_and_finish(config, &data, &args.out, options, args.json)
+}
+
+/// The demo's network: RepVGG's shape (a stride-2 opening block per stage, 3x3 + 1x1 +
+/// identity branches) sized for 28x28 images.
+pub const DEMO_ARCH: &str = "depths=1,2,2,1;widths=16,32,64,128;stem=16";
+
+fn default_demo_data() -> Result<PathBuf> {
+    let installed = PathBuf::from("/usr/share/datasets/fashion-mnist");
+    if installed.join("train-images-idx3-ubyte.gz").is_file() {
+        return Ok(installed);
+    }
+    let candidates = [
+        PathBuf::from("fixtures/fashion-mnist-subset"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fashion-mnist-subset"),
+    ];
+    let subset = candidates
+        .into_iter()
+        .find(|p| p.join("train-images-idx3-ubyte.gz").is_file())
+        .context("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist) and the committed subset was not found; pass --data DIR")?;
+    eprintln!(
+        "Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist); using the committed 2,000-image subset at {}",
+        subset.display()
+    );
+    Ok(subset)
+}
+
+pub fn demo(args: DemoArgs) -> Result<()> {
+    let dir = match args.data {
+        Some(dir) => dir,
+        None => default_demo_data()?,
+    };
+    let data = open_data(&dir, 0.1)?;
+    if data.kind != DataKind::Idx {
+        bail!(
+            "{}: the demo runs on IDX data ({{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]); use `repvgg train` for other formats",
+            dir.display()
+        );
+    }
+    let mut config = TrainConfig::small_images(arch_for(DEMO_ARCH, &data)?);
+    config.epochs = args.epochs.unwrap_or(DEMO_EPOCHS);
+    config.batch_size = config.batch_size.min(data.train.len());
+    if !args.quiet {
+        eprintln!(
+            "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epochs",
+            DEMO_ARCH,
+            config.arch.params(repvgg_arch::Form::Train),
+            dir.display(),
+            data.train.len(),
+            data.test.len(),
+            config.epochs
+        );
+    }
+    let options = RunOptions {
+        resume: args.resume,
+        progress: !args.quiet,
+        ..RunOptions::default()
+    };
+    train_and_finish(config, &data, &args.out, options, args.json)
+}
+
+pub const DEMO_EPOCHS: usize = 8;
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    crate::check_bn_eps(args.bn_eps)?;
+    let data = open_data(&args.data, args.val_fraction)?;
+    let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
+    let engine = Engine::from_checkpoint(&ckpt, args.bn_eps)?;
+    let samples = if args.train_split {
+        data.train.clone()
+    } else {
+        data.test.clone()
+    };
+    let classes = ckpt.spec.num_classes;
+    if samples.classes() > classes {
+        bail!(
+            "{}: the data has {} classes but the model only {classes}",
+            args.data.display(),
+            samples.classes()
+        );
+    }
+    let normalize = args.normalize.unwrap_or(match data.kind {
+        DataKind::ImageFolder => NormalizeArg::Imagenet,
+        _ => NormalizeArg::Dataset,
+    });
+    let (mean, std) = match (normalize, data.stats) {
+        (NormalizeArg::Dataset, Some(stats)) => stats,
+        (NormalizeArg::Dataset, None) => {
+            bail!("--normalize dataset needs an in-memory data set (IDX or CIFAR)")
+        }
+        _ => (repvgg_data::IMAGENET_MEAN, repvgg_data::IMAGENET_STD),
+    };
+    let transform = match data.kind {
+        DataKind::ImageFolder => Transform::ResizeCenterCrop {
+            resize: (args.size as f64 / 0.875).floor() as usize,
+            crop: args.size,
+        },
+        _ => Transform::Identity,
+    };
+    let pipeline = Pipeline {
+        transform,
+        mean,
+        std,
+    };
+    let start = Instant::now();
+    let run = repvgg_train::evaluate_engine(&engine, samples, pipeline, args.batch)?;
+    let e = &run.evaluation;
+    if args.json {
+        let mut value = serde_json::json!({
+            "weights": args.weights,
+            "images": e.count,
+            "top1": e.top1,
+            "top5": e.top5,
+            "loss": e.loss,
+            "per_class": e.per_class(),
+            "images_per_s": run.images_per_s,
+        });
+        if args.confusion {
+            value["confusion"] = serde_json::json!(e.confusion);
+        }
+        println!("{value}");
+        return Ok(());
+    }
+    println!(
+        "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4} ({:.1} s, model {:.0} img/s)",
+        e.count,
+        e.top1,
+        e.top5,
+        e.loss,
+        start.elapsed().as_secs_f64(),
+        run.images_per_s
+    );
+    let names = data.class_names.clone();
+    println!("per-class top-1:");
+    for (k, acc) in e.per_class().iter().enumerate() {
+        let name = names
+            .as_ref()
+            .and_then(|n| n.get(k).cloned())
+            .unwrap_or_else(|| k.to_string());
+        println!("  {name:>12}  {acc:.4}");
+    }
+    if args.confusion {
+        println!("confusion (rows: true class, columns: predicted):");
+        for row in &e.confusion {
+            let cells: Vec<String> = row.iter().map(|c| format!("{c:>5}")).collect();
+            println!("  {}", cells.join(""));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! ImageFolder: one sub-folder per class, JPEG/PNG files inside, as torchvision reads ImageNet.
+
+use std::path::{Path, PathBuf};
+
+use image::DynamicImage;
+
+use crate::{DataError, Samples, fail};
+
+/// Image files of a class-per-folder tree, decoded on demand.
+#[derive(Clone, Debug)]
+pub struct ImageFolder {
+    pub root: PathBuf,
+    /// Class names, sorted: the label of class `k` is `k`, as in torchvision.
+    pub class_names: Vec<String>,
+    pub files: Vec<(PathBuf, usize)>,
+}
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| fail(dir, format!("cannot list: {e}")))?;
+    let mut paths = entries
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(dir, format!("cannot list: {e}")))?;
+    paths.sort();
+    Ok(paths)
+}
+
+impl ImageFolder {
+    /// Reads the tree under `root`. A class folder without images is an error (a typo or a
+    /// failed copy), not a class that silently never appears.
+    pub fn open(root: &Path) -> Result<ImageFolder, DataError> {
+        let mut class_names = Vec::new();
+        let mut files = Vec::new();
+        for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+            let label = class_names.len();
+            let before = files.len();
+            for file in sorted_entries(&dir)? {
+                if file.is_file() && is_image(&file) {
+                    files.push((file, label));
+                }
+            }
+            if files.len() == before {
+                return Err(fail(&dir, "class folder holds no .jpg/.jpeg/.png images"));
+            }
+            class_names.push(dir.file_name().unwrap().to_string_lossy().into_owned());
+        }
+        if class_names.is_empty() {
+            return Err(fail(
+                root,
+                "no class folders (expected one sub-folder of images per class)",
+            ));
+        }
+        Ok(ImageFolder {
+            root: root.to_path_buf(),
+            class_names,
+            files,
+        })
+    }
+
+    /// Splits off every `1/fraction`-th file of each class as validation data: deterministic,
+    /// stratified, and independent of the file system's listing order.
+    pub fn split(&self, val_fraction: f64) -> (ImageFolder, ImageFolder) {
+        let mut train = ImageFolder {
+            files: Vec::new(),
+            ..self.clone()
+        };
+        let mut val = train.clone();
+        let mut seen = vec![0usize; self.class_names.len()];
+        for (path, label) in &self.files {
+            let k = seen[*label];
+            seen[*label] += 1;
+            // Class member k goes to validation when the running share falls behind.
+            let target = ((k + 1) as f64 * val_fraction).floor() as usize;
+            let so_far = (k as f64 * val_fraction).floor() as usize;
+            if target > so_far {
+                val.files.push((path.clone(), *label));
+            } else {
+                train.files.push((path.clone(), *label));
+            }
+        }
+        (train, val)
+    }
+}
+
+impl Samples for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    fn classes(&self) -> usize {
+        self.class_names.len()
+    }
+
+    fn label(&self, i: usize) -> usize {
+        self.files[i].1
+    }
+
+    fn image(&self, i: usize) -> Result<DynamicImage, DataError> {
+        decode_image(&self.files[i].0)
+    }
+
+    fn describe(&self, i: usize) -> String {
+        self.files[i].0.display().to_string()
+    }
+}
+
+/// Decodes a JPEG or PNG file; a broken or truncated file is an error naming it.
+pub fn decode_image(path: &Path) -> Result<DynamicImage, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
+    let format = image::guess_format(&bytes)
+        .map_err(|_| fail(path, "not a JPEG or PNG image (unrecognised contents)"))?;
+    // The JPEG decoder fills a cut-off scan with grey rather than failing; a JPEG must end
+    // with its end-of-image marker (trailing padding after it is tolerated).
+    if format == image::ImageFormat::Jpeg {
+        let tail = &bytes[bytes.len().saturating_sub(4096)..];
+        if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+            return Err(fail(path, "truncated JPEG (no end-of-image marker)"));
+        }
+    }
+    image::load_from_memory_with_format(&bytes, format)
+        .map_err(|e| fail(path, format!("not a readable image: {e}")))
+}

@@ -1,0 +1,261 @@
+//! ONNX export of RepVGG's deploy form: the plain graph the conversion produces.
+//!
+//! Graph (opset 11 and later):
+//! - input `input`: float32 `(N, 3, H, W)`, N fixed or the symbolic `batch`;
+//! - per block: `Conv` (3x3, pads 1, stride 1 or 2, groups) with the fused bias; for SE models
+//!   `GlobalAveragePool -> Conv 1x1 -> Relu -> Conv 1x1 -> Sigmoid -> Mul`; then `Relu`;
+//! - head: `GlobalAveragePool -> Flatten -> Gemm(transB = 1)`;
+//! - output `logits`: float32 `(N, classes)`.
+//!
+//! Weights are initializers under their official names (`stage1.0.rbr_reparam.weight`, ...).
+
+mod proto;
+
+use prost::Message;
+use repvgg_arch::Form;
+use repvgg_checkpoint::Checkpoint;
+use repvgg_checkpoint::layout::{self, HEAD, REPARAM, SE_DOWN, SE_UP};
+
+use proto::*;
+
+/// What the exported graph accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExportOptions {
+    pub opset: i64,
+    /// A symbolic batch dimension (`batch`) instead of a fixed one.
+    pub dynamic_batch: bool,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            opset: 17,
+            dynamic_batch: false,
+            batch: 1,
+            height: 224,
+            width: 224,
+        }
+    }
+}
+
+/// The oldest and newest opsets this exporter writes (every op it uses is unchanged over them).
+pub const OPSETS: std::ops::RangeInclusive<i64> = 11..=21;
+
+/// The IR version each opset shipped with (ONNX's versioning table).
+fn ir_version(opset: i64) -> i64 {
+    match opset {
+        ..=11 => 6,
+        12..=14 => 7,
+        15..=18 => 8,
+        19..=20 => 9,
+        _ => 10,
+    }
+}
+
+fn int(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        i: value,
+        r#type: ATTRIBUTE_INT,
+        ..Default::default()
+    }
+}
+
+fn ints(name: &str, values: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        ints: values.to_vec(),
+        r#type: ATTRIBUTE_INTS,
+        ..Default::default()
+    }
+}
+
+fn tensor_value(name: &str, dims: &[Dimension], doc: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: DATA_TYPE_FLOAT,
+                shape: Some(TensorShapeProto { dim: dims.to_vec() }),
+            }),
+        }),
+        doc_string: doc.into(),
+    }
+}
+
+fn fixed(n: usize) -> Dimension {
+    Dimension {
+        value: Some(DimensionValue::DimValue(n as i64)),
+    }
+}
+
+struct Builder<'a> {
+    ckpt: &'a Checkpoint,
+    graph: GraphProto,
+}
+
+impl Builder<'_> {
+    fn node(
+        &mut self,
+        op: &str,
+        name: String,
+        inputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) -> String {
+        let output = name.clone();
+        self.graph.node.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.clone()],
+            name,
+            op_type: op.into(),
+            attribute: attributes,
+        });
+        output
+    }
+
+    /// Adds the checkpoint tensor `key` as an initializer; returns its name.
+    fn weight(&mut self, key: &str) -> String {
+        let t = &self.ckpt.tensors[key];
+        self.graph.initializer.push(TensorProto {
+            dims: t.shape.iter().map(|&d| d as i64).collect(),
+            data_type: DATA_TYPE_FLOAT,
+            name: key.into(),
+            raw_data: t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
+        key.into()
+    }
+
+    fn conv(
+        &mut self,
+        name: String,
+        x: &str,
+        prefix: &str,
+        stride: usize,
+        groups: usize,
+    ) -> String {
+        let w = self.weight(&format!("{prefix}weight"));
+        let b = self.weight(&format!("{prefix}bias"));
+        let k = self.ckpt.tensors[&w].shape[2] as i64;
+        let pad = k / 2;
+        self.node(
+            "Conv",
+            name,
+            &[x, &w, &b],
+            vec![
+                ints("kernel_shape", &[k, k]),
+                ints("pads", &[pad, pad, pad, pad]),
+                ints("strides", &[stride as i64, stride as i64]),
+                ints("dilations", &[1, 1]),
+                int("group", groups as i64),
+            ],
+        )
+    }
+}
+
+/// The ONNX model bytes of a checkpoint's deploy form (training-form checkpoints are converted
+/// with `bn_eps` first).
+pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<Vec<u8>, String> {
+    if !OPSETS.contains(&options.opset) {
+        return Err(format!(
+            "opset {} is not supported (use {} to {})",
+            options.opset,
+            OPSETS.start(),
+            OPSETS.end()
+        ));
+    }
+    let deploy = ckpt.to_deploy(bn_eps).map_err(|e| e.to_string())?;
+    debug_assert_eq!(deploy.form, Form::Deploy);
+    let spec = &deploy.spec;
+    let mut b = Builder {
+        ckpt: &deploy,
+        graph: GraphProto {
+            name: spec.name.clone(),
+            doc_string: "RepVGG deploy form exported by repvgg-rs".into(),
+            ..Default::default()
+        },
+    };
+    let batch = if options.dynamic_batch {
+        Dimension {
+            value: Some(DimensionValue::DimParam("batch".into())),
+        }
+    } else {
+        fixed(options.batch)
+    };
+    b.graph.input.push(tensor_value(
+        "input",
+        &[
+            batch.clone(),
+            fixed(spec.in_channels),
+            fixed(options.height),
+            fixed(options.width),
+        ],
+        "images, NCHW float32, normalised with the ImageNet mean/std",
+    ));
+    let mut x = "input".to_string();
+    for block in spec.blocks() {
+        let p = layout::prefix(&block);
+        let name = block.name();
+        let mut y = b.conv(
+            format!("{name}.conv"),
+            &x,
+            &format!("{p}{REPARAM}"),
+            block.stride,
+            block.groups,
+        );
+        if block.se_channels.is_some() {
+            let pooled = b.node(
+                "GlobalAveragePool",
+                format!("{name}.se.pool"),
+                &[&y],
+                vec![],
+            );
+            let down = b.conv(
+                format!("{name}.se.down"),
+                &pooled,
+                &format!("{p}{SE_DOWN}"),
+                1,
+                1,
+            );
+            let act = b.node("Relu", format!("{name}.se.relu"), &[&down], vec![]);
+            let up = b.conv(format!("{name}.se.up"), &act, &format!("{p}{SE_UP}"), 1, 1);
+            let gate = b.node("Sigmoid", format!("{name}.se.gate"), &[&up], vec![]);
+            y = b.node("Mul", format!("{name}.se.scale"), &[&y, &gate], vec![]);
+        }
+        x = b.node("Relu", format!("{name}.relu"), &[&y], vec![]);
+    }
+    let pooled = b.node("GlobalAveragePool", "gap".into(), &[&x], vec![]);
+    let flat = b.node(
+        "Flatten",
+        "flatten".into(),
+        &[&pooled],
+        vec![int("axis", 1)],
+    );
+    let w = b.weight(&format!("{HEAD}weight"));
+    let bias = b.weight(&format!("{HEAD}bias"));
+    b.node(
+        "Gemm",
+        "logits".into(),
+        &[&flat, &w, &bias],
+        vec![int("transB", 1)],
+    );
+    b.graph.output.push(tensor_value(
+        "logits",
+        &[batch, fixed(spec.num_classes)],
+        "class scores before softmax",
+    ));
+    let model = ModelProto {
+        ir_version: ir_version(options.opset),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: options.opset,
+        }],
+        producer_name: "repvgg-rs".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: String::new(),
+        graph: Some(b.graph),
+    };
+    Ok(model.encode_to_vec())
+}
