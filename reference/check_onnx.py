@@ -4,8 +4,8 @@
     check_onnx.py MODEL.onnx INPUT.safetensors EXPECTED.safetensors [TOLERANCE]
 
 Runs `onnx.checker.check_model(full_check=True)` (which also infers shapes), then ONNX Runtime
-(CPU) on tensor `input` of INPUT and compares with tensor `logits` of EXPECTED (what
-`repvgg forward` computed): max |ort - expected| / max |expected| must be below TOLERANCE
+(CPU) on tensor `input` of INPUT and compares the graph's output (`logits`, or `pooled` for a
+headless model) with tensor `logits` of EXPECTED (what `repvgg forward` or the engine computed): max |ort - expected| / max |expected| must be below TOLERANCE
 (default 1e-5). Prints one JSON line and exits non-zero on failure.
 """
 import json
@@ -27,7 +27,8 @@ def main():
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
     names = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
-    (out,) = sess.run(["logits"], {"input": x})
+    # The graph's only output: `logits`, or `pooled` for a headless backbone.
+    (out,) = sess.run(None, {"input": x})
     rel = float(np.abs(out.astype(np.float64) - expected).max() / np.abs(expected).max())
     ok = out.shape == expected.shape and rel < tol
     print(json.dumps({"ok": ok, "relative_error": rel, "shape": list(out.shape), "io": names,

@@ -8,6 +8,18 @@
 //!
 //! Everything here is framework-free: the model forms, the checkpoint reader and the engine all
 //! walk [`ArchSpec::blocks`] rather than re-deriving the layout.
+//!
+//! ```
+//! use repvgg_arch::{ArchSpec, Form};
+//!
+//! let a0 = ArchSpec::parse("RepVGG-A0")?;
+//! assert_eq!(a0.params(Form::Deploy), 8_309_384);
+//! // Custom specs, fine-tuned heads, and dense-prediction backbones (headless, dilated).
+//! let custom = ArchSpec::parse("depths=1,2,2,1;widths=16,32,64,128;stem=16;classes=10")?;
+//! let backbone = ArchSpec::parse("A0;strides=2,2,2,1,1;dilations=1,1,1,2,4;classes=0")?;
+//! assert_eq!(backbone.output_size(224, 224), (28, 28));
+//! # Ok::<(), repvgg_arch::ArchError>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -59,7 +71,7 @@ pub struct ArchSpec {
     /// Display name: the variant ("RepVGG-A0") or "custom".
     #[serde(default = "custom_name")]
     pub name: String,
-    /// Output channels of stage 0 (in JSON, optional: min(64, widths[0]) as in the official code).
+    /// Output channels of stage 0 (in JSON, optional: `min(64, widths[0])` as in the official code).
     #[serde(default, alias = "stem")]
     pub stem_width: usize,
     /// Blocks in stages 1..4.
@@ -72,10 +84,28 @@ pub struct ArchSpec {
     /// Squeeze-and-excitation before every block's ReLU (RepVGG-D2se).
     #[serde(default)]
     pub se: bool,
+    /// Classes of the linear head; 0 makes a headless backbone (no `linear.*`; the forward pass
+    /// ends with the globally pooled features).
     #[serde(default = "default_classes", alias = "classes")]
     pub num_classes: usize,
     #[serde(default = "default_in_channels", alias = "in")]
     pub in_channels: usize,
+    /// Stride of the first block of stages 0..4 (2 everywhere in the paper). Dense-prediction
+    /// backbones lower the last ones to 1 to keep resolution (PSPNet: 2,2,2,1,1).
+    #[serde(default = "default_strides")]
+    pub strides: [usize; 5],
+    /// Dilation (and padding) of the 3x3 convolutions of stages 0..4; PSPNet style is
+    /// 1,1,1,2,4. The 1x1 and identity branches sit on the kernel's centre tap, so the
+    /// conversion is unchanged and stays exact.
+    #[serde(default = "default_dilations")]
+    pub dilations: [usize; 5],
+}
+
+fn default_strides() -> [usize; 5] {
+    [2; 5]
+}
+fn default_dilations() -> [usize; 5] {
+    [1; 5]
 }
 
 fn custom_name() -> String {
@@ -100,6 +130,8 @@ pub struct BlockSpec {
     pub in_channels: usize,
     pub out_channels: usize,
     pub stride: usize,
+    /// Dilation and padding of the 3x3 convolution.
+    pub dilation: usize,
     pub groups: usize,
     /// Whether the training form has the identity (BN-only) branch.
     pub has_identity: bool,
@@ -250,6 +282,8 @@ impl ArchSpec {
             se,
             num_classes,
             in_channels: 3,
+            strides: default_strides(),
+            dilations: default_dilations(),
         }
     }
 
@@ -301,6 +335,8 @@ impl ArchSpec {
             se: false,
             num_classes: default_classes(),
             in_channels: default_in_channels(),
+            strides: default_strides(),
+            dilations: default_dilations(),
         };
         let given = spec.apply_overrides(text)?;
         if !given.contains(&"depths") {
@@ -333,6 +369,13 @@ impl ArchSpec {
             numbers(value)?
                 .try_into()
                 .map_err(|_| invalid(format!("{key} needs exactly 4 numbers, got '{value}'")))
+        };
+        let five = |key: &str, value: &str| -> Result<[usize; 5], ArchError> {
+            numbers(value)?.try_into().map_err(|_| {
+                invalid(format!(
+                    "{key} needs 5 numbers (stages 0 to 4), got '{value}'"
+                ))
+            })
         };
         let mut given = Vec::new();
         for part in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
@@ -372,6 +415,14 @@ impl ArchSpec {
                     self.name = value.to_string();
                     "name"
                 }
+                "strides" => {
+                    self.strides = five(key, value)?;
+                    "strides"
+                }
+                "dilations" => {
+                    self.dilations = five(key, value)?;
+                    "dilations"
+                }
                 "groups" => {
                     for pair in value.split(',') {
                         let (layer, g) = pair.split_once(':').ok_or_else(|| {
@@ -384,7 +435,7 @@ impl ArchSpec {
                 }
                 other => {
                     return Err(invalid(format!(
-                        "unknown key '{other}' (known: depths, widths, stem, groups, se, classes, in, name)"
+                        "unknown key '{other}' (known: depths, widths, stem, groups, se, classes, in, name, strides, dilations)"
                     )));
                 }
             };
@@ -406,8 +457,14 @@ impl ArchSpec {
                 self.depths
             ));
         }
-        if self.num_classes == 0 {
-            return invalid("num_classes must be positive".into());
+        if self.strides.iter().any(|&s| !(1..=2).contains(&s)) {
+            return invalid(format!("strides must be 1 or 2, got {:?}", self.strides));
+        }
+        if self.dilations.iter().any(|&d| !(1..=64).contains(&d)) {
+            return invalid(format!(
+                "dilations must be 1 to 64, got {:?}",
+                self.dilations
+            ));
         }
         // Bounds that no real network approaches, checked before anything is allocated.
         if self.depths.iter().any(|&d| d > 10_000)
@@ -469,7 +526,7 @@ impl ArchSpec {
     /// All blocks in forward order, stem first.
     pub fn blocks(&self) -> Vec<BlockSpec> {
         let mut blocks = Vec::with_capacity(self.num_blocks());
-        let mut push = |stage, index, layer, in_channels, out_channels, stride| {
+        let mut push = |stage: usize, index: usize, layer, in_channels, out_channels| {
             // The official code never groups stage 0, whatever the map says.
             let groups = if stage == 0 {
                 1
@@ -482,19 +539,21 @@ impl ArchSpec {
                 layer,
                 in_channels,
                 out_channels,
-                stride,
+                stride: if index == 0 { self.strides[stage] } else { 1 },
+                dilation: self.dilations[stage],
                 groups,
-                has_identity: in_channels == out_channels && stride == 1,
+                // Where the paper's layout has it (not on a stage's first block, stride 2 there),
+                // so that stride overrides keep checkpoints loadable.
+                has_identity: in_channels == out_channels && index > 0,
                 se_channels: self.se.then_some(out_channels / SE_REDUCTION),
             });
         };
-        push(0, 0, 0, self.in_channels, self.stem_width, 2);
+        push(0, 0, 0, self.in_channels, self.stem_width);
         let mut layer = 1;
         let mut channels = self.stem_width;
         for (stage, (&depth, &width)) in self.depths.iter().zip(&self.widths).enumerate() {
             for index in 0..depth {
-                let stride = if index == 0 { 2 } else { 1 };
-                push(stage + 1, index, layer, channels, width, stride);
+                push(stage + 1, index, layer, channels, width);
                 channels = width;
                 layer += 1;
             }

@@ -32,13 +32,25 @@ pub fn conv2d(
     padding: usize,
     groups: usize,
 ) -> Conv2d {
+    dilated_conv2d(weight, bias, stride, padding, 1, groups)
+}
+
+/// [`conv2d`] with its taps `dilation` apart.
+pub fn dilated_conv2d(
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+) -> Conv2d {
     let [_, _, kh, kw] = weight.dims();
     Conv2d {
         weight: Param::from_tensor(weight),
         bias: bias.map(Param::from_tensor),
         stride: [stride, stride],
         kernel_size: [kh, kw],
-        dilation: [1, 1],
+        dilation: [dilation, dilation],
         groups,
         padding: PaddingConfig2d::Explicit(padding, padding, padding, padding),
     }
@@ -144,9 +156,14 @@ pub struct Head {
 
 impl Head {
     pub fn forward(&self, features: Tensor<4>) -> Tensor<2> {
-        let [n, c, _, _] = features.dims();
-        let pooled = features.mean_dim(3).mean_dim(2).reshape([n, c]);
+        let pooled = global_pool(features);
         let classes = self.bias.dims()[0];
         pooled.matmul(self.weight.val().transpose()) + self.bias.val().reshape([1, classes])
     }
+}
+
+/// Global average pool to `(n, channels)`: a headless model's output.
+pub fn global_pool(features: Tensor<4>) -> Tensor<2> {
+    let [n, c, _, _] = features.dims();
+    features.mean_dim(3).mean_dim(2).reshape([n, c])
 }

@@ -5,6 +5,20 @@
 //! ([`RepVggDeploy`]) is the plain 3x3-conv stack. Both are built from checked checkpoints
 //! ([`repvgg_checkpoint::Checkpoint`]) and export back to official-named state dicts, so the
 //! framework-free fusion in `repvgg-fuse` does every conversion.
+//!
+//! ```no_run
+//! use burn::tensor::{Tensor, TensorData};
+//! use repvgg_burn::{RepVgg, default_device};
+//! use repvgg_checkpoint::Checkpoint;
+//!
+//! let ckpt = Checkpoint::load("RepVGG-B1g4-train.pth".as_ref(), None)?;
+//! let device = default_device();
+//! let model = RepVgg::from_checkpoint(&ckpt, 1e-5, &device);
+//! let x: Tensor<4> = Tensor::from_data(TensorData::new(vec![0.0f32; 3 * 224 * 224], [1, 3, 224, 224]), &device);
+//! let logits = model.forward(x.clone());
+//! let stages = model.forward_stages(x, &[2, 3, 4]); // (stage, feature map) for a detector
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod layers;
 pub mod model;

@@ -11,7 +11,9 @@ use repvgg_checkpoint::layout::{
 };
 use repvgg_checkpoint::{Checkpoint, StateDict};
 
-use crate::layers::{BatchNorm2d, Head, SqueezeExcite, conv2d, from_device, to_device};
+use crate::layers::{
+    BatchNorm2d, Head, SqueezeExcite, conv2d, dilated_conv2d, from_device, global_pool, to_device,
+};
 
 /// Reads official-named tensors of a checked checkpoint onto a device.
 struct Reader<'a> {
@@ -53,11 +55,14 @@ impl Reader<'_> {
         })
     }
 
-    fn head(&self) -> Head {
-        Head {
-            weight: Param::from_tensor(self.get(&format!("{HEAD}weight"))),
-            bias: Param::from_tensor(self.get(&format!("{HEAD}bias"))),
-        }
+    /// The classifier; `None` for a headless backbone.
+    fn head(&self) -> Option<Head> {
+        self.tensors
+            .contains_key(&format!("{HEAD}weight"))
+            .then(|| Head {
+                weight: Param::from_tensor(self.get(&format!("{HEAD}weight"))),
+                bias: Param::from_tensor(self.get(&format!("{HEAD}bias"))),
+            })
     }
 }
 
@@ -93,9 +98,11 @@ impl Writer {
         }
     }
 
-    fn head(&mut self, head: &Head) {
-        self.put(format!("{HEAD}weight"), head.weight.val());
-        self.put(format!("{HEAD}bias"), head.bias.val());
+    fn head(&mut self, head: &Option<Head>) {
+        if let Some(head) = head {
+            self.put(format!("{HEAD}weight"), head.weight.val());
+            self.put(format!("{HEAD}bias"), head.bias.val());
+        }
     }
 }
 
@@ -132,10 +139,11 @@ impl Block for DeployBlock {
     }
 }
 
-/// Blocks in order, then the head; with `features`, each block's output by official name.
+/// Blocks in order, then the head (or, headless, the global pool); with `features`, each
+/// block's output by official name.
 fn run_blocks<B: Block>(
     blocks: &[B],
-    head: &Head,
+    head: &Option<Head>,
     mut x: Tensor<4>,
     mut features: Option<&mut Vec<(String, Tensor<4>)>>,
 ) -> Tensor<2> {
@@ -146,7 +154,30 @@ fn run_blocks<B: Block>(
             features.push((block_name(stage, index), x.clone()));
         }
     }
-    head.forward(x)
+    match head {
+        Some(head) => head.forward(x),
+        None => global_pool(x),
+    }
+}
+
+/// The outputs of stages `out_indices` (the last block of each), in stage order.
+fn stage_outputs<B: Block>(
+    blocks: &[B],
+    mut x: Tensor<4>,
+    out_indices: &[usize],
+) -> Vec<(usize, Tensor<4>)> {
+    let mut out = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        x = b.forward(x);
+        let (stage, _) = b.position();
+        let last = blocks
+            .get(i + 1)
+            .is_none_or(|next| next.position().0 != stage);
+        if last && out_indices.contains(&stage) {
+            out.push((stage, x.clone()));
+        }
+    }
+    out
 }
 
 /// Training-form block: `ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) + BN(x)))`.
@@ -199,14 +230,14 @@ impl DeployBlock {
 #[derive(Module, Debug)]
 pub struct RepVggTrain {
     pub blocks: Vec<TrainBlock>,
-    pub head: Head,
+    pub head: Option<Head>,
 }
 
 /// The plain network that is deployed.
 #[derive(Module, Debug)]
 pub struct RepVggDeploy {
     pub blocks: Vec<DeployBlock>,
-    pub head: Head,
+    pub head: Option<Head>,
 }
 
 impl RepVggTrain {
@@ -224,11 +255,12 @@ impl RepVggTrain {
             .map(|b| {
                 let p = layout::prefix(b);
                 TrainBlock {
-                    dense_conv: conv2d(
+                    dense_conv: dilated_conv2d(
                         r.get(&format!("{p}{DENSE_CONV}weight")),
                         None,
                         b.stride,
-                        1,
+                        b.dilation,
+                        b.dilation,
                         b.groups,
                     ),
                     dense_bn: r.bn(&format!("{p}{DENSE_BN}"), bn_eps),
@@ -283,6 +315,11 @@ impl RepVggTrain {
         let logits = run_blocks(&self.blocks, &self.head, x, Some(&mut features));
         (logits, features)
     }
+
+    /// The feature maps at the end of stages `out_indices` (0..=4): backbone use.
+    pub fn forward_stages(&self, x: Tensor<4>, out_indices: &[usize]) -> Vec<(usize, Tensor<4>)> {
+        stage_outputs(&self.blocks, x, out_indices)
+    }
 }
 
 impl RepVggDeploy {
@@ -295,11 +332,12 @@ impl RepVggDeploy {
             .map(|b| {
                 let p = layout::prefix(b);
                 DeployBlock {
-                    conv: conv2d(
+                    conv: dilated_conv2d(
                         r.get(&format!("{p}{REPARAM}weight")),
                         Some(r.get(&format!("{p}{REPARAM}bias"))),
                         b.stride,
-                        1,
+                        b.dilation,
+                        b.dilation,
                         b.groups,
                     ),
                     se: r.se(&p, b),
@@ -334,6 +372,11 @@ impl RepVggDeploy {
         let mut features = Vec::with_capacity(self.blocks.len());
         let logits = run_blocks(&self.blocks, &self.head, x, Some(&mut features));
         (logits, features)
+    }
+
+    /// The feature maps at the end of stages `out_indices` (0..=4): backbone use.
+    pub fn forward_stages(&self, x: Tensor<4>, out_indices: &[usize]) -> Vec<(usize, Tensor<4>)> {
+        stage_outputs(&self.blocks, x, out_indices)
     }
 }
 
@@ -373,6 +416,13 @@ impl RepVgg {
         match self {
             RepVgg::Train(m) => m.forward_with_features(x),
             RepVgg::Deploy(m) => m.forward_with_features(x),
+        }
+    }
+
+    pub fn forward_stages(&self, x: Tensor<4>, out_indices: &[usize]) -> Vec<(usize, Tensor<4>)> {
+        match self {
+            RepVgg::Train(m) => m.forward_stages(x, out_indices),
+            RepVgg::Deploy(m) => m.forward_stages(x, out_indices),
         }
     }
 }

@@ -119,7 +119,12 @@ fn state_dicts_round_trip_through_the_models() {
 }
 
 /// Training mode: batch statistics in the forward, running statistics updated as PyTorch does
-/// (momentum 0.1, unbiased variance). Same f32-vs-f64 tolerance as above.
+/// (momentum 0.1, unbiased variance). Batch statistics of a 2-image batch reduce over as few as
+/// 2 values per channel in stage 4 (1x1 maps), where normalising divides by the difference of
+/// two nearly equal f32 sums: rounding is amplified several times over eval mode (measured up
+/// to 1.1e-5 with burn's SIMD summation order), so training mode is held to 5e-5.
+const TRAIN_MODE_TOLERANCE: f64 = 5e-5;
+
 #[test]
 fn training_mode_batch_norm_follows_pytorch() {
     let device = default_device().autodiff();
@@ -131,7 +136,10 @@ fn training_mode_batch_norm_follows_pytorch() {
         let x = input(config).to_device(&device);
         let logits = values(model.forward(x));
         let err = relative_error(&logits, &reference["logits_trainmode_f64"].1);
-        assert!(err < TOLERANCE, "{config} train-mode logits: {err:e}");
+        assert!(
+            err < TRAIN_MODE_TOLERANCE,
+            "{config} train-mode logits: {err:e}"
+        );
         let after = model.state_dict();
         let mut checked = 0;
         for (key, (_, want)) in reference
@@ -141,7 +149,7 @@ fn training_mode_batch_norm_follows_pytorch() {
             let key = key.trim_start_matches("trainmode.");
             let got: Vec<f64> = after[key].data.iter().map(|&v| v as f64).collect();
             let err = relative_error(&got, want);
-            assert!(err < TOLERANCE, "{config} {key}: {err:e}");
+            assert!(err < TRAIN_MODE_TOLERANCE, "{config} {key}: {err:e}");
             checked += 1;
         }
         assert!(checked > 0);

@@ -63,11 +63,13 @@ pub fn expected_tensors(spec: &ArchSpec, form: Form) -> Vec<(String, Vec<usize>)
             out.push((format!("{p}{SE_UP}bias"), vec![o]));
         }
     }
-    out.push((
-        format!("{HEAD}weight"),
-        vec![spec.num_classes, spec.feature_width()],
-    ));
-    out.push((format!("{HEAD}bias"), vec![spec.num_classes]));
+    if spec.num_classes > 0 {
+        out.push((
+            format!("{HEAD}weight"),
+            vec![spec.num_classes, spec.feature_width()],
+        ));
+        out.push((format!("{HEAD}bias"), vec![spec.num_classes]));
+    }
     out
 }
 
@@ -203,9 +205,8 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
     let head = tensors
         .get("linear.weight")
         .or_else(|| tensors.get("linear.bias"));
-    let num_classes = head
-        .and_then(|t| t.shape.first().copied())
-        .ok_or("has no classifier (linear.weight)")?;
+    // No classifier: a headless backbone (0 classes).
+    let num_classes = head.and_then(|t| t.shape.first().copied()).unwrap_or(0);
     let mut spec = ArchSpec {
         name: "custom".into(),
         stem_width: widths_seen[0],
@@ -220,6 +221,8 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         se: tensors.keys().any(|k| k.contains(".se.")),
         num_classes,
         in_channels: in_channels.ok_or("cannot tell the input channels of stage 0")?,
+        strides: [2; 5],
+        dilations: [1; 5],
     };
     spec.name = variant_name(&spec).unwrap_or_else(|| "custom".into());
     spec.validate()

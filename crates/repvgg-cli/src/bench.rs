@@ -283,7 +283,7 @@ fn train_steps(
             let grads = GradientsParams::from_grads(loss.backward(), &m);
             let m = sgd.step(m, 0.01, grads);
             // Wait for the update to be computed (burn may defer work).
-            std::hint::black_box(m.head.bias.val().into_data());
+            std::hint::black_box(m.blocks[0].dense_conv.weight.val().into_data());
             model = Some(m);
         };
         for _ in 0..args.warmup {

@@ -48,8 +48,12 @@ pub fn run(
     output: &Path,
     arch: Option<String>,
     features: bool,
+    out_indices: Option<Vec<usize>>,
     bn_eps: f64,
 ) -> Result<()> {
+    if let Some(bad) = out_indices.iter().flatten().find(|&&s| s > 4) {
+        bail!("--out-indices: stage {bad} does not exist (stages are 0 to 4)");
+    }
     crate::check_bn_eps(bn_eps)?;
     let ckpt = load_checkpoint(weights, arch)?;
     let (shape, values) = read_input(input)?;
@@ -71,35 +75,48 @@ pub fn run(
     let names: Vec<String> = spec.blocks().iter().map(|b| b.name()).collect();
     let mut out = StateDict::new();
     let mut ws = Workspace::default();
+    let blocks = spec.blocks();
+    let last_of_stage = |i: usize| blocks.get(i + 1).is_none_or(|b| b.stage != blocks[i].stage);
     let logits = engine.forward_with(&values, n, h, w, &mut ws, |i, fh, fw, nhwc| {
+        let c = nhwc.len() / (n * fh * fw);
+        let wanted_stage = out_indices
+            .as_ref()
+            .is_some_and(|stages| last_of_stage(i) && stages.contains(&blocks[i].stage));
+        if wanted_stage {
+            out.insert(
+                format!("stages.{}", blocks[i].stage),
+                CkptTensor::new(vec![n, c, fh, fw], nhwc_to_nchw(nhwc, n, fh, fw)),
+            );
+        }
         if features {
-            let c = nhwc.len() / (n * fh * fw);
             out.insert(
                 format!("features.{}", names[i]),
                 CkptTensor::new(vec![n, c, fh, fw], nhwc_to_nchw(nhwc, n, fh, fw)),
             );
         }
     });
-    out.insert(
-        "logits".to_string(),
-        CkptTensor::new(vec![n, spec.num_classes], logits),
-    );
+    // A headless model ends with its pooled features instead of logits.
+    let (key, width) = if spec.num_classes == 0 {
+        ("pooled", spec.feature_width())
+    } else {
+        ("logits", spec.num_classes)
+    };
+    out.insert(key.to_string(), CkptTensor::new(vec![n, width], logits));
 
     write_safetensors(output, &out, None)?;
-    let features_note = if features {
-        format!(" and {} block outputs", out.len() - 1)
+    let features_note = if out.len() > 1 {
+        format!(" and {} feature maps", out.len() - 1)
     } else {
         String::new()
     };
     eprintln!(
-        "{} ({}, {} form) on {} {:?} -> {}: logits [{n}, {}]{features_note}",
+        "{} ({}, {} form) on {} {:?} -> {}: {key} [{n}, {width}]{features_note}",
         weights.display(),
         spec.name,
         ckpt.form,
         input.display(),
         [n, spec.in_channels, h, w],
         output.display(),
-        spec.num_classes,
     );
     Ok(())
 }

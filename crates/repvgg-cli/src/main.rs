@@ -79,6 +79,10 @@ enum Command {
         /// Also write every block's output, in official block names (stage0, stage1.0, ...).
         #[arg(long)]
         features: bool,
+        /// Also write the outputs of these stages (0..4) as `stages.<k>`, e.g. 1,2,3,4: the
+        /// feature pyramid a detector or segmenter takes from a backbone.
+        #[arg(long, value_delimiter = ',')]
+        out_indices: Option<Vec<usize>>,
         /// Batch-norm eps for training-form weights.
         #[arg(long, default_value_t = DEFAULT_BN_EPS)]
         bn_eps: f64,
@@ -158,8 +162,17 @@ fn main() -> ExitCode {
             output,
             arch,
             features,
+            out_indices,
             bn_eps,
-        } => forward::run(&weights, &input, &output, arch, features, bn_eps),
+        } => forward::run(
+            &weights,
+            &input,
+            &output,
+            arch,
+            features,
+            out_indices,
+            bn_eps,
+        ),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::train(args),
         Command::Eval(args) => train::eval(args),

@@ -530,58 +530,14 @@ fn predict_gives_the_reference_top5_on_real_photos() {
     assert!(err.contains("broken.jpg"), "{err}");
 }
 
-/// A Python with onnx and onnxruntime for the export checks: $REPVGG_PYTHON, or the venv that
-/// `.ci/run` (`.venv-ci`) or the reference script (`.venv-ref`) makes. CI sets
-/// REPVGG_REQUIRE_PYTHON=1, so there the checks cannot be skipped.
-fn onnx_python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let candidates = std::env::var_os("REPVGG_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([
-            root.join(".venv-ci/bin/python"),
-            root.join(".venv-ref/bin/python"),
-        ]);
-    for python in candidates {
-        let works = Command::new(&python)
-            .args(["-c", "import onnx, onnxruntime, safetensors, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if works {
-            return Some(python);
-        }
-    }
-    assert!(
-        std::env::var_os("REPVGG_REQUIRE_PYTHON").is_none(),
-        "REPVGG_REQUIRE_PYTHON is set but no Python with onnx and onnxruntime was found"
-    );
-    eprintln!("skipped: no Python with onnx + onnxruntime (run .ci/run, or set REPVGG_PYTHON)");
-    None
-}
-
-fn check_onnx(python: &Path, model: &Path, input: &Path, expected: &Path) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/check_onnx.py");
-    let out = Command::new(python)
-        .arg(script)
-        .args([model, input, expected])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}: {stdout} {}",
-        model.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap()
-}
-
 /// Exported graphs pass `onnx.checker` and agree with `repvgg forward` in ONNX Runtime within
 /// 1e-5 relative (f32 throughout; the two runtimes sum in different orders), at the exported
 /// batch size and, with --dynamic-batch, at another one.
 #[test]
 fn export_agrees_with_forward_in_onnxruntime() {
-    let Some(python) = onnx_python() else { return };
+    let Some(python) = repvgg_testing::python_with(&["onnx", "onnxruntime", "safetensors"]) else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     for config in ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"] {
         for form in ["train_timm.pth", "deploy_official.safetensors"] {
@@ -623,9 +579,45 @@ fn export_agrees_with_forward_in_onnxruntime() {
                     args.push("--dynamic-batch");
                 }
                 ok(&args);
-                let result = check_onnx(&python, &model, &input, &logits);
+                let result = repvgg_testing::check_onnx(&python, &model, &input, &logits);
                 eprintln!("{config} {form} dynamic={dynamic}: {result}");
             }
         }
     }
+}
+
+/// `--out-indices` writes stage outputs: the last block of each stage, as `--features` shows.
+#[test]
+fn forward_writes_the_stage_outputs_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    ok(&[
+        "forward",
+        "--weights",
+        fixture("tiny/train_timm.pth").to_str().unwrap(),
+        "--input",
+        fixture("tiny/io.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--features",
+        "--out-indices",
+        "1,4",
+    ]);
+    let t = read_f64(&out);
+    // tiny has two blocks in stage 1 and one in stage 4.
+    assert_eq!(t["stages.1"], t["features.stage1.1"]);
+    assert_eq!(t["stages.4"], t["features.stage4.0"]);
+    assert!(!t.contains_key("stages.2"));
+    let err = fails(&[
+        "forward",
+        "--weights",
+        fixture("tiny/train_timm.pth").to_str().unwrap(),
+        "--input",
+        fixture("tiny/io.safetensors").to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--out-indices",
+        "5",
+    ]);
+    assert!(err.contains("stage 5"), "{err}");
 }

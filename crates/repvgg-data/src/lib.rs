@@ -2,6 +2,22 @@
 //! not), CIFAR-10/100 binary batches and ImageFolder trees of JPEG/PNG files. Small formats load
 //! into one in-memory [`Dataset`] of `u8` pixels; image folders decode on demand. Both are
 //! [`Samples`], so augmentation and batching ([`transform`], [`loader`]) see one kind of data.
+//!
+//! ```no_run
+//! use rand::SeedableRng;
+//! use repvgg_data::{EvalPreset, decode_image, open_dir};
+//!
+//! // A directory is recognised by its files (IDX, CIFAR binary, class folders).
+//! let data = open_dir("/usr/share/datasets/fashion-mnist".as_ref(), 0.1)?;
+//! println!("{} training images, {} classes", data.train.len(), data.train.classes());
+//!
+//! // The official evaluation preprocessing of a photo: resize 256, centre crop 224, normalise.
+//! let photo = decode_image("cat.jpg".as_ref())?;
+//! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+//! let (chw, h, w) = EvalPreset::Official.pipeline().apply(&photo, &mut rng);
+//! assert_eq!((chw.len(), h, w), (3 * 224 * 224, 224, 224));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod folder;
 pub mod loader;

@@ -1,6 +1,20 @@
 //! A CPU inference engine for deployed RepVGG: 3x3 conv + bias (+ SE) + ReLU, then pool and
 //! linear, with no framework underneath.
 //!
+//! ```no_run
+//! use repvgg_checkpoint::Checkpoint;
+//! use repvgg_engine::{Engine, Workspace};
+//!
+//! // Either form: training-form weights are converted on load.
+//! let ckpt = Checkpoint::load("RepVGG-A0-train.pth".as_ref(), None)?;
+//! let engine = Engine::from_checkpoint(&ckpt, 1e-5)?;
+//! let images = vec![0.0f32; 8 * 3 * 224 * 224]; // NCHW, ImageNet-normalised
+//! let logits = engine.forward(&images, 8, 224, 224, &mut Workspace::default());
+//! // Backbone use: the outputs of stages 1..4.
+//! let pyramid = engine.forward_stages(&images, 8, 224, 224, &[1, 2, 3, 4]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! Activations are NHWC, so a 3x3 convolution is one GEMM per group: rows are output positions,
 //! the reduction runs over (tap, input channel) and columns are output channels. Weights are
 //! packed once at load into that `(9 * Cin/g) x (Cout/g)` layout; each tile of output rows
@@ -31,6 +45,8 @@ struct ConvLayer {
     out_channels: usize,
     groups: usize,
     stride: usize,
+    /// Dilation and padding of the 3x3 taps.
+    dilation: usize,
     /// Per group, row-major `(9 * in/g) x (out/g)`, rows ordered (ky, kx, c).
     packed: Vec<f32>,
     /// Winograd-transformed filters, for stride-1 layers where that path is enabled.
@@ -97,6 +113,16 @@ pub struct LayerTiming {
     pub groups: usize,
     /// (in channels, out channels, output height, output width)
     pub shape: (usize, usize, usize, usize),
+}
+
+/// One stage's output feature map, NCHW.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StageFeatures {
+    pub stage: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
 }
 
 /// Activation buffers reused across calls, so that steady-state inference does not allocate.
@@ -172,13 +198,14 @@ impl Engine {
                     out_channels: b.out_channels,
                     groups: b.groups,
                     stride: b.stride,
+                    dilation: b.dilation,
                     packed: pack_kernel(
                         &weight.data,
                         b.out_channels,
                         b.in_channels / b.groups,
                         b.groups,
                     ),
-                    winograd: (options.winograd && b.stride == 1).then(|| {
+                    winograd: (options.winograd && b.stride == 1 && b.dilation == 1).then(|| {
                         winograd::transform_filters(
                             &weight.data,
                             b.out_channels,
@@ -195,8 +222,14 @@ impl Engine {
             spec: deploy.spec.clone(),
             options,
             layers,
-            head_weight: t(format!("{HEAD}weight")).data.clone(),
-            head_bias: t(format!("{HEAD}bias")).data.clone(),
+            head_weight: deploy
+                .tensors
+                .get(&format!("{HEAD}weight"))
+                .map_or_else(Vec::new, |t| t.data.clone()),
+            head_bias: deploy
+                .tensors
+                .get(&format!("{HEAD}bias"))
+                .map_or_else(Vec::new, |t| t.data.clone()),
         })
     }
 
@@ -245,6 +278,38 @@ impl Engine {
             })
             .collect();
         parts.concat()
+    }
+
+    /// The feature maps at the end of stages `out_indices` (0..=4), NCHW, for use as a
+    /// backbone (as timm's `features_only` / mmseg's `out_indices`).
+    pub fn forward_stages(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        out_indices: &[usize],
+    ) -> Vec<StageFeatures> {
+        let blocks = self.spec.blocks();
+        let last_of_stage = |i: usize| {
+            let b = &blocks[i];
+            b.stage == 0 || b.index + 1 == self.spec.depths[b.stage - 1]
+        };
+        let mut out = Vec::with_capacity(out_indices.len());
+        let mut ws = Workspace::default();
+        self.forward_with(input, n, h, w, &mut ws, |i, oh, ow, nhwc| {
+            let stage = blocks[i].stage;
+            if last_of_stage(i) && out_indices.contains(&stage) {
+                out.push(StageFeatures {
+                    stage,
+                    channels: blocks[i].out_channels,
+                    height: oh,
+                    width: ow,
+                    data: nhwc_to_nchw(nhwc, n, oh, ow),
+                });
+            }
+        });
+        out
     }
 
     /// Like [`Engine::forward`], calling `tap(block_index, h, w, nhwc)` after every block
@@ -322,12 +387,17 @@ impl Engine {
         timings
     }
 
+    /// Logits, or for a headless model (0 classes) the pooled features `(n, channels)`.
     fn head(&self, features: &[f32], n: usize, positions: usize) -> Vec<f32> {
         let c = self.spec.feature_width();
         let classes = self.spec.num_classes;
-        let mut logits = Vec::with_capacity(n * classes);
+        let mut logits = Vec::with_capacity(n * classes.max(c));
         for image in features.chunks_exact(positions * c) {
             let pooled = channel_means(image, c);
+            if classes == 0 {
+                logits.extend_from_slice(&pooled);
+                continue;
+            }
             for k in 0..classes {
                 let row = &self.head_weight[k * c..(k + 1) * c];
                 logits.push(self.head_bias[k] + dot(row, &pooled));
@@ -476,10 +546,11 @@ impl ConvLayer {
                 let pos = first + r;
                 let image = pos / (oh * ow);
                 let (y, x) = ((pos / ow) % oh, pos % ow);
+                let d = self.dilation;
                 for ky in 0..3 {
-                    let iy = (y * self.stride + ky) as isize - 1;
+                    let iy = (y * self.stride + ky * d) as isize - d as isize;
                     for kx in 0..3 {
-                        let ix = (x * self.stride + kx) as isize - 1;
+                        let ix = (x * self.stride + kx * d) as isize - d as isize;
                         let dst = &mut row[(ky * 3 + kx) * cin_g..(ky * 3 + kx + 1) * cin_g];
                         if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                             dst.fill(0.0);

@@ -266,6 +266,7 @@ mod tests {
             };
 
             let params = |padding| Conv2dParams {
+                dilation: 1,
                 stride,
                 padding,
                 groups,
@@ -311,6 +312,7 @@ mod tests {
             let kernel = identity_kernel::<f64>(c, groups);
             assert_eq!(kernel.shape(), [c, c / groups, 3, 3]);
             let params = Conv2dParams {
+                dilation: 1,
                 stride: 1,
                 padding: 1,
                 groups,

@@ -19,6 +19,8 @@ pub struct Conv2dParams {
     pub stride: usize,
     pub padding: usize,
     pub groups: usize,
+    /// Spacing of the kernel taps (1: a plain convolution).
+    pub dilation: usize,
 }
 
 /// Direct grouped convolution with zero padding.
@@ -32,14 +34,15 @@ pub fn conv2d<T: Float>(
         stride,
         padding,
         groups,
+        dilation,
     } = p;
     assert_eq!(
         input.channels,
         kernel.in_per_group * groups,
         "input channels"
     );
-    let out_h = (input.height + 2 * padding - kernel.height) / stride + 1;
-    let out_w = (input.width + 2 * padding - kernel.width) / stride + 1;
+    let out_h = (input.height + 2 * padding - dilation * (kernel.height - 1) - 1) / stride + 1;
+    let out_w = (input.width + 2 * padding - dilation * (kernel.width - 1) - 1) / stride + 1;
     let out_per_group = kernel.out_channels / groups;
     let mut data = Vec::with_capacity(kernel.out_channels * out_h * out_w);
     for o in 0..kernel.out_channels {
@@ -51,8 +54,8 @@ pub fn conv2d<T: Float>(
                     let c = group * kernel.in_per_group + i;
                     for ky in 0..kernel.height {
                         for kx in 0..kernel.width {
-                            let y = (oy * stride + ky) as isize - padding as isize;
-                            let x = (ox * stride + kx) as isize - padding as isize;
+                            let y = (oy * stride + ky * dilation) as isize - padding as isize;
+                            let x = (ox * stride + kx * dilation) as isize - padding as isize;
                             if y < 0
                                 || x < 0
                                 || y >= input.height as isize

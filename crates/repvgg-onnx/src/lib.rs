@@ -5,9 +5,20 @@
 //! - per block: `Conv` (3x3, pads 1, stride 1 or 2, groups) with the fused bias; for SE models
 //!   `GlobalAveragePool -> Conv 1x1 -> Relu -> Conv 1x1 -> Sigmoid -> Mul`; then `Relu`;
 //! - head: `GlobalAveragePool -> Flatten -> Gemm(transB = 1)`;
-//! - output `logits`: float32 `(N, classes)`.
+//! - output `logits`: float32 `(N, classes)` (a headless model, 0 classes: `pooled`,
+//!   `(N, channels)`). Dilated stages export as `Conv` with `dilations` and matching pads.
 //!
 //! Weights are initializers under their official names (`stage1.0.rbr_reparam.weight`, ...).
+//!
+//! ```no_run
+//! use repvgg_checkpoint::Checkpoint;
+//! use repvgg_onnx::{ExportOptions, export};
+//!
+//! let ckpt = Checkpoint::load("RepVGG-A0-train.pth".as_ref(), None)?;
+//! let options = ExportOptions { dynamic_batch: true, ..ExportOptions::default() };
+//! std::fs::write("repvgg-a0.onnx", export(&ckpt, 1e-5, options)?)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod proto;
 
@@ -133,13 +144,12 @@ impl Builder<'_> {
         name: String,
         x: &str,
         prefix: &str,
-        stride: usize,
-        groups: usize,
+        (stride, dilation, groups): (usize, usize, usize),
     ) -> String {
         let w = self.weight(&format!("{prefix}weight"));
         let b = self.weight(&format!("{prefix}bias"));
         let k = self.ckpt.tensors[&w].shape[2] as i64;
-        let pad = k / 2;
+        let (d, pad) = (dilation as i64, dilation as i64 * (k / 2));
         self.node(
             "Conv",
             name,
@@ -148,7 +158,7 @@ impl Builder<'_> {
                 ints("kernel_shape", &[k, k]),
                 ints("pads", &[pad, pad, pad, pad]),
                 ints("strides", &[stride as i64, stride as i64]),
-                ints("dilations", &[1, 1]),
+                ints("dilations", &[d, d]),
                 int("group", groups as i64),
             ],
         )
@@ -202,8 +212,7 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
             format!("{name}.conv"),
             &x,
             &format!("{p}{REPARAM}"),
-            block.stride,
-            block.groups,
+            (block.stride, block.dilation, block.groups),
         );
         if block.se_channels.is_some() {
             let pooled = b.node(
@@ -216,36 +225,50 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
                 format!("{name}.se.down"),
                 &pooled,
                 &format!("{p}{SE_DOWN}"),
-                1,
-                1,
+                (1, 1, 1),
             );
             let act = b.node("Relu", format!("{name}.se.relu"), &[&down], vec![]);
-            let up = b.conv(format!("{name}.se.up"), &act, &format!("{p}{SE_UP}"), 1, 1);
+            let up = b.conv(
+                format!("{name}.se.up"),
+                &act,
+                &format!("{p}{SE_UP}"),
+                (1, 1, 1),
+            );
             let gate = b.node("Sigmoid", format!("{name}.se.gate"), &[&up], vec![]);
             y = b.node("Mul", format!("{name}.se.scale"), &[&y, &gate], vec![]);
         }
         x = b.node("Relu", format!("{name}.relu"), &[&y], vec![]);
     }
     let pooled = b.node("GlobalAveragePool", "gap".into(), &[&x], vec![]);
-    let flat = b.node(
-        "Flatten",
-        "flatten".into(),
-        &[&pooled],
-        vec![int("axis", 1)],
-    );
-    let w = b.weight(&format!("{HEAD}weight"));
-    let bias = b.weight(&format!("{HEAD}bias"));
-    b.node(
-        "Gemm",
-        "logits".into(),
-        &[&flat, &w, &bias],
-        vec![int("transB", 1)],
-    );
-    b.graph.output.push(tensor_value(
-        "logits",
-        &[batch, fixed(spec.num_classes)],
-        "class scores before softmax",
-    ));
+    if spec.num_classes == 0 {
+        // A headless backbone ends with its pooled features.
+        b.node("Flatten", "pooled".into(), &[&pooled], vec![int("axis", 1)]);
+        b.graph.output.push(tensor_value(
+            "pooled",
+            &[batch, fixed(spec.feature_width())],
+            "globally pooled features",
+        ));
+    } else {
+        let flat = b.node(
+            "Flatten",
+            "flatten".into(),
+            &[&pooled],
+            vec![int("axis", 1)],
+        );
+        let w = b.weight(&format!("{HEAD}weight"));
+        let bias = b.weight(&format!("{HEAD}bias"));
+        b.node(
+            "Gemm",
+            "logits".into(),
+            &[&flat, &w, &bias],
+            vec![int("transB", 1)],
+        );
+        b.graph.output.push(tensor_value(
+            "logits",
+            &[batch, fixed(spec.num_classes)],
+            "class scores before softmax",
+        ));
+    }
     let model = ModelProto {
         ir_version: ir_version(options.opset),
         opset_import: vec![OperatorSetIdProto {

@@ -56,3 +56,51 @@ pub fn relative_error(ours: &[f64], reference: &[f64]) -> f64 {
 pub fn widen(values: &[f32]) -> Vec<f64> {
     values.iter().map(|&v| v as f64).collect()
 }
+
+/// A Python that can import `modules`: $REPVGG_PYTHON, or the venv `.ci/run` makes
+/// (`.venv-ci`), or the reference one (`.venv-ref`). `None` (with a note) when there is none,
+/// unless REPVGG_REQUIRE_PYTHON is set, as CI sets it: there a missing Python fails the test.
+pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let import = format!("import {}", modules.join(", "));
+    let found = std::env::var_os("REPVGG_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            root.join(".venv-ci/bin/python"),
+            root.join(".venv-ref/bin/python"),
+        ])
+        .find(|python| {
+            std::process::Command::new(python)
+                .args(["-c", &import])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("REPVGG_REQUIRE_PYTHON").is_none(),
+            "REPVGG_REQUIRE_PYTHON is set but no Python can `{import}`"
+        );
+        eprintln!("skipped: no Python can `{import}` (run .ci/run, or set REPVGG_PYTHON)");
+    }
+    found
+}
+
+/// `reference/check_onnx.py MODEL INPUT EXPECTED`: onnx.checker plus ONNX Runtime against the
+/// expected logits; returns its JSON report, panicking with its output on failure.
+pub fn check_onnx(python: &Path, model: &Path, input: &Path, expected: &Path) -> serde_json::Value {
+    let script = fixtures().join("../reference/check_onnx.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args([model, input, expected])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {stdout} {}",
+        model.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}

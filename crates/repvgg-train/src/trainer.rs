@@ -605,8 +605,12 @@ pub fn evaluate_train_form(
 ) -> Result<EvalRun, TrainError> {
     use burn::module::Module;
     let model = model.valid();
-    let device = model.head.bias.val().device();
-    let classes = model.head.bias.dims()[0];
+    let device = model.blocks[0].dense_conv.weight.val().device();
+    let classes = model
+        .head
+        .as_ref()
+        .map(|head| head.bias.dims()[0])
+        .ok_or_else(|| TrainError::Config("a headless model has no classes to evaluate".into()))?;
     evaluate_with(samples, pipeline, batch_size, classes, |batch| {
         let x: Tensor<4> =
             Tensor::from_data(TensorData::new(batch.images.clone(), batch.shape), &device);

@@ -55,9 +55,19 @@ fn named_grads(model: &RepVggTrain, grads: &Gradients) -> Vec<(String, Vec<f32>)
     }
     put(
         "linear.weight".into(),
-        model.head.weight.val().grad(grads).map(|t| t.reshape([-1])),
+        model
+            .head
+            .as_ref()
+            .unwrap()
+            .weight
+            .val()
+            .grad(grads)
+            .map(|t| t.reshape([-1])),
     );
-    put("linear.bias".into(), model.head.bias.val().grad(grads));
+    put(
+        "linear.bias".into(),
+        model.head.as_ref().unwrap().bias.val().grad(grads),
+    );
     out
 }
 
