@@ -327,7 +327,7 @@ impl<'a> Trainer<'a> {
                 .expect("alpha > 0")
                 .sample(&mut StdRng::seed_from_u64(seed));
             let size = images.len() / n;
-            let original = batch.images.clone();
+            let original = &batch.images;
             for i in 0..n {
                 let j = n - 1 - i;
                 for k in 0..size {
@@ -482,11 +482,9 @@ impl<'a> Trainer<'a> {
             if view.dtype() != safetensors::Dtype::F32 {
                 return Err(fail(format!("{name}: expected f32")));
             }
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
+            let data = repvgg_checkpoint::DType::F32
+                .decode_floats(view.data())
+                .ok_or_else(|| fail(format!("{name}: unreadable f32 data")))?;
             let tensor = repvgg_checkpoint::Tensor::new(view.shape().to_vec(), data);
             match name.strip_prefix(VELOCITY) {
                 Some(param) => {
