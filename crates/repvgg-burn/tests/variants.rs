@@ -17,7 +17,7 @@ use repvgg_checkpoint::StateDict;
 use repvgg_checkpoint::convert::{DEFAULT_BN_EPS, to_deploy, train_block};
 use repvgg_checkpoint::layout;
 use repvgg_checkpoint::random::training_weights;
-use repvgg_engine::{Engine, Workspace};
+use repvgg_engine::{Engine, EngineOptions, Lowering, Winograd, Workspace};
 use repvgg_fuse::Kernel;
 use repvgg_fuse::reference::{Conv2dParams, FeatureMap, batch_norm, conv2d};
 
@@ -161,19 +161,33 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
         let deploy = RepVggDeploy::from_state_dict(&spec, &deploy_dict, &device);
         let deploy_logits = values(deploy.forward(input.clone()));
         drop(deploy);
-        // The engine against the framework deploy model, its reference.
+        // The engine against the framework deploy model, its reference: the default paths,
+        // and each Winograd transform and lowering forced on every layer it can take.
         let ckpt = Checkpoint::from_state_dict(spec.clone(), Form::Deploy, deploy_dict).unwrap();
-        let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
-        let engine_logits: Vec<f64> = engine
-            .forward(&pixels, 1, h, w, &mut Workspace::default())
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let engine_err = relative_error(&engine_logits, &deploy_logits);
-        assert!(
-            engine_err < TOLERANCE,
-            "{name}: engine vs burn deploy {engine_err:e}"
-        );
+        let mut engine_err = 0.0f64;
+        for (winograd, lowering) in [
+            (Winograd::Auto, Lowering::Auto),
+            (Winograd::F4, Lowering::Implicit),
+            (Winograd::F2, Lowering::Im2col),
+        ] {
+            let options = EngineOptions {
+                winograd,
+                lowering,
+                ..Default::default()
+            };
+            let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options).unwrap();
+            let engine_logits: Vec<f64> = engine
+                .forward(&pixels, 1, h, w, &mut Workspace::default())
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let err = relative_error(&engine_logits, &deploy_logits);
+            assert!(
+                err < TOLERANCE,
+                "{name} {winograd:?}/{lowering:?}: engine vs burn deploy {err:e}"
+            );
+            engine_err = engine_err.max(err);
+        }
 
         let reference = if ["A0", "B1g4", "D2se"].contains(name) {
             let image = FeatureMap {

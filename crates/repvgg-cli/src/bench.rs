@@ -12,7 +12,7 @@ use repvgg_arch::{ArchSpec, Form};
 use repvgg_burn::{RepVggTrain, default_device};
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, random};
-use repvgg_engine::{Engine, EngineOptions, Mode, Workspace};
+use repvgg_engine::{Engine, EngineOptions, Lowering, Mode, Winograd, Workspace};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -47,6 +47,14 @@ pub struct BenchArgs {
     /// images per thread) or auto (throughput when the batch has an image per thread).
     #[arg(long, default_value = "auto")]
     pub mode: String,
+    /// Winograd transform for stride-1 layers: auto (F(4x4,3x3) on maps of 20 pixels a side
+    /// or more, else F(2x2,3x3)), f4, f2 or off (im2col for every layer).
+    #[arg(long, default_value = "auto")]
+    pub winograd: String,
+    /// How other layers become matrix products: auto, im2col (patch copies) or implicit
+    /// (nine per-tap products read straight from the input).
+    #[arg(long, default_value = "auto")]
+    pub lowering: String,
     /// Time a training step of the multi-branch form instead: forward in training mode,
     /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
     #[arg(long)]
@@ -113,6 +121,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "throughput" => Mode::Throughput,
         other => bail!("--mode '{other}': expected auto, latency or throughput"),
     };
+    let winograd = match args.winograd.as_str() {
+        "auto" => Winograd::Auto,
+        "f4" => Winograd::F4,
+        "f2" => Winograd::F2,
+        "off" => Winograd::Off,
+        other => bail!("--winograd '{other}': expected auto, f4, f2 or off"),
+    };
+    let lowering = match args.lowering.as_str() {
+        "auto" => Lowering::Auto,
+        "im2col" => Lowering::Im2col,
+        "implicit" => Lowering::Implicit,
+        other => bail!("--lowering '{other}': expected auto, im2col or implicit"),
+    };
+    let options = EngineOptions {
+        mode,
+        winograd,
+        lowering,
+    };
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
@@ -126,7 +152,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let ckpt = weights(&args.arch)?;
     let spec = ckpt.spec.clone();
     if args.layers {
-        return pool.install(|| layer_table(&ckpt, &batches, h, w, threads));
+        return pool.install(|| layer_table(&ckpt, options, &batches, h, w, threads));
     }
     if args.train {
         return pool.install(|| train_steps(&args, &ckpt, &batches, h, w, threads));
@@ -156,10 +182,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let times = pool.install(|| -> Result<Vec<f64>> {
                 let mut run: Box<dyn FnMut()> = match form {
                     Form::Deploy => {
-                        let options = EngineOptions {
-                            mode,
-                            ..Default::default()
-                        };
                         let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options)?;
                         let mut ws = Workspace::default();
                         let input = input.clone();
@@ -323,12 +345,13 @@ fn train_steps(
 /// Per-block time and GFLOP/s of the engine, to see which layer shapes limit it.
 fn layer_table(
     ckpt: &Checkpoint,
+    options: EngineOptions,
     batches: &[usize],
     h: usize,
     w: usize,
     threads: usize,
 ) -> Result<()> {
-    let engine = Engine::from_checkpoint(ckpt, DEFAULT_BN_EPS)?;
+    let engine = Engine::with_options(ckpt, DEFAULT_BN_EPS, options)?;
     for &batch in batches {
         let input = vec![0.5f32; batch * ckpt.spec.in_channels * h * w];
         let mut ws = Workspace::default();

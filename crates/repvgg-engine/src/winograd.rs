@@ -1,76 +1,291 @@
-//! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions: 16 multiplications per 2x2 output
-//! tile and channel pair instead of 36 (2.25x fewer), with the same f32 rounding behaviour as
-//! a direct convolution (the transforms only add, subtract and halve).
+//! Winograd F(m x m, 3x3) for stride-1 3x3 convolutions: an m x m output tile costs
+//! `(m + 2)^2` multiplications per channel pair instead of `9 m^2`: 2.25x fewer for F(2x2),
+//! 4x fewer for F(4x4).
 //!
 //! ```text
-//! U = G g G^T        (per filter, once at load)       G   = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
-//! V = B^T d B        (per 4x4 input tile)             B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
-//! M = sum_c U .* V   (16 GEMMs over channels)         A^T = [1 1 1 0; 0 1 -1 -1]
-//! y = A^T M A        (2x2 output)
+//! U = G g G^T        per filter, once at load, in f64 then rounded once
+//! V = B^T d B        per (m+2) x (m+2) input tile and channel
+//! M = sum_c U .* V   one matrix product over channels per transform point
+//! y = A^T M A + bias per m x m output tile and channel
 //! ```
+//!
+//! F(2x2) only adds, subtracts and halves, so it rounds like a direct convolution. F(4x4) uses
+//! the points 0, +-1, +-2 (Lavin & Gray 2016); its transforms scale by up to 8 and cost about
+//! 2-4x F(2x2)'s rounding error, still well inside 1e-5 of the fp64 reference over a whole
+//! network (see the engine's fixture and variant tests).
 
 use std::cell::RefCell;
 
-use gemm::Parallelism;
+use crate::kernel::{self, PackedB};
 
-/// Output tiles per task: V and M for 32 tiles of 256 channels are 512 KiB each at most.
-pub const TILES_PER_TASK: usize = 96;
+/// Which Winograd transform a layer uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// F(2x2, 3x3): 4x4 input tiles.
+    F2 = 0,
+    /// F(4x4, 3x3): 6x6 input tiles.
+    F4 = 1,
+}
+
+impl Tile {
+    /// Output tile side.
+    pub fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+
+    /// Transform points, `(m + 2)^2`.
+    pub fn points(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+}
+
+const F2_G: [[f64; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+const F4_G: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+/// The 1-D transforms that, applied to every column and then every row of a tile, make
+/// `B^T d B` and `A^T M A`. Written out rather than as matrix products, so that the zero and
+/// unit coefficients cost nothing.
+trait Transform<const M: usize, const A: usize> {
+    /// `B^T x`
+    fn input<V: Vector>(x: [V; A]) -> [V; A];
+    /// `A^T m`
+    fn output<V: Vector>(m: [V; A]) -> [V; M];
+}
+
+struct F2;
+struct F4;
+
+impl Transform<2, 4> for F2 {
+    #[inline(always)]
+    fn input<V: Vector>([x0, x1, x2, x3]: [V; 4]) -> [V; 4] {
+        [x0.sub(x2), x1.add(x2), x2.sub(x1), x1.sub(x3)]
+    }
+    #[inline(always)]
+    fn output<V: Vector>([m0, m1, m2, m3]: [V; 4]) -> [V; 2] {
+        [m0.add(m1).add(m2), m1.sub(m2).sub(m3)]
+    }
+}
+
+impl Transform<4, 6> for F4 {
+    #[inline(always)]
+    fn input<V: Vector>([x0, x1, x2, x3, x4, x5]: [V; 6]) -> [V; 6] {
+        let (four, five, two) = (V::splat(4.0), V::splat(5.0), V::splat(2.0));
+        [
+            x4.add(x0.mul(four)).sub(x2.mul(five)),
+            x3.add(x4).sub(x1.add(x2).mul(four)),
+            x4.sub(x3).add(x1.sub(x2).mul(four)),
+            x4.sub(x2).add(x3.sub(x1).mul(two)),
+            x4.sub(x2).add(x1.sub(x3).mul(two)),
+            x5.add(x1.mul(four)).sub(x3.mul(five)),
+        ]
+    }
+    #[inline(always)]
+    fn output<V: Vector>([m0, m1, m2, m3, m4, m5]: [V; 6]) -> [V; 4] {
+        let (sum12, diff12) = (m1.add(m2), m1.sub(m2));
+        let (sum34, diff34) = (m3.add(m4), m3.sub(m4));
+        [
+            m0.add(sum12).add(sum34),
+            diff12.add(diff34.mul(V::splat(2.0))),
+            sum12.add(sum34.mul(V::splat(4.0))),
+            diff12.add(diff34.mul(V::splat(8.0))).add(m5),
+        ]
+    }
+}
+
+/// Channels per vector step of the transforms.
+const LANES: usize = 8;
+
+/// Eight channels operated on together: an AVX register, or a plain array elsewhere.
+trait Vector: Copy {
+    fn zero() -> Self;
+    fn splat(x: f32) -> Self;
+    /// The first `min(LANES, src.len())` values, zeros after.
+    fn load(src: &[f32]) -> Self;
+    /// Writes the first `min(LANES, dst.len())` values.
+    fn store(self, dst: &mut [f32]);
+    fn add(self, other: Self) -> Self;
+    fn sub(self, other: Self) -> Self;
+    fn mul(self, other: Self) -> Self;
+    fn relu(self) -> Self;
+}
+
+#[derive(Clone, Copy)]
+struct Portable([f32; LANES]);
+
+impl Vector for Portable {
+    fn zero() -> Self {
+        Portable([0.0; LANES])
+    }
+    fn splat(x: f32) -> Self {
+        Portable([x; LANES])
+    }
+    fn load(src: &[f32]) -> Self {
+        let mut v = [0.0; LANES];
+        let n = src.len().min(LANES);
+        v[..n].copy_from_slice(&src[..n]);
+        Portable(v)
+    }
+    fn store(self, dst: &mut [f32]) {
+        let n = dst.len().min(LANES);
+        dst[..n].copy_from_slice(&self.0[..n]);
+    }
+    fn add(self, o: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] + o.0[i]))
+    }
+    fn sub(self, o: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] - o.0[i]))
+    }
+    fn mul(self, o: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] * o.0[i]))
+    }
+    fn relu(self) -> Self {
+        Portable(self.0.map(|x| x.max(0.0)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use super::{LANES, Vector};
+
+    /// Only made inside functions compiled with AVX2 enabled, on machines that have it.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx(__m256);
+
+    impl Vector for Avx {
+        #[inline(always)]
+        fn zero() -> Self {
+            unsafe { Avx(_mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { Avx(_mm256_set1_ps(x)) }
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            if src.len() >= LANES {
+                unsafe { Avx(_mm256_loadu_ps(src.as_ptr())) }
+            } else {
+                let mut v = [0.0f32; LANES];
+                v[..src.len()].copy_from_slice(src);
+                unsafe { Avx(_mm256_loadu_ps(v.as_ptr())) }
+            }
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            if dst.len() >= LANES {
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), self.0) }
+            } else {
+                let mut v = [0.0f32; LANES];
+                unsafe { _mm256_storeu_ps(v.as_mut_ptr(), self.0) };
+                let n = dst.len();
+                dst.copy_from_slice(&v[..n]);
+            }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            unsafe { Avx(_mm256_add_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            unsafe { Avx(_mm256_sub_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            unsafe { Avx(_mm256_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn relu(self) -> Self {
+            unsafe { Avx(_mm256_max_ps(self.0, _mm256_setzero_ps())) }
+        }
+    }
+}
 
 /// Per-thread scratch, grown to the largest layer once and then reused.
+/// Output tiles per task: enough rows for the products to run at full speed.
+pub const TILES_PER_TASK: usize = 128;
+
 #[derive(Default)]
 struct Scratch {
     v: Vec<f32>,
     m: Vec<f32>,
-    zeros: Vec<f32>,
-    results: Vec<[f32; 4]>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// `U = G g G^T` for every (input channel, output channel) of each group, laid out per
-/// transform point as `(cin_g, cout_g)` row-major: `[group][point][c][k]`.
-pub fn transform_filters(weight: &[f32], cout: usize, cin_g: usize, groups: usize) -> Vec<f32> {
+/// `U = G g G^T` for every (input channel, output channel) of each group, as one packed
+/// `(cin_g, cout_g)` matrix per group and transform point: `[group * points + point]`.
+pub fn transform_filters(
+    tile: Tile,
+    weight: &[f32],
+    cout: usize,
+    cin_g: usize,
+    groups: usize,
+) -> Vec<PackedB> {
+    match tile {
+        Tile::F2 => filters(&F2_G, weight, cout, cin_g, groups),
+        Tile::F4 => filters(&F4_G, weight, cout, cin_g, groups),
+    }
+}
+
+fn filters<const A: usize>(
+    g: &[[f64; 3]; A],
+    weight: &[f32],
+    cout: usize,
+    cin_g: usize,
+    groups: usize,
+) -> Vec<PackedB> {
     let cout_g = cout / groups;
-    let mut u = vec![0.0f32; groups * 16 * cin_g * cout_g];
+    let points = A * A;
+    // u[group][point][c][k]
+    let mut u = vec![0.0f32; groups * points * cin_g * cout_g];
     for o in 0..cout {
         let (group, k) = (o / cout_g, o % cout_g);
         for c in 0..cin_g {
-            let g: Vec<f64> = weight[(o * cin_g + c) * 9..(o * cin_g + c + 1) * 9]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            // G g: 4x3
-            let mut gg = [[0.0f64; 3]; 4];
-            for col in 0..3 {
-                let (a, b, cc) = (g[col], g[3 + col], g[6 + col]);
-                gg[0][col] = a;
-                gg[1][col] = 0.5 * (a + b + cc);
-                gg[2][col] = 0.5 * (a - b + cc);
-                gg[3][col] = cc;
-            }
-            // (G g) G^T: 4x4
-            for (row, r) in gg.iter().enumerate() {
-                let t = [
-                    r[0],
-                    0.5 * (r[0] + r[1] + r[2]),
-                    0.5 * (r[0] - r[1] + r[2]),
-                    r[2],
-                ];
-                for (col, &v) in t.iter().enumerate() {
-                    let point = row * 4 + col;
-                    u[((group * 16 + point) * cin_g + c) * cout_g + k] = v as f32;
+            let w = &weight[(o * cin_g + c) * 9..(o * cin_g + c + 1) * 9];
+            // G w G^T, entry (i, j) = sum_{a,b} G[i][a] w[a][b] G[j][b]
+            for i in 0..A {
+                for j in 0..A {
+                    let mut sum = 0.0f64;
+                    for a in 0..3 {
+                        for b in 0..3 {
+                            sum += g[i][a] * w[a * 3 + b] as f64 * g[j][b];
+                        }
+                    }
+                    u[((group * points + i * A + j) * cin_g + c) * cout_g + k] = sum as f32;
                 }
             }
         }
     }
-    u
+    (0..groups * points)
+        .map(|matrix| {
+            let at = |c: usize, k: usize| u[(matrix * cin_g + c) * cout_g + k];
+            PackedB::new(cin_g, cout_g, at)
+        })
+        .collect()
 }
 
 /// Parameters of one stride-1, pad-1 layer.
 pub struct Layer<'a> {
-    pub u: &'a [f32],
+    pub tile: Tile,
+    pub u: &'a [PackedB],
     pub bias: &'a [f32],
     pub cin: usize,
     pub cout: usize,
@@ -78,13 +293,23 @@ pub struct Layer<'a> {
     pub relu: bool,
 }
 
+/// Where one task's tiles come from and go to.
+struct Task<'a> {
+    input: &'a [f32],
+    h: usize,
+    w: usize,
+    first_tile: usize,
+    count: usize,
+    group: usize,
+    out: *mut f32,
+}
+
 /// Computes output tiles `first_tile..first_tile + count` of group `group`.
 ///
 /// # Safety
 /// `out` must point to an `(n, h, w, cout)` buffer, and no other thread may write the output
 /// positions of these tiles in this group's channels.
-// Index loops mirror the transform matrices entry by entry.
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn tiles(
     layer: &Layer<'_>,
     input: &[f32],
@@ -95,6 +320,86 @@ pub unsafe fn tiles(
     group: usize,
     out: *mut f32,
 ) {
+    let task = Task {
+        input,
+        h,
+        w,
+        first_tile,
+        count,
+        group,
+        out,
+    };
+    // The buffers leave the thread-local while in use, so that the hot loops are not inside a
+    // closure (which would not be compiled with the AVX2 function's target features).
+    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the caller upholds the rest.
+        unsafe {
+            match layer.tile {
+                Tile::F2 => tiles_avx2::<2, 4, F2>(layer, &task, &mut scratch),
+                Tile::F4 => tiles_avx2::<4, 6, F4>(layer, &task, &mut scratch),
+            }
+        }
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        return;
+    }
+    unsafe {
+        match layer.tile {
+            Tile::F2 => tiles_with::<2, 4, F2, Portable>(layer, &task, &mut scratch),
+            Tile::F4 => tiles_with::<4, 6, F4, Portable>(layer, &task, &mut scratch),
+        }
+    }
+    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+}
+
+/// The same code with AVX vectors, compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn tiles_avx2<const M: usize, const A: usize, T: Transform<M, A>>(
+    layer: &Layer<'_>,
+    task: &Task<'_>,
+    scratch: &mut Scratch,
+) {
+    unsafe { tiles_with::<M, A, T, avx::Avx>(layer, task, scratch) }
+}
+
+/// Applies a 1-D transform to every column of a tile, then to every row of the result.
+///
+/// Plain loops on purpose: `array::map` and `from_fn` call closures out of line, where the
+/// AVX intrinsics would not be compiled for AVX and each would become a function call.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn two_d<V: Vector, const R: usize, const C: usize>(
+    tile: &[[V; C]; C],
+    f: fn([V; C]) -> [V; R],
+) -> [[V; R]; R] {
+    let mut columns = [[V::zero(); C]; R];
+    for s in 0..C {
+        let mut column = [V::zero(); C];
+        for r in 0..C {
+            column[r] = tile[r][s];
+        }
+        let column = f(column);
+        for i in 0..R {
+            columns[i][s] = column[i];
+        }
+    }
+    let mut out = [[V::zero(); R]; R];
+    for i in 0..R {
+        out[i] = f(columns[i]);
+    }
+    out
+}
+
+// Index loops over tile coordinates, as in the formulas.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vector>(
+    layer: &Layer<'_>,
+    task: &Task<'_>,
+    scratch: &mut Scratch,
+) {
     let Layer {
         u,
         bias,
@@ -102,140 +407,123 @@ pub unsafe fn tiles(
         cout,
         groups,
         relu,
+        ..
     } = *layer;
+    let Task {
+        input,
+        h,
+        w,
+        first_tile,
+        count,
+        group,
+        out,
+    } = *task;
+    let Scratch { v, m } = scratch;
     let (cin_g, cout_g) = (cin / groups, cout / groups);
-    let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
-    SCRATCH.with(|scratch| {
-        let Scratch {
-            v,
-            m,
-            zeros,
-            results,
-        } = &mut *scratch.borrow_mut();
-        v.resize(v.len().max(16 * count * cin_g), 0.0);
-        m.resize(m.len().max(16 * count * cout_g), 0.0);
-        zeros.resize(zeros.len().max(cin_g), 0.0);
-        results.resize(results.len().max(cout_g), [0.0; 4]);
-        let zeros = &zeros[..cin_g];
-        let results = &mut results[..cout_g];
-        let plane_v = count * cin_g;
-        let plane_m = count * cout_g;
+    let points = A * A;
+    let (tiles_y, tiles_x) = (h.div_ceil(M), w.div_ceil(M));
+    // (image, first output row, first output column) of a tile.
+    let locate = |t: usize| {
+        let tile = first_tile + t;
+        let image = tile / (tiles_y * tiles_x);
+        let (ty, tx) = ((tile / tiles_x) % tiles_y, tile % tiles_x);
+        (image, M * ty, M * tx)
+    };
+    // Tile-major layouts, V[t][point][c] and M[t][point][k], so that each transform reads and
+    // writes one contiguous block per tile; the products read and write them at a row stride.
+    let (row_v, row_m) = (points * cin_g, points * cout_g);
+    if v.len() < count * row_v {
+        v.resize(count * row_v, 0.0);
+    }
+    if m.len() < count * row_m {
+        m.resize(count * row_m, 0.0);
+    }
 
-        // Input transform: V[point][t][c] = (B^T d B)[point].
-        for t in 0..count {
-            let tile = first_tile + t;
-            let image = tile / (tiles_y * tiles_x);
-            let (ty, tx) = ((tile / tiles_x) % tiles_y, tile % tiles_x);
-            let mut d: [&[f32]; 16] = [zeros; 16];
-            for r in 0..4 {
-                let iy = (2 * ty + r) as isize - 1;
-                for s in 0..4 {
-                    let ix = (2 * tx + s) as isize - 1;
-                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                        let at =
-                            ((image * h + iy as usize) * w + ix as usize) * cin + group * cin_g;
-                        d[r * 4 + s] = &input[at..at + cin_g];
+    // Input transform: V[t][point][c] = (B^T d B)[point], LANES channels at a time.
+    for t in 0..count {
+        let (image, y0, x0) = locate(t);
+        let tile_v = &mut v[t * row_v..(t + 1) * row_v];
+        // Offsets of the tile's input pixels, None in the padding.
+        let pixel: [[Option<usize>; A]; A] = std::array::from_fn(|r| {
+            std::array::from_fn(|s| {
+                let (iy, ix) = ((y0 + r) as isize - 1, (x0 + s) as isize - 1);
+                let inside = iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
+                inside.then(|| ((image * h + iy as usize) * w + ix as usize) * cin + group * cin_g)
+            })
+        });
+        for c0 in (0..cin_g).step_by(LANES) {
+            let end = (c0 + LANES).min(cin_g);
+            let mut d = [[V::zero(); A]; A];
+            for r in 0..A {
+                for s in 0..A {
+                    if let Some(at) = pixel[r][s] {
+                        d[r][s] = V::load(&input[at + c0..at + end]);
                     }
                 }
             }
-            for c in 0..cin_g {
-                let x = |r: usize, s: usize| d[r * 4 + s][c];
-                // B^T d: rows
-                let mut bt = [[0.0f32; 4]; 4];
-                for s in 0..4 {
-                    bt[0][s] = x(0, s) - x(2, s);
-                    bt[1][s] = x(1, s) + x(2, s);
-                    bt[2][s] = x(2, s) - x(1, s);
-                    bt[3][s] = x(1, s) - x(3, s);
-                }
-                // (B^T d) B: columns
-                for (r, row) in bt.iter().enumerate() {
-                    let vals = [
-                        row[0] - row[2],
-                        row[1] + row[2],
-                        row[2] - row[1],
-                        row[1] - row[3],
-                    ];
-                    for (s, &val) in vals.iter().enumerate() {
-                        v[(r * 4 + s) * plane_v + t * cin_g + c] = val;
-                    }
-                }
+            let transformed = two_d(&d, T::input);
+            for (point, value) in transformed.iter().flatten().enumerate() {
+                value.store(&mut tile_v[point * cin_g + c0..point * cin_g + end]);
             }
         }
+    }
 
-        // M[point] = V[point] (count x cin_g) * U[point] (cin_g x cout_g).
-        for point in 0..16 {
-            unsafe {
-                gemm::gemm(
-                    count,
-                    cout_g,
-                    cin_g,
-                    m.as_mut_ptr().add(point * plane_m),
-                    1,
-                    cout_g as isize,
-                    false,
-                    v.as_ptr().add(point * plane_v),
-                    1,
-                    cin_g as isize,
-                    u.as_ptr().add((group * 16 + point) * cin_g * cout_g),
-                    1,
-                    cout_g as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
-                );
-            }
+    // M[.][point] = V[.][point] (count x cin_g) * U[point] (cin_g x cout_g).
+    for point in 0..points {
+        // SAFETY: V and M hold `count` rows of `points` blocks of cin_g and cout_g values.
+        unsafe {
+            kernel::gemm(
+                count,
+                v.as_ptr().add(point * cin_g),
+                row_v,
+                &u[group * points + point],
+                0..cout_g,
+                m.as_mut_ptr().add(point * cout_g),
+                row_m,
+                None,
+                false,
+            );
         }
+    }
 
-        // Output transform: y = A^T M A + bias, then ReLU, written where inside the map.
-        let bias = &bias[group * cout_g..(group + 1) * cout_g];
-        for t in 0..count {
-            let tile = first_tile + t;
-            let image = tile / (tiles_y * tiles_x);
-            let (ty, tx) = ((tile / tiles_x) % tiles_y, tile % tiles_x);
-            let at = |p: usize| &m[p * plane_m + t * cout_g..p * plane_m + (t + 1) * cout_g];
-            let mp: [&[f32]; 16] = std::array::from_fn(at);
-            for (k, result) in results.iter_mut().enumerate() {
-                let x = |r: usize, s: usize| mp[r * 4 + s][k];
-                // A^T M: 2x4
-                let mut am = [[0.0f32; 4]; 2];
-                for s in 0..4 {
-                    am[0][s] = x(0, s) + x(1, s) + x(2, s);
-                    am[1][s] = x(1, s) - x(2, s) - x(3, s);
-                }
-                // (A^T M) A: 2x2
-                for (r, row) in am.iter().enumerate() {
-                    result[2 * r] = row[0] + row[1] + row[2] + bias[k];
-                    result[2 * r + 1] = row[1] - row[2] - row[3] + bias[k];
+    // Output transform: y = A^T M A + bias, then ReLU, written where inside the map.
+    let bias = &bias[group * cout_g..(group + 1) * cout_g];
+    for t in 0..count {
+        let (image, y0, x0) = locate(t);
+        let tile_m = &m[t * row_m..(t + 1) * row_m];
+        for k0 in (0..cout_g).step_by(LANES) {
+            let end = (k0 + LANES).min(cout_g);
+            let mut mt = [[V::zero(); A]; A];
+            for r in 0..A {
+                for s in 0..A {
+                    let at = (r * A + s) * cout_g;
+                    mt[r][s] = V::load(&tile_m[at + k0..at + end]);
                 }
             }
-            for dy in 0..2 {
-                let oy = 2 * ty + dy;
-                for dx in 0..2 {
-                    let ox = 2 * tx + dx;
-                    if oy >= h || ox >= w {
-                        continue;
+            let b = V::load(&bias[k0..end]);
+            let y = two_d(&mt, T::output);
+            for (dy, row) in y.iter().enumerate() {
+                let oy = y0 + dy;
+                if oy >= h {
+                    break;
+                }
+                for (dx, &value) in row.iter().enumerate() {
+                    let ox = x0 + dx;
+                    if ox >= w {
+                        break;
                     }
+                    let value = value.add(b);
+                    let value = if relu { value.relu() } else { value };
                     // SAFETY: inside the map, in this group's channels: this task's alone.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            out.add(((image * h + oy) * w + ox) * cout + group * cout_g),
-                            cout_g,
+                            out.add(((image * h + oy) * w + ox) * cout + group * cout_g + k0),
+                            end - k0,
                         )
                     };
-                    let which = 2 * dy + dx;
-                    for (y, result) in dst.iter_mut().zip(results.iter()) {
-                        *y = if relu {
-                            result[which].max(0.0)
-                        } else {
-                            result[which]
-                        };
-                    }
+                    value.store(dst);
                 }
             }
         }
-    });
+    }
 }

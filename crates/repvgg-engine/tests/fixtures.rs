@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_engine::{Engine, EngineOptions, Workspace, nhwc_to_nchw};
+use repvgg_engine::{Engine, EngineOptions, Lowering, Winograd, Workspace, nhwc_to_nchw};
 use repvgg_testing::{fixture, read_f64, widen};
 
 const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"];
@@ -28,7 +28,8 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
         let input: Vec<f32> = input.iter().map(|&v| v as f32).collect();
         let [n, _, h, w] = shape[..] else { panic!() };
         // One thread makes every stride-1 layer take the Winograd path (with more threads,
-        // small maps fall back to im2col to split output channels); both must be exact.
+        // small maps fall back to a direct path to split output channels); every path must
+        // be exact.
         let pool = |n| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
@@ -36,18 +37,36 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
                 .unwrap()
         };
         let (one, two) = (pool(1), pool(2));
-        for (file, winograd, pool) in [
-            ("train_official.pth", true, &one),
-            ("deploy_timm.safetensors", true, &one),
-            ("train_official.pth", false, &two),
-            ("deploy_timm.safetensors", true, &two),
+        for (file, winograd, lowering, pool) in [
+            ("train_official.pth", Winograd::F4, Lowering::Auto, &one),
+            (
+                "deploy_timm.safetensors",
+                Winograd::F2,
+                Lowering::Auto,
+                &one,
+            ),
+            ("train_official.pth", Winograd::Off, Lowering::Im2col, &two),
+            (
+                "deploy_timm.safetensors",
+                Winograd::Off,
+                Lowering::Implicit,
+                &two,
+            ),
+            (
+                "deploy_timm.safetensors",
+                Winograd::Auto,
+                Lowering::Auto,
+                &two,
+            ),
         ] {
+            let label = format!("{winograd:?}/{lowering:?}");
             let ckpt = Checkpoint::load(&fixture(config, file), None).unwrap();
             let engine = Engine::with_options(
                 &ckpt,
                 DEFAULT_BN_EPS,
                 EngineOptions {
                     winograd,
+                    lowering,
                     ..Default::default()
                 },
             )
@@ -61,11 +80,7 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
                 logits = engine.forward_with(&input, n, h, w, &mut ws, |i, fh, fw, nhwc| {
                     let (_, want) = &reference[&format!("features.{}", names[i])];
                     let err = relative_error(&nhwc_to_nchw(nhwc, n, fh, fw), want);
-                    assert!(
-                        err < 1e-5,
-                        "{config} {file} winograd={winograd} {}: {err:e}",
-                        names[i]
-                    );
+                    assert!(err < 1e-5, "{config} {file} {label} {}: {err:e}", names[i]);
                     checked += 1;
                 });
             });
@@ -77,7 +92,7 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
             };
             let err = relative_error(&logits, &reference[key].1);
             println!(
-                "{config:15} {file:24} winograd={winograd:5} threads={} {err:.2e}",
+                "{config:15} {file:24} {label:14} threads={} {err:.2e}",
                 pool.current_num_threads()
             );
             assert!(err < 1e-5, "{config} {file}: {err:e}");
