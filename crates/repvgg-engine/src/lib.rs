@@ -17,11 +17,11 @@
 //!
 //! Activations are NHWC, so a 3x3 convolution is matrix products whose rows are output
 //! positions, whose reduction runs over (tap, input channel) and whose columns are output
-//! channels. All of them run on one hand-written kernel ([`kernel`]: a 6x16 AVX2/FMA register
+//! channels. All of them run on one hand-written kernel (`kernel.rs`: a 6x16 AVX2/FMA register
 //! block, chosen at run time, with a portable fallback) against weights packed once at load.
 //! Bias and ReLU are applied as each block of outputs leaves the registers.
 //!
-//! - Stride-1 layers take Winograd ([`winograd`]): F(4x4, 3x3) does a 4x4 output tile in 36
+//! - Stride-1 layers take Winograd (`winograd.rs`): F(4x4, 3x3) does a 4x4 output tile in 36
 //!   products per channel pair instead of 144; F(2x2, 3x3) on small maps.
 //! - Other layers copy 3x3 patches into rows (im2col) and run one product per tile, or, when
 //!   the weight matrix is too big for L2, run nine per-tap products that read their rows
