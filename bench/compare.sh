@@ -4,6 +4,7 @@
 #
 #   bench/compare.sh                      # A0 at 224, batches 1 and 8, 2 threads
 #   ARCH=B0 BATCHES=8 THREADS=2 bench/compare.sh
+#   FORMS=deploy ARCH=B1g4 bench/compare.sh          # the deployed form only
 #
 # VENV (default .venv-bench) is created from bench/requirements.txt when missing.
 set -euo pipefail
@@ -13,6 +14,7 @@ SIZE=${SIZE:-224}
 THREADS=${THREADS:-2}
 BATCHES=${BATCHES:-1,8}
 ITERS=${ITERS:-15}
+FORMS=${FORMS:-train,deploy}
 VENV=${VENV:-.venv-bench}
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -24,7 +26,7 @@ cargo build --release -q -p repvgg-cli
 out=$(mktemp -d)
 echo "machine: $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)" >&2
 common=(--arch "$ARCH" --size "$SIZE" --threads "$THREADS" --iters "$ITERS" --json)
-for form in train deploy; do
+for form in ${FORMS//,/ }; do
   for batch in ${BATCHES//,/ }; do
     target/release/repvgg bench "${common[@]}" --form "$form" --batch "$batch" >>"$out/rust.jsonl"
     OMP_WAIT_POLICY=PASSIVE "$VENV/bin/python" bench/reference.py "${common[@]}" --form "$form" \

@@ -68,7 +68,8 @@ fn micro_kernel() -> MicroKernel {
 /// `C[r][j] = bias[j] + sum_p A[r][p] B[p][j]` for rows `0..rows` and columns `cols` of B,
 /// then ReLU if asked.
 ///
-/// `cols.start` must be a multiple of [`NR`]. `bias`, when given, is indexed by B's column.
+/// `cols.start` must be a multiple of [`NR`]; `c` points at C's element (0, `cols.start`).
+/// `bias`, when given, is indexed by B's column.
 ///
 /// # Safety
 /// `a` must be valid for `rows` rows of `b`'s k values at row stride `lda`; `c` must be valid
@@ -192,7 +193,7 @@ unsafe fn gemm_with(
                 // Rows past the end repeat the last one; their results are not stored.
                 let a_rows: [*const f32; MR] =
                     std::array::from_fn(|i| unsafe { a_row(r0 + i.min(height - 1)).add(offset) });
-                let c_block = unsafe { c.add(r0 * ldc + col) };
+                let c_block = unsafe { c.add(r0 * ldc + col - cols.start) };
                 if height == MR && width == NR {
                     unsafe { kernel(kc, &a_rows, panel_b, c_block, ldc, start, relu && last) };
                     continue;
@@ -389,7 +390,7 @@ mod tests {
                         &packed,
                         0..k / 2,
                         first_col..n,
-                        c.as_mut_ptr(),
+                        c.as_mut_ptr().add(first_col),
                         n,
                         Init::Bias(&bias),
                         false,
@@ -401,7 +402,7 @@ mod tests {
                         &packed,
                         k / 2..k,
                         first_col..n,
-                        c.as_mut_ptr(),
+                        c.as_mut_ptr().add(first_col),
                         n,
                         Init::Accumulate,
                         relu,

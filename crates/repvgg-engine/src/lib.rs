@@ -114,13 +114,17 @@ pub enum Winograd {
     F2,
     /// F(4x4, 3x3) everywhere.
     F4,
-    /// F(4x4, 3x3) on maps of at least [`F4_MIN_SIDE`] pixels a side, F(2x2, 3x3) on smaller
-    /// ones, where F(4x4)'s padded tiles and larger filters cost more than they save.
+    /// F(4x4, 3x3) unless the map is small ([`F4_MIN_SIDE`]) or has so few tiles for the size
+    /// of its transformed filters ([`F4_MAX_FILTER_BYTES_PER_TILE`]) that reading them costs
+    /// more than the products saved (A0's 14x14 stage at batch 1); F(2x2, 3x3) there.
     Auto,
 }
 
 /// The smallest map side on which [`Winograd::Auto`] takes F(4x4, 3x3).
 pub const F4_MIN_SIDE: usize = 8;
+/// [`Winograd::Auto`] takes F(4x4, 3x3) while its transformed filters (36 per channel pair)
+/// come to at most this many bytes per 4x4 output tile of the call.
+pub const F4_MAX_FILTER_BYTES_PER_TILE: usize = 128 << 10;
 
 /// How threads share a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,8 +152,9 @@ pub struct Engine {
     spec: ArchSpec,
     options: EngineOptions,
     layers: Vec<ConvLayer>,
-    /// `(classes, features)` row-major, as PyTorch stores it.
-    head_weight: Vec<f32>,
+    /// The linear head's weight as a `(features, classes)` product operand, or `None` when
+    /// headless.
+    head_weight: Option<PackedB>,
     head_bias: Vec<f32>,
 }
 
@@ -272,10 +277,10 @@ impl Engine {
             spec: deploy.spec.clone(),
             options,
             layers,
-            head_weight: deploy
-                .tensors
-                .get(&format!("{HEAD}weight"))
-                .map_or_else(Vec::new, |t| t.data.clone()),
+            head_weight: deploy.tensors.get(&format!("{HEAD}weight")).map(|t| {
+                let (classes, features) = (deploy.spec.num_classes, deploy.spec.feature_width());
+                PackedB::new(features, classes, |c, k| t.data[k * features + c])
+            }),
             head_bias: deploy
                 .tensors
                 .get(&format!("{HEAD}bias"))
@@ -394,16 +399,20 @@ impl Engine {
             "input is not (n, {c}, {h}, {w})"
         );
         nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
-        let (mut h, mut w) = (h, w);
+        let (mut h, mut w, mut len) = (h, w, n * c * h * w);
         for (i, layer) in self.layers.iter().enumerate() {
             let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
-            ws.b.resize(n * oh * ow * layer.out_channels, 0.0);
-            layer.forward(&ws.a, n, h, w, &mut ws.b, parallel);
+            let out_len = n * oh * ow * layer.out_channels;
+            // Buffers only ever grow (zero-filled once), so a warm workspace costs nothing here.
+            if ws.b.len() < out_len {
+                ws.b.resize(out_len, 0.0);
+            }
+            layer.forward(&ws.a[..len], n, h, w, &mut ws.b[..out_len], parallel);
             std::mem::swap(&mut ws.a, &mut ws.b);
-            (h, w) = (oh, ow);
-            tap(i, h, w, &ws.a);
+            (h, w, len) = (oh, ow, out_len);
+            tap(i, h, w, &ws.a[..len]);
         }
-        self.head(&ws.a, n, h * w)
+        self.head(&ws.a[..len], n, h * w)
     }
 
     /// Seconds spent in each block for one forward (after a warm-up call), with the block's
@@ -440,19 +449,29 @@ impl Engine {
     /// Logits, or for a headless model (0 classes) the pooled features `(n, channels)`.
     fn head(&self, features: &[f32], n: usize, positions: usize) -> Vec<f32> {
         let c = self.spec.feature_width();
-        let classes = self.spec.num_classes;
-        let mut logits = Vec::with_capacity(n * classes.max(c));
+        let mut pooled = Vec::with_capacity(n * c);
         for image in features.chunks_exact(positions * c) {
-            let pooled = channel_means(image, c);
-            if classes == 0 {
-                logits.extend_from_slice(&pooled);
-                continue;
-            }
-            for k in 0..classes {
-                let row = &self.head_weight[k * c..(k + 1) * c];
-                logits.push(self.head_bias[k] + dot(row, &pooled));
-            }
+            pooled.extend(channel_means(image, c));
         }
+        let Some(weight) = &self.head_weight else {
+            return pooled;
+        };
+        let classes = self.spec.num_classes;
+        let mut logits = vec![0.0; n * classes];
+        // SAFETY: `pooled` is (n, c) and `logits` (n, classes).
+        unsafe {
+            kernel::gemm(
+                n,
+                pooled.as_ptr(),
+                c,
+                weight,
+                0..classes,
+                logits.as_mut_ptr(),
+                classes,
+                Some(&self.head_bias),
+                false,
+            )
+        };
         logits
     }
 }
@@ -474,15 +493,29 @@ impl ConvLayer {
         } else {
             1
         };
-        if let Some(tile) = self.winograd_tile(h, w) {
+        if let Some(tile) = self.winograd_tile(n, h, w) {
             let u = self.winograd_filters(tile);
             let tiles = n * h.div_ceil(tile.m()) * w.div_ceil(tile.m());
-            // Balanced chunks of at most TILES_PER_TASK tiles, a multiple of the thread count.
-            let chunks = tiles.div_ceil(winograd::TILES_PER_TASK).div_ceil(threads) * threads;
+            let cout_g = self.out_channels / self.groups;
+            // Chunks of at most TILES_PER_TASK tiles, as many as the threads (or a multiple),
+            // while each keeps enough rows for the products to run at full speed. With fewer
+            // tiles than that (batch 1, small maps), split the output channels instead, so
+            // that the transformed filters are still read once; each split repeats the
+            // (cheap) input transform.
+            let chunks = tiles.div_ceil(winograd::TILES_PER_TASK);
+            let (chunks, col_splits) = if chunks * self.groups >= threads {
+                (chunks.div_ceil(threads) * threads, 1)
+            } else if tiles >= threads * winograd::MIN_TILES_PER_TASK {
+                (threads, 1)
+            } else {
+                let splits = threads.div_ceil(chunks * self.groups);
+                (chunks, splits.min((cout_g / NR).max(1)))
+            };
+            let col_tile = cout_g.div_ceil(col_splits).next_multiple_of(NR);
+            let col_splits = cout_g.div_ceil(col_tile);
             let per_chunk = tiles.div_ceil(chunks);
             let chunks = tiles.div_ceil(per_chunk);
-            // Too few tiles to share out: the im2col path can split output channels instead.
-            if chunks * self.groups >= threads {
+            if chunks * self.groups * col_splits >= threads {
                 let layer = winograd::Layer {
                     tile,
                     u,
@@ -493,12 +526,24 @@ impl ConvLayer {
                     relu: self.se.is_none(),
                 };
                 let out = OutPtr(output.as_mut_ptr());
-                run_tasks(chunks * self.groups, parallel, |task| {
-                    let (chunk, group) = (task / self.groups, task % self.groups);
+                run_tasks(chunks * self.groups * col_splits, parallel, |task| {
+                    let (rest, col_block) = (task / col_splits, task % col_splits);
+                    let (chunk, group) = (rest / self.groups, rest % self.groups);
                     let first = chunk * per_chunk;
                     let count = per_chunk.min(tiles - first);
-                    // SAFETY: tasks own disjoint (tiles, group) blocks of the output.
-                    unsafe { winograd::tiles(&layer, input, h, w, first, count, group, out.get()) };
+                    let cols = col_block * col_tile..((col_block + 1) * col_tile).min(cout_g);
+                    let task = winograd::Task {
+                        input,
+                        h,
+                        w,
+                        first_tile: first,
+                        count,
+                        group,
+                        cols,
+                        out: out.get(),
+                    };
+                    // SAFETY: tasks own disjoint (tiles, group, columns) blocks of the output.
+                    unsafe { winograd::tiles(&layer, &task) };
                 });
                 self.finish_se(output, n, h, w, parallel);
                 return;
@@ -575,12 +620,19 @@ impl ConvLayer {
         self.finish_se(output, n, oh, ow, parallel);
     }
 
-    fn winograd_tile(&self, h: usize, w: usize) -> Option<WinogradTile> {
+    fn winograd_tile(&self, n: usize, h: usize, w: usize) -> Option<WinogradTile> {
+        let f4_tiles = n * h.div_ceil(4) * w.div_ceil(4);
+        let f4_filter_bytes = 36 * self.in_channels * self.out_channels / self.groups * 4;
         match self.winograd_choice {
             Winograd::Off => None,
             Winograd::F2 => Some(WinogradTile::F2),
             Winograd::F4 => Some(WinogradTile::F4),
-            Winograd::Auto if h.min(w) >= F4_MIN_SIDE => Some(WinogradTile::F4),
+            Winograd::Auto
+                if h.min(w) >= F4_MIN_SIDE
+                    && f4_filter_bytes <= F4_MAX_FILTER_BYTES_PER_TILE * f4_tiles =>
+            {
+                Some(WinogradTile::F4)
+            }
             Winograd::Auto => Some(WinogradTile::F2),
         }
     }
@@ -686,7 +738,7 @@ impl ConvLayer {
                     &self.packed[group],
                     tap * cin_g..(tap + 1) * cin_g,
                     cols.clone(),
-                    out.add(first * cout + group * cout_g),
+                    out.add(first * cout + group * cout_g + cols.start),
                     cout,
                     init,
                     relu && tap == 8,
@@ -741,8 +793,13 @@ impl ConvLayer {
                         && ix0 + 2 < w as isize
                     {
                         let at = ((image * h + iy as usize) * w + ix0 as usize) * cin;
-                        row[ky * 3 * cin..(ky + 1) * 3 * cin]
-                            .copy_from_slice(&input[at..at + 3 * cin]);
+                        let (dst, src) = (&mut row[ky * 3 * cin..], &input[at..]);
+                        if cin == 3 {
+                            // The RGB stem: a fixed-size move, not a `memcpy` call per row.
+                            dst[..9].copy_from_slice(&src[..9]);
+                        } else {
+                            dst[..3 * cin].copy_from_slice(&src[..3 * cin]);
+                        }
                         continue;
                     }
                     for kx in 0..3 {
@@ -759,6 +816,7 @@ impl ConvLayer {
                 }
             }
             let bias = &self.bias[group * cout_g..(group + 1) * cout_g];
+            let c = unsafe { out.add(first * cout + group * cout_g + cols.start) };
             unsafe {
                 kernel::gemm(
                     count,
@@ -766,7 +824,7 @@ impl ConvLayer {
                     k,
                     &self.packed[group],
                     cols,
-                    out.add(first * cout + group * cout_g),
+                    c,
                     cout,
                     Some(bias),
                     relu,
@@ -828,7 +886,9 @@ fn pack_kernel(weight: &[f32], cout: usize, cin_g: usize, groups: usize) -> Vec<
 }
 
 fn nchw_to_nhwc(input: &[f32], n: usize, c: usize, h: usize, w: usize, out: &mut Vec<f32>) {
-    out.resize(n * c * h * w, 0.0);
+    if out.len() < n * c * h * w {
+        out.resize(n * c * h * w, 0.0);
+    }
     for image in 0..n {
         for ch in 0..c {
             for p in 0..h * w {

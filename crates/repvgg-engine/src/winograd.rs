@@ -219,6 +219,8 @@ mod avx {
 /// Per-thread scratch, grown to the largest layer once and then reused.
 /// Output tiles per task: enough rows for the products to run at full speed.
 pub const TILES_PER_TASK: usize = 128;
+/// Fewer tiles than this per task leave the products too few rows to run at full speed.
+pub const MIN_TILES_PER_TASK: usize = 32;
 
 #[derive(Default)]
 struct Scratch {
@@ -293,42 +295,27 @@ pub struct Layer<'a> {
     pub relu: bool,
 }
 
-/// Where one task's tiles come from and go to.
-struct Task<'a> {
-    input: &'a [f32],
-    h: usize,
-    w: usize,
-    first_tile: usize,
-    count: usize,
-    group: usize,
-    out: *mut f32,
+/// One task: a run of tiles, in one group, for some of its output channels.
+pub struct Task<'a> {
+    /// `(n, h, w, cin)`
+    pub input: &'a [f32],
+    pub h: usize,
+    pub w: usize,
+    pub first_tile: usize,
+    pub count: usize,
+    pub group: usize,
+    /// Output channels within the group; starts at a multiple of [`kernel::NR`].
+    pub cols: std::ops::Range<usize>,
+    /// `(n, h, w, cout)`
+    pub out: *mut f32,
 }
 
-/// Computes output tiles `first_tile..first_tile + count` of group `group`.
+/// Computes the task's output tiles.
 ///
 /// # Safety
-/// `out` must point to an `(n, h, w, cout)` buffer, and no other thread may write the output
-/// positions of these tiles in this group's channels.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn tiles(
-    layer: &Layer<'_>,
-    input: &[f32],
-    h: usize,
-    w: usize,
-    first_tile: usize,
-    count: usize,
-    group: usize,
-    out: *mut f32,
-) {
-    let task = Task {
-        input,
-        h,
-        w,
-        first_tile,
-        count,
-        group,
-        out,
-    };
+/// `task.out` must point to an `(n, h, w, cout)` buffer, and no other thread may write the
+/// output positions of these tiles in these channels.
+pub unsafe fn tiles(layer: &Layer<'_>, task: &Task<'_>) {
     // The buffers leave the thread-local while in use, so that the hot loops are not inside a
     // closure (which would not be compiled with the AVX2 function's target features).
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
@@ -337,8 +324,8 @@ pub unsafe fn tiles(
         // SAFETY: AVX2 is present; the caller upholds the rest.
         unsafe {
             match layer.tile {
-                Tile::F2 => tiles_avx2::<2, 4, F2>(layer, &task, &mut scratch),
-                Tile::F4 => tiles_avx2::<4, 6, F4>(layer, &task, &mut scratch),
+                Tile::F2 => tiles_avx2::<2, 4, F2>(layer, task, &mut scratch),
+                Tile::F4 => tiles_avx2::<4, 6, F4>(layer, task, &mut scratch),
             }
         }
         SCRATCH.with(|s| *s.borrow_mut() = scratch);
@@ -346,8 +333,8 @@ pub unsafe fn tiles(
     }
     unsafe {
         match layer.tile {
-            Tile::F2 => tiles_with::<2, 4, F2, Portable>(layer, &task, &mut scratch),
-            Tile::F4 => tiles_with::<4, 6, F4, Portable>(layer, &task, &mut scratch),
+            Tile::F2 => tiles_with::<2, 4, F2, Portable>(layer, task, &mut scratch),
+            Tile::F4 => tiles_with::<4, 6, F4, Portable>(layer, task, &mut scratch),
         }
     }
     SCRATCH.with(|s| *s.borrow_mut() = scratch);
@@ -416,8 +403,10 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         first_tile,
         count,
         group,
+        ref cols,
         out,
     } = *task;
+    let (col0, ncols) = (cols.start, cols.len());
     let Scratch { v, m } = scratch;
     let (cin_g, cout_g) = (cin / groups, cout / groups);
     let points = A * A;
@@ -431,7 +420,7 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     };
     // Tile-major layouts, V[t][point][c] and M[t][point][k], so that each transform reads and
     // writes one contiguous block per tile; the products read and write them at a row stride.
-    let (row_v, row_m) = (points * cin_g, points * cout_g);
+    let (row_v, row_m) = (points * cin_g, points * ncols);
     if v.len() < count * row_v {
         v.resize(count * row_v, 0.0);
     }
@@ -468,17 +457,17 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         }
     }
 
-    // M[.][point] = V[.][point] (count x cin_g) * U[point] (cin_g x cout_g).
+    // M[.][point] = V[.][point] (count x cin_g) * U[point] (cin_g x this task's columns).
     for point in 0..points {
-        // SAFETY: V and M hold `count` rows of `points` blocks of cin_g and cout_g values.
+        // SAFETY: V and M hold `count` rows of `points` blocks of cin_g and ncols values.
         unsafe {
             kernel::gemm(
                 count,
                 v.as_ptr().add(point * cin_g),
                 row_v,
                 &u[group * points + point],
-                0..cout_g,
-                m.as_mut_ptr().add(point * cout_g),
+                cols.clone(),
+                m.as_mut_ptr().add(point * ncols),
                 row_m,
                 None,
                 false,
@@ -487,16 +476,16 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     }
 
     // Output transform: y = A^T M A + bias, then ReLU, written where inside the map.
-    let bias = &bias[group * cout_g..(group + 1) * cout_g];
+    let bias = &bias[group * cout_g + col0..group * cout_g + col0 + ncols];
     for t in 0..count {
         let (image, y0, x0) = locate(t);
         let tile_m = &m[t * row_m..(t + 1) * row_m];
-        for k0 in (0..cout_g).step_by(LANES) {
-            let end = (k0 + LANES).min(cout_g);
+        for k0 in (0..ncols).step_by(LANES) {
+            let end = (k0 + LANES).min(ncols);
             let mut mt = [[V::zero(); A]; A];
             for r in 0..A {
                 for s in 0..A {
-                    let at = (r * A + s) * cout_g;
+                    let at = (r * A + s) * ncols;
                     mt[r][s] = V::load(&tile_m[at + k0..at + end]);
                 }
             }
@@ -517,7 +506,9 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
                     // SAFETY: inside the map, in this group's channels: this task's alone.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            out.add(((image * h + oy) * w + ox) * cout + group * cout_g + k0),
+                            out.add(
+                                ((image * h + oy) * w + ox) * cout + group * cout_g + col0 + k0,
+                            ),
                             end - k0,
                         )
                     };
