@@ -137,6 +137,8 @@ pub struct BlockSpec {
     pub has_identity: bool,
     /// Bottleneck width of the SE module, if the block has one.
     pub se_channels: Option<usize>,
+    /// Whether this block's output is its stage's output (what a backbone hands on).
+    pub ends_stage: bool,
 }
 
 impl BlockSpec {
@@ -527,6 +529,7 @@ impl ArchSpec {
     pub fn blocks(&self) -> Vec<BlockSpec> {
         let mut blocks = Vec::with_capacity(self.num_blocks());
         let mut push = |stage: usize, index: usize, layer, in_channels, out_channels| {
+            let ends_stage = stage == 0 || index + 1 == self.depths[stage - 1];
             // The official code never groups stage 0, whatever the map says.
             let groups = if stage == 0 {
                 1
@@ -546,6 +549,7 @@ impl ArchSpec {
                 // so that stride overrides keep checkpoints loadable.
                 has_identity: in_channels == out_channels && index > 0,
                 se_channels: self.se.then_some(out_channels / SE_REDUCTION),
+                ends_stage,
             });
         };
         push(0, 0, 0, self.in_channels, self.stem_width);

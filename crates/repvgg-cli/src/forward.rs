@@ -76,12 +76,11 @@ pub fn run(
     let mut out = StateDict::new();
     let mut ws = Workspace::default();
     let blocks = spec.blocks();
-    let last_of_stage = |i: usize| blocks.get(i + 1).is_none_or(|b| b.stage != blocks[i].stage);
     let logits = engine.forward_with(&values, n, h, w, &mut ws, |i, fh, fw, nhwc| {
         let c = nhwc.len() / (n * fh * fw);
         let wanted_stage = out_indices
             .as_ref()
-            .is_some_and(|stages| last_of_stage(i) && stages.contains(&blocks[i].stage));
+            .is_some_and(|stages| blocks[i].ends_stage && stages.contains(&blocks[i].stage));
         if wanted_stage {
             out.insert(
                 format!("stages.{}", blocks[i].stage),

@@ -189,6 +189,8 @@ pub struct Workspace {
 
 thread_local! {
     static PATCHES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Implicit GEMM's per-row (image row offset, top tap row, left tap column).
+    static ORIGINS: RefCell<Vec<(usize, isize, isize)>> = const { RefCell::new(Vec::new()) };
     static THREAD_WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
     /// SE's pooled means, bottleneck and gate.
     static SE_SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
@@ -346,15 +348,11 @@ impl Engine {
         out_indices: &[usize],
     ) -> Vec<StageFeatures> {
         let blocks = self.spec.blocks();
-        let last_of_stage = |i: usize| {
-            let b = &blocks[i];
-            b.stage == 0 || b.index + 1 == self.spec.depths[b.stage - 1]
-        };
         let mut out = Vec::with_capacity(out_indices.len());
         let mut ws = Workspace::default();
         self.forward_with(input, n, h, w, &mut ws, |i, oh, ow, nhwc| {
             let stage = blocks[i].stage;
-            if last_of_stage(i) && out_indices.contains(&stage) {
+            if blocks[i].ends_stage && out_indices.contains(&stage) {
                 out.push(StageFeatures {
                     stage,
                     channels: blocks[i].out_channels,
@@ -701,9 +699,11 @@ impl ConvLayer {
         let cout_g = cout / self.groups;
         let (s, d) = (self.stride, self.dilation);
         let bias = &self.bias[group * cout_g..(group + 1) * cout_g];
-        // Per output row: its image's first input row, and the top-left tap's position.
-        let origins: Vec<(usize, isize, isize)> = (first..first + count)
-            .map(|pos| {
+        ORIGINS.with(|origins| {
+            // Per output row: its image's first input row, and the top-left tap's position.
+            let mut origins = origins.borrow_mut();
+            origins.clear();
+            origins.extend((first..first + count).map(|pos| {
                 let image = pos / (oh * ow);
                 let (y, x) = ((pos / ow) % oh, pos % ow);
                 (
@@ -711,40 +711,40 @@ impl ConvLayer {
                     (y * s) as isize - d as isize,
                     (x * s) as isize - d as isize,
                 )
-            })
-            .collect();
-        for tap in 0..9 {
-            let (ky, kx) = ((tap / 3 * d) as isize, (tap % 3 * d) as isize);
-            let a_row = |r: usize| {
-                let (row0, y, x) = origins[r];
-                let (iy, ix) = (y + ky, x + kx);
-                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                    self.zeros.as_ptr()
+            }));
+            for tap in 0..9 {
+                let (ky, kx) = ((tap / 3 * d) as isize, (tap % 3 * d) as isize);
+                let a_row = |r: usize| {
+                    let (row0, y, x) = origins[r];
+                    let (iy, ix) = (y + ky, x + kx);
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                        self.zeros.as_ptr()
+                    } else {
+                        let at = ((row0 + iy as usize) * w + ix as usize) * cin + group * cin_g;
+                        unsafe { input.as_ptr().add(at) }
+                    }
+                };
+                let init = if tap == 0 {
+                    kernel::Init::Bias(bias)
                 } else {
-                    let at = ((row0 + iy as usize) * w + ix as usize) * cin + group * cin_g;
-                    unsafe { input.as_ptr().add(at) }
-                }
-            };
-            let init = if tap == 0 {
-                kernel::Init::Bias(bias)
-            } else {
-                kernel::Init::Accumulate
-            };
-            // SAFETY: every row pointer covers cin_g values; the caller owns these outputs.
-            unsafe {
-                kernel::gemm_rows(
-                    count,
-                    a_row,
-                    &self.packed[group],
-                    tap * cin_g..(tap + 1) * cin_g,
-                    cols.clone(),
-                    out.add(first * cout + group * cout_g + cols.start),
-                    cout,
-                    init,
-                    relu && tap == 8,
-                )
-            };
-        }
+                    kernel::Init::Accumulate
+                };
+                // SAFETY: every row pointer covers cin_g values; the caller owns these outputs.
+                unsafe {
+                    kernel::gemm_rows(
+                        count,
+                        a_row,
+                        &self.packed[group],
+                        tap * cin_g..(tap + 1) * cin_g,
+                        cols.clone(),
+                        out.add(first * cout + group * cout_g + cols.start),
+                        cout,
+                        init,
+                        relu && tap == 8,
+                    )
+                };
+            }
+        });
     }
 
     /// Computes output rows `first..first+count`, columns `cols` of group `group`.

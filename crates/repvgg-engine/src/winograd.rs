@@ -518,3 +518,104 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both transforms, with both the AVX and the portable vectors, against a direct f64
+    /// convolution: odd map sizes (partial tiles), channel counts that are not multiples of 8
+    /// (partial lanes), groups, and a column split. Tolerance 1e-5 of the output's largest
+    /// magnitude: F(4x4)'s transforms scale values by up to 8 before rounding.
+    #[test]
+    fn matches_a_direct_convolution() {
+        let mut seed = 11u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+        };
+        for &(n, h, w, cin, cout, groups) in &[(2, 7, 9, 12, 20, 1), (1, 10, 6, 16, 32, 2)] {
+            let (cin_g, cout_g) = (cin / groups, cout / groups);
+            let weight: Vec<f32> = (0..cout * cin_g * 9).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..cout).map(|_| next()).collect();
+            let input: Vec<f32> = (0..n * h * w * cin).map(|_| next()).collect();
+            let mut want = vec![0.0f64; n * h * w * cout];
+            for (i, value) in want.iter_mut().enumerate() {
+                let o = i % cout;
+                let (image, y, x) = (i / (h * w * cout), (i / (w * cout)) % h, (i / cout) % w);
+                let group = o / cout_g;
+                let mut sum = bias[o] as f64;
+                for c in 0..cin_g {
+                    for tap in 0..9 {
+                        let (iy, ix) = ((y + tap / 3) as isize - 1, (x + tap % 3) as isize - 1);
+                        if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                            continue;
+                        }
+                        let at = ((image * h + iy as usize) * w + ix as usize) * cin;
+                        sum += input[at + group * cin_g + c] as f64
+                            * weight[(o * cin_g + c) * 9 + tap] as f64;
+                    }
+                }
+                *value = sum;
+            }
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for tile in [Tile::F2, Tile::F4] {
+                let u = transform_filters(tile, &weight, cout, cin_g, groups);
+                let layer = Layer {
+                    tile,
+                    u: &u,
+                    bias: &bias,
+                    cin,
+                    cout,
+                    groups,
+                    relu: false,
+                };
+                let total = n * h.div_ceil(tile.m()) * w.div_ceil(tile.m());
+                for portable in [false, true] {
+                    let mut out = vec![f32::NAN; n * h * w * cout];
+                    let mut scratch = Scratch::default();
+                    for group in 0..groups {
+                        // Two column blocks and two runs of tiles, as threads would share them.
+                        for cols in [0..16.min(cout_g), 16.min(cout_g)..cout_g] {
+                            for (first, count) in [(0, total / 2), (total / 2, total - total / 2)] {
+                                let task = Task {
+                                    input: &input,
+                                    h,
+                                    w,
+                                    first_tile: first,
+                                    count,
+                                    group,
+                                    cols: cols.clone(),
+                                    out: out.as_mut_ptr(),
+                                };
+                                unsafe {
+                                    match (tile, portable) {
+                                        (Tile::F2, true) => tiles_with::<2, 4, F2, Portable>(
+                                            &layer,
+                                            &task,
+                                            &mut scratch,
+                                        ),
+                                        (Tile::F4, true) => tiles_with::<4, 6, F4, Portable>(
+                                            &layer,
+                                            &task,
+                                            &mut scratch,
+                                        ),
+                                        _ => tiles(&layer, &task),
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let err = out
+                        .iter()
+                        .zip(&want)
+                        .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
+                    assert!(
+                        err < 1e-5 * scale,
+                        "{tile:?} portable={portable} groups={groups}: {err:e} of {scale}"
+                    );
+                }
+            }
+        }
+    }
+}
