@@ -69,7 +69,7 @@ fn micro_kernel() -> MicroKernel {
 /// then ReLU if asked.
 ///
 /// `cols.start` must be a multiple of [`NR`]; `c` points at C's element (0, `cols.start`).
-/// `bias`, when given, is indexed by B's column.
+/// `bias`, when given, is indexed by B's column and must cover `cols`.
 ///
 /// # Safety
 /// `a` must be valid for `rows` rows of `b`'s k values at row stride `lda`; `c` must be valid
@@ -162,8 +162,11 @@ unsafe fn gemm_with(
     init: Init<'_>,
     relu: bool,
 ) {
-    debug_assert_eq!(cols.start % NR, 0);
-    debug_assert!(cols.end <= b.n && k_range.end <= b.k);
+    // Once per call, against a full product: cheap enough to keep in release builds.
+    assert!(cols.start.is_multiple_of(NR) && cols.end <= b.n && k_range.end <= b.k);
+    if let Init::Bias(bias) = init {
+        assert!(bias.len() >= cols.end, "bias shorter than the columns");
+    }
     let k = b.k;
     if rows == 0 || cols.is_empty() {
         return;
@@ -267,7 +270,8 @@ unsafe fn portable_kernel(
         for (i, row) in acc.iter_mut().enumerate() {
             let a_value = unsafe { *a[i].add(p) };
             for (value, &b_value) in row.iter_mut().zip(b_row) {
-                *value = a_value.mul_add(b_value, *value);
+                // Not `mul_add`: without FMA hardware that is a slow library call.
+                *value += a_value * b_value;
             }
         }
     }

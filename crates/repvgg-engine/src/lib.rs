@@ -391,6 +391,7 @@ impl Engine {
         tap: &mut Tap<'_>,
     ) -> Vec<f32> {
         let c = self.spec.in_channels;
+        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
         assert_eq!(
             input.len(),
             n * c * h * w,
@@ -405,7 +406,9 @@ impl Engine {
             if ws.b.len() < out_len {
                 ws.b.resize(out_len, 0.0);
             }
-            layer.forward(&ws.a[..len], n, h, w, &mut ws.b[..out_len], parallel);
+            if n > 0 {
+                layer.forward(&ws.a[..len], n, h, w, &mut ws.b[..out_len], parallel);
+            }
             std::mem::swap(&mut ws.a, &mut ws.b);
             (h, w, len) = (oh, ow, out_len);
             tap(i, h, w, &ws.a[..len]);
@@ -423,7 +426,8 @@ impl Engine {
         w: usize,
         ws: &mut Workspace,
     ) -> Vec<LayerTiming> {
-        self.forward(input, n, h, w, ws);
+        // Warm up exactly what is timed below: this workspace, latency mode.
+        self.run(input, n, h, w, ws, true, &mut |_, _, _, _| {});
         let blocks = self.spec.blocks();
         let mut timings = Vec::with_capacity(self.layers.len());
         let (mut in_h, mut in_w) = (h, w);
@@ -492,15 +496,15 @@ impl ConvLayer {
             1
         };
         if let Some(tile) = self.winograd_tile(n, h, w) {
-            let u = self.winograd_filters(tile);
             let tiles = n * h.div_ceil(tile.m()) * w.div_ceil(tile.m());
             let cout_g = self.out_channels / self.groups;
-            // Chunks of at most TILES_PER_TASK tiles, as many as the threads (or a multiple),
+            // Chunks of at most `per_task` tiles, as many as the threads (or a multiple),
             // while each keeps enough rows for the products to run at full speed. With fewer
             // tiles than that (batch 1, small maps), split the output channels instead, so
             // that the transformed filters are still read once; each split repeats the
             // (cheap) input transform.
-            let chunks = tiles.div_ceil(winograd::TILES_PER_TASK);
+            let per_task = winograd::tiles_per_task(tile, self.in_channels / self.groups, cout_g);
+            let chunks = tiles.div_ceil(per_task);
             let (chunks, col_splits) = if chunks * self.groups >= threads {
                 (chunks.div_ceil(threads) * threads, 1)
             } else if tiles >= threads * winograd::MIN_TILES_PER_TASK {
@@ -516,7 +520,7 @@ impl ConvLayer {
             if chunks * self.groups * col_splits >= threads {
                 let layer = winograd::Layer {
                     tile,
-                    u,
+                    u: self.winograd_filters(tile),
                     bias: &self.bias,
                     cin: self.in_channels,
                     cout: self.out_channels,
@@ -900,7 +904,7 @@ fn nchw_to_nhwc(input: &[f32], n: usize, c: usize, h: usize, w: usize, out: &mut
 
 /// NHWC block output -> NCHW, for callers that compare with framework tensors.
 pub fn nhwc_to_nchw(data: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
-    let c = data.len() / (n * h * w);
+    let c = data.len().checked_div(n * h * w).unwrap_or(0);
     let mut out = vec![0.0; data.len()];
     for image in 0..n {
         for p in 0..h * w {

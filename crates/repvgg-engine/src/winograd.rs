@@ -216,12 +216,20 @@ mod avx {
     }
 }
 
-/// Per-thread scratch, grown to the largest layer once and then reused.
 /// Output tiles per task: enough rows for the products to run at full speed.
-pub const TILES_PER_TASK: usize = 128;
+const TILES_PER_TASK: usize = 128;
 /// Fewer tiles than this per task leave the products too few rows to run at full speed.
 pub const MIN_TILES_PER_TASK: usize = 32;
+/// Bytes of transformed tiles (V, or M) a task may hold: bounds the scratch of wide layers.
+const SCRATCH_BYTES: usize = 8 << 20;
 
+/// Tiles per task for a layer: [`TILES_PER_TASK`], fewer for very wide layers.
+pub fn tiles_per_task(tile: Tile, cin_g: usize, cout_g: usize) -> usize {
+    let per_tile = tile.points() * cin_g.max(cout_g) * 4;
+    (SCRATCH_BYTES / per_tile).clamp(MIN_TILES_PER_TASK, TILES_PER_TASK)
+}
+
+/// Per-thread scratch, grown to the largest layer once and then reused.
 #[derive(Default)]
 struct Scratch {
     v: Vec<f32>,

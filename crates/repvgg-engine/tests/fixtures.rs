@@ -106,3 +106,16 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
         }
     }
 }
+
+/// A batch of zero images is a valid (if idle) call: no logits, and every stage reported
+/// with no data, rather than a division by zero in the task split.
+#[test]
+fn an_empty_batch_gives_empty_outputs() {
+    let ckpt = Checkpoint::load(&fixture("tiny", "deploy_timm.safetensors"), None).unwrap();
+    let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
+    let logits = engine.forward(&[], 0, 16, 16, &mut Workspace::default());
+    assert!(logits.is_empty());
+    let stages = engine.forward_stages(&[], 0, 16, 16, &[1, 4]);
+    assert_eq!(stages.len(), 2);
+    assert!(stages.iter().all(|s| s.data.is_empty()));
+}
