@@ -15,6 +15,7 @@
 //! network (see the engine's fixture and variant tests).
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use crate::kernel::{self, PackedB};
 
@@ -359,6 +360,16 @@ unsafe fn tiles_avx2<const M: usize, const A: usize, T: Transform<M, A>>(
     unsafe { tiles_with::<M, A, T, avx::Avx>(layer, task, scratch) }
 }
 
+/// Reads a fully written tile of possibly-uninitialised vectors.
+///
+/// # Safety
+/// Every element must have been written.
+#[inline(always)]
+unsafe fn assume_init<V: Vector, const A: usize>(tile: &[[MaybeUninit<V>; A]; A]) -> [[V; A]; A] {
+    // SAFETY: `MaybeUninit<V>` has `V`'s layout, and the caller wrote every element.
+    unsafe { std::ptr::read(tile as *const [[MaybeUninit<V>; A]; A] as *const [[V; A]; A]) }
+}
+
 /// Applies a 1-D transform to every column of a tile, then to every row of the result.
 ///
 /// Plain loops on purpose: `array::map` and `from_fn` call closures out of line, where the
@@ -450,14 +461,19 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         });
         for c0 in (0..cin_g).step_by(LANES) {
             let end = (c0 + LANES).min(cin_g);
-            let mut d = [[V::zero(); A]; A];
+            // Every element is written below; starting from zeros would cost a `memset` of
+            // the whole tile per step.
+            let mut d = [[MaybeUninit::<V>::uninit(); A]; A];
             for r in 0..A {
                 for s in 0..A {
-                    if let Some(at) = pixel[r][s] {
-                        d[r][s] = V::load(&input[at + c0..at + end]);
-                    }
+                    d[r][s].write(match pixel[r][s] {
+                        Some(at) => V::load(&input[at + c0..at + end]),
+                        None => V::zero(),
+                    });
                 }
             }
+            // SAFETY: all A x A elements were written just above.
+            let d = unsafe { assume_init(&d) };
             let transformed = two_d(&d, T::input);
             for (point, value) in transformed.iter().flatten().enumerate() {
                 value.store(&mut tile_v[point * cin_g + c0..point * cin_g + end]);
@@ -490,13 +506,15 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         let tile_m = &m[t * row_m..(t + 1) * row_m];
         for k0 in (0..ncols).step_by(LANES) {
             let end = (k0 + LANES).min(ncols);
-            let mut mt = [[V::zero(); A]; A];
+            let mut mt = [[MaybeUninit::<V>::uninit(); A]; A];
             for r in 0..A {
                 for s in 0..A {
                     let at = (r * A + s) * ncols;
-                    mt[r][s] = V::load(&tile_m[at + k0..at + end]);
+                    mt[r][s].write(V::load(&tile_m[at + k0..at + end]));
                 }
             }
+            // SAFETY: all A x A elements were written just above.
+            let mt = unsafe { assume_init(&mt) };
             let b = V::load(&bias[k0..end]);
             let y = two_d(&mt, T::output);
             for (dy, row) in y.iter().enumerate() {
