@@ -210,6 +210,25 @@ impl OutPtr {
     }
 }
 
+/// One task of a layer without Winograd: output rows `first..first + count` (positions over
+/// the whole batch), output channels `cols` of group `group`.
+struct RowTask<'a> {
+    /// `(n, h, w, cin)`
+    input: &'a [f32],
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    first: usize,
+    count: usize,
+    group: usize,
+    /// Within the group; starts at a multiple of [`kernel::NR`].
+    cols: std::ops::Range<usize>,
+    /// `(n, oh, ow, cout)`
+    out: *mut f32,
+    relu: bool,
+}
+
 /// Called after every block with (block index, height, width, NHWC activations).
 type Tap<'a> = dyn FnMut(usize, usize, usize, &[f32]) + 'a;
 
@@ -596,27 +615,26 @@ impl ConvLayer {
             let first = row_tile_index * row_tile;
             let count = row_tile.min(rows - first);
             let cols = col_block * col_tile..((col_block + 1) * col_tile).min(cout_g);
-            // SAFETY: tasks write disjoint (rows, group columns) blocks of `output`.
-            let tile = if implicit {
-                Self::implicit_tile
-            } else {
-                Self::tile
+            let task = RowTask {
+                input,
+                h,
+                w,
+                oh,
+                ow,
+                first,
+                count,
+                group,
+                cols,
+                out: out.get(),
+                relu: fuse_relu,
             };
+            // SAFETY: tasks write disjoint (rows, group columns) blocks of `output`.
             unsafe {
-                tile(
-                    self,
-                    input,
-                    h,
-                    w,
-                    oh,
-                    ow,
-                    first,
-                    count,
-                    group,
-                    cols,
-                    out.get(),
-                    fuse_relu,
-                )
+                if implicit {
+                    self.implicit_tile(&task)
+                } else {
+                    self.tile(&task)
+                }
             };
         });
         self.finish_se(output, n, oh, ow, parallel);
@@ -679,24 +697,23 @@ impl ConvLayer {
         }
     }
 
-    /// Computes output rows `first..first+count`, columns `cols` of group `group`, as nine
-    /// products (one per tap) accumulated in place, each reading its rows straight from the
-    /// NHWC input: no im2col copy. Padding rows read a row of zeros.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn implicit_tile(
-        &self,
-        input: &[f32],
-        h: usize,
-        w: usize,
-        oh: usize,
-        ow: usize,
-        first: usize,
-        count: usize,
-        group: usize,
-        cols: std::ops::Range<usize>,
-        out: *mut f32,
-        relu: bool,
-    ) {
+    /// Computes the task's output rows as nine products (one per tap) accumulated in place,
+    /// each reading its rows straight from the NHWC input: no im2col copy. Padding rows read a
+    /// row of zeros.
+    unsafe fn implicit_tile(&self, task: &RowTask<'_>) {
+        let RowTask {
+            input,
+            h,
+            w,
+            oh,
+            ow,
+            first,
+            count,
+            group,
+            ref cols,
+            out,
+            relu,
+        } = *task;
         let cin = self.in_channels;
         let cin_g = cin / self.groups;
         let cout = self.out_channels;
@@ -751,22 +768,21 @@ impl ConvLayer {
         });
     }
 
-    /// Computes output rows `first..first+count`, columns `cols` of group `group`.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
-        &self,
-        input: &[f32],
-        h: usize,
-        w: usize,
-        oh: usize,
-        ow: usize,
-        first: usize,
-        count: usize,
-        group: usize,
-        cols: std::ops::Range<usize>,
-        out: *mut f32,
-        relu: bool,
-    ) {
+    /// Computes the task's output rows through im2col: patches copied into rows, one product.
+    unsafe fn tile(&self, task: &RowTask<'_>) {
+        let RowTask {
+            input,
+            h,
+            w,
+            oh,
+            ow,
+            first,
+            count,
+            group,
+            ref cols,
+            out,
+            relu,
+        } = *task;
         let cin = self.in_channels;
         let cin_g = cin / self.groups;
         let cout = self.out_channels;
@@ -827,7 +843,7 @@ impl ConvLayer {
                     patches.as_ptr(),
                     k,
                     &self.packed[group],
-                    cols,
+                    cols.clone(),
                     c,
                     cout,
                     Some(bias),
