@@ -36,7 +36,7 @@ mod kernel;
 mod winograd;
 use kernel::{NR, PackedB};
 use rayon::prelude::*;
-pub use winograd::Tile as WinogradTile;
+use winograd::Tile as WinogradTile;
 
 use repvgg_arch::{ArchSpec, Form};
 use repvgg_checkpoint::layout::{HEAD, REPARAM, SE_DOWN, SE_UP, prefix};
