@@ -61,7 +61,7 @@ pub fn run(
     match shape[..] {
         [n, c, h, w] if n > 0 && c == spec.in_channels && h > 0 && w > 0 => {}
         _ => bail!(
-            "{}: 'input' has shape {shape:?}; {} expects (N, {}, H, W)",
+            "{}: 'input' has shape {shape:?}; {} expects (N, {}, H, W), none of them 0",
             input.display(),
             spec.name,
             spec.in_channels

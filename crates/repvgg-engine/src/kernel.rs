@@ -89,20 +89,7 @@ pub unsafe fn gemm(
 ) {
     let init = bias.map_or(Init::Zero, Init::Bias);
     let a_row = |r: usize| unsafe { a.add(r * lda) };
-    unsafe {
-        gemm_with(
-            micro_kernel(),
-            rows,
-            a_row,
-            b,
-            0..b.k,
-            cols,
-            c,
-            ldc,
-            init,
-            relu,
-        )
-    }
+    unsafe { gemm_rows(rows, a_row, b, 0..b.k, cols, c, ldc, init, relu) }
 }
 
 /// What C holds before a product is added to it.
@@ -354,17 +341,17 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     /// Every edge case of the blocking (partial rows, partial columns, several reduction
     /// blocks) against a plain f64 product; both kernels where the machine has AVX2.
     #[test]
     fn matches_a_plain_product() {
-        let mut seed = 7u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut next = || rng.random_range(-0.5f32..0.5);
         for &(rows, k, n, lda_pad) in &[
             (1, 1, 1, 0),
             (7, 300, 40, 3),

@@ -229,6 +229,14 @@ struct RowTask<'a> {
     relu: bool,
 }
 
+impl RowTask<'_> {
+    /// The task's first output element: row `first`, its group's column `cols.start`.
+    fn output_block(&self, cout: usize, cout_g: usize) -> *mut f32 {
+        self.out
+            .wrapping_add(self.first * cout + self.group * cout_g + self.cols.start)
+    }
+}
+
 /// Called after every block with (block index, height, width, NHWC activations).
 type Tap<'a> = dyn FnMut(usize, usize, usize, &[f32]) + 'a;
 
@@ -697,53 +705,50 @@ impl ConvLayer {
         }
     }
 
+    /// Where output position `pos` (over the whole batch) starts reading: its image's first
+    /// input row, and the row and column of its top-left tap (negative in the padding).
+    fn origin(&self, task: &RowTask<'_>, pos: usize) -> (usize, isize, isize) {
+        let (oh, ow) = (task.oh, task.ow);
+        let (image, y, x) = (pos / (oh * ow), (pos / ow) % oh, pos % ow);
+        let (s, d) = (self.stride, self.dilation as isize);
+        (image * task.h, (y * s) as isize - d, (x * s) as isize - d)
+    }
+
+    /// Offset in the input of the task's group's channels at tap (ky, kx) of an output
+    /// position with this origin, or None where the tap falls in the padding.
+    fn tap_offset(
+        &self,
+        task: &RowTask<'_>,
+        (row0, y, x): (usize, isize, isize),
+        ky: usize,
+        kx: usize,
+    ) -> Option<usize> {
+        let d = self.dilation as isize;
+        let (iy, ix) = (y + ky as isize * d, x + kx as isize * d);
+        let inside = iy >= 0 && ix >= 0 && iy < task.h as isize && ix < task.w as isize;
+        let cin_g = self.in_channels / self.groups;
+        inside.then(|| {
+            ((row0 + iy as usize) * task.w + ix as usize) * self.in_channels + task.group * cin_g
+        })
+    }
+
     /// Computes the task's output rows as nine products (one per tap) accumulated in place,
     /// each reading its rows straight from the NHWC input: no im2col copy. Padding rows read a
     /// row of zeros.
     unsafe fn implicit_tile(&self, task: &RowTask<'_>) {
-        let RowTask {
-            input,
-            h,
-            w,
-            oh,
-            ow,
-            first,
-            count,
-            group,
-            ref cols,
-            out,
-            relu,
-        } = *task;
-        let cin = self.in_channels;
-        let cin_g = cin / self.groups;
-        let cout = self.out_channels;
-        let cout_g = cout / self.groups;
-        let (s, d) = (self.stride, self.dilation);
+        let cin_g = self.in_channels / self.groups;
+        let cout_g = self.out_channels / self.groups;
+        let group = task.group;
         let bias = &self.bias[group * cout_g..(group + 1) * cout_g];
         ORIGINS.with(|origins| {
-            // Per output row: its image's first input row, and the top-left tap's position.
             let mut origins = origins.borrow_mut();
             origins.clear();
-            origins.extend((first..first + count).map(|pos| {
-                let image = pos / (oh * ow);
-                let (y, x) = ((pos / ow) % oh, pos % ow);
-                (
-                    image * h,
-                    (y * s) as isize - d as isize,
-                    (x * s) as isize - d as isize,
-                )
-            }));
+            origins.extend((task.first..task.first + task.count).map(|pos| self.origin(task, pos)));
             for tap in 0..9 {
-                let (ky, kx) = ((tap / 3 * d) as isize, (tap % 3 * d) as isize);
-                let a_row = |r: usize| {
-                    let (row0, y, x) = origins[r];
-                    let (iy, ix) = (y + ky, x + kx);
-                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                        self.zeros.as_ptr()
-                    } else {
-                        let at = ((row0 + iy as usize) * w + ix as usize) * cin + group * cin_g;
-                        unsafe { input.as_ptr().add(at) }
-                    }
+                let a_row = |r: usize| match self.tap_offset(task, origins[r], tap / 3, tap % 3) {
+                    // SAFETY: a tap inside the map has cin_g values of this group.
+                    Some(at) => unsafe { task.input.as_ptr().add(at) },
+                    None => self.zeros.as_ptr(),
                 };
                 let init = if tap == 0 {
                     kernel::Init::Bias(bias)
@@ -753,15 +758,15 @@ impl ConvLayer {
                 // SAFETY: every row pointer covers cin_g values; the caller owns these outputs.
                 unsafe {
                     kernel::gemm_rows(
-                        count,
+                        task.count,
                         a_row,
                         &self.packed[group],
                         tap * cin_g..(tap + 1) * cin_g,
-                        cols.clone(),
-                        out.add(first * cout + group * cout_g + cols.start),
-                        cout,
+                        task.cols.clone(),
+                        task.output_block(self.out_channels, cout_g),
+                        self.out_channels,
                         init,
-                        relu && tap == 8,
+                        task.relu && tap == 8,
                     )
                 };
             }
@@ -770,24 +775,11 @@ impl ConvLayer {
 
     /// Computes the task's output rows through im2col: patches copied into rows, one product.
     unsafe fn tile(&self, task: &RowTask<'_>) {
-        let RowTask {
-            input,
-            h,
-            w,
-            oh,
-            ow,
-            first,
-            count,
-            group,
-            ref cols,
-            out,
-            relu,
-        } = *task;
         let cin = self.in_channels;
         let cin_g = cin / self.groups;
-        let cout = self.out_channels;
-        let cout_g = cout / self.groups;
+        let cout_g = self.out_channels / self.groups;
         let k = 9 * cin_g;
+        let count = task.count;
         PATCHES.with(|patches| {
             let mut patches = patches.borrow_mut();
             if patches.len() < count * k {
@@ -796,24 +788,16 @@ impl ConvLayer {
             let patches = &mut patches[..count * k];
             // im2col: row r holds the 3x3 patch of output position first + r, tap-major.
             for (r, row) in patches.chunks_exact_mut(k).enumerate() {
-                let pos = first + r;
-                let image = pos / (oh * ow);
-                let (y, x) = ((pos / ow) % oh, pos % ow);
-                let d = self.dilation;
+                let origin = self.origin(task, task.first + r);
                 for ky in 0..3 {
-                    let iy = (y * self.stride + ky * d) as isize - d as isize;
                     // Without groups or dilation, a row of three taps inside the map is one
                     // contiguous run of the NHWC input: one copy instead of three.
-                    let ix0 = (x * self.stride) as isize - 1;
-                    if self.groups == 1
-                        && d == 1
-                        && iy >= 0
-                        && iy < h as isize
-                        && ix0 >= 0
-                        && ix0 + 2 < w as isize
-                    {
-                        let at = ((image * h + iy as usize) * w + ix0 as usize) * cin;
-                        let (dst, src) = (&mut row[ky * 3 * cin..], &input[at..]);
+                    let run = (self.groups == 1 && self.dilation == 1)
+                        .then(|| self.tap_offset(task, origin, ky, 0))
+                        .flatten()
+                        .filter(|_| self.tap_offset(task, origin, ky, 2).is_some());
+                    if let Some(at) = run {
+                        let (dst, src) = (&mut row[ky * 3 * cin..], &task.input[at..]);
                         if cin == 3 {
                             // The RGB stem: a fixed-size move, not a `memcpy` call per row.
                             dst[..9].copy_from_slice(&src[..9]);
@@ -823,31 +807,28 @@ impl ConvLayer {
                         continue;
                     }
                     for kx in 0..3 {
-                        let ix = (x * self.stride + kx * d) as isize - d as isize;
                         let dst = &mut row[(ky * 3 + kx) * cin_g..(ky * 3 + kx + 1) * cin_g];
-                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                            dst.fill(0.0);
-                        } else {
-                            let at =
-                                ((image * h + iy as usize) * w + ix as usize) * cin + group * cin_g;
-                            dst.copy_from_slice(&input[at..at + cin_g]);
+                        match self.tap_offset(task, origin, ky, kx) {
+                            Some(at) => dst.copy_from_slice(&task.input[at..at + cin_g]),
+                            None => dst.fill(0.0),
                         }
                     }
                 }
             }
+            let group = task.group;
             let bias = &self.bias[group * cout_g..(group + 1) * cout_g];
-            let c = unsafe { out.add(first * cout + group * cout_g + cols.start) };
+            // SAFETY: the patches are `count` rows of k values; the caller owns these outputs.
             unsafe {
                 kernel::gemm(
                     count,
                     patches.as_ptr(),
                     k,
                     &self.packed[group],
-                    cols.clone(),
-                    c,
-                    cout,
+                    task.cols.clone(),
+                    task.output_block(self.out_channels, cout_g),
+                    self.out_channels,
                     Some(bias),
-                    relu,
+                    task.relu,
                 )
             };
         });

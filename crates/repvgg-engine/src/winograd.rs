@@ -547,6 +547,9 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     /// Both transforms, with both the AVX and the portable vectors, against a direct f64
@@ -555,11 +558,8 @@ mod tests {
     /// magnitude: F(4x4)'s transforms scale values by up to 8 before rounding.
     #[test]
     fn matches_a_direct_convolution() {
-        let mut seed = 11u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1 << 24) as f32 - 0.5
-        };
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut next = || rng.random_range(-0.5f32..0.5);
         for &(n, h, w, cin, cout, groups) in &[(2, 7, 9, 12, 20, 1), (1, 10, 6, 16, 32, 2)] {
             let (cin_g, cout_g) = (cin / groups, cout / groups);
             let weight: Vec<f32> = (0..cout * cin_g * 9).map(|_| next()).collect();
