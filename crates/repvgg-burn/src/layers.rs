@@ -9,6 +9,8 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use repvgg_checkpoint::Tensor as CkptTensor;
 
+use crate::training_ops;
+
 /// A checkpoint tensor on a device.
 pub fn to_device<const D: usize>(t: &CkptTensor, device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
@@ -111,22 +113,33 @@ impl BatchNorm2d {
         let [n, _, h, w] = input.dims();
         let count = (n * h * w) as f64;
         let device = input.device();
-        let result = batch_norm_train(input, self.gamma.val(), self.beta.val(), self.eps);
+        let (output, batch_mean, batch_var) = match training_ops::batch_norm_train(
+            input.clone(),
+            self.gamma.val(),
+            self.beta.val(),
+            self.eps,
+        ) {
+            Some(result) => result,
+            None => {
+                let r = batch_norm_train(input, self.gamma.val(), self.beta.val(), self.eps);
+                (r.output, r.mean, r.variance)
+            }
+        };
         let unbiased = count / (count - 1.0).max(1.0);
         let m = self.momentum;
         let mean = self.running_mean.value_sync().to_device(&device);
         let var = self.running_var.value_sync().to_device(&device);
         self.running_mean.update(
             mean.mul_scalar(1.0 - m)
-                .add(result.mean.detach().mul_scalar(m))
+                .add(batch_mean.detach().mul_scalar(m))
                 .detach(),
         );
         self.running_var.update(
             var.mul_scalar(1.0 - m)
-                .add(result.variance.detach().mul_scalar(m * unbiased))
+                .add(batch_var.detach().mul_scalar(m * unbiased))
                 .detach(),
         );
-        result.output
+        output
     }
 }
 

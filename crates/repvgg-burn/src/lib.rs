@@ -22,6 +22,7 @@
 
 pub mod layers;
 pub mod model;
+pub mod training_ops;
 
 pub use model::{DeployBlock, RepVgg, RepVggDeploy, RepVggTrain, TrainBlock};
 

@@ -14,6 +14,7 @@ use repvgg_checkpoint::{Checkpoint, StateDict};
 use crate::layers::{
     BatchNorm2d, Head, SqueezeExcite, conv2d, dilated_conv2d, from_device, global_pool, to_device,
 };
+use crate::training_ops;
 
 /// Reads official-named tensors of a checked checkpoint onto a device.
 struct Reader<'a> {
@@ -195,8 +196,12 @@ pub struct TrainBlock {
 
 impl TrainBlock {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut sum = self.dense_bn.forward(self.dense_conv.forward(x.clone()))
-            + self.one_bn.forward(self.one_conv.forward(x.clone()));
+        let mut sum = self
+            .dense_bn
+            .forward(training_ops::conv2d(&self.dense_conv, x.clone()))
+            + self
+                .one_bn
+                .forward(training_ops::conv2d(&self.one_conv, x.clone()));
         if let Some(identity) = &self.identity {
             sum = sum + identity.forward(x);
         }

@@ -26,16 +26,51 @@ pub struct PackedB {
 impl PackedB {
     /// Packs the matrix whose element (row, col) is `at(row, col)`.
     pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> PackedB {
+        let mut packed = PackedB {
+            k: 0,
+            n: 0,
+            data: Vec::new(),
+        };
+        packed.refill(k, n, at);
+        packed
+    }
+
+    /// Packs a new `k x n` matrix into this one's storage, so a loop that packs one slice of
+    /// its operand after another allocates once.
+    pub fn refill(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) {
+        self.refill_rows(k, n, |row, cols, lanes| {
+            for (lane, value) in lanes.iter_mut().enumerate() {
+                *value = at(row, cols.start + lane);
+            }
+        });
+    }
+
+    /// As [`PackedB::refill`], with `fill(row, cols, lanes)` writing a panel's stretch of one
+    /// row at a time (`lanes[i]` is column `cols.start + i`), so a caller whose rows are
+    /// contiguous in memory can copy them.
+    pub fn refill_rows(
+        &mut self,
+        k: usize,
+        n: usize,
+        fill: impl Fn(usize, std::ops::Range<usize>, &mut [f32]),
+    ) {
         let panels = n.div_ceil(NR);
-        let mut data = vec![0.0; panels * k * NR];
-        for panel in 0..panels {
-            for row in 0..k {
-                for lane in 0..NR.min(n - panel * NR) {
-                    data[(panel * k + row) * NR + lane] = at(row, panel * NR + lane);
-                }
+        (self.k, self.n) = (k, n);
+        self.data.resize(panels * k * NR, 0.0);
+        self.data.truncate(panels * k * NR);
+        if k == 0 {
+            return;
+        }
+        for (panel, block) in self.data.chunks_exact_mut(k * NR).enumerate() {
+            let cols = panel * NR..(panel * NR + NR).min(n);
+            let width = cols.len();
+            for (row, lanes) in block.chunks_exact_mut(NR).enumerate() {
+                fill(row, cols.clone(), &mut lanes[..width]);
+                // Lanes past the last column are multiplied but never stored; zero keeps
+                // them finite.
+                lanes[width..].fill(0.0);
             }
         }
-        PackedB { k, n, data }
     }
 
     /// Element (row, col), as given to [`PackedB::new`].

@@ -33,6 +33,7 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 mod kernel;
+pub mod nchw;
 mod winograd;
 use kernel::{NR, PackedB};
 use rayon::prelude::*;
@@ -199,13 +200,13 @@ thread_local! {
 
 /// A raw pointer that tiles write through; every tile owns a disjoint block of the output.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// A method (not field access) so closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

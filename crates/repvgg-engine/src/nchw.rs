@@ -1,0 +1,797 @@
+//! Convolutions over NCHW batches and their two gradients, on the engine's GEMM kernel: the
+//! training form's 3x3 and 1x1 convolutions (without bias, since a batch norm follows each),
+//! which `repvgg-burn` runs as a custom burn operation because burn's CPU convolution and its
+//! backward pass are several times slower.
+//!
+//! Per group, all three are one matrix product over the batch-wide column index
+//! j = (image, output pixel), with q = (input channel, tap) in PyTorch's weight order:
+//!
+//! - forward: `Y[k][j] = sum_q W[k][q] col[q][j]`;
+//! - input gradient: `dcol[q][j] = sum_k W[k][q] dY[k][j]`, each `dcol[q][j]` then added back
+//!   onto the input pixel it was read from (col2im);
+//! - weight gradient: `dW[k][q] = sum_j dY[k][j] col[q][j]`.
+//!
+//! `col[q][j]` is the zero-padded input pixel that tap q of output j reads. It is never stored
+//! whole: each task packs the slice it multiplies straight from the padded input into the
+//! kernel's panel layout. Y and dY are held channel-major (`[k][j]`) for the products, and
+//! permuted from or to NCHW once.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::OutPtr;
+use crate::kernel::{Init, MR, NR, PackedB, gemm_rows};
+
+/// The shape of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    /// The kernel's side (square kernels only).
+    pub kernel: usize,
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    pub groups: usize,
+}
+
+impl ConvShape {
+    /// Why this shape cannot be convolved, if it cannot.
+    pub fn check(&self) -> Result<(), String> {
+        let s = self;
+        if s.kernel == 0 || s.stride == 0 || s.groups == 0 || s.in_channels == 0 {
+            return Err(format!(
+                "{s:?}: kernel, stride, groups and input channels must be positive"
+            ));
+        }
+        if !s.in_channels.is_multiple_of(s.groups) || !s.out_channels.is_multiple_of(s.groups) {
+            return Err(format!("{s:?}: channels must divide into the groups"));
+        }
+        if s.height + 2 * s.padding < s.kernel || s.width + 2 * s.padding < s.kernel {
+            return Err(format!(
+                "{s:?}: the padded input is smaller than the kernel"
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.batch * self.in_channels * self.height * self.width
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.batch * self.out_channels * self.out_height() * self.out_width()
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.out_channels * (self.in_channels / self.groups) * self.kernel * self.kernel
+    }
+}
+
+/// `Y = conv(x, W)`: NCHW input, `(out, in / groups, k, k)` weight, NCHW output.
+pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
+    let plan = Plan::new(shape);
+    assert_eq!(input.len(), shape.input_len(), "input length");
+    assert_eq!(weight.len(), shape.weight_len(), "weight length");
+    let padded = plan.pad(input);
+    let mut y = vec![0.0f32; shape.out_channels * plan.columns];
+    let out = OutPtr(y.as_mut_ptr());
+    plan.forward_tasks().par_iter().for_each_init(
+        || PackedB::new(0, 0, |_, _| 0.0),
+        |packed, (group, cols, rows)| {
+            let first_channel = group * plan.in_per_group * plan.padded_plane;
+            let bases = &plan.column_base[cols.clone()];
+            packed.refill_rows(plan.reduction, cols.len(), |q, lanes, values| {
+                gather(
+                    &padded,
+                    first_channel + plan.tap_offset[q],
+                    &bases[lanes],
+                    values,
+                )
+            });
+            let first_row = group * plan.out_per_group + rows.start;
+            // SAFETY: W has `reduction` values per output channel; every task writes its own
+            // block (its rows and columns) of y.
+            unsafe {
+                gemm_rows(
+                    rows.len(),
+                    |r| weight.as_ptr().add((first_row + r) * plan.reduction),
+                    packed,
+                    0..plan.reduction,
+                    0..cols.len(),
+                    out.get().add(first_row * plan.columns + cols.start),
+                    plan.columns,
+                    Init::Zero,
+                    false,
+                )
+            }
+        },
+    );
+    plan.to_nchw(&y)
+}
+
+/// `dL/dx` from `dL/dY`: each output gradient, times the weights, added back onto the input
+/// pixels it was computed from.
+pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f32> {
+    let plan = Plan::new(shape);
+    assert_eq!(weight.len(), shape.weight_len(), "weight length");
+    assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
+    let dy = plan.channel_major(out_grad);
+    let (out_g, reduction) = (plan.out_per_group, plan.reduction);
+    let transposed = transpose_per_group(weight, out_g, reduction);
+    let mut padded_grad = vec![0.0f32; shape.batch * shape.in_channels * plan.padded_plane];
+    let grad = OutPtr(padded_grad.as_mut_ptr());
+    // Tasks own whole images and whole input channels, so no two of them add into the same
+    // input pixel. A channel block's rows of W^T stay in L2.
+    let taps = shape.kernel * shape.kernel;
+    let channels = split(
+        plan.in_per_group,
+        plan.in_per_group.div_ceil((128 / taps).max(1)),
+        1,
+    );
+    // Images are split only when the channel blocks are too few to share out: each image
+    // range reads all of W^T again.
+    let image_parts = plan
+        .target_tasks()
+        .div_ceil(shape.groups * channels.len())
+        .min(shape.batch);
+    let images = split(shape.batch, image_parts, 1);
+    let mut tasks = Vec::new();
+    for group in 0..shape.groups {
+        for c in &channels {
+            for i in &images {
+                tasks.push((group, c.clone(), i.clone()));
+            }
+        }
+    }
+    tasks.par_iter().for_each_init(
+        || (PackedB::new(0, 0, |_, _| 0.0), Vec::new()),
+        |(packed, dcol), (group, channels, images)| {
+            let rows = channels.start * taps..channels.end * taps;
+            // A block of dcol stays within L2.
+            let block = round_up((65536 / rows.len()).clamp(NR, 512), NR);
+            let columns = images.start * plan.pixels..images.end * plan.pixels;
+            let first_channel = group * plan.in_per_group * plan.padded_plane;
+            for start in columns.clone().step_by(block) {
+                let width = block.min(columns.end - start);
+                packed.refill_rows(out_g, width, |k, lanes, values| {
+                    let at = (group * out_g + k) * plan.columns + start + lanes.start;
+                    values.copy_from_slice(&dy[at..at + values.len()]);
+                });
+                dcol.resize(rows.len() * width, 0.0);
+                // SAFETY: `transposed` has out_g values per row; dcol is this task's own.
+                unsafe {
+                    gemm_rows(
+                        rows.len(),
+                        |r| {
+                            transposed
+                                .as_ptr()
+                                .add((group * reduction + rows.start + r) * out_g)
+                        },
+                        packed,
+                        0..out_g,
+                        0..width,
+                        dcol.as_mut_ptr(),
+                        width,
+                        Init::Zero,
+                        false,
+                    )
+                }
+                let bases = &plan.column_base[start..start + width];
+                for (q, row) in rows.clone().zip(dcol.chunks_exact(width)) {
+                    let offset = first_channel + plan.tap_offset[q];
+                    for (&base, &value) in bases.iter().zip(row) {
+                        // SAFETY: column bases and tap offsets stay inside the padded input,
+                        // and only this task touches these images' channels.
+                        unsafe { *grad.get().add(base + offset) += value };
+                    }
+                }
+            }
+        },
+    );
+    plan.unpad(padded_grad)
+}
+
+/// Per group, a `(rows, cols)` matrix transposed, in 32x32 tiles so both sides move by lines.
+fn transpose_per_group(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let mut out = vec![0.0f32; m.len()];
+    if rows * cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(rows * cols)
+        .zip(m.par_chunks(rows * cols))
+        .for_each(|(dst, src)| {
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..cols).step_by(TILE) {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        for c in c0..(c0 + TILE).min(cols) {
+                            dst[c * rows + r] = src[r * cols + c];
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// `dL/dW` from the input and `dL/dY`: the sum over every output position of its gradient
+/// times the input pixels it read.
+pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f32> {
+    let plan = Plan::new(shape);
+    assert_eq!(input.len(), shape.input_len(), "input length");
+    assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
+    let mut grad = vec![0.0f32; shape.weight_len()];
+    if plan.columns == 0 {
+        return grad;
+    }
+    let padded = plan.pad(input);
+    let dy = plan.channel_major(out_grad);
+    let tasks = plan.weight_grad_tasks();
+    let parts = tasks.iter().map(|t| t.2 + 1).max().unwrap_or(1);
+    // With the sum over positions split in parts, each part adds into its own copy.
+    let mut partials = vec![vec![0.0f32; grad.len()]; parts - 1];
+    let outs: Vec<OutPtr> = std::iter::once(OutPtr(grad.as_mut_ptr()))
+        .chain(partials.iter_mut().map(|p| OutPtr(p.as_mut_ptr())))
+        .collect();
+    let (out_g, reduction) = (plan.out_per_group, plan.reduction);
+    tasks.par_iter().for_each_init(
+        || PackedB::new(0, 0, |_, _| 0.0),
+        |packed, (group, qs, part, columns)| {
+            let first_channel = group * plan.in_per_group * plan.padded_plane;
+            let out = outs[*part];
+            for start in columns.clone().step_by(GRAD_CHUNK) {
+                let len = GRAD_CHUNK.min(columns.end - start);
+                let taps = &plan.tap_offset[qs.clone()];
+                packed.refill_rows(len, qs.len(), |j, lanes, values| {
+                    gather(
+                        &padded,
+                        first_channel + plan.column_base[start + j],
+                        &taps[lanes],
+                        values,
+                    )
+                });
+                let init = if start == columns.start {
+                    Init::Zero
+                } else {
+                    Init::Accumulate
+                };
+                // SAFETY: dY rows hold `columns` values; every task writes its own block of
+                // its own part's copy.
+                unsafe {
+                    gemm_rows(
+                        out_g,
+                        |r| dy.as_ptr().add((group * out_g + r) * plan.columns + start),
+                        packed,
+                        0..len,
+                        0..qs.len(),
+                        out.get().add(group * out_g * reduction + qs.start),
+                        reduction,
+                        init,
+                        false,
+                    )
+                }
+            }
+        },
+    );
+    for partial in &partials {
+        grad.iter_mut().zip(partial).for_each(|(g, p)| *g += p);
+    }
+    grad
+}
+
+/// Per channel of an NCHW batch: mean and biased variance over (image, pixel), as
+/// `[means..., variances...]`. Sums run in f64, so `E[x^2] - mean^2` loses nothing that
+/// matters at f32.
+pub fn channel_stats(input: &[f32], batch: usize, channels: usize) -> Vec<f32> {
+    let plane = plane_len(input.len(), batch, channels);
+    let count = (batch * plane) as f64;
+    let sums: Vec<(f64, f64, f64)> = (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            // Sums of x - shift, with shift one of the channel's values, so that the
+            // variance does not come from the difference of two large numbers.
+            let shift = input.get(c * plane).copied().unwrap_or(0.0);
+            let (mut sum, mut squares) = (0.0f64, 0.0f64);
+            for n in 0..batch {
+                let x = &input[(n * channels + c) * plane..][..plane];
+                let (s, q) = paired_sums(x, x, |v, _| v - shift, |v, _| (v - shift) * (v - shift));
+                sum += s;
+                squares += q;
+            }
+            (shift as f64, sum, squares)
+        })
+        .collect();
+    let count = count.max(1.0);
+    let mean = sums.iter().map(|&(shift, s, _)| shift + s / count);
+    let var = sums
+        .iter()
+        .map(|&(_, s, q)| (q / count - (s / count).powi(2)).max(0.0));
+    mean.chain(var).map(|v| v as f32).collect()
+}
+
+/// Batch norm with given batch statistics (from [`channel_stats`]):
+/// `y = (x - mean) / sqrt(var + eps) * gamma + beta`, per channel.
+pub fn batch_norm(
+    input: &[f32],
+    batch: usize,
+    stats: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+) -> Vec<f32> {
+    let channels = gamma.len();
+    let plane = plane_len(input.len(), batch, channels);
+    let mut out = vec![0.0f32; input.len()];
+    if plane == 0 {
+        return out;
+    }
+    out.par_chunks_mut(plane)
+        .zip(input.par_chunks(plane))
+        .enumerate()
+        .for_each(|(i, (out, x))| {
+            let c = i % channels;
+            let inv_std = 1.0 / (stats[channels + c] as f64 + eps).sqrt();
+            let scale = (gamma[c] as f64 * inv_std) as f32;
+            let shift = (beta[c] as f64 - stats[c] as f64 * gamma[c] as f64 * inv_std) as f32;
+            out.iter_mut()
+                .zip(x)
+                .for_each(|(o, &v)| *o = v * scale + shift);
+        });
+    out
+}
+
+/// The gradients of [`batch_norm`] with respect to x, gamma and beta, the batch statistics'
+/// dependence on x included: with `xhat = (x - mean) / std` and M values per channel,
+/// `dbeta = sum dy`, `dgamma = sum dy xhat`,
+/// `dx = gamma / std / M (M dy - dbeta - xhat dgamma)`.
+pub fn batch_norm_grad(
+    input: &[f32],
+    batch: usize,
+    stats: &[f32],
+    gamma: &[f32],
+    eps: f64,
+    out_grad: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let channels = gamma.len();
+    let plane = plane_len(input.len(), batch, channels);
+    let count = (batch * plane) as f64;
+    let planes = |c: usize| {
+        (0..batch).map(move |n| (n * channels + c) * plane..(n * channels + c + 1) * plane)
+    };
+    // Per channel: (sum dy, sum dy xhat).
+    let sums: Vec<(f64, f64)> = (0..channels)
+        .into_par_iter()
+        .map(|c| {
+            let (mean, inv_std) = (stats[c], 1.0 / (stats[channels + c] as f64 + eps).sqrt());
+            let (mut dy_sum, mut dy_x) = (0.0f64, 0.0f64);
+            for range in planes(c) {
+                let (s, sx) = paired_sums(
+                    &out_grad[range.clone()],
+                    &input[range],
+                    |dy, _| dy,
+                    |dy, x| dy * (x - mean),
+                );
+                dy_sum += s;
+                dy_x += sx;
+            }
+            (dy_sum, dy_x * inv_std)
+        })
+        .collect();
+    let mut dx = vec![0.0f32; input.len()];
+    if plane > 0 {
+        dx.par_chunks_mut(plane).enumerate().for_each(|(i, dx)| {
+            let c = i % channels;
+            let (dbeta, dgamma) = sums[c];
+            let inv_std = 1.0 / (stats[channels + c] as f64 + eps).sqrt();
+            let scale = gamma[c] as f64 * inv_std / count;
+            // dx = a dy + b x + d, per channel.
+            let a = (scale * count) as f32;
+            let b = (-scale * dgamma * inv_std) as f32;
+            let d = (-scale * dbeta + scale * dgamma * inv_std * stats[c] as f64) as f32;
+            let range = i * plane..(i + 1) * plane;
+            for ((dx, &dy), &x) in dx
+                .iter_mut()
+                .zip(&out_grad[range.clone()])
+                .zip(&input[range])
+            {
+                *dx = a * dy + b * x + d;
+            }
+        });
+    }
+    let dgamma = sums.iter().map(|&(_, g)| g as f32).collect();
+    let dbeta = sums.iter().map(|&(b, _)| b as f32).collect();
+    (dx, dgamma, dbeta)
+}
+
+fn plane_len(len: usize, batch: usize, channels: usize) -> usize {
+    assert!(
+        batch * channels > 0 && len.is_multiple_of(batch * channels),
+        "{len} values do not make {batch} images of {channels} channels"
+    );
+    len / (batch * channels)
+}
+
+/// `(sum f(a, b), sum g(a, b))` over two equal-length slices, in 8 f32 lanes (so it
+/// vectorises) added up in f64.
+fn paired_sums(
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(f32, f32) -> f32,
+    g: impl Fn(f32, f32) -> f32,
+) -> (f64, f64) {
+    let (mut first, mut second) = ([0.0f32; 8], [0.0f32; 8]);
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            first[i] += f(x[i], y[i]);
+            second[i] += g(x[i], y[i]);
+        }
+    }
+    let mut s: f64 = first.iter().map(|&v| v as f64).sum();
+    let mut q: f64 = second.iter().map(|&v| v as f64).sum();
+    for (&x, &y) in ta.iter().zip(tb) {
+        s += f(x, y) as f64;
+        q += g(x, y) as f64;
+    }
+    (s, q)
+}
+
+/// Positions summed per packed block of the weight gradient.
+const GRAD_CHUNK: usize = 512;
+
+/// What every pass derives from the shape: sizes, and where in the padded input each column
+/// and each (channel, tap) reads.
+struct Plan {
+    shape: ConvShape,
+    in_per_group: usize,
+    out_per_group: usize,
+    /// q's count: input channels per group x taps.
+    reduction: usize,
+    pixels: usize,
+    columns: usize,
+    padded_width: usize,
+    padded_plane: usize,
+    /// Per column j: offset of its first tap in channel 0 of its image in the padded input.
+    column_base: Vec<usize>,
+    /// Per q: offset from a column's base to the pixel it reads.
+    tap_offset: Vec<usize>,
+}
+
+impl Plan {
+    fn new(shape: &ConvShape) -> Plan {
+        if let Err(e) = shape.check() {
+            panic!("{e}");
+        }
+        let s = *shape;
+        let (oh, ow) = (s.out_height(), s.out_width());
+        let (ph, pw) = (s.height + 2 * s.padding, s.width + 2 * s.padding);
+        let in_per_group = s.in_channels / s.groups;
+        let image = s.in_channels * ph * pw;
+        let column_base = (0..s.batch)
+            .flat_map(|n| {
+                (0..oh).flat_map(move |oy| {
+                    (0..ow).map(move |ox| n * image + oy * s.stride * pw + ox * s.stride)
+                })
+            })
+            .collect();
+        let tap_offset = (0..in_per_group)
+            .flat_map(|c| {
+                (0..s.kernel)
+                    .flat_map(move |dy| (0..s.kernel).map(move |dx| c * ph * pw + dy * pw + dx))
+            })
+            .collect();
+        Plan {
+            shape: s,
+            in_per_group,
+            out_per_group: s.out_channels / s.groups,
+            reduction: in_per_group * s.kernel * s.kernel,
+            pixels: oh * ow,
+            columns: s.batch * oh * ow,
+            padded_width: pw,
+            padded_plane: ph * pw,
+            column_base,
+            tap_offset,
+        }
+    }
+
+    fn target_tasks(&self) -> usize {
+        4 * rayon::current_num_threads()
+    }
+
+    /// The input with its zero border (borrowed when there is none).
+    fn pad<'a>(&self, input: &'a [f32]) -> Cow<'a, [f32]> {
+        let (s, pad) = (&self.shape, self.shape.padding);
+        if pad == 0 {
+            return Cow::Borrowed(input);
+        }
+        let mut padded = vec![0.0f32; s.batch * s.in_channels * self.padded_plane];
+        padded
+            .par_chunks_mut(self.padded_plane)
+            .zip(input.par_chunks(s.height * s.width))
+            .for_each(|(dst, src)| {
+                for (y, row) in src.chunks_exact(s.width).enumerate() {
+                    let at = (y + pad) * self.padded_width + pad;
+                    dst[at..at + s.width].copy_from_slice(row);
+                }
+            });
+        Cow::Owned(padded)
+    }
+
+    /// The inverse of [`Plan::pad`]: the border cut off.
+    fn unpad(&self, padded: Vec<f32>) -> Vec<f32> {
+        let (s, pad) = (&self.shape, self.shape.padding);
+        if pad == 0 {
+            return padded;
+        }
+        let mut out = vec![0.0f32; s.input_len()];
+        out.par_chunks_mut(s.height * s.width)
+            .zip(padded.par_chunks(self.padded_plane))
+            .for_each(|(dst, src)| {
+                for (y, row) in dst.chunks_exact_mut(s.width).enumerate() {
+                    let at = (y + pad) * self.padded_width + pad;
+                    row.copy_from_slice(&src[at..at + s.width]);
+                }
+            });
+        out
+    }
+
+    /// NCHW output-shaped values as `[channel][image, pixel]`.
+    fn channel_major(&self, nchw: &[f32]) -> Vec<f32> {
+        let channels = self.shape.out_channels;
+        let mut out = vec![0.0f32; nchw.len()];
+        if self.columns == 0 {
+            return out;
+        }
+        out.par_chunks_mut(self.columns)
+            .enumerate()
+            .for_each(|(k, row)| {
+                for (n, dst) in row.chunks_exact_mut(self.pixels).enumerate() {
+                    let at = (n * channels + k) * self.pixels;
+                    dst.copy_from_slice(&nchw[at..at + self.pixels]);
+                }
+            });
+        out
+    }
+
+    /// The inverse of [`Plan::channel_major`].
+    fn to_nchw(&self, channel_major: &[f32]) -> Vec<f32> {
+        let channels = self.shape.out_channels;
+        let mut out = vec![0.0f32; channel_major.len()];
+        if self.columns == 0 {
+            return out;
+        }
+        out.par_chunks_mut(channels * self.pixels)
+            .enumerate()
+            .for_each(|(n, image)| {
+                for (k, dst) in image.chunks_exact_mut(self.pixels).enumerate() {
+                    let at = k * self.columns + n * self.pixels;
+                    dst.copy_from_slice(&channel_major[at..at + self.pixels]);
+                }
+            });
+        out
+    }
+
+    /// (group, columns, output channels within the group): column blocks of up to 256, more
+    /// and smaller (down to 64) when there are few, and the channels split when still short.
+    fn forward_tasks(&self) -> Vec<(usize, Range<usize>, Range<usize>)> {
+        let (groups, target) = (self.shape.groups, self.target_tasks());
+        let mut blocks = self.columns.div_ceil(256);
+        blocks = blocks.max(target.div_ceil(groups).min(self.columns / 64));
+        let cols = split(self.columns, blocks.max(1), NR);
+        if cols.is_empty() {
+            return Vec::new();
+        }
+        let short = target.div_ceil(groups * cols.len());
+        let rows = split(
+            self.out_per_group,
+            short.min(self.out_per_group / (4 * MR)).max(1),
+            MR,
+        );
+        let mut tasks = Vec::new();
+        for group in 0..groups {
+            for c in &cols {
+                for r in &rows {
+                    tasks.push((group, c.clone(), r.clone()));
+                }
+            }
+        }
+        tasks
+    }
+
+    /// (group, q columns of dW, part, positions summed): dW's columns split in panels, and
+    /// the positions in parts when the panels are too few to share out.
+    fn weight_grad_tasks(&self) -> Vec<(usize, Range<usize>, usize, Range<usize>)> {
+        let (groups, target) = (self.shape.groups, self.target_tasks());
+        let panels = self.reduction.div_ceil(NR);
+        let qs = split(
+            self.reduction,
+            panels.min(target.div_ceil(groups)).max(1),
+            NR,
+        );
+        let parts = target
+            .div_ceil(groups * qs.len())
+            .min(self.columns.div_ceil(GRAD_CHUNK));
+        let positions = split(self.columns, parts.max(1), GRAD_CHUNK.min(self.columns));
+        let mut tasks = Vec::new();
+        for group in 0..groups {
+            for q in &qs {
+                for (part, p) in positions.iter().enumerate() {
+                    tasks.push((group, q.clone(), part, p.clone()));
+                }
+            }
+        }
+        tasks
+    }
+}
+
+/// `values[i] = src[offset + at[i]]`: one copy when the offsets run consecutively (a row of a
+/// stride-1 map, or three taps of one kernel row).
+fn gather(src: &[f32], offset: usize, at: &[usize], values: &mut [f32]) {
+    let (first, last) = (at[0], at[at.len() - 1]);
+    if last - first == at.len() - 1 {
+        values.copy_from_slice(&src[offset + first..=offset + last]);
+    } else {
+        for (value, &i) in values.iter_mut().zip(at) {
+            *value = src[offset + i];
+        }
+    }
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// `0..total` in at most `parts` non-empty ranges, each but the last a multiple of `align`.
+fn split(total: usize, parts: usize, align: usize) -> Vec<Range<usize>> {
+    if total == 0 {
+        return Vec::new();
+    }
+    let size = round_up(total.div_ceil(parts.max(1)), align.max(1));
+    (0..total)
+        .step_by(size)
+        .map(|start| start..(start + size).min(total))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Direct f64 convolution: output, input gradient and weight gradient, straight from the
+    /// definition (every output position, every tap).
+    fn reference(s: &ConvShape, x: &[f32], w: &[f32], dy: &[f32]) -> [Vec<f64>; 3] {
+        let (oh, ow) = (s.out_height(), s.out_width());
+        let (cg, kg) = (s.in_channels / s.groups, s.out_channels / s.groups);
+        let mut y = vec![0.0f64; s.output_len()];
+        let mut dx = vec![0.0f64; s.input_len()];
+        let mut dw = vec![0.0f64; s.weight_len()];
+        for n in 0..s.batch {
+            for k in 0..s.out_channels {
+                let group = k / kg;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let yi = ((n * s.out_channels + k) * oh + oy) * ow + ox;
+                        for c in 0..cg {
+                            let ci = group * cg + c;
+                            for ty in 0..s.kernel {
+                                for tx in 0..s.kernel {
+                                    let iy = (oy * s.stride + ty) as isize - s.padding as isize;
+                                    let ix = (ox * s.stride + tx) as isize - s.padding as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= s.height as isize
+                                        || ix >= s.width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi = ((n * s.in_channels + ci) * s.height + iy as usize)
+                                        * s.width
+                                        + ix as usize;
+                                    let wi = ((k * cg + c) * s.kernel + ty) * s.kernel + tx;
+                                    y[yi] += w[wi] as f64 * x[xi] as f64;
+                                    dx[xi] += w[wi] as f64 * dy[yi] as f64;
+                                    dw[wi] += x[xi] as f64 * dy[yi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [y, dx, dw]
+    }
+
+    /// Worst error relative to the reference's largest magnitude.
+    fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+        got.iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs() / scale)
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn forward_and_gradients_match_a_direct_f64_convolution() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let shapes = [
+            // RepVGG's 3x3 and 1x1 branches, stride 1 and 2, odd sizes, groups.
+            (2, 5, 9, 7, 8, 3, 1, 1, 1),
+            (3, 4, 10, 11, 6, 3, 2, 1, 1),
+            (2, 5, 9, 7, 8, 1, 1, 0, 1),
+            (2, 6, 9, 8, 6, 1, 2, 0, 1),
+            (2, 8, 6, 6, 12, 3, 1, 1, 4),
+            (1, 8, 7, 5, 8, 3, 2, 1, 2),
+            // Enough columns and channels for several tasks, reduction chunks and partial
+            // sums, with edge panels and edge rows.
+            (5, 3, 21, 19, 20, 3, 1, 1, 1),
+            (4, 40, 5, 6, 70, 3, 1, 1, 1),
+        ];
+        for (batch, cin, h, w, cout, kernel, stride, padding, groups) in shapes {
+            let s = ConvShape {
+                batch,
+                in_channels: cin,
+                height: h,
+                width: w,
+                out_channels: cout,
+                kernel,
+                stride,
+                padding,
+                groups,
+            };
+            let mut draw =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+            let (x, wt, dy) = (
+                draw(s.input_len()),
+                draw(s.weight_len()),
+                draw(s.output_len()),
+            );
+            let [y_ref, dx_ref, dw_ref] = reference(&s, &x, &wt, &dy);
+            // f32 products summed over at most a few hundred terms: a few 1e-7 of the scale.
+            for (name, got, want) in [
+                ("forward", forward(&s, &x, &wt), y_ref),
+                ("input grad", input_grad(&s, &wt, &dy), dx_ref),
+                ("weight grad", weight_grad(&s, &x, &dy), dw_ref),
+            ] {
+                let err = relative_error(&got, &want);
+                assert!(err < 1e-5, "{name} {s:?}: relative error {err:e}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_gives_empty_outputs_and_a_zero_weight_gradient() {
+        let s = ConvShape {
+            batch: 0,
+            in_channels: 4,
+            height: 5,
+            width: 5,
+            out_channels: 4,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            groups: 1,
+        };
+        let w = vec![1.0; s.weight_len()];
+        assert!(forward(&s, &[], &w).is_empty());
+        assert!(input_grad(&s, &w, &[]).is_empty());
+        assert_eq!(weight_grad(&s, &[], &[]), vec![0.0; s.weight_len()]);
+    }
+}
