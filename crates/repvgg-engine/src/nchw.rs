@@ -89,6 +89,7 @@ pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
     let padded = plan.pad(input);
     let mut y = vec![0.0f32; shape.out_channels * plan.columns];
     let out = OutPtr(y.as_mut_ptr());
+    let stride = plan.row_stride();
     plan.forward_tasks().par_iter().for_each_init(
         || PackedB::new(0, 0, |_, _| 0.0),
         |packed, (group, cols, rows)| {
@@ -112,15 +113,15 @@ pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
                     packed,
                     0..plan.reduction,
                     0..cols.len(),
-                    out.get().add(first_row * plan.columns + cols.start),
-                    plan.columns,
+                    out.get().add(plan.offset(first_row, cols.start)),
+                    stride,
                     Init::Zero,
                     false,
                 )
             }
         },
     );
-    plan.to_nchw(&y)
+    if plan.direct { y } else { plan.to_nchw(&y) }
 }
 
 /// `dL/dx` from `dL/dY`: each output gradient, times the weights, added back onto the input
@@ -129,7 +130,7 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
     let plan = Plan::new(shape);
     assert_eq!(weight.len(), shape.weight_len(), "weight length");
     assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
-    let dy = plan.channel_major(out_grad);
+    let dy = plan.arrange(out_grad);
     let (out_g, reduction) = (plan.out_per_group, plan.reduction);
     let transposed = transpose_per_group(weight, out_g, reduction);
     let mut padded_grad = vec![0.0f32; shape.batch * shape.in_channels * plan.padded_plane];
@@ -165,10 +166,10 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
             let block = round_up((65536 / rows.len()).clamp(NR, 512), NR);
             let columns = images.start * plan.pixels..images.end * plan.pixels;
             let first_channel = group * plan.in_per_group * plan.padded_plane;
-            for start in columns.clone().step_by(block) {
-                let width = block.min(columns.end - start);
+            for piece in plan.pieces(columns.clone(), block) {
+                let (start, width) = (piece.start, piece.len());
                 packed.refill_rows(out_g, width, |k, lanes, values| {
-                    let at = (group * out_g + k) * plan.columns + start + lanes.start;
+                    let at = plan.offset(group * out_g + k, start + lanes.start);
                     values.copy_from_slice(&dy[at..at + values.len()]);
                 });
                 dcol.resize(rows.len() * width, 0.0);
@@ -239,7 +240,7 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
         return grad;
     }
     let padded = plan.pad(input);
-    let dy = plan.channel_major(out_grad);
+    let dy = plan.arrange(out_grad);
     let tasks = plan.weight_grad_tasks();
     let parts = tasks.iter().map(|t| t.2 + 1).max().unwrap_or(1);
     // With the sum over positions split in parts, each part adds into its own copy.
@@ -253,8 +254,8 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
         |packed, (group, qs, part, columns)| {
             let first_channel = group * plan.in_per_group * plan.padded_plane;
             let out = outs[*part];
-            for start in columns.clone().step_by(GRAD_CHUNK) {
-                let len = GRAD_CHUNK.min(columns.end - start);
+            for piece in plan.pieces(columns.clone(), GRAD_CHUNK) {
+                let (start, len) = (piece.start, piece.len());
                 let taps = &plan.tap_offset[qs.clone()];
                 packed.refill_rows(len, qs.len(), |j, lanes, values| {
                     gather(
@@ -269,12 +270,12 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
                 } else {
                     Init::Accumulate
                 };
-                // SAFETY: dY rows hold `columns` values; every task writes its own block of
-                // its own part's copy.
+                // SAFETY: a piece lies in one image when dY is NCHW, so its rows are
+                // contiguous; every task writes its own block of its own part's copy.
                 unsafe {
                     gemm_rows(
                         out_g,
-                        |r| dy.as_ptr().add((group * out_g + r) * plan.columns + start),
+                        |r| dy.as_ptr().add(plan.offset(group * out_g + r, start)),
                         packed,
                         0..len,
                         0..qs.len(),
@@ -464,6 +465,9 @@ struct Plan {
     reduction: usize,
     pixels: usize,
     columns: usize,
+    /// Output-shaped values (Y, dY) stay NCHW, and column blocks stay inside one image; when
+    /// images are too small for that to give long blocks, they are held channel-major.
+    direct: bool,
     padded_width: usize,
     padded_plane: usize,
     /// Per column j: offset of its first tap in channel 0 of its image in the padded input.
@@ -502,11 +506,56 @@ impl Plan {
             reduction: in_per_group * s.kernel * s.kernel,
             pixels: oh * ow,
             columns: s.batch * oh * ow,
+            direct: oh * ow >= 64,
             padded_width: pw,
             padded_plane: ph * pw,
             column_base,
             tap_offset,
         }
+    }
+
+    /// Where value (output channel k, column j) of an output-shaped buffer is.
+    fn offset(&self, k: usize, j: usize) -> usize {
+        if self.direct {
+            let (n, p) = (j / self.pixels, j % self.pixels);
+            (n * self.shape.out_channels + k) * self.pixels + p
+        } else {
+            k * self.columns + j
+        }
+    }
+
+    /// The distance between consecutive output channels of a column block.
+    fn row_stride(&self) -> usize {
+        if self.direct {
+            self.pixels
+        } else {
+            self.columns
+        }
+    }
+
+    /// An NCHW output-shaped input (dY) in this plan's layout.
+    fn arrange<'a>(&self, nchw: &'a [f32]) -> Cow<'a, [f32]> {
+        if self.direct {
+            Cow::Borrowed(nchw)
+        } else {
+            Cow::Owned(self.channel_major(nchw))
+        }
+    }
+
+    /// `columns` in consecutive pieces of at most `max`, none crossing an image boundary when
+    /// the layout is NCHW.
+    fn pieces(&self, columns: Range<usize>, max: usize) -> Vec<Range<usize>> {
+        let mut pieces = Vec::new();
+        let mut start = columns.start;
+        while start < columns.end {
+            let mut end = (start + max).min(columns.end);
+            if self.direct {
+                end = end.min((start / self.pixels + 1) * self.pixels);
+            }
+            pieces.push(start..end);
+            start = end;
+        }
+        pieces
     }
 
     fn target_tasks(&self) -> usize {
@@ -590,9 +639,24 @@ impl Plan {
     /// and smaller (down to 64) when there are few, and the channels split when still short.
     fn forward_tasks(&self) -> Vec<(usize, Range<usize>, Range<usize>)> {
         let (groups, target) = (self.shape.groups, self.target_tasks());
-        let mut blocks = self.columns.div_ceil(256);
-        blocks = blocks.max(target.div_ceil(groups).min(self.columns / 64));
-        let cols = split(self.columns, blocks.max(1), NR);
+        let cols = if self.direct {
+            // Per image, pieces of up to 256 columns, more (down to 64) if they are few.
+            let per_image = self.pixels.div_ceil(256).max(
+                target
+                    .div_ceil(groups * self.shape.batch)
+                    .min(self.pixels / 64),
+            );
+            let piece = round_up(self.pixels.div_ceil(per_image), NR);
+            (0..self.shape.batch)
+                .flat_map(|n| self.pieces(n * self.pixels..(n + 1) * self.pixels, piece))
+                .collect::<Vec<_>>()
+        } else {
+            let blocks = self
+                .columns
+                .div_ceil(256)
+                .max(target.div_ceil(groups).min(self.columns / 64));
+            split(self.columns, blocks.max(1), NR)
+        };
         if cols.is_empty() {
             return Vec::new();
         }
@@ -743,6 +807,10 @@ mod tests {
             // sums, with edge panels and edge rows.
             (5, 3, 21, 19, 20, 3, 1, 1, 1),
             (4, 40, 5, 6, 70, 3, 1, 1, 1),
+            // Maps of 64 pixels and more keep Y and dY in NCHW (blocks within an image).
+            (2, 8, 20, 18, 8, 3, 2, 1, 2),
+            (2, 6, 12, 12, 10, 1, 1, 0, 1),
+            (3, 4, 8, 8, 4, 3, 1, 1, 1),
         ];
         for (batch, cin, h, w, cout, kernel, stride, padding, groups) in shapes {
             let s = ConvShape {
