@@ -130,6 +130,36 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
     let plan = Plan::new(shape);
     assert_eq!(weight.len(), shape.weight_len(), "weight length");
     assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
+    if shape.stride == 1 && shape.padding < shape.kernel {
+        // A stride-1 convolution's input gradient is itself a convolution: of dY, by the
+        // kernel flipped and with its channel axes swapped, padded by k - 1 - p. That runs as
+        // a forward pass, with no scatter.
+        let k = shape.kernel;
+        let (in_g, out_g) = (plan.in_per_group, plan.out_per_group);
+        let taps = k * k;
+        let mut flipped = vec![0.0f32; weight.len()];
+        flipped
+            .par_chunks_mut(out_g * taps)
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (group, i) = (row / in_g, row % in_g);
+                for (o, dst) in dst.chunks_exact_mut(taps).enumerate() {
+                    let src = &weight[((group * out_g + o) * in_g + i) * taps..][..taps];
+                    dst.iter_mut()
+                        .zip(src.iter().rev())
+                        .for_each(|(d, &s)| *d = s);
+                }
+            });
+        let transposed_shape = ConvShape {
+            in_channels: shape.out_channels,
+            out_channels: shape.in_channels,
+            height: shape.out_height(),
+            width: shape.out_width(),
+            padding: k - 1 - shape.padding,
+            ..*shape
+        };
+        return forward(&transposed_shape, out_grad, &flipped);
+    }
     let dy = plan.arrange(out_grad);
     let (out_g, reduction) = (plan.out_per_group, plan.reduction);
     let transposed = transpose_per_group(weight, out_g, reduction);
@@ -213,18 +243,22 @@ fn transpose_per_group(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     if rows * cols == 0 {
         return out;
     }
+    // Tasks take TILE output rows (input columns) of one group.
     out.par_chunks_mut(rows * cols)
         .zip(m.par_chunks(rows * cols))
-        .for_each(|(dst, src)| {
-            for r0 in (0..rows).step_by(TILE) {
-                for c0 in (0..cols).step_by(TILE) {
-                    for r in r0..(r0 + TILE).min(rows) {
-                        for c in c0..(c0 + TILE).min(cols) {
-                            dst[c * rows + r] = src[r * cols + c];
+        .for_each(|(out, src)| {
+            out.par_chunks_mut(TILE * rows)
+                .enumerate()
+                .for_each(|(task, dst)| {
+                    let (c0, width) = (task * TILE, dst.len() / rows);
+                    for r0 in (0..rows).step_by(TILE) {
+                        for c in 0..width {
+                            for r in r0..(r0 + TILE).min(rows) {
+                                dst[c * rows + r] = src[r * cols + c0 + c];
+                            }
                         }
                     }
-                }
-            }
+                });
         });
     out
 }
@@ -272,18 +306,26 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
                 };
                 // SAFETY: a piece lies in one image when dY is NCHW, so its rows are
                 // contiguous; every task writes its own block of its own part's copy.
-                unsafe {
-                    gemm_rows(
-                        out_g,
-                        |r| dy.as_ptr().add(plan.offset(group * out_g + r, start)),
-                        packed,
-                        0..len,
-                        0..qs.len(),
-                        out.get().add(group * out_g * reduction + qs.start),
-                        reduction,
-                        init,
-                        false,
-                    )
+                // In blocks of rows whose slice of dY stays in L2 while it meets every panel.
+                let block = round_up((32768 / len).max(MR), MR);
+                for rows in split(out_g, out_g.div_ceil(block), MR) {
+                    unsafe {
+                        gemm_rows(
+                            rows.len(),
+                            |r| {
+                                dy.as_ptr()
+                                    .add(plan.offset(group * out_g + rows.start + r, start))
+                            },
+                            packed,
+                            0..len,
+                            0..qs.len(),
+                            out.get()
+                                .add((group * out_g + rows.start) * reduction + qs.start),
+                            reduction,
+                            init,
+                            false,
+                        )
+                    }
                 }
             }
         },
