@@ -7,11 +7,18 @@
 #   FORMS=deploy ARCH=B1g4 bench/compare.sh          # the deployed form only
 #   ROUNDS=3 bench/compare.sh    # every case 3 times, interleaved; the table keeps each side's
 #                                # best, which discounts bursts of load from other tenants
+#   STEP=1 bench/compare.sh      # a training step instead (multi-branch form, forward, backward,
+#                                # SGD), A0 at 64x64, batch 32 unless SIZE / BATCHES say otherwise
 #
 # VENV (default .venv-bench) is created from bench/requirements.txt when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${ARCH:-A0}
+STEP=${STEP:-0}
+if [ "$STEP" = 1 ]; then
+  SIZE=${SIZE:-64}
+  BATCHES=${BATCHES:-32}
+fi
 SIZE=${SIZE:-224}
 THREADS=${THREADS:-2}
 BATCHES=${BATCHES:-1,8}
@@ -30,6 +37,17 @@ out=$(mktemp -d)
 echo "rounds: $ROUNDS, machine: $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)" >&2
 common=(--arch "$ARCH" --size "$SIZE" --threads "$THREADS" --iters "$ITERS" --json)
 for round in $(seq "$ROUNDS"); do
+if [ "$STEP" = 1 ]; then
+  for batch in ${BATCHES//,/ }; do
+    target/release/repvgg bench "${common[@]}" --train --batch "$batch" >>"$out/rust.jsonl"
+    for policy in PASSIVE default; do
+      if [ "$policy" = default ]; then run=(env -u OMP_WAIT_POLICY); else run=(env OMP_WAIT_POLICY=PASSIVE); fi
+      "${run[@]}" "$VENV/bin/python" bench/reference.py "${common[@]}" --train --batch "$batch" \
+        >>"$out/reference.jsonl"
+    done
+  done
+  continue
+fi
 for form in ${FORMS//,/ }; do
   for batch in ${BATCHES//,/ }; do
     target/release/repvgg bench "${common[@]}" --form "$form" --batch "$batch" >>"$out/rust.jsonl"

@@ -407,7 +407,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     train_and_finish(config, &data, &args.out, options, args.json)
 }
 
-pub const DEMO_EPOCHS: usize = 8;
+pub const DEMO_EPOCHS: usize = 15;
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     crate::check_bn_eps(args.bn_eps)?;
