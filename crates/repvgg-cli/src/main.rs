@@ -127,6 +127,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe (`repvgg bench --json | head -1`) ends the program quietly, as it does
+    // other command-line tools, rather than as a panic in `println!`.
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
