@@ -337,6 +337,58 @@ mod avx2 {
 
     use super::{MR, NR, Start};
 
+    /// `H` rows of 16 accumulators' start: zero, the bias, or C's current values. (Inlined
+    /// into the `avx2` kernels, so it compiles with their features.)
+    #[inline(always)]
+    unsafe fn start_rows<const H: usize>(
+        start: Start,
+        c: *const f32,
+        ldc: usize,
+    ) -> [[__m256; 2]; H] {
+        // Plain loops: a closure here (`array::from_fn`) need not inline, and outside the
+        // kernel's `target_feature` the intrinsics become calls.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; H];
+            match start {
+                Start::Zero => {}
+                Start::Bias(bias) => {
+                    acc = [[_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8))]; H];
+                }
+                Start::Accumulate => {
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        *row = [
+                            _mm256_loadu_ps(c.add(i * ldc)),
+                            _mm256_loadu_ps(c.add(i * ldc + 8)),
+                        ];
+                    }
+                }
+            }
+            acc
+        }
+    }
+
+    /// ReLU if asked, then `H` rows of 16 into C.
+    #[inline(always)]
+    unsafe fn store_rows<const H: usize>(
+        acc: &[[__m256; 2]; H],
+        c: *mut f32,
+        ldc: usize,
+        relu: bool,
+    ) {
+        unsafe {
+            let zero = _mm256_setzero_ps();
+            for (i, row) in acc.iter().enumerate() {
+                let (mut lo, mut hi) = (row[0], row[1]);
+                if relu {
+                    lo = _mm256_max_ps(lo, zero);
+                    hi = _mm256_max_ps(hi, zero);
+                }
+                _mm256_storeu_ps(c.add(i * ldc), lo);
+                _mm256_storeu_ps(c.add(i * ldc + 8), hi);
+            }
+        }
+    }
+
     /// Twelve accumulators (6 rows x 2 vectors), two B vectors and one broadcast: 15 of the
     /// 16 AVX registers.
     #[target_feature(enable = "avx2,fma")]
@@ -350,22 +402,7 @@ mod avx2 {
         relu: bool,
     ) {
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-            match start {
-                Start::Zero => {}
-                Start::Bias(bias) => {
-                    let (lo, hi) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
-                    acc = [[lo, hi]; MR];
-                }
-                Start::Accumulate => {
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        *row = [
-                            _mm256_loadu_ps(c.add(i * ldc)),
-                            _mm256_loadu_ps(c.add(i * ldc + 8)),
-                        ];
-                    }
-                }
-            }
+            let mut acc = start_rows::<MR>(start, c, ldc);
             let [a0, a1, a2, a3, a4, a5] = *a;
             let mut b = b;
             for p in 0..k {
@@ -386,16 +423,7 @@ mod avx2 {
                 row!(5, a5);
                 b = b.add(NR);
             }
-            let zero = _mm256_setzero_ps();
-            for (i, row) in acc.iter().enumerate() {
-                let (mut lo, mut hi) = (row[0], row[1]);
-                if relu {
-                    lo = _mm256_max_ps(lo, zero);
-                    hi = _mm256_max_ps(hi, zero);
-                }
-                _mm256_storeu_ps(c.add(i * ldc), lo);
-                _mm256_storeu_ps(c.add(i * ldc + 8), hi);
-            }
+            store_rows(&acc, c, ldc, relu);
         }
     }
 
@@ -412,22 +440,7 @@ mod avx2 {
         relu: bool,
     ) {
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); 2]; H];
-            match start {
-                Start::Zero => {}
-                Start::Bias(bias) => {
-                    let (lo, hi) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
-                    acc = [[lo, hi]; H];
-                }
-                Start::Accumulate => {
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        *row = [
-                            _mm256_loadu_ps(c.add(i * ldc)),
-                            _mm256_loadu_ps(c.add(i * ldc + 8)),
-                        ];
-                    }
-                }
-            }
+            let mut acc = start_rows::<H>(start, c, ldc);
             let mut b = b;
             for p in 0..k {
                 let lo = _mm256_loadu_ps(b);
@@ -439,16 +452,7 @@ mod avx2 {
                 }
                 b = b.add(NR);
             }
-            let zero = _mm256_setzero_ps();
-            for (i, row) in acc.iter().enumerate() {
-                let (mut lo, mut hi) = (row[0], row[1]);
-                if relu {
-                    lo = _mm256_max_ps(lo, zero);
-                    hi = _mm256_max_ps(hi, zero);
-                }
-                _mm256_storeu_ps(c.add(i * ldc), lo);
-                _mm256_storeu_ps(c.add(i * ldc + 8), hi);
-            }
+            store_rows(&acc, c, ldc, relu);
         }
     }
 }
