@@ -531,7 +531,8 @@ impl ConvLayer {
             // tiles than that (batch 1, small maps), split the output channels instead, so
             // that the transformed filters are still read once; each split repeats the
             // (cheap) input transform.
-            let per_task = winograd::tiles_per_task(tile, self.in_channels / self.groups, cout_g);
+            let per_task =
+                winograd::tiles_per_task(tile, self.in_channels / self.groups, cout_g, threads > 1);
             let chunks = tiles.div_ceil(per_task);
             let (chunks, col_splits) = if chunks * self.groups >= threads {
                 (chunks.div_ceil(threads) * threads, 1)
