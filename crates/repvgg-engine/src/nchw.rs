@@ -1,20 +1,22 @@
 //! Convolutions over NCHW batches and their two gradients, on the engine's GEMM kernel: the
 //! training form's 3x3 and 1x1 convolutions (without bias, since a batch norm follows each),
-//! which `repvgg-burn` runs as a custom burn operation because burn's CPU convolution and its
-//! backward pass are several times slower.
+//! and batch norm with batch statistics, which `repvgg-burn` runs as custom burn operations
+//! because burn's CPU versions (and their backward passes) are several times slower.
 //!
-//! Per group, all three are one matrix product over the batch-wide column index
-//! j = (image, output pixel), with q = (input channel, tap) in PyTorch's weight order:
+//! Per group, all three convolution passes are one matrix product over the batch-wide column
+//! index j = (image, output pixel), with q = (input channel, tap) in PyTorch's weight order:
 //!
 //! - forward: `Y[k][j] = sum_q W[k][q] col[q][j]`;
 //! - input gradient: `dcol[q][j] = sum_k W[k][q] dY[k][j]`, each `dcol[q][j]` then added back
-//!   onto the input pixel it was read from (col2im);
+//!   onto the input pixel it was read from (col2im); at stride 1 it is instead a forward
+//!   convolution of dY by the flipped kernel with its channel axes swapped;
 //! - weight gradient: `dW[k][q] = sum_j dY[k][j] col[q][j]`.
 //!
 //! `col[q][j]` is the zero-padded input pixel that tap q of output j reads. It is never stored
 //! whole: each task packs the slice it multiplies straight from the padded input into the
-//! kernel's panel layout. Y and dY are held channel-major (`[k][j]`) for the products, and
-//! permuted from or to NCHW once.
+//! kernel's panel layout. Y and dY stay NCHW where a map has 64 pixels or more (column blocks
+//! then stay inside one image, where a channel's pixels are contiguous); smaller maps are held
+//! channel-major (`[k][j]`) and permuted once.
 
 use std::borrow::Cow;
 use std::ops::Range;
