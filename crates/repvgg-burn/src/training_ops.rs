@@ -137,19 +137,13 @@ impl TrainingOps for Flex {
     ) -> FlexTensor {
         let shape = conv_shape(&x, &weight, stride, padding, groups);
         let y = nchw::forward(&shape, &values(&x), &values(&weight));
-        let dims = [
-            shape.batch,
-            shape.out_channels,
-            shape.out_height(),
-            shape.out_width(),
-        ];
-        FlexTensor::from_data(TensorData::new(y, dims))
+        flex_tensor(y, &shape.output_dims())
     }
 
     fn channel_stats(x: FlexTensor) -> FlexTensor {
         let [batch, channels, _, _] = x.shape().dims();
         let stats = nchw::channel_stats(&values(&x), batch, channels);
-        FlexTensor::from_data(TensorData::new(stats, [2, channels]))
+        flex_tensor(stats, &[2, channels])
     }
 
     fn batch_norm_with_stats(
@@ -168,7 +162,7 @@ impl TrainingOps for Flex {
             &values(&beta),
             eps,
         );
-        FlexTensor::from_data(TensorData::new(y, dims))
+        flex_tensor(y, &dims)
     }
 }
 
@@ -199,21 +193,12 @@ impl<C: CheckpointStrategy> TrainingOps for Autodiff<Flex, C> {
                 if let Some(node) = node_x {
                     let weight = checkpointer.retrieve_node_output::<FlexTensor>(weight_state);
                     let grad = nchw::input_grad(&shape, &values(&weight), &out_grad);
-                    let dims = [shape.batch, shape.in_channels, shape.height, shape.width];
-                    grads.register::<Flex>(
-                        node.id,
-                        FlexTensor::from_data(TensorData::new(grad, dims)),
-                    );
+                    grads.register::<Flex>(node.id, flex_tensor(grad, &shape.input_dims()));
                 }
                 if let Some(node) = node_weight {
                     let x = checkpointer.retrieve_node_output::<FlexTensor>(x_state);
                     let grad = nchw::weight_grad(&shape, &values(&x), &out_grad);
-                    let k = shape.kernel;
-                    let dims = [shape.out_channels, shape.in_channels / shape.groups, k, k];
-                    grads.register::<Flex>(
-                        node.id,
-                        FlexTensor::from_data(TensorData::new(grad, dims)),
-                    );
+                    grads.register::<Flex>(node.id, flex_tensor(grad, &shape.weight_dims()));
                 }
             }
         }
@@ -289,8 +274,7 @@ impl<C: CheckpointStrategy> TrainingOps for Autodiff<Flex, C> {
                     (node_beta, dbeta, &channels[..]),
                 ] {
                     if let Some(node) = node {
-                        let tensor = FlexTensor::from_data(TensorData::new(grad, shape.to_vec()));
-                        grads.register::<Flex>(node.id, tensor);
+                        grads.register::<Flex>(node.id, flex_tensor(grad, shape));
                     }
                 }
             }
@@ -344,6 +328,11 @@ fn conv_shape(
         padding,
         groups,
     }
+}
+
+/// A contiguous f32 flex tensor of these values and dimensions.
+fn flex_tensor(values: Vec<f32>, dims: &[usize]) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, dims.to_vec()))
 }
 
 /// A flex tensor's f32 values in row-major order (copied only when it is a strided view).

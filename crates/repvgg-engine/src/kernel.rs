@@ -16,7 +16,9 @@ pub const NR: usize = 16;
 const KC: usize = 256;
 
 /// A `k x n` matrix packed as `[panel][k][NR]`, each panel holding NR columns, the last
-/// padded with zeros.
+/// padded with zeros. The default is an empty matrix, to be filled with
+/// [`PackedB::refill_rows`].
+#[derive(Default)]
 pub struct PackedB {
     k: usize,
     n: usize,
@@ -26,28 +28,19 @@ pub struct PackedB {
 impl PackedB {
     /// Packs the matrix whose element (row, col) is `at(row, col)`.
     pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> PackedB {
-        let mut packed = PackedB {
-            k: 0,
-            n: 0,
-            data: Vec::new(),
-        };
-        packed.refill(k, n, at);
-        packed
-    }
-
-    /// Packs a new `k x n` matrix into this one's storage, so a loop that packs one slice of
-    /// its operand after another allocates once.
-    pub fn refill(&mut self, k: usize, n: usize, at: impl Fn(usize, usize) -> f32) {
-        self.refill_rows(k, n, |row, cols, lanes| {
+        let mut packed = PackedB::default();
+        packed.refill_rows(k, n, |row, cols, lanes| {
             for (lane, value) in lanes.iter_mut().enumerate() {
                 *value = at(row, cols.start + lane);
             }
         });
+        packed
     }
 
-    /// As [`PackedB::refill`], with `fill(row, cols, lanes)` writing a panel's stretch of one
-    /// row at a time (`lanes[i]` is column `cols.start + i`), so a caller whose rows are
-    /// contiguous in memory can copy them.
+    /// Packs a new `k x n` matrix into this one's storage (so a loop that packs one slice of
+    /// its operand after another allocates once), `fill(row, cols, lanes)` writing a panel's
+    /// stretch of one row at a time (`lanes[i]` is column `cols.start + i`), so a caller whose
+    /// rows are contiguous in memory can copy them.
     pub fn refill_rows(
         &mut self,
         k: usize,

@@ -70,16 +70,37 @@ impl ConvShape {
         (self.width + 2 * self.padding - self.kernel) / self.stride + 1
     }
 
+    /// `(batch, in, height, width)`.
+    pub fn input_dims(&self) -> [usize; 4] {
+        [self.batch, self.in_channels, self.height, self.width]
+    }
+
+    /// `(batch, out, out height, out width)`.
+    pub fn output_dims(&self) -> [usize; 4] {
+        [
+            self.batch,
+            self.out_channels,
+            self.out_height(),
+            self.out_width(),
+        ]
+    }
+
+    /// `(out, in / groups, k, k)`, PyTorch's layout.
+    pub fn weight_dims(&self) -> [usize; 4] {
+        let k = self.kernel;
+        [self.out_channels, self.in_channels / self.groups, k, k]
+    }
+
     pub fn input_len(&self) -> usize {
-        self.batch * self.in_channels * self.height * self.width
+        self.input_dims().iter().product()
     }
 
     pub fn output_len(&self) -> usize {
-        self.batch * self.out_channels * self.out_height() * self.out_width()
+        self.output_dims().iter().product()
     }
 
     pub fn weight_len(&self) -> usize {
-        self.out_channels * (self.in_channels / self.groups) * self.kernel * self.kernel
+        self.weight_dims().iter().product()
     }
 }
 
@@ -93,7 +114,7 @@ pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
     let out = OutPtr(y.as_mut_ptr());
     let stride = plan.row_stride();
     plan.forward_tasks().par_iter().for_each_init(
-        || PackedB::new(0, 0, |_, _| 0.0),
+        PackedB::default,
         |packed, (group, cols, rows)| {
             let first_channel = group * plan.in_per_group * plan.padded_plane;
             let bases = &plan.column_base[cols.clone()];
@@ -129,7 +150,9 @@ pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
 /// `dL/dx` from `dL/dY`: each output gradient, times the weights, added back onto the input
 /// pixels it was computed from.
 pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f32> {
-    let plan = Plan::new(shape);
+    if let Err(e) = shape.check() {
+        panic!("{e}");
+    }
     assert_eq!(weight.len(), shape.weight_len(), "weight length");
     assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
     if shape.stride == 1 && shape.padding < shape.kernel {
@@ -137,7 +160,10 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
         // kernel flipped and with its channel axes swapped, padded by k - 1 - p. That runs as
         // a forward pass, with no scatter.
         let k = shape.kernel;
-        let (in_g, out_g) = (plan.in_per_group, plan.out_per_group);
+        let (in_g, out_g) = (
+            shape.in_channels / shape.groups,
+            shape.out_channels / shape.groups,
+        );
         let taps = k * k;
         let mut flipped = vec![0.0f32; weight.len()];
         flipped
@@ -162,6 +188,7 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
         };
         return forward(&transposed_shape, out_grad, &flipped);
     }
+    let plan = Plan::new(shape);
     let dy = plan.arrange(out_grad);
     let (out_g, reduction) = (plan.out_per_group, plan.reduction);
     let transposed = transpose_per_group(weight, out_g, reduction);
@@ -191,7 +218,7 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
         }
     }
     tasks.par_iter().for_each_init(
-        || (PackedB::new(0, 0, |_, _| 0.0), Vec::new()),
+        || (PackedB::default(), Vec::new()),
         |(packed, dcol), (group, channels, images)| {
             let rows = channels.start * taps..channels.end * taps;
             // A block of dcol stays within L2.
@@ -285,9 +312,9 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
         .chain(partials.iter_mut().map(|p| OutPtr(p.as_mut_ptr())))
         .collect();
     let (out_g, reduction) = (plan.out_per_group, plan.reduction);
-    tasks.par_iter().for_each_init(
-        || PackedB::new(0, 0, |_, _| 0.0),
-        |packed, (group, qs, part, columns)| {
+    tasks
+        .par_iter()
+        .for_each_init(PackedB::default, |packed, (group, qs, part, columns)| {
             let first_channel = group * plan.in_per_group * plan.padded_plane;
             let out = outs[*part];
             for piece in plan.pieces(columns.clone(), GRAD_CHUNK) {
@@ -330,8 +357,7 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
                     }
                 }
             }
-        },
-    );
+        });
     for partial in &partials {
         grad.iter_mut().zip(partial).for_each(|(g, p)| *g += p);
     }
@@ -389,7 +415,7 @@ pub fn batch_norm(
         .enumerate()
         .for_each(|(i, (out, x))| {
             let c = i % channels;
-            let inv_std = 1.0 / (stats[channels + c] as f64 + eps).sqrt();
+            let inv_std = inv_std(stats, channels, c, eps);
             let scale = (gamma[c] as f64 * inv_std) as f32;
             let shift = (beta[c] as f64 - stats[c] as f64 * gamma[c] as f64 * inv_std) as f32;
             out.iter_mut()
@@ -421,7 +447,7 @@ pub fn batch_norm_grad(
     let sums: Vec<(f64, f64)> = (0..channels)
         .into_par_iter()
         .map(|c| {
-            let (mean, inv_std) = (stats[c], 1.0 / (stats[channels + c] as f64 + eps).sqrt());
+            let (mean, inv_std) = (stats[c], inv_std(stats, channels, c, eps));
             let (mut dy_sum, mut dy_x) = (0.0f64, 0.0f64);
             for range in planes(c) {
                 let (s, sx) = paired_sums(
@@ -441,7 +467,7 @@ pub fn batch_norm_grad(
         dx.par_chunks_mut(plane).enumerate().for_each(|(i, dx)| {
             let c = i % channels;
             let (dbeta, dgamma) = sums[c];
-            let inv_std = 1.0 / (stats[channels + c] as f64 + eps).sqrt();
+            let inv_std = inv_std(stats, channels, c, eps);
             let scale = gamma[c] as f64 * inv_std / count;
             // dx = a dy + b x + d, per channel.
             let a = (scale * count) as f32;
@@ -462,9 +488,19 @@ pub fn batch_norm_grad(
     (dx, dgamma, dbeta)
 }
 
+/// `1 / sqrt(var + eps)` of channel c, from [`channel_stats`]' `[means..., variances...]`.
+fn inv_std(stats: &[f32], channels: usize, c: usize, eps: f64) -> f64 {
+    1.0 / (stats[channels + c] as f64 + eps).sqrt()
+}
+
+/// Values per (image, channel) plane; 0 for an empty batch.
 fn plane_len(len: usize, batch: usize, channels: usize) -> usize {
+    if batch * channels == 0 {
+        assert_eq!(len, 0, "{len} values for an empty batch");
+        return 0;
+    }
     assert!(
-        batch * channels > 0 && len.is_multiple_of(batch * channels),
+        len.is_multiple_of(batch * channels),
         "{len} values do not make {batch} images of {channels} channels"
     );
     len / (batch * channels)
@@ -645,38 +681,17 @@ impl Plan {
 
     /// NCHW output-shaped values as `[channel][image, pixel]`.
     fn channel_major(&self, nchw: &[f32]) -> Vec<f32> {
-        let channels = self.shape.out_channels;
-        let mut out = vec![0.0f32; nchw.len()];
-        if self.columns == 0 {
-            return out;
-        }
-        out.par_chunks_mut(self.columns)
-            .enumerate()
-            .for_each(|(k, row)| {
-                for (n, dst) in row.chunks_exact_mut(self.pixels).enumerate() {
-                    let at = (n * channels + k) * self.pixels;
-                    dst.copy_from_slice(&nchw[at..at + self.pixels]);
-                }
-            });
-        out
+        swap_blocks(nchw, self.shape.batch, self.shape.out_channels, self.pixels)
     }
 
     /// The inverse of [`Plan::channel_major`].
     fn to_nchw(&self, channel_major: &[f32]) -> Vec<f32> {
-        let channels = self.shape.out_channels;
-        let mut out = vec![0.0f32; channel_major.len()];
-        if self.columns == 0 {
-            return out;
-        }
-        out.par_chunks_mut(channels * self.pixels)
-            .enumerate()
-            .for_each(|(n, image)| {
-                for (k, dst) in image.chunks_exact_mut(self.pixels).enumerate() {
-                    let at = k * self.columns + n * self.pixels;
-                    dst.copy_from_slice(&channel_major[at..at + self.pixels]);
-                }
-            });
-        out
+        swap_blocks(
+            channel_major,
+            self.shape.out_channels,
+            self.shape.batch,
+            self.pixels,
+        )
     }
 
     /// (group, columns, output channels within the group): column blocks of up to 256, more
@@ -745,6 +760,24 @@ impl Plan {
         }
         tasks
     }
+}
+
+/// `[outer][inner][block]` values as `[inner][outer][block]`: blocks of `block` contiguous
+/// values with their two axes swapped.
+fn swap_blocks(src: &[f32], outer: usize, inner: usize, block: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; src.len()];
+    if src.is_empty() || block == 0 {
+        return out;
+    }
+    out.par_chunks_mut(outer * block)
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (o, dst) in row.chunks_exact_mut(block).enumerate() {
+                let at = (o * inner + i) * block;
+                dst.copy_from_slice(&src[at..at + block]);
+            }
+        });
+    out
 }
 
 /// `values[i] = src[offset + at[i]]`: one copy when the offsets run consecutively (a row of a
@@ -889,7 +922,7 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_batch_gives_empty_outputs_and_a_zero_weight_gradient() {
+    fn an_empty_batch_gives_empty_outputs_and_zero_parameter_gradients() {
         let s = ConvShape {
             batch: 0,
             in_channels: 4,
@@ -905,5 +938,12 @@ mod tests {
         assert!(forward(&s, &[], &w).is_empty());
         assert!(input_grad(&s, &w, &[]).is_empty());
         assert_eq!(weight_grad(&s, &[], &[]), vec![0.0; s.weight_len()]);
+        // Batch norm over an empty batch: no outputs, zero parameter gradients.
+        let stats = channel_stats(&[], 0, 4);
+        let (gamma, beta) = (vec![1.0; 4], vec![0.0; 4]);
+        assert!(batch_norm(&[], 0, &stats, &gamma, &beta, 1e-5).is_empty());
+        let (dx, dgamma, dbeta) = batch_norm_grad(&[], 0, &stats, &gamma, 1e-5, &[]);
+        assert!(dx.is_empty());
+        assert_eq!((dgamma, dbeta), (vec![0.0; 4], vec![0.0; 4]));
     }
 }
