@@ -82,8 +82,17 @@ enum Start {
     Accumulate,
 }
 
+/// A micro-panel of B, and the stretch of B the product reads next: the kernel asks for one
+/// cache line of it per k step, so that a B streamed from memory (weights too big for the
+/// caches) arrives while the current panel is multiplied, not when it is needed.
+#[derive(Clone, Copy)]
+struct Panel {
+    b: *const f32,
+    next: *const f32,
+}
+
 type MicroKernel =
-    unsafe fn(k: usize, a: &[*const f32; MR], b: *const f32, c: *mut f32, ldc: usize, Start, bool);
+    unsafe fn(k: usize, a: &[*const f32; MR], panel: Panel, c: *mut f32, ldc: usize, Start, bool);
 
 /// The micro-kernel for full blocks, and where there are some, kernels that compute and store
 /// only the first `h` rows (index h - 1) for the last block of a product.
@@ -215,6 +224,15 @@ unsafe fn gemm_with(
             let col = panel * NR;
             let width = NR.min(cols.end - col);
             let panel_b = unsafe { b.data.as_ptr().add((panel * k + k0) * NR) };
+            // The first row block fetches the next panel (or the next reduction block's
+            // first); the later ones re-read this panel from L1.
+            let next = if panel + 1 < cols.end.div_ceil(NR) {
+                unsafe { panel_b.add(k * NR) }
+            } else if !last {
+                unsafe { b.data.as_ptr().add(((cols.start / NR) * k + k0 + kc) * NR) }
+            } else {
+                panel_b
+            };
             // A partial panel's bias is padded into a full one.
             let mut padded_bias = [0.0f32; NR];
             let start = match (first, init) {
@@ -232,6 +250,10 @@ unsafe fn gemm_with(
                 let a_rows: [*const f32; MR] =
                     std::array::from_fn(|i| unsafe { a_row(r0 + i.min(height - 1)).add(offset) });
                 let c_block = unsafe { c.add(r0 * ldc + col - cols.start) };
+                let panel_b = Panel {
+                    b: panel_b,
+                    next: if r0 == 0 { next } else { panel_b },
+                };
                 let kernel = kernels.full;
                 if height == MR && width == NR {
                     unsafe { kernel(kc, &a_rows, panel_b, c_block, ldc, start, relu && last) };
@@ -288,7 +310,7 @@ unsafe fn gemm_with(
 unsafe fn portable_kernel(
     k: usize,
     a: &[*const f32; MR],
-    b: *const f32,
+    Panel { b, .. }: Panel,
     c: *mut f32,
     ldc: usize,
     start: Start,
@@ -328,7 +350,7 @@ unsafe fn portable_kernel(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Start};
+    use super::{MR, NR, Panel, Start};
 
     /// `H` rows of 16 accumulators' start: zero, the bias, or C's current values. (Inlined
     /// into the `avx2` kernels, so it compiles with their features.)
@@ -388,7 +410,7 @@ mod avx2 {
     pub(super) unsafe fn kernel(
         k: usize,
         a: &[*const f32; MR],
-        b: *const f32,
+        Panel { b, next }: Panel,
         c: *mut f32,
         ldc: usize,
         start: Start,
@@ -399,6 +421,7 @@ mod avx2 {
             let [a0, a1, a2, a3, a4, a5] = *a;
             let mut b = b;
             for p in 0..k {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(p * NR) as *const i8);
                 let lo = _mm256_loadu_ps(b);
                 let hi = _mm256_loadu_ps(b.add(8));
                 macro_rules! row {
@@ -426,7 +449,7 @@ mod avx2 {
     pub(super) unsafe fn edge_kernel<const H: usize>(
         k: usize,
         a: &[*const f32; MR],
-        b: *const f32,
+        Panel { b, next }: Panel,
         c: *mut f32,
         ldc: usize,
         start: Start,
@@ -434,16 +457,48 @@ mod avx2 {
     ) {
         unsafe {
             let mut acc = start_rows::<H>(start, c, ldc);
-            let mut b = b;
-            for p in 0..k {
-                let lo = _mm256_loadu_ps(b);
-                let hi = _mm256_loadu_ps(b.add(8));
+            // With few rows, each accumulator's chain of FMAs, not their number, sets the
+            // pace (2H chains against a 4-cycle latency): up to three rows take even and odd
+            // k into separate accumulators, summed before the store, which doubles the chains.
+            let split = H <= 3;
+            let mut odd = [[_mm256_setzero_ps(); 2]; H];
+            let step = if split { 2 } else { 1 };
+            let mut p = 0;
+            while p + step <= k {
+                _mm_prefetch::<_MM_HINT_T0>(next.add(p * NR) as *const i8);
+                let b_at = b.add(p * NR);
+                let (lo, hi) = (_mm256_loadu_ps(b_at), _mm256_loadu_ps(b_at.add(8)));
                 for i in 0..H {
                     let x = _mm256_broadcast_ss(&*a[i].add(p));
                     acc[i][0] = _mm256_fmadd_ps(x, lo, acc[i][0]);
                     acc[i][1] = _mm256_fmadd_ps(x, hi, acc[i][1]);
                 }
-                b = b.add(NR);
+                if split {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add((p + 1) * NR) as *const i8);
+                    let b_at = b_at.add(NR);
+                    let (lo, hi) = (_mm256_loadu_ps(b_at), _mm256_loadu_ps(b_at.add(8)));
+                    for i in 0..H {
+                        let x = _mm256_broadcast_ss(&*a[i].add(p + 1));
+                        odd[i][0] = _mm256_fmadd_ps(x, lo, odd[i][0]);
+                        odd[i][1] = _mm256_fmadd_ps(x, hi, odd[i][1]);
+                    }
+                }
+                p += step;
+            }
+            if p < k {
+                let b_at = b.add(p * NR);
+                let (lo, hi) = (_mm256_loadu_ps(b_at), _mm256_loadu_ps(b_at.add(8)));
+                for i in 0..H {
+                    let x = _mm256_broadcast_ss(&*a[i].add(p));
+                    acc[i][0] = _mm256_fmadd_ps(x, lo, acc[i][0]);
+                    acc[i][1] = _mm256_fmadd_ps(x, hi, acc[i][1]);
+                }
+            }
+            if split {
+                for i in 0..H {
+                    acc[i][0] = _mm256_add_ps(acc[i][0], odd[i][0]);
+                    acc[i][1] = _mm256_add_ps(acc[i][1], odd[i][1]);
+                }
             }
             store_rows(&acc, c, ldc, relu);
         }
