@@ -23,6 +23,8 @@
 //!
 //! - Stride-1 layers take Winograd (`winograd.rs`): F(4x4, 3x3) does a 4x4 output tile in 36
 //!   products per channel pair instead of 144; F(2x2, 3x3) on small maps.
+//! - Wide stride-2 layers take F(2x2, 3x3) by phases: a 2x2 output tile in 25 products per
+//!   channel pair instead of 36, with additions only.
 //! - Other layers copy 3x3 patches into rows (im2col) and run one product per tile, or, when
 //!   the weight matrix is too big for L2, run nine per-tap products that read their rows
 //!   straight from the input (implicit GEMM), so each slice of weights is read once.
@@ -65,9 +67,9 @@ struct ConvLayer {
     dilation: usize,
     /// Per group, the `(9 * in/g) x (out/g)` weight matrix, rows ordered (ky, kx, c).
     packed: Vec<PackedB>,
-    /// Winograd-transformed filters (`[group * points + point]`) for F(2x2) and F(4x4),
+    /// Winograd-transformed filters (`[group * points + point]`) for each [`WinogradTile`],
     /// made on first use, so that only the transforms a layer's map sizes call for take memory.
-    winograd: [OnceLock<Vec<PackedB>>; 2],
+    winograd: [OnceLock<Vec<PackedB>>; 3],
     winograd_choice: Winograd,
     lowering: Lowering,
     bias: Vec<f32>,
@@ -106,23 +108,38 @@ impl Default for EngineOptions {
     }
 }
 
-/// Which Winograd transform stride-1 layers use.
+/// Which Winograd transforms the layers use. Stride-2 layers have one, F(2x2, 3x3) by phases
+/// (see [`winograd`]); stride-1 layers have F(2x2, 3x3) and F(4x4, 3x3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Winograd {
     /// im2col and a matrix product for every layer.
     Off,
-    /// F(2x2, 3x3) everywhere.
+    /// F(2x2, 3x3) on every layer.
     F2,
-    /// F(4x4, 3x3) everywhere.
+    /// F(4x4, 3x3) on stride-1 layers, F(2x2, 3x3) on stride-2 ones.
     F4,
-    /// F(4x4, 3x3) unless the map is small ([`F4_MIN_SIDE`]) or has so few tiles for the size
-    /// of its transformed filters ([`F4_MAX_FILTER_BYTES_PER_TILE`]) that reading them costs
-    /// more than the products saved (A0's 14x14 stage at batch 1); F(2x2, 3x3) there.
+    /// Stride 1: F(4x4, 3x3) unless the map is small ([`F4_MIN_SIDE`]) or has so few tiles
+    /// for the size of its transformed filters ([`F4_MAX_FILTER_BYTES_PER_TILE`]) that reading
+    /// them costs more than the products saved (A0's 14x14 stage at batch 1); F(2x2, 3x3)
+    /// there; none for layers of fewer than [`WINOGRAD_MIN_CHANNELS`] input channels per
+    /// group. Stride 2: F(2x2, 3x3) from [`STRIDE2_WINOGRAD_MIN_CHANNELS`] input channels per
+    /// group, on maps of at least [`F4_MIN_SIDE`] and with filters that pay by the same
+    /// measure as F(4x4)'s; a direct product otherwise (the RGB stem, A0's last stage with
+    /// 1280 channels on a 7x7 map).
     Auto,
 }
 
-/// The smallest map side on which [`Winograd::Auto`] takes F(4x4, 3x3).
+/// The smallest map side on which [`Winograd::Auto`] takes F(4x4, 3x3) (or, for stride 2,
+/// any Winograd transform): on smaller maps, partial tiles waste most of the savings.
 pub const F4_MIN_SIDE: usize = 8;
+/// Fewer input channels per group than this leave the transforms' 8-channel vectors, and the
+/// products' reductions, too short to gain: [`Winograd::Auto`] leaves such layers direct.
+pub const WINOGRAD_MIN_CHANNELS: usize = 8;
+/// [`Winograd::Auto`]'s bar for stride-2 layers, whose 25 transform points per 2x2 tile
+/// read and write more per product than stride 1's. Measured at batch 4 on one thread: 1-18%
+/// faster from 64 input channels up (B0's 64, 128 and 256; A0's 96), no faster at A0's
+/// 48 -> 96 and 8% slower at its 48 -> 48.
+pub const STRIDE2_WINOGRAD_MIN_CHANNELS: usize = 64;
 /// [`Winograd::Auto`] takes F(4x4, 3x3) while its transformed filters (36 per channel pair)
 /// come to at most this many bytes per 4x4 output tile of the call.
 pub const F4_MAX_FILTER_BYTES_PER_TILE: usize = 128 << 10;
@@ -292,7 +309,7 @@ impl Engine {
                     ),
                     winograd: Default::default(),
                     lowering: options.lowering,
-                    winograd_choice: if b.stride == 1 && b.dilation == 1 {
+                    winograd_choice: if b.stride <= 2 && b.dilation == 1 {
                         options.winograd
                     } else {
                         Winograd::Off
@@ -523,8 +540,9 @@ impl ConvLayer {
         } else {
             1
         };
-        if let Some(tile) = self.winograd_tile(n, h, w) {
-            let tiles = n * h.div_ceil(tile.m()) * w.div_ceil(tile.m());
+        let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
+        if let Some(tile) = self.winograd_tile(n, oh, ow) {
+            let tiles = n * oh.div_ceil(tile.m()) * ow.div_ceil(tile.m());
             let cout_g = self.out_channels / self.groups;
             // Chunks of at most `per_task` tiles, as many as the threads (or a multiple),
             // while each keeps enough rows for the products to run at full speed. With fewer
@@ -576,11 +594,10 @@ impl ConvLayer {
                     // SAFETY: tasks own disjoint (tiles, group, columns) blocks of the output.
                     unsafe { winograd::tiles(&layer, &task) };
                 });
-                self.finish_se(output, n, h, w, parallel);
+                self.finish_se(output, n, oh, ow, parallel);
                 return;
             }
         }
-        let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
         let rows = n * oh * ow;
         let cout_g = self.out_channels / self.groups;
         let k = 9 * self.in_channels / self.groups;
@@ -650,20 +667,32 @@ impl ConvLayer {
         self.finish_se(output, n, oh, ow, parallel);
     }
 
-    fn winograd_tile(&self, n: usize, h: usize, w: usize) -> Option<WinogradTile> {
-        let f4_tiles = n * h.div_ceil(4) * w.div_ceil(4);
-        let f4_filter_bytes = 36 * self.in_channels * self.out_channels / self.groups * 4;
-        match self.winograd_choice {
-            Winograd::Off => None,
-            Winograd::F2 => Some(WinogradTile::F2),
-            Winograd::F4 => Some(WinogradTile::F4),
-            Winograd::Auto
-                if h.min(w) >= F4_MIN_SIDE
-                    && f4_filter_bytes <= F4_MAX_FILTER_BYTES_PER_TILE * f4_tiles =>
+    /// The transform for a call with `n` images and an `oh x ow` output map, if any.
+    fn winograd_tile(&self, n: usize, oh: usize, ow: usize) -> Option<WinogradTile> {
+        // Whether `tile`'s transformed filters are small enough for the call's tiles.
+        let filters_pay = |tile: WinogradTile| {
+            let tiles = n * oh.div_ceil(tile.m()) * ow.div_ceil(tile.m());
+            let bytes = tile.points() * self.in_channels * self.out_channels / self.groups * 4;
+            bytes <= F4_MAX_FILTER_BYTES_PER_TILE * tiles
+        };
+        let wide = self.in_channels / self.groups >= WINOGRAD_MIN_CHANNELS;
+        let big = oh.min(ow) >= F4_MIN_SIDE;
+        match (self.stride, self.winograd_choice) {
+            (_, Winograd::Off) => None,
+            (1, Winograd::F2) => Some(WinogradTile::F2),
+            (1, Winograd::F4) => Some(WinogradTile::F4),
+            (1, Winograd::Auto) if !wide => None,
+            (1, Winograd::Auto) if big && filters_pay(WinogradTile::F4) => Some(WinogradTile::F4),
+            (1, Winograd::Auto) => Some(WinogradTile::F2),
+            (2, Winograd::F2 | Winograd::F4) => Some(WinogradTile::Stride2F2),
+            (2, Winograd::Auto)
+                if self.in_channels / self.groups >= STRIDE2_WINOGRAD_MIN_CHANNELS
+                    && big
+                    && filters_pay(WinogradTile::Stride2F2) =>
             {
-                Some(WinogradTile::F4)
+                Some(WinogradTile::Stride2F2)
             }
-            Winograd::Auto => Some(WinogradTile::F2),
+            _ => None,
         }
     }
 
@@ -707,13 +736,31 @@ impl ConvLayer {
         }
     }
 
-    /// Where output position `pos` (over the whole batch) starts reading: its image's first
-    /// input row, and the row and column of its top-left tap (negative in the padding).
-    fn origin(&self, task: &RowTask<'_>, pos: usize) -> (usize, isize, isize) {
+    /// Where each of the task's output positions starts reading: its image's first input row,
+    /// and the row and column of its top-left tap (negative in the padding). Stepped along
+    /// the rows rather than divided out per position: for the RGB stem, whose positions have
+    /// only 27 products each, three divisions per position were a sizeable share.
+    fn origins<'t>(
+        &self,
+        task: &'t RowTask<'_>,
+    ) -> impl Iterator<Item = (usize, isize, isize)> + 't {
         let (oh, ow) = (task.oh, task.ow);
-        let (image, y, x) = (pos / (oh * ow), (pos / ow) % oh, pos % ow);
+        let first = task.first;
+        let (mut image, mut y, mut x) = (first / (oh * ow), (first / ow) % oh, first % ow);
         let (s, d) = (self.stride, self.dilation as isize);
-        (image * task.h, (y * s) as isize - d, (x * s) as isize - d)
+        (0..task.count).map(move |_| {
+            let origin = (image * task.h, (y * s) as isize - d, (x * s) as isize - d);
+            x += 1;
+            if x == ow {
+                x = 0;
+                y += 1;
+                if y == oh {
+                    y = 0;
+                    image += 1;
+                }
+            }
+            origin
+        })
     }
 
     /// Offset in the input of the task's group's channels at tap (ky, kx) of an output
@@ -745,7 +792,7 @@ impl ConvLayer {
         ORIGINS.with(|origins| {
             let mut origins = origins.borrow_mut();
             origins.clear();
-            origins.extend((task.first..task.first + task.count).map(|pos| self.origin(task, pos)));
+            origins.extend(self.origins(task));
             for tap in 0..9 {
                 let a_row = |r: usize| match self.tap_offset(task, origins[r], tap / 3, tap % 3) {
                     // SAFETY: a tap inside the map has cin_g values of this group.
@@ -789,8 +836,7 @@ impl ConvLayer {
             }
             let patches = &mut patches[..count * k];
             // im2col: row r holds the 3x3 patch of output position first + r, tap-major.
-            for (r, row) in patches.chunks_exact_mut(k).enumerate() {
-                let origin = self.origin(task, task.first + r);
+            for (row, origin) in patches.chunks_exact_mut(k).zip(self.origins(task)) {
                 for ky in 0..3 {
                     // Without groups or dilation, a row of three taps inside the map is one
                     // contiguous run of the NHWC input: one copy instead of three.

@@ -27,9 +27,9 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
         let (shape, input) = &reference["input"];
         let input: Vec<f32> = input.iter().map(|&v| v as f32).collect();
         let [n, _, h, w] = shape[..] else { panic!() };
-        // One thread makes every stride-1 layer take the Winograd path (with more threads,
-        // small maps fall back to a direct path to split output channels); every path must
-        // be exact.
+        // With F4 or F2 asked for, every layer takes a Winograd path: F(4x4) or F(2x2) at
+        // stride 1, F(2x2) by phases at stride 2 (groups, SE and non-square maps included);
+        // every path must be exact.
         let pool = |n| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
