@@ -53,7 +53,7 @@ const MIN_COL_TILE: usize = 64;
 /// Weight matrices larger than this (floats; 1 MiB) take the implicit-GEMM path.
 const IMPLICIT_MIN_WEIGHTS: usize = 1 << 18;
 /// Output positions per implicit-GEMM task.
-const IMPLICIT_ROW_TILE: usize = 192;
+const IMPLICIT_ROW_TILE: usize = 256;
 /// Weights per implicit-GEMM task's column slice (floats; 256 KiB).
 const IMPLICIT_SLICE: usize = 1 << 16;
 
@@ -614,7 +614,10 @@ impl ConvLayer {
         } else {
             ROW_TILE
         };
+        // Even tiles: A0's last layer at batch 4 has 196 rows, which were one tile of 192 and
+        // one of 4, the second reading a whole weight slice for 4 rows.
         let row_tiles = rows.div_ceil(row_tile);
+        let row_tile = rows.div_ceil(row_tiles.max(1)).max(1);
         // Few rows (late layers, batch 1): split the output channels too.
         // Enough tasks that uneven ones even out across threads (a 5-task layer on 2 threads
         // idles one of them 40% of the time).
