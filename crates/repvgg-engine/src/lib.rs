@@ -838,8 +838,33 @@ impl ConvLayer {
                 patches.resize(count * k, 0.0);
             }
             let patches = &mut patches[..count * k];
+            // Without groups or dilation, the three taps of a patch row inside the map are one
+            // contiguous run of the NHWC input.
+            let runs = self.groups == 1 && self.dilation == 1;
+            let (h, w) = (task.h as isize, task.w as isize);
+            let (input, run) = (task.input, 3 * cin);
             // im2col: row r holds the 3x3 patch of output position first + r, tap-major.
             for (row, origin) in patches.chunks_exact_mut(k).zip(self.origins(task)) {
+                let (row0, y, x) = origin;
+                if runs && y >= 0 && x >= 0 && y + 2 < h && x + 2 < w {
+                    // The whole patch inside the map: three copies, no per-tap checks.
+                    let at = ((row0 + y as usize) * task.w + x as usize) * cin;
+                    let line = task.w * cin;
+                    if cin == 3 {
+                        // The RGB stem: fixed-size moves, not a `memcpy` call per run.
+                        for ky in 0..3 {
+                            let src: &[f32; 9] =
+                                input[at + ky * line..][..9].try_into().expect("9 values");
+                            row[ky * 9..ky * 9 + 9].copy_from_slice(src);
+                        }
+                    } else {
+                        for ky in 0..3 {
+                            row[ky * run..(ky + 1) * run]
+                                .copy_from_slice(&input[at + ky * line..][..run]);
+                        }
+                    }
+                    continue;
+                }
                 for ky in 0..3 {
                     // Without groups or dilation, a row of three taps inside the map is one
                     // contiguous run of the NHWC input: one copy instead of three.
@@ -941,10 +966,14 @@ fn nchw_to_nhwc(input: &[f32], n: usize, c: usize, h: usize, w: usize, out: &mut
     if out.len() < n * c * h * w {
         out.resize(n * c * h * w, 0.0);
     }
-    for image in 0..n {
-        for ch in 0..c {
-            for p in 0..h * w {
-                out[(image * h * w + p) * c + ch] = input[(image * c + ch) * h * w + p];
+    // Pixel by pixel, so that the output is written once, in order (channel by channel, an
+    // RGB image's output was rewritten three times, at a stride of three values).
+    let plane = h * w;
+    for (image, pixels) in out[..n * c * plane].chunks_exact_mut(c * plane).enumerate() {
+        let planes = &input[image * c * plane..(image + 1) * c * plane];
+        for (p, pixel) in pixels.chunks_exact_mut(c).enumerate() {
+            for (ch, value) in pixel.iter_mut().enumerate() {
+                *value = planes[ch * plane + p];
             }
         }
     }
