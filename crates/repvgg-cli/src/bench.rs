@@ -187,7 +187,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         let mut ws = Workspace::default();
                         let input = input.clone();
                         Box::new(move || {
-                            std::hint::black_box(engine.forward(&input, batch, h, w, &mut ws));
+                            std::hint::black_box(engine.infer(&input, batch, h, w, &mut ws));
                         })
                     }
                     Form::Train => {

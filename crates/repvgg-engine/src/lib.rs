@@ -198,11 +198,14 @@ pub struct StageFeatures {
     pub data: Vec<f32>,
 }
 
-/// Activation buffers reused across calls, so that steady-state inference does not allocate.
+/// Buffers reused across calls (activations, pooled features, logits), so that steady-state
+/// inference through [`Engine::infer`] does not allocate.
 #[derive(Default)]
 pub struct Workspace {
     a: Vec<f32>,
     b: Vec<f32>,
+    pooled: Vec<f32>,
+    logits: Vec<f32>,
 }
 
 thread_local! {
@@ -339,7 +342,7 @@ impl Engine {
         &self.spec
     }
 
-    /// Logits `(n, classes)` for an NCHW batch.
+    /// Logits `(n, classes)` for an NCHW batch (a headless model's pooled features).
     pub fn forward(
         &self,
         input: &[f32],
@@ -348,6 +351,19 @@ impl Engine {
         w: usize,
         ws: &mut Workspace,
     ) -> Vec<f32> {
+        self.infer(input, n, h, w, ws).to_vec()
+    }
+
+    /// As [`Engine::forward`], with the logits left in the workspace: once a workspace has
+    /// served a batch of this shape, the call allocates nothing (the `no_alloc` test).
+    pub fn infer<'w>(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        ws: &'w mut Workspace,
+    ) -> &'w [f32] {
         let threads = rayon::current_num_threads();
         let by_image = match self.options.mode {
             Mode::Latency => false,
@@ -355,31 +371,42 @@ impl Engine {
             Mode::Auto => threads > 1 && n >= threads,
         };
         if !by_image {
-            return self.forward_with(input, n, h, w, ws, |_, _, _, _| {});
+            return self.run(input, n, h, w, ws, true, &mut |_, _, _, _| {});
         }
         // Throughput mode: each thread runs whole images through every layer, with no
-        // synchronisation between layers.
+        // synchronisation between layers, and writes their logits into its share of ours.
         let image = self.spec.in_channels * h * w;
         assert_eq!(input.len(), n * image, "input size");
         let per_thread = n.div_ceil(threads);
-        let parts: Vec<Vec<f32>> = input
+        let width = self.output_width();
+        ws.logits.resize(n * width, 0.0);
+        input
             .par_chunks(per_thread * image)
-            .map(|part| {
-                THREAD_WORKSPACE.with(|ws| {
-                    let mut ws = ws.borrow_mut();
-                    self.run(
+            .zip(ws.logits.par_chunks_mut(per_thread * width))
+            .for_each(|(part, logits)| {
+                THREAD_WORKSPACE.with(|tws| {
+                    let mut tws = tws.borrow_mut();
+                    let images = part.len() / image;
+                    logits.copy_from_slice(self.run(
                         part,
-                        part.len() / image,
+                        images,
                         h,
                         w,
-                        &mut ws,
+                        &mut tws,
                         false,
                         &mut |_, _, _, _| {},
-                    )
+                    ));
                 })
-            })
-            .collect();
-        parts.concat()
+            });
+        &ws.logits
+    }
+
+    /// Values per image of the output: classes, or a headless model's feature width.
+    fn output_width(&self) -> usize {
+        match self.head_weight {
+            Some(_) => self.spec.num_classes,
+            None => self.spec.feature_width(),
+        }
     }
 
     /// The feature maps at the end of stages `out_indices` (0..=4), NCHW, for use as a
@@ -421,20 +448,20 @@ impl Engine {
         ws: &mut Workspace,
         mut tap: impl FnMut(usize, usize, usize, &[f32]),
     ) -> Vec<f32> {
-        self.run(input, n, h, w, ws, true, &mut tap)
+        self.run(input, n, h, w, ws, true, &mut tap).to_vec()
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
+    fn run<'w>(
         &self,
         input: &[f32],
         n: usize,
         h: usize,
         w: usize,
-        ws: &mut Workspace,
+        ws: &'w mut Workspace,
         parallel: bool,
         tap: &mut Tap<'_>,
-    ) -> Vec<f32> {
+    ) -> &'w [f32] {
         let c = self.spec.in_channels;
         assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
         assert_eq!(
@@ -458,7 +485,10 @@ impl Engine {
             (h, w, len) = (oh, ow, out_len);
             tap(i, h, w, &ws.a[..len]);
         }
-        self.head(&ws.a[..len], n, h * w)
+        let Workspace {
+            a, pooled, logits, ..
+        } = ws;
+        self.head(&a[..len], n, h * w, pooled, logits)
     }
 
     /// Seconds spent in each block for one forward (after a warm-up call), with the block's
@@ -493,18 +523,29 @@ impl Engine {
         timings
     }
 
-    /// Logits, or for a headless model (0 classes) the pooled features `(n, channels)`.
-    fn head(&self, features: &[f32], n: usize, positions: usize) -> Vec<f32> {
+    /// Logits, or for a headless model (0 classes) the pooled features `(n, channels)`, in
+    /// the buffers given.
+    fn head<'w>(
+        &self,
+        features: &[f32],
+        n: usize,
+        positions: usize,
+        pooled: &'w mut Vec<f32>,
+        logits: &'w mut Vec<f32>,
+    ) -> &'w [f32] {
         let c = self.spec.feature_width();
-        let mut pooled = Vec::with_capacity(n * c);
-        for image in features.chunks_exact(positions * c) {
-            pooled.extend(channel_means(image, c));
+        pooled.resize(n * c, 0.0);
+        for (image, means) in features
+            .chunks_exact(positions * c)
+            .zip(pooled.chunks_exact_mut(c))
+        {
+            channel_means_into(image, means);
         }
         let Some(weight) = &self.head_weight else {
             return pooled;
         };
         let classes = self.spec.num_classes;
-        let mut logits = vec![0.0; n * classes];
+        logits.resize(n * classes, 0.0);
         // SAFETY: `pooled` is (n, c) and `logits` (n, classes).
         unsafe {
             kernel::gemm(
@@ -917,7 +958,8 @@ impl SqueezeExcite {
     fn apply(&self, image: &mut [f32], c: usize) {
         SE_SCRATCH.with(|scratch| {
             let (pooled, hidden, gate) = &mut *scratch.borrow_mut();
-            channel_means_into(image, c, pooled);
+            pooled.resize(c, 0.0);
+            channel_means_into(image, pooled);
             hidden.clear();
             hidden.extend((0..self.hidden).map(|j| {
                 (self.down_bias[j] + dot(&self.down[j * c..(j + 1) * c], pooled)).max(0.0)
@@ -993,21 +1035,15 @@ pub fn nhwc_to_nchw(data: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
     out
 }
 
-fn channel_means(image: &[f32], c: usize) -> Vec<f32> {
-    let mut means = Vec::with_capacity(c);
-    channel_means_into(image, c, &mut means);
-    means
-}
-
-/// Per-channel means of one NHWC image, into a reused buffer.
-fn channel_means_into(image: &[f32], c: usize, sums: &mut Vec<f32>) {
+/// Per-channel means of one NHWC image, into `means` (one per channel).
+fn channel_means_into(image: &[f32], means: &mut [f32]) {
+    let c = means.len();
     let positions = image.len() / c;
-    sums.clear();
-    sums.resize(c, 0.0);
+    means.fill(0.0);
     for pixel in image.chunks_exact(c) {
-        sums.iter_mut().zip(pixel).for_each(|(s, v)| *s += v);
+        means.iter_mut().zip(pixel).for_each(|(s, v)| *s += v);
     }
-    sums.iter_mut().for_each(|s| *s /= positions as f32);
+    means.iter_mut().for_each(|s| *s /= positions as f32);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

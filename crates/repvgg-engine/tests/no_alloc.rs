@@ -1,0 +1,95 @@
+//! Steady-state inference allocates nothing: once a workspace (and each pool thread's
+//! scratch) has served a batch of a given shape, [`Engine::infer`] makes no heap allocation,
+//! on every path (Winograd F(4x4), F(2x2) and stride-2, im2col, implicit GEMM, SE, groups),
+//! in latency and throughput mode. The allocator below counts every allocation in the
+//! process, so this file holds one test: a second one running alongside would be counted.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use repvgg_checkpoint::Checkpoint;
+use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
+use repvgg_engine::{Engine, EngineOptions, Lowering, Mode, Winograd, Workspace};
+use repvgg_testing::fixture;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn steady_state_inference_does_not_allocate() {
+    let pools: Vec<_> = [1, 2]
+        .map(|threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+        })
+        .into();
+    for config in ["tiny", "tiny_g2", "tiny_se"] {
+        let ckpt = Checkpoint::load(&fixture(config, "deploy_timm.safetensors"), None).unwrap();
+        for (winograd, lowering) in [
+            (Winograd::Auto, Lowering::Auto),
+            (Winograd::F4, Lowering::Auto),
+            (Winograd::F2, Lowering::Auto),
+            (Winograd::Off, Lowering::Implicit),
+            (Winograd::Off, Lowering::Im2col),
+        ] {
+            for mode in [Mode::Latency, Mode::Auto] {
+                let options = EngineOptions {
+                    winograd,
+                    lowering,
+                    mode,
+                };
+                let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options).unwrap();
+                for pool in &pools {
+                    for n in [1, 4] {
+                        let (h, w) = (40, 36);
+                        let input: Vec<f32> = (0..n * 3 * h * w)
+                            .map(|i| (i % 23) as f32 / 23.0 - 0.5)
+                            .collect();
+                        let label = format!(
+                            "{config} {winograd:?}/{lowering:?} {mode:?} threads={} n={n}",
+                            pool.current_num_threads()
+                        );
+                        pool.install(|| {
+                            let mut ws = Workspace::default();
+                            // Warm-up: which thread runs which task varies between calls, and
+                            // each thread's scratch grows the first time it runs a bigger one.
+                            for _ in 0..8 {
+                                engine.infer(&input, n, h, w, &mut ws);
+                            }
+                            let before = ALLOCATIONS.load(Ordering::Relaxed);
+                            for _ in 0..5 {
+                                std::hint::black_box(engine.infer(&input, n, h, w, &mut ws));
+                            }
+                            let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+                            assert_eq!(allocations, 0, "{label}: {allocations} allocations");
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
