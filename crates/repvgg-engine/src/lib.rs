@@ -109,7 +109,7 @@ impl Default for EngineOptions {
 }
 
 /// Which Winograd transforms the layers use. Stride-2 layers have one, F(2x2, 3x3) by phases
-/// (see [`winograd`]); stride-1 layers have F(2x2, 3x3) and F(4x4, 3x3).
+/// (see `winograd.rs`); stride-1 layers have F(2x2, 3x3) and F(4x4, 3x3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Winograd {
     /// im2col and a matrix product for every layer.
