@@ -88,6 +88,8 @@ enum Start {
 #[derive(Clone, Copy)]
 struct Panel {
     b: *const f32,
+    /// Only prefetched, never read: its k steps may run past the end of B (a shorter last
+    /// reduction block), so the kernels offset it with `wrapping_add`.
     next: *const f32,
 }
 
@@ -382,6 +384,25 @@ mod avx2 {
         }
     }
 
+    /// One k step for `H` rows: `acc[i] += a[i][p] * b[p]`, b[p] being one 16-wide row of a
+    /// B panel. (Inlined into the `avx2` kernels, so it compiles with their features.)
+    #[inline(always)]
+    unsafe fn fma_rows<const H: usize>(
+        acc: &mut [[__m256; 2]; H],
+        a: &[*const f32; MR],
+        b: *const f32,
+        p: usize,
+    ) {
+        unsafe {
+            let (lo, hi) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+            for (row, a) in acc.iter_mut().zip(a) {
+                let x = _mm256_broadcast_ss(&*a.add(p));
+                row[0] = _mm256_fmadd_ps(x, lo, row[0]);
+                row[1] = _mm256_fmadd_ps(x, hi, row[1]);
+            }
+        }
+    }
+
     /// ReLU if asked, then `H` rows of 16 into C.
     #[inline(always)]
     unsafe fn store_rows<const H: usize>(
@@ -421,7 +442,7 @@ mod avx2 {
             let [a0, a1, a2, a3, a4, a5] = *a;
             let mut b = b;
             for p in 0..k {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(p * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * NR) as *const i8);
                 let lo = _mm256_loadu_ps(b);
                 let hi = _mm256_loadu_ps(b.add(8));
                 macro_rules! row {
@@ -465,34 +486,16 @@ mod avx2 {
             let step = if split { 2 } else { 1 };
             let mut p = 0;
             while p + step <= k {
-                _mm_prefetch::<_MM_HINT_T0>(next.add(p * NR) as *const i8);
-                let b_at = b.add(p * NR);
-                let (lo, hi) = (_mm256_loadu_ps(b_at), _mm256_loadu_ps(b_at.add(8)));
-                for i in 0..H {
-                    let x = _mm256_broadcast_ss(&*a[i].add(p));
-                    acc[i][0] = _mm256_fmadd_ps(x, lo, acc[i][0]);
-                    acc[i][1] = _mm256_fmadd_ps(x, hi, acc[i][1]);
-                }
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * NR) as *const i8);
+                fma_rows(&mut acc, a, b.add(p * NR), p);
                 if split {
-                    _mm_prefetch::<_MM_HINT_T0>(next.add((p + 1) * NR) as *const i8);
-                    let b_at = b_at.add(NR);
-                    let (lo, hi) = (_mm256_loadu_ps(b_at), _mm256_loadu_ps(b_at.add(8)));
-                    for i in 0..H {
-                        let x = _mm256_broadcast_ss(&*a[i].add(p + 1));
-                        odd[i][0] = _mm256_fmadd_ps(x, lo, odd[i][0]);
-                        odd[i][1] = _mm256_fmadd_ps(x, hi, odd[i][1]);
-                    }
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add((p + 1) * NR) as *const i8);
+                    fma_rows(&mut odd, a, b.add((p + 1) * NR), p + 1);
                 }
                 p += step;
             }
             if p < k {
-                let b_at = b.add(p * NR);
-                let (lo, hi) = (_mm256_loadu_ps(b_at), _mm256_loadu_ps(b_at.add(8)));
-                for i in 0..H {
-                    let x = _mm256_broadcast_ss(&*a[i].add(p));
-                    acc[i][0] = _mm256_fmadd_ps(x, lo, acc[i][0]);
-                    acc[i][1] = _mm256_fmadd_ps(x, hi, acc[i][1]);
-                }
+                fma_rows(&mut acc, a, b.add(p * NR), p);
             }
             if split {
                 for i in 0..H {
