@@ -21,8 +21,9 @@
 //! block, chosen at run time, with a portable fallback) against weights packed once at load.
 //! Bias and ReLU are applied as each block of outputs leaves the registers.
 //!
-//! - Stride-1 layers take Winograd (`winograd.rs`): F(4x4, 3x3) does a 4x4 output tile in 36
-//!   products per channel pair instead of 144; F(2x2, 3x3) on small maps.
+//! - Stride-1 layers of 8+ input channels per group take Winograd (`winograd.rs`): F(4x4, 3x3)
+//!   does a 4x4 output tile in 36 products per channel pair instead of 144; F(2x2, 3x3) on
+//!   small maps.
 //! - Wide stride-2 layers take F(2x2, 3x3) by phases: a 2x2 output tile in 25 products per
 //!   channel pair instead of 36, with additions only.
 //! - Other layers copy 3x3 patches into rows (im2col) and run one product per tile, or, when
@@ -114,7 +115,7 @@ impl Default for EngineOptions {
 pub enum Winograd {
     /// im2col and a matrix product for every layer.
     Off,
-    /// F(2x2, 3x3) on every layer.
+    /// F(2x2, 3x3) on every layer of stride 1 or 2 without dilation.
     F2,
     /// F(4x4, 3x3) on stride-1 layers, F(2x2, 3x3) on stride-2 ones.
     F4,
@@ -129,8 +130,9 @@ pub enum Winograd {
     Auto,
 }
 
-/// The smallest map side on which [`Winograd::Auto`] takes F(4x4, 3x3) (or, for stride 2,
-/// any Winograd transform): on smaller maps, partial tiles waste most of the savings.
+/// The smallest output map side on which [`Winograd::Auto`] takes F(4x4, 3x3) (or, for
+/// stride 2, any Winograd transform): on smaller maps, partial tiles waste most of the
+/// savings.
 pub const F4_MIN_SIDE: usize = 8;
 /// Fewer input channels per group than this leave the transforms' 8-channel vectors, and the
 /// products' reductions, too short to gain: [`Winograd::Auto`] leaves such layers direct.

@@ -1,6 +1,6 @@
-//! Winograd F(m x m, 3x3) for stride-1 3x3 convolutions: an m x m output tile costs
+//! Winograd F(m x m, 3x3) for 3x3 convolutions. At stride 1 an m x m output tile costs
 //! `(m + 2)^2` multiplications per channel pair instead of `9 m^2`: 2.25x fewer for F(2x2),
-//! 4x fewer for F(4x4).
+//! 4x fewer for F(4x4); stride 2 has F(2x2) by phases, below.
 //!
 //! ```text
 //! U = G g G^T        per filter, once at load, in f64 then rounded once

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_engine::{Engine, EngineOptions, Lowering, Winograd, Workspace, nhwc_to_nchw};
+use repvgg_engine::{Engine, EngineOptions, Lowering, Mode, Winograd, Workspace, nhwc_to_nchw};
 use repvgg_testing::{fixture, read_f64, widen};
 
 const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"];
@@ -27,9 +27,10 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
         let (shape, input) = &reference["input"];
         let input: Vec<f32> = input.iter().map(|&v| v as f32).collect();
         let [n, _, h, w] = shape[..] else { panic!() };
-        // With F4 or F2 asked for, every layer takes a Winograd path: F(4x4) or F(2x2) at
-        // stride 1, F(2x2) by phases at stride 2 (groups, SE and non-square maps included);
-        // every path must be exact.
+        // With F4 or F2 asked for, and one thread (with more, small maps fall back to a
+        // direct path to split output channels), every layer takes a Winograd path: F(4x4)
+        // or F(2x2) at stride 1, F(2x2) by phases at stride 2 (groups, SE and non-square maps
+        // included); every path must be exact.
         let pool = |n| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(n)
@@ -118,4 +119,34 @@ fn an_empty_batch_gives_empty_outputs() {
     let stages = engine.forward_stages(&[], 0, 16, 16, &[1, 4]);
     assert_eq!(stages.len(), 2);
     assert!(stages.iter().all(|s| s.data.is_empty()));
+}
+
+/// Throughput mode splits a batch between the threads, unevenly when it must (3 images on 2
+/// threads: 2 + 1), each thread writing its images' logits into its share of the output; they
+/// must match latency mode's, where the three images go through every layer together. Both
+/// are f32 with different row blockings, hence 1e-5 relative rather than equality.
+#[test]
+fn throughput_mode_matches_latency_mode_on_an_uneven_batch() {
+    let ckpt = Checkpoint::load(&fixture("tiny_se", "deploy_timm.safetensors"), None).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let (n, h, w) = (3, 24, 20);
+    let input: Vec<f32> = (0..n * 3 * h * w)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let logits = |mode| {
+        let options = EngineOptions {
+            mode,
+            ..Default::default()
+        };
+        let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options).unwrap();
+        pool.install(|| engine.forward(&input, n, h, w, &mut Workspace::default()))
+    };
+    let (latency, throughput) = (logits(Mode::Latency), logits(Mode::Throughput));
+    assert_eq!(throughput.len(), latency.len());
+    let err = relative_error(&throughput, &widen(&latency));
+    println!("throughput vs latency, 3 images on 2 threads: {err:.2e}");
+    assert!(err < 1e-5, "throughput vs latency: {err:e}");
 }

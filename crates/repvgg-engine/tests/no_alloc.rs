@@ -1,5 +1,6 @@
 //! Steady-state inference allocates nothing: once a workspace (and each pool thread's
-//! scratch) has served a batch of a given shape, [`Engine::infer`] makes no heap allocation,
+//! scratch) has served a batch of a given shape, [`Engine::infer`] makes no heap allocation
+//! (two windows of 5 calls in a row without one, within 200 calls),
 //! on every path (Winograd F(4x4), F(2x2) and stride-2, im2col, implicit GEMM, SE, groups),
 //! in latency and throughput mode. The allocator below counts every allocation in the
 //! process, so this file holds one test: a second one running alongside would be counted.
@@ -75,17 +76,30 @@ fn steady_state_inference_does_not_allocate() {
                         );
                         pool.install(|| {
                             let mut ws = Workspace::default();
-                            // Warm-up: which thread runs which task varies between calls, and
-                            // each thread's scratch grows the first time it runs a bigger one.
-                            for _ in 0..8 {
-                                engine.infer(&input, n, h, w, &mut ws);
+                            // Which thread runs which task varies between calls, and each
+                            // thread's scratch grows the first time it runs a bigger one (on a
+                            // loaded machine one thread may run them all for a while): calls
+                            // must reach a window of 5 without an allocation, and stay there.
+                            let mut clean_windows = 0;
+                            for _ in 0..40 {
+                                let before = ALLOCATIONS.load(Ordering::Relaxed);
+                                for _ in 0..5 {
+                                    std::hint::black_box(engine.infer(&input, n, h, w, &mut ws));
+                                }
+                                let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+                                clean_windows = if allocations == 0 {
+                                    clean_windows + 1
+                                } else {
+                                    0
+                                };
+                                if clean_windows == 2 {
+                                    break;
+                                }
                             }
-                            let before = ALLOCATIONS.load(Ordering::Relaxed);
-                            for _ in 0..5 {
-                                std::hint::black_box(engine.infer(&input, n, h, w, &mut ws));
-                            }
-                            let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
-                            assert_eq!(allocations, 0, "{label}: {allocations} allocations");
+                            assert_eq!(
+                                clean_windows, 2,
+                                "{label}: still allocating after 200 calls"
+                            );
                         });
                     }
                 }
