@@ -377,8 +377,8 @@ impl Engine {
         }
         // Throughput mode: each thread runs whole images through every layer, with no
         // synchronisation between layers, and writes their logits into its share of ours.
+        self.check_input(input, n, h, w);
         let image = self.spec.in_channels * h * w;
-        assert_eq!(input.len(), n * image, "input size");
         let per_thread = n.div_ceil(threads);
         let width = self.output_width();
         ws.logits.resize(n * width, 0.0);
@@ -401,6 +401,18 @@ impl Engine {
                 })
             });
         &ws.logits
+    }
+
+    /// The input must be `(n, in_channels, h, w)` on a non-empty map: a caller's bug
+    /// otherwise (the CLI checks shapes and reports them with the file's name first).
+    fn check_input(&self, input: &[f32], n: usize, h: usize, w: usize) {
+        let c = self.spec.in_channels;
+        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
+        assert_eq!(
+            input.len(),
+            n * c * h * w,
+            "input is not ({n}, {c}, {h}, {w})"
+        );
     }
 
     /// Values per image of the output: classes, or a headless model's feature width.
@@ -464,13 +476,8 @@ impl Engine {
         parallel: bool,
         tap: &mut Tap<'_>,
     ) -> &'w [f32] {
+        self.check_input(input, n, h, w);
         let c = self.spec.in_channels;
-        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
-        assert_eq!(
-            input.len(),
-            n * c * h * w,
-            "input is not (n, {c}, {h}, {w})"
-        );
         nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
         let (mut h, mut w, mut len) = (h, w, n * c * h * w);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -892,19 +899,8 @@ impl ConvLayer {
                 if runs && y >= 0 && x >= 0 && y + 2 < h && x + 2 < w {
                     // The whole patch inside the map: three copies, no per-tap checks.
                     let at = ((row0 + y as usize) * task.w + x as usize) * cin;
-                    let line = task.w * cin;
-                    if cin == 3 {
-                        // The RGB stem: fixed-size moves, not a `memcpy` call per run.
-                        for ky in 0..3 {
-                            let src: &[f32; 9] =
-                                input[at + ky * line..][..9].try_into().expect("9 values");
-                            row[ky * 9..ky * 9 + 9].copy_from_slice(src);
-                        }
-                    } else {
-                        for ky in 0..3 {
-                            row[ky * run..(ky + 1) * run]
-                                .copy_from_slice(&input[at + ky * line..][..run]);
-                        }
+                    for (ky, dst) in row.chunks_exact_mut(run).enumerate() {
+                        copy_run(dst, &input[at + ky * task.w * cin..]);
                     }
                     continue;
                 }
@@ -916,13 +912,7 @@ impl ConvLayer {
                         .flatten()
                         .filter(|_| self.tap_offset(task, origin, ky, 2).is_some());
                     if let Some(at) = run {
-                        let (dst, src) = (&mut row[ky * 3 * cin..], &task.input[at..]);
-                        if cin == 3 {
-                            // The RGB stem: a fixed-size move, not a `memcpy` call per row.
-                            dst[..9].copy_from_slice(&src[..9]);
-                        } else {
-                            dst[..3 * cin].copy_from_slice(&src[..3 * cin]);
-                        }
+                        copy_run(&mut row[ky * 3 * cin..(ky + 1) * 3 * cin], &input[at..]);
                         continue;
                     }
                     for kx in 0..3 {
@@ -980,6 +970,16 @@ impl SqueezeExcite {
                     .for_each(|(v, g)| *v = (*v * g).max(0.0));
             }
         });
+    }
+}
+
+/// Fills `dst` with the first `dst.len()` values of `src`: one row of three taps of a patch.
+/// The RGB stem's nine values move as a fixed-size array, not through a `memcpy` call.
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    if let Ok(dst) = <&mut [f32; 9]>::try_from(&mut *dst) {
+        dst.copy_from_slice(&src[..9]);
+    } else {
+        dst.copy_from_slice(&src[..dst.len()]);
     }
 }
 
