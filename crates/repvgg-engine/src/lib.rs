@@ -592,7 +592,7 @@ impl ConvLayer {
         };
         let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
         if let Some(tile) = self.winograd_tile(n, oh, ow) {
-            let tiles = n * oh.div_ceil(tile.m()) * ow.div_ceil(tile.m());
+            let tiles = winograd::tile_count(tile, n, oh, ow);
             let cout_g = self.out_channels / self.groups;
             // Chunks of at most `per_task` tiles, as many as the threads (or a multiple),
             // while each keeps enough rows for the products to run at full speed. With fewer
@@ -724,7 +724,7 @@ impl ConvLayer {
     fn winograd_tile(&self, n: usize, oh: usize, ow: usize) -> Option<WinogradTile> {
         // Whether `tile`'s transformed filters are small enough for the call's tiles.
         let filters_pay = |tile: WinogradTile| {
-            let tiles = n * oh.div_ceil(tile.m()) * ow.div_ceil(tile.m());
+            let tiles = winograd::tile_count(tile, n, oh, ow);
             let bytes = tile.points() * self.in_channels * self.out_channels / self.groups * 4;
             bytes <= F4_MAX_FILTER_BYTES_PER_TILE * tiles
         };

@@ -22,6 +22,11 @@
 //! so a 2x2 output tile costs 25 multiplications per channel pair instead of 36 (1.44x fewer),
 //! with additions only.
 //!
+//! An F(4x4) layer whose side leaves 1 or 2 outputs past its last whole tile (14x14, stage 3
+//! of every variant at 224) finishes that side with F(2x2) tiles ([`Rim`]) on F(4x4)'s own
+//! transformed filters: a 14x14 map costs 484 products per channel pair instead of 16 padded
+//! tiles' 576.
+//!
 //! F(2x2) only adds, subtracts and halves, so it rounds like a direct convolution. F(4x4) uses
 //! the points 0, +-1, +-2 (Lavin & Gray 2016); its transforms scale by up to 8 and cost about
 //! 2-4x F(2x2)'s rounding error, still well inside 1e-5 of the fp64 reference over a whole
@@ -96,6 +101,8 @@ const STRIDE2_F2_G: [[f64; 3]; 5] = [
 trait Transform<const M: usize, const A: usize> {
     /// The convolution's stride: tiles start `STRIDE * M` input pixels apart.
     const STRIDE: usize = 1;
+    /// Where each point sits in the layer's row of points: its own index, but for [`Rim`].
+    const PLACES: [usize; A];
     /// `B^T x`
     fn input<V: Vector>(x: [V; A]) -> [V; A];
     /// `A^T m`
@@ -107,6 +114,7 @@ struct F4;
 struct Stride2F2;
 
 impl Transform<2, 4> for F2 {
+    const PLACES: [usize; 4] = [0, 1, 2, 3];
     #[inline(always)]
     fn input<V: Vector>([x0, x1, x2, x3]: [V; 4]) -> [V; 4] {
         [x0.sub(x2), x1.add(x2), x2.sub(x1), x1.sub(x3)]
@@ -118,6 +126,7 @@ impl Transform<2, 4> for F2 {
 }
 
 impl Transform<4, 6> for F4 {
+    const PLACES: [usize; 6] = [0, 1, 2, 3, 4, 5];
     #[inline(always)]
     fn input<V: Vector>([x0, x1, x2, x3, x4, x5]: [V; 6]) -> [V; 6] {
         let (four, five, two) = (V::splat(4.0), V::splat(5.0), V::splat(2.0));
@@ -145,6 +154,7 @@ impl Transform<4, 6> for F4 {
 
 impl Transform<2, 5> for Stride2F2 {
     const STRIDE: usize = 2;
+    const PLACES: [usize; 5] = [0, 1, 2, 3, 4];
     #[inline(always)]
     fn input<V: Vector>([x0, x1, x2, x3, x4]: [V; 5]) -> [V; 5] {
         [x0.sub(x2), x2, x4.sub(x2), x1, x3]
@@ -152,6 +162,27 @@ impl Transform<2, 5> for Stride2F2 {
     #[inline(always)]
     fn output<V: Vector>([m0, m1, m2, m3, m4]: [V; 5]) -> [V; 2] {
         [m0.add(m1).add(m3), m1.add(m2).add(m4)]
+    }
+}
+
+/// F(2,3) inside an F(4,3) layer, for the last 1 or 2 outputs of a side. F(2,3)'s filter
+/// transform is F(4,3)'s at the points 0, 1, -1 and infinity, row by row scaled:
+/// `G2 = diag(4, -3, -3, 1) G4[[0, 1, 2, 5]]`. So with the input transform scaled by the same
+/// factors, `B2'^T = diag(4, -3, -3, 1) B2^T`, the products use the layer's F(4x4) filters at
+/// those places and no second set is stored.
+struct Rim;
+
+impl Transform<2, 4> for Rim {
+    const PLACES: [usize; 4] = [0, 1, 2, 5];
+    #[inline(always)]
+    fn input<V: Vector>(x: [V; 4]) -> [V; 4] {
+        let [v0, v1, v2, v3] = F2::input(x);
+        let (four, minus_three) = (V::splat(4.0), V::splat(-3.0));
+        [v0.mul(four), v1.mul(minus_three), v2.mul(minus_three), v3]
+    }
+    #[inline(always)]
+    fn output<V: Vector>(m: [V; 4]) -> [V; 2] {
+        F2::output(m)
     }
 }
 
@@ -286,6 +317,15 @@ pub fn tiles_per_task(tile: Tile, cin_g: usize, cout_g: usize, shared: bool) -> 
         TILES_PER_TASK
     };
     (SCRATCH_BYTES / per_tile).clamp(MIN_TILES_PER_TASK, most)
+}
+
+/// A row stride of at least `len` floats that is an odd number of cache lines, so that the
+/// rows a micro-kernel reads together fall in different cache sets: at a multiple of 4 KiB
+/// (F(2x2) with 192 channels: 12 KiB) every row of V lands in the same L1 set, and the A
+/// block and the B panel evict each other.
+fn skewed(len: usize) -> usize {
+    let lines = len.div_ceil(16);
+    16 * (lines | 1)
 }
 
 /// Per-thread scratch, grown to the largest layer once and then reused.
@@ -427,37 +467,281 @@ unsafe fn tiles_avx2<const M: usize, const A: usize, T: Transform<M, A>>(
 /// # Safety
 /// Every element must have been written.
 #[inline(always)]
-unsafe fn assume_init<V: Vector, const A: usize>(tile: &[[MaybeUninit<V>; A]; A]) -> [[V; A]; A] {
+unsafe fn assume_init<V: Vector, const R: usize, const C: usize>(
+    tile: &[[MaybeUninit<V>; C]; R],
+) -> [[V; C]; R] {
     // SAFETY: `MaybeUninit<V>` has `V`'s layout, and the caller wrote every element.
-    unsafe { std::ptr::read(tile as *const [[MaybeUninit<V>; A]; A] as *const [[V; A]; A]) }
+    unsafe { std::ptr::read(tile as *const [[MaybeUninit<V>; C]; R] as *const [[V; C]; R]) }
 }
 
-/// Applies a 1-D transform to every column of a tile, then to every row of the result.
+/// Applies a 1-D transform to every column of a tile (`down`, along the map's height), then
+/// `across` to every row of the result.
 ///
 /// Plain loops on purpose: `array::map` and `from_fn` call closures out of line, where the
 /// AVX intrinsics would not be compiled for AVX and each would become a function call.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn two_d<V: Vector, const R: usize, const C: usize>(
-    tile: &[[V; C]; C],
-    f: fn([V; C]) -> [V; R],
-) -> [[V; R]; R] {
-    let mut columns = [[V::zero(); C]; R];
+fn two_d<V: Vector, const R: usize, const C: usize, const R2: usize, const C2: usize>(
+    tile: &[[V; C]; R],
+    down: fn([V; R]) -> [V; R2],
+    across: fn([V; C]) -> [V; C2],
+) -> [[V; C2]; R2] {
+    let mut columns = [[V::zero(); C]; R2];
     for s in 0..C {
-        let mut column = [V::zero(); C];
-        for r in 0..C {
+        let mut column = [V::zero(); R];
+        for r in 0..R {
             column[r] = tile[r][s];
         }
-        let column = f(column);
-        for i in 0..R {
+        let column = down(column);
+        for i in 0..R2 {
             columns[i][s] = column[i];
         }
     }
-    let mut out = [[V::zero(); R]; R];
-    for i in 0..R {
-        out[i] = f(columns[i]);
+    let mut out = [[V::zero(); C2]; R2];
+    for i in 0..R2 {
+        out[i] = across(columns[i]);
     }
     out
+}
+
+/// How one side of the output map is cut into tiles: `main` tiles of the layer's transform,
+/// then, for F(4x4) on a side that leaves 1 or 2 outputs, one F(2x2) tile (the `rim`) instead
+/// of a padded F(4x4) one: a 14-pixel side costs 3 x 6 + 4 transform points, not 4 x 6.
+#[derive(Clone, Copy)]
+struct Cut {
+    main: usize,
+    rim: bool,
+}
+
+impl Cut {
+    fn new(tile: Tile, side: usize) -> Cut {
+        match tile {
+            Tile::F4 if matches!(side % 4, 1 | 2) => Cut {
+                main: side / 4,
+                rim: true,
+            },
+            _ => Cut {
+                main: side.div_ceil(tile.m()),
+                rim: false,
+            },
+        }
+    }
+
+    fn tiles(self) -> usize {
+        self.main + self.rim as usize
+    }
+}
+
+/// Output tiles of a call with `n` images and an `oh x ow` output map: what [`Task`]s count.
+pub fn tile_count(tile: Tile, n: usize, oh: usize, ow: usize) -> usize {
+    n * Cut::new(tile, oh).tiles() * Cut::new(tile, ow).tiles()
+}
+
+/// A layer's tiles, numbered class by class (main rows and columns; the rim row; the rim
+/// column; the corner), each image by image, so that the tiles that use a transform point
+/// make at most two runs of rows for its product.
+struct Tiling {
+    /// `(first tile, tiles, rim row, rim column)`
+    classes: [(usize, usize, bool, bool); 4],
+    /// Tiles of each class per image, along y and x.
+    sides: [(usize, usize); 4],
+    y: Cut,
+    x: Cut,
+}
+
+impl Tiling {
+    fn new(tile: Tile, n: usize, oh: usize, ow: usize) -> Tiling {
+        let (y, x) = (Cut::new(tile, oh), Cut::new(tile, ow));
+        let (ry, rx) = (y.rim as usize, x.rim as usize);
+        let sides = [(y.main, x.main), (ry, x.main), (y.main, rx), (ry, rx)];
+        let mut first = 0;
+        let classes = std::array::from_fn(|i| {
+            let count = n * sides[i].0 * sides[i].1;
+            first += count;
+            (first - count, count, i % 2 == 1, i >= 2)
+        });
+        Tiling {
+            classes,
+            sides,
+            y,
+            x,
+        }
+    }
+
+    /// `(class, image, first output row, first output column)` of tile `t`.
+    fn locate(&self, t: usize, m: usize) -> (usize, usize, usize, usize) {
+        let class = self.classes.iter().rposition(|c| c.0 <= t && c.1 > 0);
+        let class = class.expect("tile numbers start at 0");
+        let (first, _, rim_y, rim_x) = self.classes[class];
+        let (tiles_y, tiles_x) = self.sides[class];
+        let i = t - first;
+        let image = i / (tiles_y * tiles_x);
+        let (ty, tx) = ((i / tiles_x) % tiles_y, i % tiles_x);
+        let y0 = if rim_y { m * self.y.main } else { m * ty };
+        let x0 = if rim_x { m * self.x.main } else { m * tx };
+        (class, image, y0, x0)
+    }
+}
+
+/// What one tile's transforms need to know of the layer and the task.
+struct Site<'a> {
+    input: &'a [f32],
+    h: usize,
+    w: usize,
+    cin: usize,
+    /// First input channel of the group.
+    c_first: usize,
+    cin_g: usize,
+    image: usize,
+    y0: usize,
+    x0: usize,
+}
+
+/// `V[point] = (B^T d B)[point]` for one tile, `LANES` channels at a time, each point stored at
+/// its place in the layer's `GRID x GRID` points (`tile_v[place * cin_g + c]`).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn input_tile<
+    V: Vector,
+    const GRID: usize,
+    const MY: usize,
+    const AY: usize,
+    TY: Transform<MY, AY>,
+    const MX: usize,
+    const AX: usize,
+    TX: Transform<MX, AX>,
+>(
+    site: &Site<'_>,
+    tile_v: &mut [f32],
+) {
+    let Site {
+        input,
+        h,
+        w,
+        cin,
+        c_first,
+        cin_g,
+        image,
+        y0,
+        x0,
+    } = *site;
+    // Offsets of the tile's input pixels, None in the padding.
+    let pixel: [[Option<usize>; AX]; AY] = std::array::from_fn(|r| {
+        std::array::from_fn(|s| {
+            let (iy, ix) = (
+                (TY::STRIDE * y0 + r) as isize - 1,
+                (TX::STRIDE * x0 + s) as isize - 1,
+            );
+            let inside = iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
+            inside.then(|| ((image * h + iy as usize) * w + ix as usize) * cin + c_first)
+        })
+    });
+    for c0 in (0..cin_g).step_by(LANES) {
+        let end = (c0 + LANES).min(cin_g);
+        // Every element is written below; starting from zeros would cost a `memset` of the
+        // whole tile per step.
+        let mut d = [[MaybeUninit::<V>::uninit(); AX]; AY];
+        for r in 0..AY {
+            for s in 0..AX {
+                d[r][s].write(match pixel[r][s] {
+                    Some(at) => V::load(&input[at + c0..at + end]),
+                    None => V::zero(),
+                });
+            }
+        }
+        // SAFETY: all AY x AX elements were written just above.
+        let d = unsafe { assume_init(&d) };
+        let transformed = two_d(&d, TY::input::<V>, TX::input::<V>);
+        for (i, row) in transformed.iter().enumerate() {
+            for (j, value) in row.iter().enumerate() {
+                let at = (TY::PLACES[i] * GRID + TX::PLACES[j]) * cin_g;
+                value.store(&mut tile_v[at + c0..at + end]);
+            }
+        }
+    }
+}
+
+/// What one tile's output transform writes to.
+struct Sink<'a> {
+    /// `(n, oh, ow, cout)`
+    out: *mut f32,
+    oh: usize,
+    ow: usize,
+    cout: usize,
+    /// Output channel of the task's first column.
+    k_first: usize,
+    /// The task's biases.
+    bias: &'a [f32],
+    relu: bool,
+}
+
+/// `y = A^T M A + bias` (then ReLU) for one tile, written where inside the map.
+///
+/// # Safety
+/// `sink.out` must be valid for the map, and this tile's outputs in these channels this
+/// task's alone.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+unsafe fn output_tile<
+    V: Vector,
+    const GRID: usize,
+    const MY: usize,
+    const AY: usize,
+    TY: Transform<MY, AY>,
+    const MX: usize,
+    const AX: usize,
+    TX: Transform<MX, AX>,
+>(
+    sink: &Sink<'_>,
+    tile_m: &[f32],
+    (image, y0, x0): (usize, usize, usize),
+) {
+    let Sink {
+        out,
+        oh,
+        ow,
+        cout,
+        k_first,
+        bias,
+        relu,
+    } = *sink;
+    let ncols = bias.len();
+    for k0 in (0..ncols).step_by(LANES) {
+        let end = (k0 + LANES).min(ncols);
+        let mut mt = [[MaybeUninit::<V>::uninit(); AX]; AY];
+        for r in 0..AY {
+            for s in 0..AX {
+                let at = (TY::PLACES[r] * GRID + TX::PLACES[s]) * ncols;
+                mt[r][s].write(V::load(&tile_m[at + k0..at + end]));
+            }
+        }
+        // SAFETY: all AY x AX elements were written just above.
+        let mt = unsafe { assume_init(&mt) };
+        let b = V::load(&bias[k0..end]);
+        let y = two_d(&mt, TY::output::<V>, TX::output::<V>);
+        for (dy, row) in y.iter().enumerate() {
+            let oy = y0 + dy;
+            if oy >= oh {
+                break;
+            }
+            for (dx, &value) in row.iter().enumerate() {
+                let ox = x0 + dx;
+                if ox >= ow {
+                    break;
+                }
+                let value = value.add(b);
+                let value = if relu { value.relu() } else { value };
+                // SAFETY: inside the map, in this task's channels: this task's alone.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.add(((image * oh + oy) * ow + ox) * cout + k_first + k0),
+                        end - k0,
+                    )
+                };
+                value.store(dst);
+            }
+        }
+    }
 }
 
 // Index loops over tile coordinates, as in the formulas.
@@ -469,13 +753,13 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     scratch: &mut Scratch,
 ) {
     let Layer {
+        tile,
         u,
         bias,
         cin,
         cout,
         groups,
         relu,
-        ..
     } = *layer;
     let Task {
         input,
@@ -492,17 +776,11 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     let (cin_g, cout_g) = (cin / groups, cout / groups);
     let points = A * A;
     let (oh, ow) = ((h - 1) / T::STRIDE + 1, (w - 1) / T::STRIDE + 1);
-    let (tiles_y, tiles_x) = (oh.div_ceil(M), ow.div_ceil(M));
-    // (image, first output row, first output column) of a tile.
-    let locate = |t: usize| {
-        let tile = first_tile + t;
-        let image = tile / (tiles_y * tiles_x);
-        let (ty, tx) = ((tile / tiles_x) % tiles_y, tile % tiles_x);
-        (image, M * ty, M * tx)
-    };
+    let tiling = Tiling::new(tile, input.len() / (h * w * cin), oh, ow);
     // Tile-major layouts, V[t][point][c] and M[t][point][k], so that each transform reads and
     // writes one contiguous block per tile; the products read and write them at a row stride.
-    let (row_v, row_m) = (points * cin_g, points * ncols);
+    // A rim tile fills only its points' places.
+    let (row_v, row_m) = (skewed(points * cin_g), skewed(points * ncols));
     if v.len() < count * row_v {
         v.resize(count * row_v, 0.0);
     }
@@ -510,102 +788,96 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         m.resize(count * row_m, 0.0);
     }
 
-    // Input transform: V[t][point][c] = (B^T d B)[point], LANES channels at a time.
+    // Input transform. A class other than 0 exists only for F(4x4) (whose grid holds the rim's
+    // places), so the rim variants below never run with another transform.
     for t in 0..count {
-        let (image, y0, x0) = locate(t);
+        let (class, image, y0, x0) = tiling.locate(first_tile + t, M);
+        let site = Site {
+            input,
+            h,
+            w,
+            cin,
+            c_first: group * cin_g,
+            cin_g,
+            image,
+            y0,
+            x0,
+        };
         let tile_v = &mut v[t * row_v..(t + 1) * row_v];
-        // Offsets of the tile's input pixels, None in the padding.
-        let pixel: [[Option<usize>; A]; A] = std::array::from_fn(|r| {
-            std::array::from_fn(|s| {
-                let (iy, ix) = (
-                    (T::STRIDE * y0 + r) as isize - 1,
-                    (T::STRIDE * x0 + s) as isize - 1,
-                );
-                let inside = iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
-                inside.then(|| ((image * h + iy as usize) * w + ix as usize) * cin + group * cin_g)
-            })
-        });
-        for c0 in (0..cin_g).step_by(LANES) {
-            let end = (c0 + LANES).min(cin_g);
-            // Every element is written below; starting from zeros would cost a `memset` of
-            // the whole tile per step.
-            let mut d = [[MaybeUninit::<V>::uninit(); A]; A];
-            for r in 0..A {
-                for s in 0..A {
-                    d[r][s].write(match pixel[r][s] {
-                        Some(at) => V::load(&input[at + c0..at + end]),
-                        None => V::zero(),
-                    });
-                }
-            }
-            // SAFETY: all A x A elements were written just above.
-            let d = unsafe { assume_init(&d) };
-            let transformed = two_d(&d, T::input);
-            for (point, value) in transformed.iter().flatten().enumerate() {
-                value.store(&mut tile_v[point * cin_g + c0..point * cin_g + end]);
+        unsafe {
+            match class {
+                0 => input_tile::<V, A, M, A, T, M, A, T>(&site, tile_v),
+                1 => input_tile::<V, A, 2, 4, Rim, M, A, T>(&site, tile_v),
+                2 => input_tile::<V, A, M, A, T, 2, 4, Rim>(&site, tile_v),
+                _ => input_tile::<V, A, 2, 4, Rim, 2, 4, Rim>(&site, tile_v),
             }
         }
     }
 
-    // M[.][point] = V[.][point] (count x cin_g) * U[point] (cin_g x this task's columns).
+    // M[.][point] = V[.][point] (tiles x cin_g) * U[point] (cin_g x this task's columns), over
+    // the runs of the task's tiles whose transforms have this point.
+    let task_tiles = first_tile..first_tile + count;
     for point in 0..points {
-        // SAFETY: V and M hold `count` rows of `points` blocks of cin_g and ncols values.
-        unsafe {
-            kernel::gemm(
-                count,
-                v.as_ptr().add(point * cin_g),
-                row_v,
-                &u[group * points + point],
-                cols.clone(),
-                m.as_mut_ptr().add(point * ncols),
-                row_m,
-                None,
-                false,
-            );
+        let (py, px) = (point / A, point % A);
+        let mut runs = [0..0, 0..0];
+        let mut last = 0;
+        for &(first, tiles, rim_y, rim_x) in &tiling.classes {
+            let uses =
+                (!rim_y || Rim::PLACES.contains(&py)) && (!rim_x || Rim::PLACES.contains(&px));
+            let start = first.max(task_tiles.start);
+            let end = (first + tiles).min(task_tiles.end);
+            if !uses || start >= end {
+                continue;
+            }
+            let run = start - first_tile..end - first_tile;
+            if runs[last].end == run.start {
+                runs[last].end = run.end;
+            } else if runs[last].is_empty() {
+                runs[last] = run;
+            } else {
+                last += 1;
+                runs[last] = run;
+            }
+        }
+        for run in runs.into_iter().filter(|run| !run.is_empty()) {
+            // SAFETY: V and M hold `count` rows of `points` blocks of cin_g and ncols values.
+            unsafe {
+                kernel::gemm(
+                    run.len(),
+                    v.as_ptr().add(run.start * row_v + point * cin_g),
+                    row_v,
+                    &u[group * points + point],
+                    cols.clone(),
+                    m.as_mut_ptr().add(run.start * row_m + point * ncols),
+                    row_m,
+                    None,
+                    false,
+                );
+            }
         }
     }
 
     // Output transform: y = A^T M A + bias, then ReLU, written where inside the map.
-    let bias = &bias[group * cout_g + col0..group * cout_g + col0 + ncols];
+    let sink = Sink {
+        out,
+        oh,
+        ow,
+        cout,
+        k_first: group * cout_g + col0,
+        bias: &bias[group * cout_g + col0..group * cout_g + col0 + ncols],
+        relu,
+    };
     for t in 0..count {
-        let (image, y0, x0) = locate(t);
+        let (class, image, y0, x0) = tiling.locate(first_tile + t, M);
         let tile_m = &m[t * row_m..(t + 1) * row_m];
-        for k0 in (0..ncols).step_by(LANES) {
-            let end = (k0 + LANES).min(ncols);
-            let mut mt = [[MaybeUninit::<V>::uninit(); A]; A];
-            for r in 0..A {
-                for s in 0..A {
-                    let at = (r * A + s) * ncols;
-                    mt[r][s].write(V::load(&tile_m[at + k0..at + end]));
-                }
-            }
-            // SAFETY: all A x A elements were written just above.
-            let mt = unsafe { assume_init(&mt) };
-            let b = V::load(&bias[k0..end]);
-            let y = two_d(&mt, T::output);
-            for (dy, row) in y.iter().enumerate() {
-                let oy = y0 + dy;
-                if oy >= oh {
-                    break;
-                }
-                for (dx, &value) in row.iter().enumerate() {
-                    let ox = x0 + dx;
-                    if ox >= ow {
-                        break;
-                    }
-                    let value = value.add(b);
-                    let value = if relu { value.relu() } else { value };
-                    // SAFETY: inside the map, in this group's channels: this task's alone.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out.add(
-                                ((image * oh + oy) * ow + ox) * cout + group * cout_g + col0 + k0,
-                            ),
-                            end - k0,
-                        )
-                    };
-                    value.store(dst);
-                }
+        let at = (image, y0, x0);
+        // SAFETY: tasks own disjoint (tiles, channels) blocks of the output.
+        unsafe {
+            match class {
+                0 => output_tile::<V, A, M, A, T, M, A, T>(&sink, tile_m, at),
+                1 => output_tile::<V, A, 2, 4, Rim, M, A, T>(&sink, tile_m, at),
+                2 => output_tile::<V, A, M, A, T, 2, 4, Rim>(&sink, tile_m, at),
+                _ => output_tile::<V, A, 2, 4, Rim, 2, 4, Rim>(&sink, tile_m, at),
             }
         }
     }
@@ -630,6 +902,8 @@ mod tests {
             (2, 7, 9, 12, 20, 1),
             (1, 10, 6, 16, 32, 2),
             (1, 12, 11, 8, 16, 1),
+            (2, 14, 8, 8, 16, 1),
+            (1, 2, 3, 8, 16, 1),
         ];
         for &(n, h, w, cin, cout, groups) in &shapes {
             let (cin_g, cout_g) = (cin / groups, cout / groups);
@@ -674,7 +948,7 @@ mod tests {
                     groups,
                     relu: false,
                 };
-                let total = n * oh.div_ceil(tile.m()) * ow.div_ceil(tile.m());
+                let total = tile_count(tile, n, oh, ow);
                 for portable in [false, true] {
                     let mut out = vec![f32::NAN; n * oh * ow * cout];
                     let mut scratch = Scratch::default();
