@@ -497,7 +497,7 @@ impl Engine {
         let Workspace {
             a, pooled, logits, ..
         } = ws;
-        self.head(&a[..len], n, h * w, pooled, logits)
+        self.head(&a[..len], n, h * w, pooled, logits, parallel)
     }
 
     /// Seconds spent in each block for one forward (after a warm-up call), with the block's
@@ -541,6 +541,7 @@ impl Engine {
         positions: usize,
         pooled: &'w mut Vec<f32>,
         logits: &'w mut Vec<f32>,
+        parallel: bool,
     ) -> &'w [f32] {
         let c = self.spec.feature_width();
         pooled.resize(n * c, 0.0);
@@ -555,20 +556,34 @@ impl Engine {
         };
         let classes = self.spec.num_classes;
         logits.resize(n * classes, 0.0);
-        // SAFETY: `pooled` is (n, c) and `logits` (n, classes).
-        unsafe {
-            kernel::gemm(
-                n,
-                pooled.as_ptr(),
-                c,
-                weight,
-                0..classes,
-                logits.as_mut_ptr(),
-                classes,
-                Some(&self.head_bias),
-                false,
-            )
+        // At small batches the product is a stream of the weights (A0: 5 MB), split between
+        // the threads in latency mode.
+        let splits = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
         };
+        let col_tile = classes.div_ceil(splits).next_multiple_of(NR);
+        let out = OutPtr(logits.as_mut_ptr());
+        let pooled = &pooled[..];
+        run_tasks(classes.div_ceil(col_tile), parallel, |task| {
+            let cols = task * col_tile..((task + 1) * col_tile).min(classes);
+            // SAFETY: `pooled` is (n, c) and `logits` (n, classes); tasks write disjoint
+            // columns.
+            unsafe {
+                kernel::gemm(
+                    n,
+                    pooled.as_ptr(),
+                    c,
+                    weight,
+                    cols.clone(),
+                    out.get().add(cols.start),
+                    classes,
+                    Some(&self.head_bias),
+                    false,
+                )
+            };
+        });
         logits
     }
 }
