@@ -57,6 +57,9 @@ const IMPLICIT_MIN_WEIGHTS: usize = 1 << 18;
 const IMPLICIT_ROW_TILE: usize = 256;
 /// Weights per implicit-GEMM task's column slice (floats; 256 KiB).
 const IMPLICIT_SLICE: usize = 1 << 16;
+/// A batch's leading layers run image by image while one image's input or output map is
+/// bigger than this ([`Engine::infer`]).
+const PER_IMAGE_MAP_BYTES: usize = 1 << 20;
 
 /// One packed 3x3 convolution with bias (and SE).
 struct ConvLayer {
@@ -206,6 +209,9 @@ pub struct StageFeatures {
 pub struct Workspace {
     a: Vec<f32>,
     b: Vec<f32>,
+    /// One image's maps, for the leading layers that run image by image.
+    image_a: Vec<f32>,
+    image_b: Vec<f32>,
     pooled: Vec<f32>,
     logits: Vec<f32>,
 }
@@ -373,7 +379,7 @@ impl Engine {
             Mode::Auto => threads > 1 && n >= threads,
         };
         if !by_image {
-            return self.run(input, n, h, w, ws, true, &mut |_, _, _, _| {});
+            return self.run(input, n, h, w, ws, true, None);
         }
         // Throughput mode: each thread runs whole images through every layer, with no
         // synchronisation between layers, and writes their logits into its share of ours.
@@ -389,15 +395,7 @@ impl Engine {
                 THREAD_WORKSPACE.with(|tws| {
                     let mut tws = tws.borrow_mut();
                     let images = part.len() / image;
-                    logits.copy_from_slice(self.run(
-                        part,
-                        images,
-                        h,
-                        w,
-                        &mut tws,
-                        false,
-                        &mut |_, _, _, _| {},
-                    ));
+                    logits.copy_from_slice(self.run(part, images, h, w, &mut tws, false, None));
                 })
             });
         &ws.logits
@@ -462,9 +460,10 @@ impl Engine {
         ws: &mut Workspace,
         mut tap: impl FnMut(usize, usize, usize, &[f32]),
     ) -> Vec<f32> {
-        self.run(input, n, h, w, ws, true, &mut tap).to_vec()
+        self.run(input, n, h, w, ws, true, Some(&mut tap)).to_vec()
     }
 
+    /// All layers and the head; `tap`, when given, sees every layer's whole-batch output.
     #[allow(clippy::too_many_arguments)]
     fn run<'w>(
         &self,
@@ -474,13 +473,66 @@ impl Engine {
         w: usize,
         ws: &'w mut Workspace,
         parallel: bool,
-        tap: &mut Tap<'_>,
+        mut tap: Option<&mut Tap<'_>>,
     ) -> &'w [f32] {
         self.check_input(input, n, h, w);
         let c = self.spec.in_channels;
-        nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
+        // The leading layers whose maps are big (A0 at 224: the stem's output, 2.4 MB an
+        // image) run image by image, so that one image's maps pass through the caches rather
+        // than a batch's through memory; the rest take the whole batch.
+        let leading = match tap {
+            Some(_) => 0,
+            None if n > 1 => self.big_map_layers(h, w),
+            None => 0,
+        };
         let (mut h, mut w, mut len) = (h, w, n * c * h * w);
-        for (i, layer) in self.layers.iter().enumerate() {
+        if leading > 0 {
+            let (oh, ow, channels) =
+                self.layers[..leading]
+                    .iter()
+                    .fold((h, w, c), |(h, w, _), layer| {
+                        let (oh, ow) = layer.output_size(h, w);
+                        (oh, ow, layer.out_channels)
+                    });
+            let out_len = oh * ow * channels;
+            if ws.a.len() < n * out_len {
+                ws.a.resize(n * out_len, 0.0);
+            }
+            let Workspace {
+                a,
+                image_a,
+                image_b,
+                ..
+            } = &mut *ws;
+            for (image, out) in input
+                .chunks_exact(c * h * w)
+                .zip(a.chunks_exact_mut(out_len))
+            {
+                nchw_to_nhwc(image, 1, c, h, w, image_a);
+                let (mut ih, mut iw) = (h, w);
+                for (i, layer) in self.layers[..leading].iter().enumerate() {
+                    let (lh, lw) = layer.output_size(ih, iw);
+                    let len = lh * lw * layer.out_channels;
+                    if image_b.len() < len {
+                        image_b.resize(len, 0.0);
+                    }
+                    // The last leading layer writes its image's place in the batch.
+                    let dst = if i + 1 == leading {
+                        &mut *out
+                    } else {
+                        &mut image_b[..len]
+                    };
+                    let src = &image_a[..ih * iw * layer.in_channels];
+                    layer.forward(src, 1, ih, iw, dst, parallel);
+                    std::mem::swap(image_a, image_b);
+                    (ih, iw) = (lh, lw);
+                }
+            }
+            (h, w, len) = (oh, ow, n * out_len);
+        } else {
+            nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
+        }
+        for (i, layer) in self.layers.iter().enumerate().skip(leading) {
             let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
             let out_len = n * oh * ow * layer.out_channels;
             // Buffers only ever grow (zero-filled once), so a warm workspace costs nothing here.
@@ -492,12 +544,30 @@ impl Engine {
             }
             std::mem::swap(&mut ws.a, &mut ws.b);
             (h, w, len) = (oh, ow, out_len);
-            tap(i, h, w, &ws.a[..len]);
+            if let Some(tap) = tap.as_mut() {
+                tap(i, h, w, &ws.a[..len]);
+            }
         }
         let Workspace {
             a, pooled, logits, ..
         } = ws;
         self.head(&a[..len], n, h * w, pooled, logits, parallel)
+    }
+
+    /// How many leading layers read or write more than [`PER_IMAGE_MAP_BYTES`] per image
+    /// for an `h x w` input.
+    fn big_map_layers(&self, h: usize, w: usize) -> usize {
+        let (mut h, mut w, mut c) = (h, w, self.spec.in_channels);
+        let mut count = 0;
+        for layer in &self.layers {
+            let (oh, ow) = layer.output_size(h, w);
+            let biggest = (h * w * c).max(oh * ow * layer.out_channels) * 4;
+            if biggest <= PER_IMAGE_MAP_BYTES {
+                break;
+            }
+            (h, w, c, count) = (oh, ow, layer.out_channels, count + 1);
+        }
+        count
     }
 
     /// Seconds spent in each block for one forward (after a warm-up call), with the block's
@@ -511,24 +581,32 @@ impl Engine {
         ws: &mut Workspace,
     ) -> Vec<LayerTiming> {
         // Warm up exactly what is timed below: this workspace, latency mode.
-        self.run(input, n, h, w, ws, true, &mut |_, _, _, _| {});
+        self.run(input, n, h, w, ws, true, Some(&mut |_, _, _, _| {}));
         let blocks = self.spec.blocks();
         let mut timings = Vec::with_capacity(self.layers.len());
         let (mut in_h, mut in_w) = (h, w);
         let mut last = std::time::Instant::now();
-        self.run(input, n, h, w, ws, true, &mut |i, oh, ow, _| {
-            let (layer, block) = (&self.layers[i], &blocks[i]);
-            timings.push(LayerTiming {
-                name: block.name(),
-                seconds: last.elapsed().as_secs_f64(),
-                macs: n as u64 * block.macs(Form::Deploy, in_h, in_w),
-                stride: layer.stride,
-                groups: layer.groups,
-                shape: (layer.in_channels, layer.out_channels, oh, ow),
-            });
-            (in_h, in_w) = (oh, ow);
-            last = std::time::Instant::now();
-        });
+        self.run(
+            input,
+            n,
+            h,
+            w,
+            ws,
+            true,
+            Some(&mut |i, oh, ow, _| {
+                let (layer, block) = (&self.layers[i], &blocks[i]);
+                timings.push(LayerTiming {
+                    name: block.name(),
+                    seconds: last.elapsed().as_secs_f64(),
+                    macs: n as u64 * block.macs(Form::Deploy, in_h, in_w),
+                    stride: layer.stride,
+                    groups: layer.groups,
+                    shape: (layer.in_channels, layer.out_channels, oh, ow),
+                });
+                (in_h, in_w) = (oh, ow);
+                last = std::time::Instant::now();
+            }),
+        );
         timings
     }
 
@@ -589,6 +667,11 @@ impl Engine {
 }
 
 impl ConvLayer {
+    /// The output map's size for an `h x w` input (pad 1).
+    fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1)
+    }
+
     /// `parallel`: split this layer across the thread pool (latency mode), or run it on the
     /// calling thread (throughput mode, where threads take whole images).
     fn forward(
