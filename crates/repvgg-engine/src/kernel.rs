@@ -439,26 +439,9 @@ mod avx2 {
     ) {
         unsafe {
             let mut acc = start_rows::<MR>(start, c, ldc);
-            let [a0, a1, a2, a3, a4, a5] = *a;
-            let mut b = b;
             for p in 0..k {
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * NR) as *const i8);
-                let lo = _mm256_loadu_ps(b);
-                let hi = _mm256_loadu_ps(b.add(8));
-                macro_rules! row {
-                    ($i:expr, $ptr:expr) => {
-                        let x = _mm256_broadcast_ss(&*$ptr.add(p));
-                        acc[$i][0] = _mm256_fmadd_ps(x, lo, acc[$i][0]);
-                        acc[$i][1] = _mm256_fmadd_ps(x, hi, acc[$i][1]);
-                    };
-                }
-                row!(0, a0);
-                row!(1, a1);
-                row!(2, a2);
-                row!(3, a3);
-                row!(4, a4);
-                row!(5, a5);
-                b = b.add(NR);
+                fma_rows(&mut acc, a, b.add(p * NR), p);
             }
             store_rows(&acc, c, ldc, relu);
         }

@@ -533,7 +533,7 @@ impl Engine {
             nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
         }
         for (i, layer) in self.layers.iter().enumerate().skip(leading) {
-            let (oh, ow) = ((h - 1) / layer.stride + 1, (w - 1) / layer.stride + 1);
+            let (oh, ow) = layer.output_size(h, w);
             let out_len = n * oh * ow * layer.out_channels;
             // Buffers only ever grow (zero-filled once), so a warm workspace costs nothing here.
             if ws.b.len() < out_len {
@@ -688,7 +688,7 @@ impl ConvLayer {
         } else {
             1
         };
-        let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
+        let (oh, ow) = self.output_size(h, w);
         if let Some(tile) = self.winograd_tile(n, oh, ow) {
             let tiles = winograd::tile_count(tile, n, oh, ow);
             let cout_g = self.out_channels / self.groups;
@@ -990,33 +990,32 @@ impl ConvLayer {
             // contiguous run of the NHWC input.
             let runs = self.groups == 1 && self.dilation == 1;
             let (h, w) = (task.h as isize, task.w as isize);
-            let (input, run) = (task.input, 3 * cin);
+            let (input, run_len) = (task.input, 3 * cin);
             // im2col: row r holds the 3x3 patch of output position first + r, tap-major.
             for (row, origin) in patches.chunks_exact_mut(k).zip(self.origins(task)) {
                 let (row0, y, x) = origin;
                 if runs && y >= 0 && x >= 0 && y + 2 < h && x + 2 < w {
                     // The whole patch inside the map: three copies, no per-tap checks.
                     let at = ((row0 + y as usize) * task.w + x as usize) * cin;
-                    for (ky, dst) in row.chunks_exact_mut(run).enumerate() {
+                    for (ky, dst) in row.chunks_exact_mut(run_len).enumerate() {
                         copy_run(dst, &input[at + ky * task.w * cin..]);
                     }
                     continue;
                 }
                 for ky in 0..3 {
-                    // Without groups or dilation, a row of three taps inside the map is one
-                    // contiguous run of the NHWC input: one copy instead of three.
-                    let run = (self.groups == 1 && self.dilation == 1)
+                    // On the border, a patch row whose three taps are inside is still one run.
+                    let inside = runs
                         .then(|| self.tap_offset(task, origin, ky, 0))
                         .flatten()
                         .filter(|_| self.tap_offset(task, origin, ky, 2).is_some());
-                    if let Some(at) = run {
-                        copy_run(&mut row[ky * 3 * cin..(ky + 1) * 3 * cin], &input[at..]);
+                    if let Some(at) = inside {
+                        copy_run(&mut row[ky * run_len..(ky + 1) * run_len], &input[at..]);
                         continue;
                     }
                     for kx in 0..3 {
                         let dst = &mut row[(ky * 3 + kx) * cin_g..(ky * 3 + kx + 1) * cin_g];
                         match self.tap_offset(task, origin, ky, kx) {
-                            Some(at) => dst.copy_from_slice(&task.input[at..at + cin_g]),
+                            Some(at) => dst.copy_from_slice(&input[at..at + cin_g]),
                             None => dst.fill(0.0),
                         }
                     }

@@ -822,6 +822,8 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     let points = A * A;
     let (oh, ow) = ((h - 1) / T::STRIDE + 1, (w - 1) / T::STRIDE + 1);
     let tiling = Tiling::new(tile, input.len() / (h * w * cin), oh, ow);
+    // The rim tiles' places index F(4x4)'s 6x6 grid of points; `Cut` gives rims to no other.
+    debug_assert!(A == 6 || !(tiling.y.rim || tiling.x.rim));
     // Tile-major layouts, V[t][point][c] and M[t][point][k], so that each transform reads and
     // writes one contiguous block per tile; the products read and write them at a row stride.
     // A rim tile fills only its points' places.
