@@ -66,9 +66,35 @@ impl PackedB {
         }
     }
 
-    /// Element (row, col), as given to [`PackedB::new`].
-    pub fn at(&self, row: usize, col: usize) -> f32 {
-        self.data[((col / NR) * self.k + row) * NR + col % NR]
+    /// A `k x n` matrix of zeros, to be written panel row by panel row.
+    pub fn zeros(k: usize, n: usize) -> PackedB {
+        PackedB {
+            k,
+            n,
+            data: vec![0.0; n.div_ceil(NR) * k * NR],
+        }
+    }
+
+    /// Rows of the matrix (its `k`).
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the matrix (its `n`).
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// Row `row` of panel `panel`: columns `panel * NR..` (zero past the last).
+    pub fn panel_row(&self, panel: usize, row: usize) -> &[f32] {
+        let at = (panel * self.k + row) * NR;
+        &self.data[at..at + NR]
+    }
+
+    /// As [`PackedB::panel_row`], to write. Lanes past the last column must stay zero.
+    pub fn panel_row_mut(&mut self, panel: usize, row: usize) -> &mut [f32] {
+        let at = (panel * self.k + row) * NR;
+        &mut self.data[at..at + NR]
     }
 }
 

@@ -849,24 +849,7 @@ impl ConvLayer {
 
     /// The transformed filters, made from the packed weights the first time they are needed.
     fn winograd_filters(&self, tile: WinogradTile) -> &[PackedB] {
-        self.winograd[tile as usize].get_or_init(|| {
-            let (cin_g, cout_g) = (
-                self.in_channels / self.groups,
-                self.out_channels / self.groups,
-            );
-            let mut oihw = vec![0.0; self.out_channels * cin_g * 9];
-            for (group, packed) in self.packed.iter().enumerate() {
-                for oc in 0..cout_g {
-                    for c in 0..cin_g {
-                        for tap in 0..9 {
-                            oihw[((group * cout_g + oc) * cin_g + c) * 9 + tap] =
-                                packed.at(tap * cin_g + c, oc);
-                        }
-                    }
-                }
-            }
-            winograd::transform_filters(tile, &oihw, self.out_channels, cin_g, self.groups)
-        })
+        self.winograd[tile as usize].get_or_init(|| winograd::transform_filters(tile, &self.packed))
     }
 
     /// SE sits between the convolution and the ReLU, and needs the whole map first.

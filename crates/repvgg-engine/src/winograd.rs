@@ -35,7 +35,7 @@
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
 
-use crate::kernel::{self, PackedB};
+use crate::kernel::{self, NR, PackedB};
 
 /// Which Winograd transform a layer uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,55 +341,58 @@ thread_local! {
 
 /// `U = G g G^T` for every (input channel, output channel) of each group, as one packed
 /// `(cin_g, cout_g)` matrix per group and transform point: `[group * points + point]`.
-pub fn transform_filters(
-    tile: Tile,
-    weight: &[f32],
-    cout: usize,
-    cin_g: usize,
-    groups: usize,
-) -> Vec<PackedB> {
+/// `weights` are the layer's packed 3x3 filters, one `(9 cin_g, cout_g)` matrix per group with
+/// row `tap * cin_g + c`, as [`PackedB`] holds them for the direct products.
+pub fn transform_filters(tile: Tile, weights: &[PackedB]) -> Vec<PackedB> {
     match tile {
-        Tile::F2 => filters(&F2_G, weight, cout, cin_g, groups),
-        Tile::F4 => filters(&F4_G, weight, cout, cin_g, groups),
-        Tile::Stride2F2 => filters(&STRIDE2_F2_G, weight, cout, cin_g, groups),
+        Tile::F2 => filters(&F2_G, weights),
+        Tile::F4 => filters(&F4_G, weights),
+        Tile::Stride2F2 => filters(&STRIDE2_F2_G, weights),
     }
 }
 
-fn filters<const A: usize>(
-    g: &[[f64; 3]; A],
-    weight: &[f32],
-    cout: usize,
-    cin_g: usize,
-    groups: usize,
-) -> Vec<PackedB> {
-    let cout_g = cout / groups;
-    let points = A * A;
-    // u[group][point][c][k]
-    let mut u = vec![0.0f32; groups * points * cin_g * cout_g];
-    for o in 0..cout {
-        let (group, k) = (o / cout_g, o % cout_g);
-        for c in 0..cin_g {
-            let w = &weight[(o * cin_g + c) * 9..(o * cin_g + c + 1) * 9];
-            // G w G^T, entry (i, j) = sum_{a,b} G[i][a] w[a][b] G[j][b]
-            for i in 0..A {
-                for j in 0..A {
-                    let mut sum = 0.0f64;
-                    for a in 0..3 {
-                        for b in 0..3 {
-                            sum += g[i][a] * w[a * 3 + b] as f64 * g[j][b];
+/// `U = G (g G^T)` for one input channel and a panel of 16 output channels at a time: the
+/// filters are read once, in the order they are stored, and each point's matrix is written
+/// row by row. In `f64`, rounded once at the end.
+fn filters<const A: usize>(g: &[[f64; 3]; A], weights: &[PackedB]) -> Vec<PackedB> {
+    let mut out = Vec::with_capacity(weights.len() * A * A);
+    for packed in weights {
+        let (cin_g, cout_g) = (packed.rows() / 9, packed.cols());
+        let mut u: Vec<PackedB> = (0..A * A).map(|_| PackedB::zeros(cin_g, cout_g)).collect();
+        for panel in 0..cout_g.div_ceil(NR) {
+            for c in 0..cin_g {
+                // g G^T, entry (a, j) = sum_b g[a][b] G[j][b], for each of the panel's lanes.
+                let mut right = [[[0.0f64; NR]; A]; 3];
+                for (a, right_row) in right.iter_mut().enumerate() {
+                    for b in 0..3 {
+                        let filter = packed.panel_row(panel, (a * 3 + b) * cin_g + c);
+                        for (sum, g_row) in right_row.iter_mut().zip(g) {
+                            for (s, &w) in sum.iter_mut().zip(filter) {
+                                *s += g_row[b] * w as f64;
+                            }
                         }
                     }
-                    u[((group * points + i * A + j) * cin_g + c) * cout_g + k] = sum as f32;
+                }
+                // G (g G^T), entry (i, j) = sum_a G[i][a] (g G^T)[a][j].
+                for (i, g_row) in g.iter().enumerate() {
+                    for j in 0..A {
+                        let mut sum = [0.0f64; NR];
+                        for (a, right_row) in right.iter().enumerate() {
+                            for (s, &r) in sum.iter_mut().zip(&right_row[j]) {
+                                *s += g_row[a] * r;
+                            }
+                        }
+                        let lanes = u[i * A + j].panel_row_mut(panel, c);
+                        for (lane, s) in lanes.iter_mut().zip(sum) {
+                            *lane = s as f32;
+                        }
+                    }
                 }
             }
         }
+        out.extend(u);
     }
-    (0..groups * points)
-        .map(|matrix| {
-            let at = |c: usize, k: usize| u[(matrix * cin_g + c) * cout_g + k];
-            PackedB::new(cin_g, cout_g, at)
-        })
-        .collect()
+    out
 }
 
 /// Parameters of one pad-1 layer (stride as its tile says).
@@ -987,7 +990,15 @@ mod tests {
                     *value = sum;
                 }
                 let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                let u = transform_filters(tile, &weight, cout, cin_g, groups);
+                let packed: Vec<PackedB> = (0..groups)
+                    .map(|group| {
+                        PackedB::new(9 * cin_g, cout_g, |row, oc| {
+                            let (tap, c) = (row / cin_g, row % cin_g);
+                            weight[((group * cout_g + oc) * cin_g + c) * 9 + tap]
+                        })
+                    })
+                    .collect();
+                let u = transform_filters(tile, &packed);
                 let layer = Layer {
                     tile,
                     u: &u,
