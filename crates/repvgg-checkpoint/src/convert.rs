@@ -1,5 +1,6 @@
 //! Training-form state dict -> deploy-form state dict, through [`repvgg_fuse`] in `f64`.
 
+use rayon::prelude::*;
 use repvgg_arch::{ArchSpec, BlockSpec};
 use repvgg_fuse::{BatchNorm, Kernel, TrainBlock, fuse_block};
 
@@ -73,20 +74,27 @@ pub fn train_block(
 /// Fuses every block; SE and the head carry over unchanged. Expects official naming and a
 /// state dict already checked against `spec`.
 pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDict, String> {
-    let mut deploy = StateDict::new();
-    for block in spec.blocks() {
-        let fused = fuse_block(&train_block(train, &block, eps)?);
-        let p = layout::prefix(&block);
-        let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
-        deploy.insert(
-            format!("{p}{REPARAM}weight"),
-            Tensor::new(fused.kernel.shape().to_vec(), to_f32(&fused.kernel.data)),
-        );
-        deploy.insert(
-            format!("{p}{REPARAM}bias"),
-            Tensor::new(vec![fused.bias.len()], to_f32(&fused.bias)),
-        );
-    }
+    // Blocks are independent: fused side by side (B3: 3.7 s on one core here).
+    let fused = spec
+        .blocks()
+        .par_iter()
+        .map(|block| {
+            let fused = fuse_block(&train_block(train, block, eps)?);
+            let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+            let p = layout::prefix(block);
+            Ok([
+                (
+                    format!("{p}{REPARAM}weight"),
+                    Tensor::new(fused.kernel.shape().to_vec(), to_f32(&fused.kernel.data)),
+                ),
+                (
+                    format!("{p}{REPARAM}bias"),
+                    Tensor::new(vec![fused.bias.len()], to_f32(&fused.bias)),
+                ),
+            ])
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut deploy: StateDict = fused.into_iter().flatten().collect();
     for (key, tensor) in train {
         if key.starts_with(HEAD) || key.contains(".se.") {
             deploy.insert(key.clone(), tensor.clone());

@@ -136,12 +136,15 @@ impl Checkpoint {
         }
         let tensors = convert::to_deploy(&self.tensors, &self.spec, bn_eps)
             .map_err(|e| CheckpointError::new(&self.path, e))?;
+        // Field by field: `..self.clone()` copied every training tensor only to drop them.
         Ok(Checkpoint {
+            path: self.path.clone(),
+            naming: self.naming,
             form: Form::Deploy,
+            spec: self.spec.clone(),
             file_tensor_count: tensors.len(),
             tensors,
             source_dtype: DType::F32,
-            ..self.clone()
         })
     }
 
