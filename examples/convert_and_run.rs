@@ -10,8 +10,10 @@ use repvgg_checkpoint::{Checkpoint, Naming};
 use repvgg_engine::{Engine, Workspace};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Flags are cargo test's (`-- --nocapture`), not ours.
     let path = std::env::args()
-        .nth(1)
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny_se/train_timm.pth")

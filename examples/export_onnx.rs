@@ -8,7 +8,8 @@ use repvgg_checkpoint::Checkpoint;
 use repvgg_onnx::{ExportOptions, export};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    // Flags are cargo test's (`-- --nocapture`), not ours.
+    let mut args = std::env::args().skip(1).filter(|a| !a.starts_with('-'));
     let weights = args.next().map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny_g4/train_official.pth")
     });
