@@ -13,6 +13,7 @@
 //! # Ok::<(), repvgg_checkpoint::CheckpointError>(())
 //! ```
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -127,6 +128,15 @@ impl Checkpoint {
             tensors,
             source_dtype: DType::F32,
         })
+    }
+
+    /// The deploy form to read from: this checkpoint itself when it is one (borrowed, not
+    /// copied: B3's is 450 MB), else its conversion.
+    pub fn as_deploy(&self, bn_eps: f64) -> Result<Cow<'_, Checkpoint>, CheckpointError> {
+        match self.form {
+            Form::Deploy => Ok(Cow::Borrowed(self)),
+            Form::Train => self.to_deploy(bn_eps).map(Cow::Owned),
+        }
     }
 
     /// The equivalent deploy-form checkpoint (itself, if already deployed).

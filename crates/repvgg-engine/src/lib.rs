@@ -281,15 +281,7 @@ impl Engine {
         bn_eps: f64,
         options: EngineOptions,
     ) -> Result<Engine, CheckpointError> {
-        // Convert only what needs it: a deploy checkpoint is read in place, not copied.
-        let converted;
-        let deploy = match ckpt.form {
-            Form::Deploy => ckpt,
-            Form::Train => {
-                converted = ckpt.to_deploy(bn_eps)?;
-                &converted
-            }
-        };
+        let deploy = ckpt.as_deploy(bn_eps)?;
         let t = |key: String| &deploy.tensors[&key];
         let layers = deploy
             .spec

@@ -176,7 +176,7 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
             OPSETS.end()
         ));
     }
-    let deploy = ckpt.to_deploy(bn_eps).map_err(|e| e.to_string())?;
+    let deploy = ckpt.as_deploy(bn_eps).map_err(|e| e.to_string())?;
     debug_assert_eq!(deploy.form, Form::Deploy);
     let spec = &deploy.spec;
     let mut b = Builder {
