@@ -2,15 +2,16 @@
 //! convolution makes: A is row-major with any row stride and is read in place (im2col patches,
 //! Winograd-transformed tiles), B is a weight matrix packed once at load.
 //!
-//! Each call of the micro-kernel keeps a 6 x 16 block of C in twelve AVX registers and, for
-//! every k, broadcasts one value from each of six A rows against two vectors of a B panel.
-//! The reduction is cut into blocks of [`KC`] so that a B micro-panel (KC x 16) stays in L1
-//! while the A rows stream from L2. The AVX2/FMA kernel is chosen at run time; other machines
-//! run the same loop in portable Rust.
+//! Each call of the micro-kernel keeps a block of C in registers and, for every k, broadcasts
+//! one value from each of its A rows against the vectors of one row of B's panels: with
+//! AVX-512, 8 rows x 48 columns (three 16-column panels) in 24 of the 32 ZMM registers; with
+//! AVX2/FMA, 6 x 16 in twelve YMM registers. The reduction is cut into blocks so that the
+//! block's B micro-panels stay in L1 while the A rows stream from L2. The kernels are chosen
+//! at run time; other machines run the same loop in portable Rust.
 
-/// Rows of C per micro-kernel call.
-pub const MR: usize = 6;
-/// Columns of C per micro-kernel call (two 8-lane vectors).
+/// Rows of C per micro-kernel call of the AVX2 and portable kernels.
+const MR: usize = 6;
+/// Columns of a B panel: one AVX-512 vector, two AVX ones.
 pub const NR: usize = 16;
 /// Reduction block: a B micro-panel of KC x NR floats is 16 KiB.
 const KC: usize = 256;
@@ -102,52 +103,120 @@ impl PackedB {
 #[derive(Clone, Copy)]
 enum Start {
     Zero,
-    /// NR values, one per column, the same for every row.
+    /// One value per column (NR per panel of the block), the same for every row.
     Bias(*const f32),
     /// The values already in C (a later reduction block).
     Accumulate,
 }
 
-/// A micro-panel of B, and the stretch of B the product reads next: the kernel asks for one
-/// cache line of it per k step, so that a B streamed from memory (weights too big for the
-/// caches) arrives while the current panel is multiplied, not when it is needed.
+/// The B micro-panels of a block (one, or up to three adjacent ones for the AVX-512 kernels),
+/// and the stretch of B the product reads next: the kernel asks for one cache line of it per
+/// k step and panel, so that a B streamed from memory (weights too big for the caches)
+/// arrives while the current panels are multiplied, not when they are needed.
+///
+/// Adjacent panels are `stride` floats apart, so that a kernel holds one pointer for them
+/// all: with one per panel, the 8 x 48 kernel's pointers outgrew the 16 general registers
+/// and were reloaded from the stack every k step (151 against 171 GFLOP/s on operands in L1).
 #[derive(Clone, Copy)]
-struct Panel {
+struct Panels {
     b: *const f32,
     /// Only prefetched, never read: its k steps may run past the end of B (a shorter last
-    /// reduction block), so the kernels offset it with `wrapping_add`.
+    /// reduction block, or the panels after the last), so the kernels offset it with
+    /// `wrapping_add`.
     next: *const f32,
+    stride: usize,
 }
 
-type MicroKernel =
-    unsafe fn(k: usize, a: &[*const f32; MR], panel: Panel, c: *mut f32, ldc: usize, Start, bool);
+/// The most rows a micro-kernel computes at once (the AVX-512 kernels').
+const MR_MAX: usize = 8;
 
-/// The micro-kernel for full blocks, and where there are some, kernels that compute and store
-/// only the first `h` rows (index h - 1) for the last block of a product.
+type MicroKernel = unsafe fn(
+    k: usize,
+    a: &[*const f32; MR_MAX],
+    panels: Panels,
+    c: *mut f32,
+    ldc: usize,
+    Start,
+    bool,
+);
+
+/// The machine's micro-kernels: `spans[s - 1][h - 1]` computes and stores the first `h` of
+/// `mr` rows of a block of `s` adjacent panels (`16 s` columns). A set without edge kernels
+/// holds only the full one (`spans[0] == [full]`), and its edge blocks go through a scratch
+/// block; the widest span a product's columns allow is taken.
 #[derive(Clone, Copy)]
 struct Kernels {
-    full: MicroKernel,
-    edge: Option<[MicroKernel; MR - 1]>,
+    mr: usize,
+    /// Reduction block: the block's B micro-panels (`kc x 16` floats each) stay in L1.
+    kc: usize,
+    spans: &'static [&'static [MicroKernel]],
 }
 
+const PORTABLE: Kernels = Kernels {
+    mr: MR,
+    kc: KC,
+    spans: &[&[portable_kernel]],
+};
+
+#[cfg(target_arch = "x86_64")]
+const AVX2: Kernels = Kernels {
+    mr: MR,
+    kc: KC,
+    spans: &[&[
+        avx2::edge_kernel::<1>,
+        avx2::edge_kernel::<2>,
+        avx2::edge_kernel::<3>,
+        avx2::edge_kernel::<4>,
+        avx2::edge_kernel::<5>,
+        avx2::kernel,
+    ]],
+};
+
+/// `avx512::kernel::<h, SPAN>` for h = 1, 2, ...
+#[cfg(target_arch = "x86_64")]
+macro_rules! avx512_rows {
+    ($span:literal; $($h:literal)*) => {
+        &[$(avx512::kernel::<$h, $span>),*]
+    };
+}
+
+/// Eight rows against up to three panels: 24 of the 32 ZMM registers hold an 8 x 48 block,
+/// and each k step loads 3 B vectors and 8 broadcasts for 24 FMAs.
+#[cfg(target_arch = "x86_64")]
+const AVX512: Kernels = Kernels {
+    mr: MR_MAX,
+    kc: KC_AVX512,
+    spans: &[
+        avx512_rows!(1; 1 2 3 4 5 6 7 8),
+        avx512_rows!(2; 1 2 3 4 5 6 7 8),
+        avx512_rows!(3; 1 2 3 4 5 6 7 8),
+    ],
+};
+
+/// Reduction block of the AVX-512 kernels: a 192-channel tap or Winograd point in one block.
+/// Its three micro-panels then fill up to a 48 KiB L1 and partly come from L2, but splitting
+/// the reduction costs more: 154 GFLOP/s at 256 against 138 at 128 on a 192^3 product.
+const KC_AVX512: usize = 256;
+
+/// Rows the machine's micro-kernel computes at once: row splits in multiples of it leave no
+/// edge blocks but the last.
+pub fn row_block() -> usize {
+    micro_kernel().mr
+}
+
+/// The fastest kernels this machine runs: AVX-512, AVX2/FMA, or portable Rust.
 fn micro_kernel() -> Kernels {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return Kernels {
-            full: avx2::kernel,
-            edge: Some([
-                avx2::edge_kernel::<1>,
-                avx2::edge_kernel::<2>,
-                avx2::edge_kernel::<3>,
-                avx2::edge_kernel::<4>,
-                avx2::edge_kernel::<5>,
-            ]),
-        };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return AVX512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return AVX2;
+        }
     }
-    Kernels {
-        full: portable_kernel,
-        edge: None,
-    }
+    PORTABLE
 }
 
 /// `C[r][j] = bias[j] + sum_p A[r][p] B[p][j]` for rows `0..rows` and columns `cols` of B,
@@ -243,21 +312,29 @@ unsafe fn gemm_with(
     if rows == 0 || cols.is_empty() {
         return;
     }
+    let panels_end = cols.end.div_ceil(NR);
     let mut k0 = k_range.start;
     loop {
-        let kc = KC.min(k_range.end - k0);
+        let kc = kernels.kc.min(k_range.end - k0);
         let (first, last) = (k0 == k_range.start, k0 + kc == k_range.end);
         let offset = k0 - k_range.start;
-        for panel in cols.start / NR..cols.end.div_ceil(NR) {
+        let panel_at =
+            |panel: usize, row: usize| unsafe { b.data.as_ptr().add((panel * k + row) * NR) };
+        let mut panel = cols.start / NR;
+        while panel < panels_end {
             let col = panel * NR;
-            let width = NR.min(cols.end - col);
-            let panel_b = unsafe { b.data.as_ptr().add((panel * k + k0) * NR) };
-            // The first row block fetches the next panel (or the next reduction block's
-            // first); the later ones re-read this panel from L1.
-            let next = if panel + 1 < cols.end.div_ceil(NR) {
-                unsafe { panel_b.add(k * NR) }
+            // As many whole panels at once as the machine has kernels for.
+            let whole = (cols.end - col) / NR;
+            let span = whole.clamp(1, kernels.spans.len());
+            let set = kernels.spans[span - 1];
+            let width = (span * NR).min(cols.end - col);
+            let panel_b = panel_at(panel, k0);
+            // The first row block fetches the next panels (or the next reduction block's
+            // first); the later ones re-read these panels from L1.
+            let next = if panel + span < panels_end {
+                panel_at(panel + span, k0)
             } else if !last {
-                unsafe { b.data.as_ptr().add(((cols.start / NR) * k + k0 + kc) * NR) }
+                panel_at(cols.start / NR, k0 + kc)
             } else {
                 panel_b
             };
@@ -266,34 +343,33 @@ unsafe fn gemm_with(
             let start = match (first, init) {
                 (false, _) | (true, Init::Accumulate) => Start::Accumulate,
                 (true, Init::Zero) => Start::Zero,
-                (true, Init::Bias(bias)) if width == NR => Start::Bias(bias[col..].as_ptr()),
+                (true, Init::Bias(bias)) if width == span * NR => Start::Bias(bias[col..].as_ptr()),
                 (true, Init::Bias(bias)) => {
                     padded_bias[..width].copy_from_slice(&bias[col..col + width]);
                     Start::Bias(padded_bias.as_ptr())
                 }
             };
-            for r0 in (0..rows).step_by(MR) {
-                let height = MR.min(rows - r0);
+            let mr = kernels.mr;
+            for r0 in (0..rows).step_by(mr) {
+                let height = mr.min(rows - r0);
                 // Rows past the end repeat the last one; their results are not stored.
-                let a_rows: [*const f32; MR] =
+                let a_rows: [*const f32; MR_MAX] =
                     std::array::from_fn(|i| unsafe { a_row(r0 + i.min(height - 1)).add(offset) });
                 let c_block = unsafe { c.add(r0 * ldc + col - cols.start) };
-                let panel_b = Panel {
+                let panels = Panels {
                     b: panel_b,
                     next: if r0 == 0 { next } else { panel_b },
+                    stride: k * NR,
                 };
-                let kernel = kernels.full;
-                if height == MR && width == NR {
-                    unsafe { kernel(kc, &a_rows, panel_b, c_block, ldc, start, relu && last) };
+                let relu = relu && last;
+                if width == span * NR && (height == mr || set.len() == mr) {
+                    let kernel = set[if set.len() == mr { height - 1 } else { 0 }];
+                    unsafe { kernel(kc, &a_rows, panels, c_block, ldc, start, relu) };
                     continue;
                 }
-                if let (Some(edge), true) = (kernels.edge, width == NR) {
-                    let kernel = edge[height - 1];
-                    unsafe { kernel(kc, &a_rows, panel_b, c_block, ldc, start, relu && last) };
-                    continue;
-                }
-                // An edge block goes through a full-size scratch block.
-                let mut block = [0.0f32; MR * NR];
+                // An edge block (of one panel) goes through a full-size scratch block.
+                let kernel = kernels.spans[0][kernels.spans[0].len() - 1];
+                let mut block = [0.0f32; MR_MAX * NR];
                 if let Start::Accumulate = start {
                     for i in 0..height {
                         unsafe {
@@ -305,17 +381,7 @@ unsafe fn gemm_with(
                         };
                     }
                 }
-                unsafe {
-                    kernel(
-                        kc,
-                        &a_rows,
-                        panel_b,
-                        block.as_mut_ptr(),
-                        NR,
-                        start,
-                        relu && last,
-                    )
-                };
+                unsafe { kernel(kc, &a_rows, panels, block.as_mut_ptr(), NR, start, relu) };
                 for i in 0..height {
                     unsafe {
                         std::ptr::copy_nonoverlapping(
@@ -326,6 +392,7 @@ unsafe fn gemm_with(
                     };
                 }
             }
+            panel += span;
         }
         k0 += kc;
         if last {
@@ -337,8 +404,8 @@ unsafe fn gemm_with(
 /// The micro-kernel in plain Rust, for machines without AVX2/FMA.
 unsafe fn portable_kernel(
     k: usize,
-    a: &[*const f32; MR],
-    Panel { b, .. }: Panel,
+    a: &[*const f32; MR_MAX],
+    Panels { b, .. }: Panels,
     c: *mut f32,
     ldc: usize,
     start: Start,
@@ -378,7 +445,7 @@ unsafe fn portable_kernel(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, Panel, Start};
+    use super::{MR, MR_MAX, NR, Panels, Start};
 
     /// `H` rows of 16 accumulators' start: zero, the bias, or C's current values. (Inlined
     /// into the `avx2` kernels, so it compiles with their features.)
@@ -415,7 +482,7 @@ mod avx2 {
     #[inline(always)]
     unsafe fn fma_rows<const H: usize>(
         acc: &mut [[__m256; 2]; H],
-        a: &[*const f32; MR],
+        a: &[*const f32; MR_MAX],
         b: *const f32,
         p: usize,
     ) {
@@ -456,8 +523,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn kernel(
         k: usize,
-        a: &[*const f32; MR],
-        Panel { b, next }: Panel,
+        a: &[*const f32; MR_MAX],
+        Panels { b, next, .. }: Panels,
         c: *mut f32,
         ldc: usize,
         start: Start,
@@ -478,8 +545,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn edge_kernel<const H: usize>(
         k: usize,
-        a: &[*const f32; MR],
-        Panel { b, next }: Panel,
+        a: &[*const f32; MR_MAX],
+        Panels { b, next, .. }: Panels,
         c: *mut f32,
         ldc: usize,
         start: Start,
@@ -517,6 +584,105 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR_MAX, NR, Panels, Start};
+
+    /// `H` rows against `V` adjacent panels of 16 columns: `H x V` accumulators (at most 24),
+    /// `V` B vectors and one broadcast.
+    /// With fewer than eight accumulators, their chains of FMAs (4 cycles each, two FMA
+    /// units) set the pace, so even and odd k go to separate accumulators, summed before the
+    /// store.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)]
+    pub(super) unsafe fn kernel<const H: usize, const V: usize>(
+        k: usize,
+        a: &[*const f32; MR_MAX],
+        panels: Panels,
+        c: *mut f32,
+        ldc: usize,
+        start: Start,
+        relu: bool,
+    ) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); V]; H];
+            match start {
+                Start::Zero => {}
+                Start::Bias(bias) => {
+                    for row in acc.iter_mut() {
+                        for (v, lane) in row.iter_mut().enumerate() {
+                            *lane = _mm512_loadu_ps(bias.add(v * NR));
+                        }
+                    }
+                }
+                Start::Accumulate => {
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        for (v, lane) in row.iter_mut().enumerate() {
+                            *lane = _mm512_loadu_ps(c.add(i * ldc + v * NR));
+                        }
+                    }
+                }
+            }
+            let split = H * V < 8;
+            let mut odd = [[_mm512_setzero_ps(); V]; H];
+            let step = if split { 2 } else { 1 };
+            let mut p = 0;
+            while p + step <= k {
+                fma_step::<H, V>(&mut acc, a, panels, p);
+                if split {
+                    fma_step::<H, V>(&mut odd, a, panels, p + 1);
+                }
+                p += step;
+            }
+            if p < k {
+                fma_step::<H, V>(&mut acc, a, panels, p);
+            }
+            let zero = _mm512_setzero_ps();
+            for (i, (row, odd_row)) in acc.iter().zip(&odd).enumerate() {
+                for v in 0..V {
+                    let mut value = row[v];
+                    if split {
+                        value = _mm512_add_ps(value, odd_row[v]);
+                    }
+                    if relu {
+                        value = _mm512_max_ps(value, zero);
+                    }
+                    _mm512_storeu_ps(c.add(i * ldc + v * NR), value);
+                }
+            }
+        }
+    }
+
+    /// One k step: `acc[i][v] += a[i][p] * b[v][p]`, asking for the next panels' line p.
+    /// (Inlined into the kernel, so it compiles with its features; index loops rather than
+    /// iterator closures, which need not inline.)
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn fma_step<const H: usize, const V: usize>(
+        acc: &mut [[__m512; V]; H],
+        a: &[*const f32; MR_MAX],
+        Panels { b, next, stride }: Panels,
+        p: usize,
+    ) {
+        unsafe {
+            let mut lanes = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                let at = v * stride + p * NR;
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at) as *const i8);
+                lanes[v] = _mm512_loadu_ps(b.add(at));
+            }
+            for (row, a) in acc.iter_mut().zip(a) {
+                let x = _mm512_set1_ps(*a.add(p));
+                for v in 0..V {
+                    row[v] = _mm512_fmadd_ps(x, lanes[v], row[v]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -524,8 +690,26 @@ mod tests {
 
     use super::*;
 
-    /// Every edge case of the blocking (partial rows, partial columns, several reduction
-    /// blocks) against a plain f64 product; both kernels where the machine has AVX2.
+    /// Every kernel set this machine runs (portable, AVX2, AVX-512).
+    fn available_kernels() -> Vec<Kernels> {
+        let mut sets = vec![PORTABLE];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                sets.push(AVX2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                sets.push(AVX512);
+            }
+        }
+        sets
+    }
+
+    /// Every edge case of the blocking (partial rows, partial columns, pairs of panels and a
+    /// last single one, several reduction blocks) against a plain f64 product, with every
+    /// kernel set the machine runs.
     #[test]
     fn matches_a_plain_product() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -540,17 +724,18 @@ mod tests {
             (8, 7, 33, 2),
             (9, 20, 16, 0),
             (16, 40, 32, 0),
+            // Columns 48..100: three panels at once, then a partial one; a last row of 1.
+            (25, 200, 100, 1),
+            // Columns 80..160: three panels, then two; last row blocks of 6 (AVX-512) and
+            // full ones (AVX2); two reduction blocks.
+            (30, 400, 160, 0),
         ] {
             let lda = k + lda_pad;
             let a: Vec<f32> = (0..rows * lda).map(|_| next()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| next()).collect();
             let bias: Vec<f32> = (0..n).map(|_| next()).collect();
             let packed = PackedB::new(k, n, |r, j| b[r * n + j]);
-            let portable = Kernels {
-                full: portable_kernel,
-                edge: None,
-            };
-            let kernels = [portable, micro_kernel()];
+            let kernels = available_kernels();
             // The second half of the columns alone, as a thread's share would be.
             let first_col = (n / 2) / NR * NR;
             for (kernel, relu) in kernels.into_iter().flat_map(|k| [(k, false), (k, true)]) {

@@ -24,7 +24,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::OutPtr;
-use crate::kernel::{Init, MR, NR, PackedB, gemm_rows};
+use crate::kernel::{Init, NR, PackedB, gemm_rows, row_block};
 
 /// The shape of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,8 +336,9 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
                 // SAFETY: a piece lies in one image when dY is NCHW, so its rows are
                 // contiguous; every task writes its own block of its own part's copy.
                 // In blocks of rows whose slice of dY stays in L2 while it meets every panel.
-                let block = round_up((32768 / len).max(MR), MR);
-                for rows in split(out_g, out_g.div_ceil(block), MR) {
+                let mr = row_block();
+                let block = round_up((32768 / len).max(mr), mr);
+                for rows in split(out_g, out_g.div_ceil(block), mr) {
                     unsafe {
                         gemm_rows(
                             rows.len(),
@@ -722,8 +723,8 @@ impl Plan {
         let short = target.div_ceil(groups * cols.len());
         let rows = split(
             self.out_per_group,
-            short.min(self.out_per_group / (4 * MR)).max(1),
-            MR,
+            short.min(self.out_per_group / (4 * row_block())).max(1),
+            row_block(),
         );
         let mut tasks = Vec::new();
         for group in 0..groups {
