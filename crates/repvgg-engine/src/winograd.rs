@@ -186,16 +186,18 @@ impl Transform<2, 4> for Rim {
     }
 }
 
-/// Channels per vector step of the transforms.
+/// Channels per vector step of the portable and AVX transforms.
 const LANES: usize = 8;
 
-/// Eight channels operated on together: an AVX register, or a plain array elsewhere.
+/// Channels operated on together: an AVX-512 or AVX register, or a plain array elsewhere.
 trait Vector: Copy {
+    /// Channels per vector.
+    const LANES: usize;
     fn zero() -> Self;
     fn splat(x: f32) -> Self;
-    /// The first `min(LANES, src.len())` values, zeros after.
+    /// The first `min(Self::LANES, src.len())` values, zeros after.
     fn load(src: &[f32]) -> Self;
-    /// Writes the first `min(LANES, dst.len())` values.
+    /// Writes the first `min(Self::LANES, dst.len())` values.
     fn store(self, dst: &mut [f32]);
     fn add(self, other: Self) -> Self;
     fn sub(self, other: Self) -> Self;
@@ -207,6 +209,7 @@ trait Vector: Copy {
 struct Portable([f32; LANES]);
 
 impl Vector for Portable {
+    const LANES: usize = LANES;
     fn zero() -> Self {
         Portable([0.0; LANES])
     }
@@ -248,6 +251,7 @@ mod avx {
     pub(super) struct Avx(__m256);
 
     impl Vector for Avx {
+        const LANES: usize = LANES;
         #[inline(always)]
         fn zero() -> Self {
             unsafe { Avx(_mm256_setzero_ps()) }
@@ -296,6 +300,69 @@ mod avx {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Vector;
+
+    /// Only made inside functions compiled with AVX-512 enabled, on machines that have it.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512);
+
+    /// The first `n` (at most 16) lanes.
+    #[inline(always)]
+    fn mask(n: usize) -> __mmask16 {
+        if n >= 16 { !0 } else { (1u16 << n) - 1 }
+    }
+
+    impl Vector for Avx512 {
+        const LANES: usize = 16;
+        #[inline(always)]
+        fn zero() -> Self {
+            unsafe { Avx512(_mm512_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { Avx512(_mm512_set1_ps(x)) }
+        }
+        #[inline(always)]
+        fn load(src: &[f32]) -> Self {
+            if src.len() >= 16 {
+                unsafe { Avx512(_mm512_loadu_ps(src.as_ptr())) }
+            } else {
+                // SAFETY: the mask reads only the slice's values.
+                unsafe { Avx512(_mm512_maskz_loadu_ps(mask(src.len()), src.as_ptr())) }
+            }
+        }
+        #[inline(always)]
+        fn store(self, dst: &mut [f32]) {
+            if dst.len() >= 16 {
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr(), self.0) }
+            } else {
+                // SAFETY: the mask writes only the slice's values.
+                unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), mask(dst.len()), self.0) }
+            }
+        }
+        #[inline(always)]
+        fn add(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_add_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn sub(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_sub_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, o: Self) -> Self {
+            unsafe { Avx512(_mm512_mul_ps(self.0, o.0)) }
+        }
+        #[inline(always)]
+        fn relu(self) -> Self {
+            unsafe { Avx512(_mm512_max_ps(self.0, _mm512_setzero_ps())) }
+        }
+    }
+}
+
 /// Output tiles per task: enough rows for the products to run at full speed.
 const TILES_PER_TASK: usize = 128;
 /// Output tiles per task when the threads share a layer: smaller tasks balance better, and at
@@ -309,20 +376,25 @@ const SCRATCH_BYTES: usize = 8 << 20;
 
 /// Tiles per task for a layer: [`TILES_PER_TASK`] (or [`SHARED_TILES_PER_TASK`] when the
 /// layer is `shared` between threads), fewer for very wide layers.
+///
+/// A task reads all of the group's transformed filters U once and keeps its tiles' V and M,
+/// so fewer tiles per task re-read U more often while more spill V and M out of L2. Taking
+/// about as many tiles as U has bytes per tile of V (that is, `min(cin_g, cout_g)` tiles)
+/// balances the two: A0 at batch 4 on one thread, 48 channels: 48 tiles 12% faster than 128;
+/// 192 channels: 128 tiles 15-20% faster than 32.
 pub fn tiles_per_task(tile: Tile, cin_g: usize, cout_g: usize, shared: bool) -> usize {
     let per_tile = tile.points() * cin_g.max(cout_g) * 4;
     let most = if shared {
         SHARED_TILES_PER_TASK
     } else {
-        TILES_PER_TASK
+        TILES_PER_TASK.min(cin_g.min(cout_g))
     };
-    (SCRATCH_BYTES / per_tile).clamp(MIN_TILES_PER_TASK, most)
+    (SCRATCH_BYTES / per_tile).min(most).max(MIN_TILES_PER_TASK)
 }
 
-/// A row stride of at least `len` floats that is an odd number of cache lines, so that the
-/// rows a micro-kernel reads together fall in different cache sets: at a multiple of 4 KiB
-/// (F(2x2) with 192 channels: 12 KiB) every row of V lands in the same L1 set, and the A
-/// block and the B panel evict each other.
+/// A stride of at least `len` floats that is an odd number of cache lines, so that the points
+/// a transform reads or writes together fall in different cache sets: at a multiple of 4 KiB
+/// every point of a tile lands in the same L1 set.
 fn skewed(len: usize) -> usize {
     let lines = len.div_ceil(16);
     16 * (lines | 1)
@@ -331,8 +403,8 @@ fn skewed(len: usize) -> usize {
 /// Per-thread scratch, grown to the largest layer once and then reused.
 #[derive(Default)]
 struct Scratch {
-    v: Vec<f32>,
-    m: Vec<f32>,
+    /// The transformed tiles, V and M, in the slots of [`tiles_with`]'s ring.
+    ring: Vec<f32>,
 }
 
 thread_local! {
@@ -432,6 +504,19 @@ pub unsafe fn tiles(layer: &Layer<'_>, task: &Task<'_>) {
     // closure (which would not be compiled with the AVX2 function's target features).
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 is present; the caller upholds the rest.
+        unsafe {
+            match layer.tile {
+                Tile::F2 => tiles_avx512::<2, 4, F2>(layer, task, &mut scratch),
+                Tile::F4 => tiles_avx512::<4, 6, F4>(layer, task, &mut scratch),
+                Tile::Stride2F2 => tiles_avx512::<2, 5, Stride2F2>(layer, task, &mut scratch),
+            }
+        }
+        SCRATCH.with(|s| *s.borrow_mut() = scratch);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 is present; the caller upholds the rest.
         unsafe {
@@ -463,6 +548,17 @@ unsafe fn tiles_avx2<const M: usize, const A: usize, T: Transform<M, A>>(
     scratch: &mut Scratch,
 ) {
     unsafe { tiles_with::<M, A, T, avx::Avx>(layer, task, scratch) }
+}
+
+/// The same code with AVX-512 vectors, sixteen channels a step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tiles_avx512<const M: usize, const A: usize, T: Transform<M, A>>(
+    layer: &Layer<'_>,
+    task: &Task<'_>,
+    scratch: &mut Scratch,
+) {
+    unsafe { tiles_with::<M, A, T, avx512::Avx512>(layer, task, scratch) }
 }
 
 /// Reads a fully written tile of possibly-uninitialised vectors.
@@ -586,47 +682,6 @@ impl Tiling {
     }
 }
 
-/// The next tile's block of V or M, asked for a few cache lines per channel step of this
-/// tile's transform: with a whole task's V and M in L3 (1.8 MB each for 64 tiles of F(4x4) at
-/// 192 channels), a transform that waits for each of its 36 lines is bound by L3 latency.
-#[derive(Clone, Copy)]
-struct Ahead {
-    block: *const f32,
-    lines_per_step: usize,
-}
-
-impl Ahead {
-    fn new(buffer: &[f32], next: usize, stride: usize, steps: usize) -> Ahead {
-        Ahead {
-            block: buffer.as_ptr().wrapping_add(next * stride),
-            lines_per_step: if (next + 1) * stride <= buffer.len() {
-                stride.div_ceil(16).div_ceil(steps.max(1))
-            } else {
-                0
-            },
-        }
-    }
-
-    #[inline(always)]
-    fn step(self, step: usize) {
-        for line in step * self.lines_per_step..(step + 1) * self.lines_per_step {
-            prefetch(self.block.wrapping_add(16 * line));
-        }
-    }
-}
-
-/// A hint that the cache line at `p` is needed soon; no effect on results, none off x86.
-#[inline(always)]
-fn prefetch(p: *const f32) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 /// What one tile's transforms need to know of the layer and the task.
 struct Site<'a> {
     input: &'a [f32],
@@ -641,8 +696,8 @@ struct Site<'a> {
     x0: usize,
 }
 
-/// `V[point] = (B^T d B)[point]` for one tile, `LANES` channels at a time, each point stored at
-/// its place in the layer's `GRID x GRID` points (`tile_v[place * cin_g + c]`).
+/// `V[point] = (B^T d B)[point]` for one tile, a vector of channels at a time, each point stored at
+/// its place in the layer's `GRID x GRID` points (`tile_v[place * point_stride + c]`).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
 unsafe fn input_tile<
@@ -657,7 +712,7 @@ unsafe fn input_tile<
 >(
     site: &Site<'_>,
     tile_v: &mut [f32],
-    ahead: Ahead,
+    point_stride: usize,
 ) {
     let Site {
         input,
@@ -681,9 +736,8 @@ unsafe fn input_tile<
             inside.then(|| ((image * h + iy as usize) * w + ix as usize) * cin + c_first)
         })
     });
-    for c0 in (0..cin_g).step_by(LANES) {
-        ahead.step(c0 / LANES);
-        let end = (c0 + LANES).min(cin_g);
+    for c0 in (0..cin_g).step_by(V::LANES) {
+        let end = (c0 + V::LANES).min(cin_g);
         // Every element is written below; starting from zeros would cost a `memset` of the
         // whole tile per step.
         let mut d = [[MaybeUninit::<V>::uninit(); AX]; AY];
@@ -700,7 +754,7 @@ unsafe fn input_tile<
         let transformed = two_d(&d, TY::input::<V>, TX::input::<V>);
         for (i, row) in transformed.iter().enumerate() {
             for (j, value) in row.iter().enumerate() {
-                let at = (TY::PLACES[i] * GRID + TX::PLACES[j]) * cin_g;
+                let at = (TY::PLACES[i] * GRID + TX::PLACES[j]) * point_stride;
                 value.store(&mut tile_v[at + c0..at + end]);
             }
         }
@@ -740,8 +794,8 @@ unsafe fn output_tile<
 >(
     sink: &Sink<'_>,
     tile_m: &[f32],
+    point_stride: usize,
     (image, y0, x0): (usize, usize, usize),
-    ahead: Ahead,
 ) {
     let Sink {
         out,
@@ -753,13 +807,12 @@ unsafe fn output_tile<
         relu,
     } = *sink;
     let ncols = bias.len();
-    for k0 in (0..ncols).step_by(LANES) {
-        ahead.step(k0 / LANES);
-        let end = (k0 + LANES).min(ncols);
+    for k0 in (0..ncols).step_by(V::LANES) {
+        let end = (k0 + V::LANES).min(ncols);
         let mut mt = [[MaybeUninit::<V>::uninit(); AX]; AY];
         for r in 0..AY {
             for s in 0..AX {
-                let at = (TY::PLACES[r] * GRID + TX::PLACES[s]) * ncols;
+                let at = (TY::PLACES[r] * GRID + TX::PLACES[s]) * point_stride;
                 mt[r][s].write(V::load(&tile_m[at + k0..at + end]));
             }
         }
@@ -820,24 +873,23 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         out,
     } = *task;
     let (col0, ncols) = (cols.start, cols.len());
-    let Scratch { v, m } = scratch;
+    let Scratch { ring } = scratch;
     let (cin_g, cout_g) = (cin / groups, cout / groups);
     let points = A * A;
     let (oh, ow) = ((h - 1) / T::STRIDE + 1, (w - 1) / T::STRIDE + 1);
     let tiling = Tiling::new(tile, input.len() / (h * w * cin), oh, ow);
     // The rim tiles' places index F(4x4)'s 6x6 grid of points; `Cut` gives rims to no other.
     debug_assert!(A == 6 || !(tiling.y.rim || tiling.x.rim));
-    // Tile-major layouts, V[t][point][c] and M[t][point][k], so that each transform reads and
-    // writes one contiguous block per tile; the products read and write them at a row stride.
-    // A rim tile fills only its points' places.
-    let (row_v, row_m) = (skewed(points * cin_g), skewed(points * ncols));
-    if v.len() < count * row_v {
-        v.resize(count * row_v, 0.0);
+    // Point-major, in one ring of `points + 1` slots: slot s holds one point's rows for every
+    // tile of the task (row t at `t * row`). V[p] goes to slot p + 1; the product for point p
+    // writes M[p] to slot p, whose V[p - 1] is dead by then. So V and M together take little
+    // more than V alone (1.8 MB for 64 F(4x4) tiles at 192 channels, within a 2 MiB L2), and
+    // each product reads and writes one contiguous block.
+    let row = cin_g.max(ncols);
+    let slot = skewed(count * row);
+    if ring.len() < (points + 1) * slot {
+        ring.resize((points + 1) * slot, 0.0);
     }
-    if m.len() < count * row_m {
-        m.resize(count * row_m, 0.0);
-    }
-
     // Input transform. A class other than 0 exists only for F(4x4) (whose grid holds the rim's
     // places), so the rim variants below never run with another transform.
     for t in 0..count {
@@ -853,14 +905,13 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
             y0,
             x0,
         };
-        let ahead = Ahead::new(v, t + 1, row_v, cin_g.div_ceil(LANES));
-        let tile_v = &mut v[t * row_v..(t + 1) * row_v];
+        let tile_v = &mut ring[slot + t * row..];
         unsafe {
             match class {
-                0 => input_tile::<V, A, M, A, T, M, A, T>(&site, tile_v, ahead),
-                1 => input_tile::<V, A, 2, 4, Rim, M, A, T>(&site, tile_v, ahead),
-                2 => input_tile::<V, A, M, A, T, 2, 4, Rim>(&site, tile_v, ahead),
-                _ => input_tile::<V, A, 2, 4, Rim, 2, 4, Rim>(&site, tile_v, ahead),
+                0 => input_tile::<V, A, M, A, T, M, A, T>(&site, tile_v, slot),
+                1 => input_tile::<V, A, 2, 4, Rim, M, A, T>(&site, tile_v, slot),
+                2 => input_tile::<V, A, M, A, T, 2, 4, Rim>(&site, tile_v, slot),
+                _ => input_tile::<V, A, 2, 4, Rim, 2, 4, Rim>(&site, tile_v, slot),
             }
         }
     }
@@ -868,6 +919,8 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     // M[.][point] = V[.][point] (tiles x cin_g) * U[point] (cin_g x this task's columns), over
     // the runs of the task's tiles whose transforms have this point.
     let task_tiles = first_tile..first_tile + count;
+    // The product reads one slot and writes another: both through this one pointer.
+    let slots = ring.as_mut_ptr();
     for point in 0..points {
         let (py, px) = (point / A, point % A);
         let mut runs = [0..0, 0..0];
@@ -891,16 +944,16 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
             }
         }
         for run in runs.into_iter().filter(|run| !run.is_empty()) {
-            // SAFETY: V and M hold `count` rows of `points` blocks of cin_g and ncols values.
+            // SAFETY: slots point + 1 (V) and point (M) hold `count` rows of `row` values.
             unsafe {
                 kernel::gemm(
                     run.len(),
-                    v.as_ptr().add(run.start * row_v + point * cin_g),
-                    row_v,
+                    slots.add((point + 1) * slot + run.start * row),
+                    row,
                     &u[group * points + point],
                     cols.clone(),
-                    m.as_mut_ptr().add(run.start * row_m + point * ncols),
-                    row_m,
+                    slots.add(point * slot + run.start * row),
+                    row,
                     None,
                     false,
                 );
@@ -920,16 +973,15 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     };
     for t in 0..count {
         let (class, image, y0, x0) = tiling.locate(first_tile + t, M);
-        let ahead = Ahead::new(m, t + 1, row_m, ncols.div_ceil(LANES));
-        let tile_m = &m[t * row_m..(t + 1) * row_m];
+        let tile_m = &ring[t * row..];
         let at = (image, y0, x0);
         // SAFETY: tasks own disjoint (tiles, channels) blocks of the output.
         unsafe {
             match class {
-                0 => output_tile::<V, A, M, A, T, M, A, T>(&sink, tile_m, at, ahead),
-                1 => output_tile::<V, A, 2, 4, Rim, M, A, T>(&sink, tile_m, at, ahead),
-                2 => output_tile::<V, A, M, A, T, 2, 4, Rim>(&sink, tile_m, at, ahead),
-                _ => output_tile::<V, A, 2, 4, Rim, 2, 4, Rim>(&sink, tile_m, at, ahead),
+                0 => output_tile::<V, A, M, A, T, M, A, T>(&sink, tile_m, slot, at),
+                1 => output_tile::<V, A, 2, 4, Rim, M, A, T>(&sink, tile_m, slot, at),
+                2 => output_tile::<V, A, M, A, T, 2, 4, Rim>(&sink, tile_m, slot, at),
+                _ => output_tile::<V, A, 2, 4, Rim, 2, 4, Rim>(&sink, tile_m, slot, at),
             }
         }
     }
@@ -942,7 +994,50 @@ mod tests {
 
     use super::*;
 
-    /// Every transform, with both the AVX and the portable vectors, against a direct f64
+    /// The vector kinds this machine runs.
+    fn available_vectors() -> Vec<&'static str> {
+        let mut kinds = vec!["portable"];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2") {
+                kinds.push("avx2");
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kinds.push("avx512");
+            }
+        }
+        kinds
+    }
+
+    /// [`tiles`] with the vectors named, whatever the machine's best.
+    unsafe fn tiles_on(vectors: &str, layer: &Layer<'_>, task: &Task<'_>, scratch: &mut Scratch) {
+        unsafe {
+            match (vectors, layer.tile) {
+                ("portable", Tile::F2) => tiles_with::<2, 4, F2, Portable>(layer, task, scratch),
+                ("portable", Tile::F4) => tiles_with::<4, 6, F4, Portable>(layer, task, scratch),
+                ("portable", Tile::Stride2F2) => {
+                    tiles_with::<2, 5, Stride2F2, Portable>(layer, task, scratch)
+                }
+                #[cfg(target_arch = "x86_64")]
+                ("avx2", Tile::F2) => tiles_avx2::<2, 4, F2>(layer, task, scratch),
+                #[cfg(target_arch = "x86_64")]
+                ("avx2", Tile::F4) => tiles_avx2::<4, 6, F4>(layer, task, scratch),
+                #[cfg(target_arch = "x86_64")]
+                ("avx2", Tile::Stride2F2) => tiles_avx2::<2, 5, Stride2F2>(layer, task, scratch),
+                #[cfg(target_arch = "x86_64")]
+                ("avx512", Tile::F2) => tiles_avx512::<2, 4, F2>(layer, task, scratch),
+                #[cfg(target_arch = "x86_64")]
+                ("avx512", Tile::F4) => tiles_avx512::<4, 6, F4>(layer, task, scratch),
+                #[cfg(target_arch = "x86_64")]
+                ("avx512", Tile::Stride2F2) => {
+                    tiles_avx512::<2, 5, Stride2F2>(layer, task, scratch)
+                }
+                _ => unreachable!("no {vectors} vectors here"),
+            }
+        }
+    }
+
+    /// Every transform, with every vector kind the machine runs, against a direct f64
     /// convolution at its stride: odd map sizes (partial tiles), channel counts that are not
     /// multiples of 8 (partial lanes), groups, and a column split. Tolerance 1e-5 of the
     /// output's largest magnitude: F(4x4)'s transforms scale values by up to 8 before rounding.
@@ -1009,7 +1104,7 @@ mod tests {
                     relu: false,
                 };
                 let total = tile_count(tile, n, oh, ow);
-                for portable in [false, true] {
+                for &vectors in &available_vectors() {
                     let mut out = vec![f32::NAN; n * oh * ow * cout];
                     let mut scratch = Scratch::default();
                     for group in 0..groups {
@@ -1026,28 +1121,7 @@ mod tests {
                                     cols: cols.clone(),
                                     out: out.as_mut_ptr(),
                                 };
-                                unsafe {
-                                    match (tile, portable) {
-                                        (Tile::F2, true) => tiles_with::<2, 4, F2, Portable>(
-                                            &layer,
-                                            &task,
-                                            &mut scratch,
-                                        ),
-                                        (Tile::F4, true) => tiles_with::<4, 6, F4, Portable>(
-                                            &layer,
-                                            &task,
-                                            &mut scratch,
-                                        ),
-                                        (Tile::Stride2F2, true) => {
-                                            tiles_with::<2, 5, Stride2F2, Portable>(
-                                                &layer,
-                                                &task,
-                                                &mut scratch,
-                                            )
-                                        }
-                                        _ => tiles(&layer, &task),
-                                    }
-                                }
+                                unsafe { tiles_on(vectors, &layer, &task, &mut scratch) };
                             }
                         }
                     }
@@ -1057,7 +1131,7 @@ mod tests {
                         .fold(0.0f64, |m, (&a, &b)| m.max((a as f64 - b).abs()));
                     assert!(
                         err < 1e-5 * scale,
-                        "{tile:?} portable={portable} groups={groups}: {err:e} of {scale}"
+                        "{tile:?} {vectors} groups={groups}: {err:e} of {scale}"
                     );
                 }
             }
