@@ -124,6 +124,9 @@ struct Panels {
     /// reduction block, or the panels after the last), so the kernels offset it with
     /// `wrapping_add`.
     next: *const f32,
+    /// Floats the prefetched address moves per k step: NR (a line per step), or less when
+    /// several row blocks share the asking (see `gemm_with`).
+    ahead_step: usize,
     stride: usize,
 }
 
@@ -150,12 +153,15 @@ struct Kernels {
     /// Reduction block: the block's B micro-panels (`kc x 16` floats each) stay in L1.
     kc: usize,
     spans: &'static [&'static [MicroKernel]],
+    /// Whether the kernels move their prefetch address by `Panels::ahead_step`.
+    spread_ahead: bool,
 }
 
 const PORTABLE: Kernels = Kernels {
     mr: MR,
     kc: KC,
     spans: &[&[portable_kernel]],
+    spread_ahead: false,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -170,6 +176,7 @@ const AVX2: Kernels = Kernels {
         avx2::edge_kernel::<5>,
         avx2::kernel,
     ]],
+    spread_ahead: false,
 };
 
 /// `avx512::kernel::<h, SPAN>` for h = 1, 2, ...
@@ -191,6 +198,7 @@ const AVX512: Kernels = Kernels {
         avx512_rows!(2; 1 2 3 4 5 6 7 8),
         avx512_rows!(3; 1 2 3 4 5 6 7 8),
     ],
+    spread_ahead: true,
 };
 
 /// Reduction block of the AVX-512 kernels: a 192-channel tap or Winograd point in one block.
@@ -350,15 +358,30 @@ unsafe fn gemm_with(
                 }
             };
             let mr = kernels.mr;
-            for r0 in (0..rows).step_by(mr) {
+            // The next panels are asked for over the first `spread` row blocks, a share each,
+            // rather than all in the first: a product of few rows (25, a Winograd task's at
+            // batch 1) otherwise leaves a quarter of a block's time to bring 36 KiB from L3.
+            let spread = if kernels.spread_ahead {
+                let blocks = rows.div_ceil(mr).min(NR);
+                1 << blocks.ilog2()
+            } else {
+                1
+            };
+            for (block, r0) in (0..rows).step_by(mr).enumerate() {
                 let height = mr.min(rows - r0);
                 // Rows past the end repeat the last one; their results are not stored.
                 let a_rows: [*const f32; MR_MAX] =
                     std::array::from_fn(|i| unsafe { a_row(r0 + i.min(height - 1)).add(offset) });
                 let c_block = unsafe { c.add(r0 * ldc + col - cols.start) };
+                let (ahead, ahead_step) = if block < spread {
+                    (next.wrapping_add(block * (kc / spread) * NR), NR / spread)
+                } else {
+                    (panel_b, NR)
+                };
                 let panels = Panels {
                     b: panel_b,
-                    next: if r0 == 0 { next } else { panel_b },
+                    next: ahead,
+                    ahead_step,
                     stride: k * NR,
                 };
                 let relu = relu && last;
@@ -663,15 +686,20 @@ mod avx512 {
     unsafe fn fma_step<const H: usize, const V: usize>(
         acc: &mut [[__m512; V]; H],
         a: &[*const f32; MR_MAX],
-        Panels { b, next, stride }: Panels,
+        Panels {
+            b,
+            next,
+            ahead_step,
+            stride,
+        }: Panels,
         p: usize,
     ) {
         unsafe {
             let mut lanes = [_mm512_setzero_ps(); V];
             for v in 0..V {
-                let at = v * stride + p * NR;
-                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at) as *const i8);
-                lanes[v] = _mm512_loadu_ps(b.add(at));
+                let ahead = next.wrapping_add(v * stride + p * ahead_step);
+                _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                lanes[v] = _mm512_loadu_ps(b.add(v * stride + p * NR));
             }
             for (row, a) in acc.iter_mut().zip(a) {
                 let x = _mm512_set1_ps(*a.add(p));
