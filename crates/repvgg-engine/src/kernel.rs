@@ -254,6 +254,44 @@ pub unsafe fn gemm(
     unsafe { gemm_rows(rows, a_row, b, 0..b.k, cols, c, ldc, init, relu) }
 }
 
+/// As [`gemm`] with no bias or ReLU, asking during its last panels for the first ones of
+/// `then`, the B of the product that follows (of the same shape): a Winograd task's products,
+/// one per transform point, each start on a matrix that is in L3.
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_then(
+    rows: usize,
+    a: *const f32,
+    lda: usize,
+    b: &PackedB,
+    cols: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+    then: Option<&PackedB>,
+) {
+    let a_row = |r: usize| unsafe { a.add(r * lda) };
+    let then = then
+        .filter(|t| cols.start < t.cols() && t.rows() > 0)
+        .map_or(std::ptr::null(), |t| t.panel_row(cols.start / NR, 0).as_ptr());
+    unsafe {
+        gemm_with(
+            micro_kernel(),
+            rows,
+            a_row,
+            b,
+            0..b.k,
+            cols,
+            c,
+            ldc,
+            Init::Zero,
+            false,
+            then,
+        )
+    }
+}
+
 /// What C holds before a product is added to it.
 #[derive(Clone, Copy)]
 pub enum Init<'a> {
@@ -294,10 +332,13 @@ pub unsafe fn gemm_rows(
             ldc,
             init,
             relu,
+            std::ptr::null(),
         )
     }
 }
 
+/// The product; `then`, when not null, is where the next product's B starts (see
+/// [`gemm_then`]).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_with(
     kernels: Kernels,
@@ -310,6 +351,7 @@ unsafe fn gemm_with(
     ldc: usize,
     init: Init<'_>,
     relu: bool,
+    then: *const f32,
 ) {
     // Once per call, against a full product: cheap enough to keep in release builds.
     assert!(cols.start.is_multiple_of(NR) && cols.end <= b.n && k_range.end <= b.k);
@@ -343,6 +385,8 @@ unsafe fn gemm_with(
                 panel_at(panel + span, k0)
             } else if !last {
                 panel_at(cols.start / NR, k0 + kc)
+            } else if !then.is_null() {
+                then
             } else {
                 panel_b
             };
@@ -783,6 +827,7 @@ mod tests {
                         n,
                         Init::Bias(&bias),
                         false,
+                        std::ptr::null(),
                     );
                     gemm_with(
                         kernel,
@@ -795,6 +840,7 @@ mod tests {
                         n,
                         Init::Accumulate,
                         relu,
+                        std::ptr::null(),
                     );
                 };
                 for r in 0..rows {

@@ -946,7 +946,7 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
         for run in runs.into_iter().filter(|run| !run.is_empty()) {
             // SAFETY: slots point + 1 (V) and point (M) hold `count` rows of `row` values.
             unsafe {
-                kernel::gemm(
+                kernel::gemm_then(
                     run.len(),
                     slots.add((point + 1) * slot + run.start * row),
                     row,
@@ -954,8 +954,7 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
                     cols.clone(),
                     slots.add(point * slot + run.start * row),
                     row,
-                    None,
-                    false,
+                    u.get(group * points + point + 1).filter(|_| point + 1 < points),
                 );
             }
         }
