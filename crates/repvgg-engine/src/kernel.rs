@@ -387,6 +387,10 @@ unsafe fn gemm_with(
                 panel_at(cols.start / NR, k0 + kc)
             } else if !then.is_null() {
                 then
+            } else if k_range.end < k {
+                // A product over a stretch of B's rows (an implicit GEMM's tap) is followed
+                // by one over the next stretch.
+                panel_at(cols.start / NR, k_range.end)
             } else {
                 panel_b
             };
