@@ -274,7 +274,9 @@ pub unsafe fn gemm_then(
     let a_row = |r: usize| unsafe { a.add(r * lda) };
     let then = then
         .filter(|t| cols.start < t.cols() && t.rows() > 0)
-        .map_or(std::ptr::null(), |t| t.panel_row(cols.start / NR, 0).as_ptr());
+        .map_or(std::ptr::null(), |t| {
+            t.panel_row(cols.start / NR, 0).as_ptr()
+        });
     unsafe {
         gemm_with(
             micro_kernel(),

@@ -785,8 +785,7 @@ impl ConvLayer {
         };
         // Even tiles: A0's last layer at batch 4 has 196 rows, which were one tile of 192 and
         // one of 4, the second reading a whole weight slice for 4 rows.
-        let row_tiles = rows.div_ceil(row_tile);
-        let row_tile = rows.div_ceil(row_tiles.max(1)).max(1);
+        let mut row_tiles = rows.div_ceil(row_tile);
         // Few rows (late layers, batch 1): split the output channels too.
         // Enough tasks that uneven ones even out across threads (a 5-task layer on 2 threads
         // idles one of them 40% of the time).
@@ -804,8 +803,26 @@ impl ConvLayer {
             col_splits = col_splits.max(cout_g.div_ceil(col));
         }
         // Whole micro-kernel panels per task.
-        let col_tile = cout_g.div_ceil(col_splits).next_multiple_of(NR);
-        let col_splits = cout_g.div_ceil(col_tile);
+        let mut col_tile = cout_g.div_ceil(col_splits).next_multiple_of(NR);
+        let mut col_splits = cout_g.div_ceil(col_tile);
+        // Few tasks in a count the threads cannot share evenly idle one thread for the last
+        // (A0 at batch 1: stage 4's opening block in 9 column slices, stage 2's in 9 row
+        // tiles, on 2 threads): more column slices where the panels allow, else more rows.
+        let uneven = |tasks: usize| !tasks.is_multiple_of(threads) && tasks < 16 * threads;
+        if uneven(row_tiles * self.groups * col_splits) {
+            let even_cols = (col_splits..=cout_g.div_ceil(NR))
+                .map(|splits| cout_g.div_ceil(splits).next_multiple_of(NR))
+                .find(|&tile| !uneven(row_tiles * self.groups * cout_g.div_ceil(tile)));
+            match even_cols {
+                Some(tile) if col_splits > 1 => {
+                    col_tile = tile;
+                    col_splits = cout_g.div_ceil(tile);
+                }
+                _ => row_tiles = row_tiles.next_multiple_of(threads).min(rows),
+            }
+        }
+        let row_tile = rows.div_ceil(row_tiles.max(1)).max(1);
+        let row_tiles = rows.div_ceil(row_tile);
         let out = OutPtr(output.as_mut_ptr());
         let fuse_relu = self.se.is_none();
         run_tasks(row_tiles * col_splits * self.groups, parallel, |task| {

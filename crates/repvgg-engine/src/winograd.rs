@@ -954,7 +954,8 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
                     cols.clone(),
                     slots.add(point * slot + run.start * row),
                     row,
-                    u.get(group * points + point + 1).filter(|_| point + 1 < points),
+                    u.get(group * points + point + 1)
+                        .filter(|_| point + 1 < points),
                 );
             }
         }
