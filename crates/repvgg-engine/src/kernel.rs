@@ -381,8 +381,8 @@ unsafe fn gemm_with(
             let set = kernels.spans[span - 1];
             let width = (span * NR).min(cols.end - col);
             let panel_b = panel_at(panel, k0);
-            // The first row block fetches the next panels (or the next reduction block's
-            // first); the later ones re-read these panels from L1.
+            // What the row blocks ask for while they multiply these panels: the next panels,
+            // the next reduction block's first, or the next product's.
             let next = if panel + span < panels_end {
                 panel_at(panel + span, k0)
             } else if !last {
@@ -411,20 +411,24 @@ unsafe fn gemm_with(
             // The next panels are asked for over the first `spread` row blocks, a share each,
             // rather than all in the first: a product of few rows (25, a Winograd task's at
             // batch 1) otherwise leaves a quarter of a block's time to bring 36 KiB from L3.
+            // At most NR of them, so that each moves its address by at least a float a step.
             let spread = if kernels.spread_ahead {
                 let blocks = rows.div_ceil(mr).min(NR);
                 1 << blocks.ilog2()
             } else {
                 1
             };
-            for (block, r0) in (0..rows).step_by(mr).enumerate() {
+            for (row_block, r0) in (0..rows).step_by(mr).enumerate() {
                 let height = mr.min(rows - r0);
                 // Rows past the end repeat the last one; their results are not stored.
                 let a_rows: [*const f32; MR_MAX] =
                     std::array::from_fn(|i| unsafe { a_row(r0 + i.min(height - 1)).add(offset) });
                 let c_block = unsafe { c.add(r0 * ldc + col - cols.start) };
-                let (ahead, ahead_step) = if block < spread {
-                    (next.wrapping_add(block * (kc / spread) * NR), NR / spread)
+                let (ahead, ahead_step) = if row_block < spread {
+                    (
+                        next.wrapping_add(row_block * (kc / spread) * NR),
+                        NR / spread,
+                    )
                 } else {
                     (panel_b, NR)
                 };
@@ -440,7 +444,7 @@ unsafe fn gemm_with(
                     unsafe { kernel(kc, &a_rows, panels, c_block, ldc, start, relu) };
                     continue;
                 }
-                // An edge block (of one panel) goes through a full-size scratch block.
+                // A partial panel goes through a full-size scratch block.
                 let kernel = kernels.spans[0][kernels.spans[0].len() - 1];
                 let mut block = [0.0f32; MR_MAX * NR];
                 if let Start::Accumulate = start {
