@@ -371,7 +371,8 @@ const TILES_PER_TASK: usize = 128;
 const SHARED_TILES_PER_TASK: usize = 32;
 /// Fewer tiles than this per task leave the products too few rows to run at full speed.
 pub const MIN_TILES_PER_TASK: usize = 32;
-/// Bytes of transformed tiles (V, or M) a task may hold: bounds the scratch of wide layers.
+/// Bytes of transformed tiles, over all transform points, a task may hold (its ring has one
+/// point's slot more): bounds the scratch of wide layers.
 const SCRATCH_BYTES: usize = 8 << 20;
 
 /// Tiles per task for a layer: [`TILES_PER_TASK`] (or [`SHARED_TILES_PER_TASK`] when the
