@@ -68,21 +68,27 @@ fn implicit_slice_floats() -> usize {
 fn l2_bytes() -> usize {
     static L2: OnceLock<usize> = OnceLock::new();
     *L2.get_or_init(|| {
-        let size = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cache/index2/size");
-        size.ok()
-            .and_then(|s| {
-                let s = s.trim();
-                let (digits, scale) = match s.strip_suffix('K') {
-                    Some(d) => (d, 1 << 10),
-                    None => match s.strip_suffix('M') {
-                        Some(d) => (d, 1 << 20),
-                        None => (s, 1),
-                    },
-                };
-                digits.parse::<usize>().ok().map(|n| n * scale)
-            })
-            .filter(|&bytes| bytes >= 64 << 10)
-            .unwrap_or(512 << 10)
+        // Linux numbers a CPU's caches index0, index1, ...: find the one whose level is 2.
+        let dir = "/sys/devices/system/cpu/cpu0/cache";
+        let read = |index: usize, file: &str| {
+            std::fs::read_to_string(format!("{dir}/index{index}/{file}")).ok()
+        };
+        let size = (0..8)
+            .find(|&i| read(i, "level").is_some_and(|level| level.trim() == "2"))
+            .and_then(|i| read(i, "size"));
+        size.and_then(|s| {
+            let s = s.trim();
+            let (digits, scale) = match s.strip_suffix('K') {
+                Some(d) => (d, 1 << 10),
+                None => match s.strip_suffix('M') {
+                    Some(d) => (d, 1 << 20),
+                    None => (s, 1),
+                },
+            };
+            digits.parse::<usize>().ok().map(|n| n * scale)
+        })
+        .filter(|&bytes| bytes >= 64 << 10)
+        .unwrap_or(512 << 10)
     })
 }
 /// A batch's leading layers run image by image while one image's input or output map is

@@ -721,10 +721,11 @@ impl Plan {
             return Vec::new();
         }
         let short = target.div_ceil(groups * cols.len());
+        let mr = row_block();
         let rows = split(
             self.out_per_group,
-            short.min(self.out_per_group / (4 * row_block())).max(1),
-            row_block(),
+            short.min(self.out_per_group / (4 * mr)).max(1),
+            mr,
         );
         let mut tasks = Vec::new();
         for group in 0..groups {
