@@ -1,12 +1,13 @@
-//! Times the training form's convolutions on the engine's kernel, layer by layer: forward,
+//! Times the training form's convolutions on the GEMM micro-kernels, layer by layer: forward,
 //! input gradient and weight gradient of every convolution RepVGG-A0 has in
 //! `repvgg bench --train`'s step (64x64, batch 32), on 2 threads, best of 5.
 //!
 //! ```text
-//! cargo run --release -p repvgg-engine --example training_conv_layers
+//! cargo run --release -p repvgg-kernels --example training_conv_layers
 //! ```
 
-use repvgg_engine::nchw::{self, ConvShape};
+use repvgg_kernels::Isa;
+use repvgg_kernels::training::conv::{self, ConvShape};
 use std::time::Instant;
 
 fn main() {
@@ -31,6 +32,8 @@ fn main() {
         (192, 4, 1280, 3, 2, 1, 1),
         (192, 4, 1280, 1, 2, 0, 1),
     ];
+    let isa = Isa::best();
+    println!("instruction set: {isa}");
     let mut totals = [0.0f64; 3];
     pool.install(|| {
         for (cin, h, cout, k, s, p, count) in layers {
@@ -41,9 +44,9 @@ fn main() {
             let flops = 2.0 * shape.output_len() as f64 * (cin * k * k) as f64;
             let mut best = [f64::MAX; 3];
             for _ in 0..5 {
-                let t = Instant::now(); std::hint::black_box(nchw::forward(&shape, &x, &w)); best[0] = best[0].min(t.elapsed().as_secs_f64());
-                let t = Instant::now(); std::hint::black_box(nchw::input_grad(&shape, &w, &dy)); best[1] = best[1].min(t.elapsed().as_secs_f64());
-                let t = Instant::now(); std::hint::black_box(nchw::weight_grad(&shape, &x, &dy)); best[2] = best[2].min(t.elapsed().as_secs_f64());
+                let t = Instant::now(); std::hint::black_box(conv::forward(isa, &shape, &x, &w)); best[0] = best[0].min(t.elapsed().as_secs_f64());
+                let t = Instant::now(); std::hint::black_box(conv::input_grad(isa, &shape, &w, &dy)); best[1] = best[1].min(t.elapsed().as_secs_f64());
+                let t = Instant::now(); std::hint::black_box(conv::weight_grad(isa, &shape, &x, &dy)); best[2] = best[2].min(t.elapsed().as_secs_f64());
             }
             for i in 0..3 { totals[i] += best[i] * count as f64; }
             println!("{cin:>4}->{cout:<5} {h:>2}px k{k} s{s} x{count:<2}  fwd {:6.2} ms {:5.0} GF/s | dx {:6.2} ms {:5.0} | dw {:6.2} ms {:5.0}",

@@ -1,11 +1,11 @@
-//! The training form's convolutions and batch norms on the engine's CPU kernels
-//! (`repvgg_engine::nchw`), as custom burn operations with their own backward passes.
+//! The training form's convolutions and batch norms on the CPU kernels of `repvgg-kernels`
+//! (`repvgg_kernels::training`), as custom burn operations with their own backward passes.
 //!
 //! On burn's CPU backend (`flex`) a training step spends most of its time in convolutions and
 //! batch norms. burn's convolution and its backward pass (a transposed convolution for the
 //! input, another product for the weight) run well below the machine's speed, and its batch
 //! norm permutes and copies its input several times. [`conv2d`] and [`batch_norm_train`] run
-//! them on the engine's kernels instead, on flex and on autodiff-over-flex; anywhere else (a GPU
+//! them on those kernels instead, on flex and on autodiff-over-flex; anywhere else (a GPU
 //! backend, a convolution with bias, another dtype) burn's own operations run, with the same
 //! results.
 
@@ -25,9 +25,11 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use repvgg_engine::nchw::{self, ConvShape};
+use repvgg_kernels::Isa;
+use repvgg_kernels::training::batch_norm;
+use repvgg_kernels::training::conv::{self, ConvShape};
 
-/// `conv.forward(x)`, on the engine's kernel where it applies (see the module docs).
+/// `conv.forward(x)`, on the kernels where it applies (see the module docs).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match fast_geometry(conv, &x) {
         Some((stride, padding)) => {
@@ -44,7 +46,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
 }
 
-/// The stride and padding of a convolution the engine runs: on flex, f32, no bias, square
+/// The stride and padding of a convolution the kernels run: on flex, f32, no bias, square
 /// kernel, equal strides, no dilation, the same padding on every side.
 fn fast_geometry(conv: &Conv2d, x: &Tensor<4>) -> Option<(usize, usize)> {
     let on_flex = on_flex(&x.device());
@@ -69,8 +71,8 @@ fn fast_geometry(conv: &Conv2d, x: &Tensor<4>) -> Option<(usize, usize)> {
 }
 
 /// Batch norm with batch statistics, as `burn::tensor::module::batch_norm_train`: the output,
-/// then the batch's mean and biased variance per channel (detached). `None` where the engine
-/// does not run it (see the module docs).
+/// then the batch's mean and biased variance per channel (detached). `None` where the kernels
+/// do not run it (see the module docs).
 pub fn batch_norm_train(
     x: Tensor<4>,
     gamma: Tensor<1>,
@@ -136,13 +138,13 @@ impl TrainingOps for Flex {
         groups: usize,
     ) -> FlexTensor {
         let shape = conv_shape(&x, &weight, stride, padding, groups);
-        let y = nchw::forward(&shape, &values(&x), &values(&weight));
+        let y = conv::forward(Isa::best(), &shape, &values(&x), &values(&weight));
         flex_tensor(y, &shape.output_dims())
     }
 
     fn channel_stats(x: FlexTensor) -> FlexTensor {
         let [batch, channels, _, _] = x.shape().dims();
-        let stats = nchw::channel_stats(&values(&x), batch, channels);
+        let stats = batch_norm::channel_stats(&values(&x), batch, channels);
         flex_tensor(stats, &[2, channels])
     }
 
@@ -154,7 +156,7 @@ impl TrainingOps for Flex {
         eps: f64,
     ) -> FlexTensor {
         let dims: [usize; 4] = x.shape().dims();
-        let y = nchw::batch_norm(
+        let y = batch_norm::batch_norm(
             &values(&x),
             dims[0],
             &values(&stats),
@@ -192,12 +194,12 @@ impl<C: CheckpointStrategy> TrainingOps for Autodiff<Flex, C> {
                 let out_grad = values(&out_grad);
                 if let Some(node) = node_x {
                     let weight = checkpointer.retrieve_node_output::<FlexTensor>(weight_state);
-                    let grad = nchw::input_grad(&shape, &values(&weight), &out_grad);
+                    let grad = conv::input_grad(Isa::best(), &shape, &values(&weight), &out_grad);
                     grads.register::<Flex>(node.id, flex_tensor(grad, &shape.input_dims()));
                 }
                 if let Some(node) = node_weight {
                     let x = checkpointer.retrieve_node_output::<FlexTensor>(x_state);
-                    let grad = nchw::weight_grad(&shape, &values(&x), &out_grad);
+                    let grad = conv::weight_grad(Isa::best(), &shape, &values(&x), &out_grad);
                     grads.register::<Flex>(node.id, flex_tensor(grad, &shape.weight_dims()));
                 }
             }
@@ -259,7 +261,7 @@ impl<C: CheckpointStrategy> TrainingOps for Autodiff<Flex, C> {
                 let out_grad = grads.consume::<Flex>(&ops.node);
                 let (x, stats, gamma, eps) = ops.state;
                 let dims: [usize; 4] = x.shape().dims();
-                let (dx, dgamma, dbeta) = nchw::batch_norm_grad(
+                let (dx, dgamma, dbeta) = batch_norm::batch_norm_grad(
                     &values(&x),
                     dims[0],
                     &values(&stats),

@@ -12,7 +12,7 @@ use repvgg_arch::{ArchSpec, Form};
 use repvgg_burn::{RepVggTrain, default_device};
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, random};
-use repvgg_engine::{Engine, EngineOptions, Lowering, Mode, Winograd, Workspace};
+use repvgg_engine::{Engine, EngineOptions, Isa, Lowering, Mode, Winograd, Workspace};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// (nine per-tap products read straight from the input).
     #[arg(long, default_value = "auto")]
     pub lowering: String,
+    /// Cap the engine's instruction set (default: the best this machine has); the kernels
+    /// of each set can then be timed side by side on one machine.
+    #[arg(long)]
+    pub isa: Option<crate::IsaArg>,
     /// Time a training step of the multi-branch form instead: forward in training mode,
     /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
     #[arg(long)]
@@ -139,10 +143,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         mode,
         winograd,
         lowering,
+        isa: args.isa.map(Into::into),
     };
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }
+    // Checked before any weights are made, and named in every result.
+    let isa = Isa::capped(options.isa)?;
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -159,6 +166,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return pool.install(|| train_steps(&args, &ckpt, &batches, h, w, threads));
     }
     if !args.json {
+        if forms.contains(&Form::Deploy) {
+            println!("engine kernels: {isa}");
+        }
         println!(
             "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10} {:>10} {:>10} {:>9} {:>11}",
             "arch",
@@ -239,6 +249,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                         "threads": threads, "median_ms": median * 1e3, "p90_ms": p90 * 1e3,
                         "images_per_s": images_per_s, "gflops": gflops, "peak_rss_mb": rss,
                         "iters": args.iters,
+                        "isa": (form == Form::Deploy).then(|| isa.name()),
                     })
                 );
             } else {
@@ -360,7 +371,10 @@ fn layer_table(
         let runs: Vec<_> = (0..iters.max(1))
             .map(|_| engine.profile(&input, batch, h, w, &mut ws))
             .collect();
-        println!("batch {batch}, {threads} threads, {h}x{w}");
+        println!(
+            "batch {batch}, {threads} threads, {h}x{w}, {} kernels",
+            engine.isa()
+        );
         println!(
             "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}",
             "block", "in", "out", "stride", "out map", "ms", "GFLOP/s"

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use repvgg_checkpoint::{DType, StateDict, Tensor as CkptTensor, write_safetensors};
-use repvgg_engine::{Engine, Workspace, nhwc_to_nchw};
+use repvgg_engine::{Engine, EngineOptions, Isa, Workspace, nhwc_to_nchw};
 
 use crate::load_checkpoint;
 
@@ -42,6 +42,7 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((view.shape().to_vec(), values))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     weights: &Path,
     input: &Path,
@@ -50,6 +51,7 @@ pub fn run(
     features: bool,
     out_indices: Option<Vec<usize>>,
     bn_eps: f64,
+    isa: Option<Isa>,
 ) -> Result<()> {
     if let Some(bad) = out_indices.iter().flatten().find(|&&s| s > 4) {
         bail!("--out-indices: stage {bad} does not exist (stages are 0 to 4)");
@@ -71,7 +73,11 @@ pub fn run(
         unreachable!("checked above")
     };
     // Training-form weights are converted in memory; the engine runs the plain network.
-    let engine = Engine::from_checkpoint(&ckpt, bn_eps)?;
+    let options = EngineOptions {
+        isa,
+        ..Default::default()
+    };
+    let engine = Engine::with_options(&ckpt, bn_eps, options)?;
     let names: Vec<String> = spec.blocks().iter().map(|b| b.name()).collect();
     let mut out = StateDict::new();
     let mut ws = Workspace::default();
@@ -109,10 +115,11 @@ pub fn run(
         String::new()
     };
     eprintln!(
-        "{} ({}, {} form) on {} {:?} -> {}: {key} [{n}, {width}]{features_note}",
+        "{} ({}, {} form, {} kernels) on {} {:?} -> {}: {key} [{n}, {width}]{features_note}",
         weights.display(),
         spec.name,
         ckpt.form,
+        engine.isa(),
         input.display(),
         [n, spec.in_channels, h, w],
         output.display(),

@@ -1,5 +1,7 @@
 //! `repvgg`: inspect, convert and run RepVGG models.
 
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -11,6 +13,8 @@ use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, Naming};
 
 mod bench;
+mod demo;
+mod eval;
 mod forward;
 mod predict;
 mod train;
@@ -86,6 +90,9 @@ enum Command {
         /// Batch-norm eps for training-form weights.
         #[arg(long, default_value_t = DEFAULT_BN_EPS)]
         bn_eps: f64,
+        /// Cap the engine's instruction set (default: the best this machine has).
+        #[arg(long)]
+        isa: Option<IsaArg>,
     },
     /// Time inference: median and p90 latency, images/s, GFLOP/s (2 x MACs / time), peak memory.
     ///
@@ -95,9 +102,9 @@ enum Command {
     /// Train the multi-branch form on a data set, then convert it and check both forms agree.
     Train(train::TrainArgs),
     /// Top-1/top-5, per-class accuracy and (optionally) the confusion matrix on a data set.
-    Eval(train::EvalArgs),
+    Eval(eval::EvalArgs),
     /// Train a small RepVGG on Fashion-MNIST, convert it, verify, benchmark: the whole story.
-    Demo(train::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Classify JPEG/PNG photos: top-k classes with probabilities.
     Predict(predict::PredictArgs),
     /// Export the deploy-form graph as ONNX (weights in either form and any naming).
@@ -124,6 +131,24 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_BN_EPS)]
         bn_eps: f64,
     },
+}
+
+/// An instruction set for the engine's kernels (`--isa`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IsaArg {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl From<IsaArg> for repvgg_engine::Isa {
+    fn from(isa: IsaArg) -> Self {
+        match isa {
+            IsaArg::Portable => repvgg_engine::Isa::Portable,
+            IsaArg::Avx2 => repvgg_engine::Isa::Avx2,
+            IsaArg::Avx512 => repvgg_engine::Isa::Avx512,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -171,6 +196,7 @@ fn main() -> ExitCode {
             features,
             out_indices,
             bn_eps,
+            isa,
         } => forward::run(
             &weights,
             &input,
@@ -179,11 +205,12 @@ fn main() -> ExitCode {
             features,
             out_indices,
             bn_eps,
+            isa.map(Into::into),
         ),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::train(args),
-        Command::Eval(args) => train::eval(args),
-        Command::Demo(args) => train::demo(args),
+        Command::Eval(args) => eval::eval(args),
+        Command::Demo(args) => demo::demo(args),
         Command::Predict(args) => predict::run(args),
         Command::Export {
             weights,

@@ -1,14 +1,12 @@
-//! `repvgg train`, `repvgg eval` and `repvgg demo`.
+//! `repvgg train`, and what `eval` and `demo` share with it: opening data, the spec for it,
+//! training to the end with the final checks.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use repvgg_arch::ArchSpec;
-use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_data::{DataKind, DataSplits, Pipeline, Transform};
-use repvgg_engine::Engine;
+use repvgg_data::{DataKind, DataSplits};
 use repvgg_train::{Augment, FinalReport, Normalize, RunOptions, TrainConfig, Trainer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -113,67 +111,13 @@ impl From<DeviceArg> for repvgg_burn::Backend {
     }
 }
 
-#[derive(Args, Debug)]
-pub struct EvalArgs {
-    /// Weights in either form (training-form weights are converted in memory).
-    #[arg(long)]
-    weights: PathBuf,
-    /// Data directory, as for `train`; the held-out split is evaluated.
-    #[arg(long)]
-    data: PathBuf,
-    #[arg(long)]
-    arch: Option<String>,
-    /// Evaluate the training split instead.
-    #[arg(long)]
-    train_split: bool,
-    /// Normalisation used in training. Default: the data set's statistics for in-memory data
-    /// sets, ImageNet's for image folders.
-    #[arg(long)]
-    normalize: Option<NormalizeArg>,
-    /// Crop size for image folders (resize to size/0.875, centre crop).
-    #[arg(long, default_value_t = 224)]
-    size: usize,
-    #[arg(long, default_value_t = 256)]
-    batch: usize,
-    /// Print the confusion matrix (rows: true class, columns: predicted).
-    #[arg(long)]
-    confusion: bool,
-    #[arg(long, default_value_t = DEFAULT_BN_EPS)]
-    bn_eps: f64,
-    #[arg(long, default_value_t = 0.1)]
-    val_fraction: f64,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct DemoArgs {
-    /// An IDX data set directory ({train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]).
-    /// Default: Fashion-MNIST from /usr/share/datasets/fashion-mnist, or the committed
-    /// subset when that is not installed.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    #[arg(long, default_value = "runs/demo")]
-    out: PathBuf,
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Continue an interrupted demo from OUT/checkpoint.safetensors.
-    #[arg(long)]
-    resume: bool,
-    #[arg(long)]
-    quiet: bool,
-    /// End with one JSON line of results.
-    #[arg(long)]
-    json: bool,
-}
-
-fn open_data(dir: &Path, val_fraction: f64) -> Result<DataSplits> {
+pub(crate) fn open_data(dir: &Path, val_fraction: f64) -> Result<DataSplits> {
     let data = repvgg_data::open_dir(dir, val_fraction)?;
     Ok(data)
 }
 
 /// The spec, with the class count taken from the data when the spec leaves the default.
-fn arch_for(arch: &str, data: &DataSplits) -> Result<ArchSpec> {
+pub(crate) fn arch_for(arch: &str, data: &DataSplits) -> Result<ArchSpec> {
     let mut spec = ArchSpec::parse(arch)?;
     let classes = data.train.classes();
     let says_classes = arch.contains("classes=") || arch.trim_start().starts_with('{');
@@ -298,7 +242,7 @@ fn result_json(
 }
 
 /// Trains; returns the seconds spent in training steps (all sessions of a resumed run).
-fn train_and_finish(
+pub(crate) fn train_and_finish(
     config: TrainConfig,
     data: &DataSplits,
     out: &Path,
@@ -347,152 +291,4 @@ pub fn train(args: TrainArgs) -> Result<()> {
         ..RunOptions::default()
     };
     train_and_finish(config, &data, &args.out, options, args.json)
-}
-
-/// The demo's network: RepVGG's shape (a stride-2 opening block per stage, 3x3 + 1x1 +
-/// identity branches) sized for 28x28 images.
-pub const DEMO_ARCH: &str = "depths=1,2,2,1;widths=16,32,64,128;stem=16";
-
-fn default_demo_data() -> Result<PathBuf> {
-    let installed = PathBuf::from("/usr/share/datasets/fashion-mnist");
-    if installed.join("train-images-idx3-ubyte.gz").is_file() {
-        return Ok(installed);
-    }
-    let candidates = [
-        PathBuf::from("fixtures/fashion-mnist-subset"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fashion-mnist-subset"),
-    ];
-    let subset = candidates
-        .into_iter()
-        .find(|p| p.join("train-images-idx3-ubyte.gz").is_file())
-        .context("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist) and the committed subset was not found; pass --data DIR")?;
-    eprintln!(
-        "Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist); using the committed 2,000-image subset at {}",
-        subset.display()
-    );
-    Ok(subset)
-}
-
-pub fn demo(args: DemoArgs) -> Result<()> {
-    let dir = match args.data {
-        Some(dir) => dir,
-        None => default_demo_data()?,
-    };
-    let data = open_data(&dir, 0.1)?;
-    if data.kind != DataKind::Idx {
-        bail!(
-            "{}: the demo runs on IDX data ({{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte[.gz]); use `repvgg train` for other formats",
-            dir.display()
-        );
-    }
-    let mut config = TrainConfig::small_images(arch_for(DEMO_ARCH, &data)?);
-    config.epochs = args.epochs.unwrap_or(DEMO_EPOCHS);
-    config.batch_size = config.batch_size.min(data.train.len());
-    if !args.quiet {
-        eprintln!(
-            "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epochs",
-            DEMO_ARCH,
-            config.arch.params(repvgg_arch::Form::Train),
-            dir.display(),
-            data.train.len(),
-            data.test.len(),
-            config.epochs
-        );
-    }
-    let options = RunOptions {
-        resume: args.resume,
-        progress: !args.quiet,
-        ..RunOptions::default()
-    };
-    train_and_finish(config, &data, &args.out, options, args.json)
-}
-
-pub const DEMO_EPOCHS: usize = 15;
-
-pub fn eval(args: EvalArgs) -> Result<()> {
-    crate::check_bn_eps(args.bn_eps)?;
-    let data = open_data(&args.data, args.val_fraction)?;
-    let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
-    let engine = Engine::from_checkpoint(&ckpt, args.bn_eps)?;
-    let samples = if args.train_split {
-        data.train.clone()
-    } else {
-        data.test.clone()
-    };
-    let classes = ckpt.spec.num_classes;
-    if samples.classes() > classes {
-        bail!(
-            "{}: the data has {} classes but the model only {classes}",
-            args.data.display(),
-            samples.classes()
-        );
-    }
-    let normalize = args.normalize.unwrap_or(match data.kind {
-        DataKind::ImageFolder => NormalizeArg::Imagenet,
-        _ => NormalizeArg::Dataset,
-    });
-    let (mean, std) = match (normalize, data.stats) {
-        (NormalizeArg::Dataset, Some(stats)) => stats,
-        (NormalizeArg::Dataset, None) => {
-            bail!("--normalize dataset needs an in-memory data set (IDX or CIFAR)")
-        }
-        _ => (repvgg_data::IMAGENET_MEAN, repvgg_data::IMAGENET_STD),
-    };
-    let transform = match data.kind {
-        DataKind::ImageFolder => Transform::ResizeCenterCrop {
-            resize: (args.size as f64 / 0.875).floor() as usize,
-            crop: args.size,
-        },
-        _ => Transform::Identity,
-    };
-    let pipeline = Pipeline {
-        transform,
-        mean,
-        std,
-    };
-    let start = Instant::now();
-    let run = repvgg_train::evaluate_engine(&engine, samples, pipeline, args.batch)?;
-    let e = &run.evaluation;
-    if args.json {
-        let mut value = serde_json::json!({
-            "weights": args.weights,
-            "images": e.count,
-            "top1": e.top1,
-            "top5": e.top5,
-            "loss": e.loss,
-            "per_class": e.per_class(),
-            "images_per_s": run.images_per_s,
-        });
-        if args.confusion {
-            value["confusion"] = serde_json::json!(e.confusion);
-        }
-        println!("{value}");
-        return Ok(());
-    }
-    println!(
-        "{} images: top-1 {:.4}, top-5 {:.4}, loss {:.4} ({:.1} s, model {:.0} img/s)",
-        e.count,
-        e.top1,
-        e.top5,
-        e.loss,
-        start.elapsed().as_secs_f64(),
-        run.images_per_s
-    );
-    let names = data.class_names.clone();
-    println!("per-class top-1:");
-    for (k, acc) in e.per_class().iter().enumerate() {
-        let name = names
-            .as_ref()
-            .and_then(|n| n.get(k).cloned())
-            .unwrap_or_else(|| k.to_string());
-        println!("  {name:>12}  {acc:.4}");
-    }
-    if args.confusion {
-        println!("confusion (rows: true class, columns: predicted):");
-        for row in &e.confusion {
-            let cells: Vec<String> = row.iter().map(|c| format!("{c:>5}")).collect();
-            println!("  {}", cells.join(""));
-        }
-    }
-    Ok(())
 }

@@ -621,3 +621,42 @@ fn forward_writes_the_stage_outputs_asked_for() {
     ]);
     assert!(err.contains("stage 5"), "{err}");
 }
+
+/// `--isa` runs the engine on the kernels asked for: each set this machine has gives the
+/// reference logits (to 1e-5, as the other forward tests), one it lacks is a one-line error.
+#[test]
+fn forward_runs_every_instruction_set_the_machine_has() {
+    use repvgg_engine::Isa;
+    let dir = tempfile::tempdir().unwrap();
+    let io = fixture("tiny_se/io.safetensors");
+    let reference = read_f64(&io);
+    let weights = fixture("tiny_se/train_official.pth");
+    for isa in Isa::ALL {
+        let out = dir.path().join(format!("{isa}.safetensors"));
+        let args = [
+            "forward",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--input",
+            io.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--isa",
+            isa.name(),
+        ];
+        if !isa.is_available() {
+            let err = fails(&args);
+            assert!(err.contains("not available on this machine"), "{err}");
+            continue;
+        }
+        let run = repvgg(&args);
+        assert!(run.status.success(), "{isa}: {run:?}");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(stderr.contains(&format!("{isa} kernels")), "{stderr}");
+        let err = relative_error(&read_f64(&out)["logits"], &reference["logits_train_f64"]);
+        println!("--isa {isa}: logits relative error {err:.2e}");
+        assert!(err < 1e-5, "{isa}: {err:e}");
+    }
+    let err = fails(&["bench", "--isa", "sse9"]);
+    assert!(err.contains("--isa"), "{err}");
+}

@@ -1,12 +1,15 @@
 //! The engine against the fp64 outputs of the official code, on every fixture and both file
-//! forms. Tolerance 1e-5 relative (max|diff| / max|ref|): f32 GEMMs accumulate ~1e-6 over
-//! these depths; any indexing or packing mistake shows up as O(1).
+//! forms, with every instruction set this machine runs (portable, AVX2, AVX-512: each kernel
+//! set end to end). Tolerance 1e-5 relative (max|diff| / max|ref|): f32 GEMMs accumulate
+//! ~1e-6 over these depths; any indexing or packing mistake shows up as O(1).
 
 use std::collections::HashMap;
 
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_engine::{Engine, EngineOptions, Lowering, Mode, Winograd, Workspace, nhwc_to_nchw};
+use repvgg_engine::{
+    Engine, EngineError, EngineOptions, Isa, Lowering, Mode, Winograd, Workspace, nhwc_to_nchw,
+};
 use repvgg_testing::{fixture, read_f64, widen};
 
 const CONFIGS: [&str; 5] = ["tiny", "tiny_g2", "tiny_g4", "tiny_se", "tiny_nonsquare"];
@@ -21,8 +24,17 @@ fn relative_error(ours: &[f32], reference: &[f64]) -> f64 {
 }
 
 #[test]
-fn engine_matches_the_fp64_reference_on_every_fixture() {
-    for config in CONFIGS {
+fn engine_matches_the_fp64_reference_on_every_fixture_with_every_instruction_set() {
+    println!("instruction sets: {:?}", Isa::available());
+    for isa in Isa::available() {
+        for config in CONFIGS {
+            check_fixture(config, isa);
+        }
+    }
+}
+
+fn check_fixture(config: &str, isa: Isa) {
+    {
         let reference = io(config);
         let (shape, input) = &reference["input"];
         let input: Vec<f32> = input.iter().map(|&v| v as f32).collect();
@@ -60,7 +72,7 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
                 &two,
             ),
         ] {
-            let label = format!("{winograd:?}/{lowering:?}");
+            let label = format!("{isa}/{winograd:?}/{lowering:?}");
             let ckpt = Checkpoint::load(&fixture(config, file), None).unwrap();
             let engine = Engine::with_options(
                 &ckpt,
@@ -68,10 +80,12 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
                 EngineOptions {
                     winograd,
                     lowering,
+                    isa: Some(isa),
                     ..Default::default()
                 },
             )
             .unwrap();
+            assert_eq!(engine.isa(), isa);
 
             let names: Vec<String> = ckpt.spec.blocks().iter().map(|b| b.name()).collect();
             let mut ws = Workspace::default();
@@ -93,7 +107,7 @@ fn engine_matches_the_fp64_reference_on_every_fixture() {
             };
             let err = relative_error(&logits, &reference[key].1);
             println!(
-                "{config:15} {file:24} {label:14} threads={} {err:.2e}",
+                "{config:15} {file:24} {label:22} threads={} {err:.2e}",
                 pool.current_num_threads()
             );
             assert!(err < 1e-5, "{config} {file}: {err:e}");
@@ -149,4 +163,30 @@ fn throughput_mode_matches_latency_mode_on_an_uneven_batch() {
     let err = relative_error(&throughput, &widen(&latency));
     println!("throughput vs latency, 3 images on 2 threads: {err:.2e}");
     assert!(err < 1e-5, "throughput vs latency: {err:e}");
+}
+
+/// A cap the machine lacks is an error that names what it has, not a crash; a cap it has is
+/// what the engine runs.
+#[test]
+fn an_instruction_set_cap_is_checked_against_the_machine() {
+    let ckpt = Checkpoint::load(&fixture("tiny", "deploy_timm.safetensors"), None).unwrap();
+    for isa in Isa::ALL {
+        let options = EngineOptions {
+            isa: Some(isa),
+            ..Default::default()
+        };
+        match Engine::with_options(&ckpt, DEFAULT_BN_EPS, options) {
+            Ok(engine) => {
+                assert!(isa.is_available());
+                assert_eq!(engine.isa(), isa);
+            }
+            Err(EngineError::Isa(e)) => {
+                assert!(!isa.is_available());
+                assert!(e.to_string().contains("portable"), "{e}");
+            }
+            Err(e) => panic!("{isa}: {e}"),
+        }
+    }
+    let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
+    assert_eq!(engine.isa(), Isa::best());
 }

@@ -5,6 +5,8 @@
 //! in latency and throughput mode. The allocator below counts every allocation in the
 //! process, so this file holds one test: a second one running alongside would be counted.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -17,20 +19,26 @@ struct Counting;
 
 static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
 
+// SAFETY: every method forwards to the system allocator with the caller's arguments, so it
+// meets GlobalAlloc's contract as that one does; counting touches no allocated memory.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds this method's contract, which is System's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds this method's contract, which is System's.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller upholds this method's contract, which is System's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller upholds this method's contract, which is System's.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -62,6 +70,7 @@ fn steady_state_inference_does_not_allocate() {
                     winograd,
                     lowering,
                     mode,
+                    ..Default::default()
                 };
                 let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options).unwrap();
                 for pool in &pools {

@@ -36,6 +36,8 @@ pub enum TrainError {
     Data(#[from] repvgg_data::DataError),
     #[error(transparent)]
     Checkpoint(#[from] repvgg_checkpoint::CheckpointError),
+    #[error(transparent)]
+    Engine(#[from] repvgg_engine::EngineError),
     #[error("{path}: {problem}")]
     File {
         path: std::path::PathBuf,

@@ -1,7 +1,7 @@
-//! Convolutions over NCHW batches and their two gradients, on the engine's GEMM kernel: the
+//! Convolutions over NCHW batches and their two gradients, on the GEMM micro-kernels: the
 //! training form's 3x3 and 1x1 convolutions (without bias, since a batch norm follows each),
-//! and batch norm with batch statistics, which `repvgg-burn` runs as custom burn operations
-//! because burn's CPU versions (and their backward passes) are several times slower.
+//! which `repvgg-burn` runs as custom burn operations because burn's CPU versions (and their
+//! backward passes) are several times slower.
 //!
 //! Per group, all three convolution passes are one matrix product over the batch-wide column
 //! index j = (image, output pixel), with q = (input channel, tap) in PyTorch's weight order:
@@ -23,8 +23,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::OutPtr;
-use crate::kernel::{Init, NR, PackedB, gemm_rows, row_block};
+use crate::gemm::{self, Init, NR, PackedB, Product, row_block};
+use crate::partition::{round_up, split};
+use crate::{Isa, OutPtr};
 
 /// The shape of one convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,8 +106,8 @@ impl ConvShape {
 }
 
 /// `Y = conv(x, W)`: NCHW input, `(out, in / groups, k, k)` weight, NCHW output.
-pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
-    let plan = Plan::new(shape);
+pub fn forward(isa: Isa, shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
+    let plan = Plan::new(isa, shape);
     assert_eq!(input.len(), shape.input_len(), "input length");
     assert_eq!(weight.len(), shape.weight_len(), "weight length");
     let padded = plan.pad(input);
@@ -127,21 +128,20 @@ pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
                 )
             });
             let first_row = group * plan.out_per_group + rows.start;
+            let product = Product::new(
+                rows.len(),
+                |r| {
+                    weight
+                        .as_ptr()
+                        .wrapping_add((first_row + r) * plan.reduction)
+                },
+                packed,
+                out.get().wrapping_add(plan.offset(first_row, cols.start)),
+                stride,
+            );
             // SAFETY: W has `reduction` values per output channel; every task writes its own
             // block (its rows and columns) of y.
-            unsafe {
-                gemm_rows(
-                    rows.len(),
-                    |r| weight.as_ptr().add((first_row + r) * plan.reduction),
-                    packed,
-                    0..plan.reduction,
-                    0..cols.len(),
-                    out.get().add(plan.offset(first_row, cols.start)),
-                    stride,
-                    Init::Zero,
-                    false,
-                )
-            }
+            unsafe { gemm::gemm(plan.isa, &product) }
         },
     );
     if plan.direct { y } else { plan.to_nchw(&y) }
@@ -149,7 +149,7 @@ pub fn forward(shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
 
 /// `dL/dx` from `dL/dY`: each output gradient, times the weights, added back onto the input
 /// pixels it was computed from.
-pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f32> {
+pub fn input_grad(isa: Isa, shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f32> {
     if let Err(e) = shape.check() {
         panic!("{e}");
     }
@@ -186,9 +186,9 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
             padding: k - 1 - shape.padding,
             ..*shape
         };
-        return forward(&transposed_shape, out_grad, &flipped);
+        return forward(isa, &transposed_shape, out_grad, &flipped);
     }
-    let plan = Plan::new(shape);
+    let plan = Plan::new(isa, shape);
     let dy = plan.arrange(out_grad);
     let (out_g, reduction) = (plan.out_per_group, plan.reduction);
     let transposed = transpose_per_group(weight, out_g, reduction);
@@ -232,24 +232,19 @@ pub fn input_grad(shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f3
                     values.copy_from_slice(&dy[at..at + values.len()]);
                 });
                 dcol.resize(rows.len() * width, 0.0);
+                let product = Product::new(
+                    rows.len(),
+                    |r| {
+                        transposed
+                            .as_ptr()
+                            .wrapping_add((group * reduction + rows.start + r) * out_g)
+                    },
+                    packed,
+                    dcol.as_mut_ptr(),
+                    width,
+                );
                 // SAFETY: `transposed` has out_g values per row; dcol is this task's own.
-                unsafe {
-                    gemm_rows(
-                        rows.len(),
-                        |r| {
-                            transposed
-                                .as_ptr()
-                                .add((group * reduction + rows.start + r) * out_g)
-                        },
-                        packed,
-                        0..out_g,
-                        0..width,
-                        dcol.as_mut_ptr(),
-                        width,
-                        Init::Zero,
-                        false,
-                    )
-                }
+                unsafe { gemm::gemm(plan.isa, &product) }
                 let bases = &plan.column_base[start..start + width];
                 for (q, row) in rows.clone().zip(dcol.chunks_exact(width)) {
                     let offset = first_channel + plan.tap_offset[q];
@@ -294,8 +289,8 @@ fn transpose_per_group(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// `dL/dW` from the input and `dL/dY`: the sum over every output position of its gradient
 /// times the input pixels it read.
-pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f32> {
-    let plan = Plan::new(shape);
+pub fn weight_grad(isa: Isa, shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f32> {
+    let plan = Plan::new(isa, shape);
     assert_eq!(input.len(), shape.input_len(), "input length");
     assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
     let mut grad = vec![0.0f32; shape.weight_len()];
@@ -333,29 +328,25 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
                 } else {
                     Init::Accumulate
                 };
-                // SAFETY: a piece lies in one image when dY is NCHW, so its rows are
-                // contiguous; every task writes its own block of its own part's copy.
                 // In blocks of rows whose slice of dY stays in L2 while it meets every panel.
-                let mr = row_block();
+                let mr = plan.row_block;
                 let block = round_up((32768 / len).max(mr), mr);
                 for rows in split(out_g, out_g.div_ceil(block), mr) {
-                    unsafe {
-                        gemm_rows(
-                            rows.len(),
-                            |r| {
-                                dy.as_ptr()
-                                    .add(plan.offset(group * out_g + rows.start + r, start))
-                            },
-                            packed,
-                            0..len,
-                            0..qs.len(),
-                            out.get()
-                                .add((group * out_g + rows.start) * reduction + qs.start),
-                            reduction,
-                            init,
-                            false,
-                        )
-                    }
+                    let product = Product::new(
+                        rows.len(),
+                        |r| {
+                            dy.as_ptr()
+                                .wrapping_add(plan.offset(group * out_g + rows.start + r, start))
+                        },
+                        packed,
+                        out.get()
+                            .wrapping_add((group * out_g + rows.start) * reduction + qs.start),
+                        reduction,
+                    )
+                    .init(init);
+                    // SAFETY: a piece lies in one image when dY is NCHW, so its rows are
+                    // contiguous; every task writes its own block of its own part's copy.
+                    unsafe { gemm::gemm(plan.isa, &product) }
                 }
             }
         });
@@ -363,174 +354,6 @@ pub fn weight_grad(shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f3
         grad.iter_mut().zip(partial).for_each(|(g, p)| *g += p);
     }
     grad
-}
-
-/// Per channel of an NCHW batch: mean and biased variance over (image, pixel), as
-/// `[means..., variances...]`. Sums run in f64, so `E[x^2] - mean^2` loses nothing that
-/// matters at f32.
-pub fn channel_stats(input: &[f32], batch: usize, channels: usize) -> Vec<f32> {
-    let plane = plane_len(input.len(), batch, channels);
-    let count = (batch * plane) as f64;
-    let sums: Vec<(f64, f64, f64)> = (0..channels)
-        .into_par_iter()
-        .map(|c| {
-            // Sums of x - shift, with shift one of the channel's values, so that the
-            // variance does not come from the difference of two large numbers.
-            let shift = input.get(c * plane).copied().unwrap_or(0.0);
-            let (mut sum, mut squares) = (0.0f64, 0.0f64);
-            for n in 0..batch {
-                let x = &input[(n * channels + c) * plane..][..plane];
-                let (s, q) = paired_sums(x, x, |v, _| v - shift, |v, _| (v - shift) * (v - shift));
-                sum += s;
-                squares += q;
-            }
-            (shift as f64, sum, squares)
-        })
-        .collect();
-    let count = count.max(1.0);
-    let mean = sums.iter().map(|&(shift, s, _)| shift + s / count);
-    let var = sums
-        .iter()
-        .map(|&(_, s, q)| (q / count - (s / count).powi(2)).max(0.0));
-    mean.chain(var).map(|v| v as f32).collect()
-}
-
-/// Batch norm with given batch statistics (from [`channel_stats`]):
-/// `y = (x - mean) / sqrt(var + eps) * gamma + beta`, per channel.
-pub fn batch_norm(
-    input: &[f32],
-    batch: usize,
-    stats: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f64,
-) -> Vec<f32> {
-    let channels = gamma.len();
-    let plane = plane_len(input.len(), batch, channels);
-    let mut out = vec![0.0f32; input.len()];
-    if plane == 0 {
-        return out;
-    }
-    out.par_chunks_mut(plane)
-        .zip(input.par_chunks(plane))
-        .enumerate()
-        .for_each(|(i, (out, x))| {
-            let c = i % channels;
-            let inv_std = inv_std(stats, channels, c, eps);
-            let scale = (gamma[c] as f64 * inv_std) as f32;
-            let shift = (beta[c] as f64 - stats[c] as f64 * gamma[c] as f64 * inv_std) as f32;
-            out.iter_mut()
-                .zip(x)
-                .for_each(|(o, &v)| *o = v * scale + shift);
-        });
-    out
-}
-
-/// The gradients of [`batch_norm`] with respect to x, gamma and beta, the batch statistics'
-/// dependence on x included: with `xhat = (x - mean) / std` and M values per channel,
-/// `dbeta = sum dy`, `dgamma = sum dy xhat`,
-/// `dx = gamma / std / M (M dy - dbeta - xhat dgamma)`.
-pub fn batch_norm_grad(
-    input: &[f32],
-    batch: usize,
-    stats: &[f32],
-    gamma: &[f32],
-    eps: f64,
-    out_grad: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let channels = gamma.len();
-    let plane = plane_len(input.len(), batch, channels);
-    let count = (batch * plane) as f64;
-    let planes = |c: usize| {
-        (0..batch).map(move |n| (n * channels + c) * plane..(n * channels + c + 1) * plane)
-    };
-    // Per channel: (sum dy, sum dy xhat).
-    let sums: Vec<(f64, f64)> = (0..channels)
-        .into_par_iter()
-        .map(|c| {
-            let (mean, inv_std) = (stats[c], inv_std(stats, channels, c, eps));
-            let (mut dy_sum, mut dy_x) = (0.0f64, 0.0f64);
-            for range in planes(c) {
-                let (s, sx) = paired_sums(
-                    &out_grad[range.clone()],
-                    &input[range],
-                    |dy, _| dy,
-                    |dy, x| dy * (x - mean),
-                );
-                dy_sum += s;
-                dy_x += sx;
-            }
-            (dy_sum, dy_x * inv_std)
-        })
-        .collect();
-    let mut dx = vec![0.0f32; input.len()];
-    if plane > 0 {
-        dx.par_chunks_mut(plane).enumerate().for_each(|(i, dx)| {
-            let c = i % channels;
-            let (dbeta, dgamma) = sums[c];
-            let inv_std = inv_std(stats, channels, c, eps);
-            let scale = gamma[c] as f64 * inv_std / count;
-            // dx = a dy + b x + d, per channel.
-            let a = (scale * count) as f32;
-            let b = (-scale * dgamma * inv_std) as f32;
-            let d = (-scale * dbeta + scale * dgamma * inv_std * stats[c] as f64) as f32;
-            let range = i * plane..(i + 1) * plane;
-            for ((dx, &dy), &x) in dx
-                .iter_mut()
-                .zip(&out_grad[range.clone()])
-                .zip(&input[range])
-            {
-                *dx = a * dy + b * x + d;
-            }
-        });
-    }
-    let dgamma = sums.iter().map(|&(_, g)| g as f32).collect();
-    let dbeta = sums.iter().map(|&(b, _)| b as f32).collect();
-    (dx, dgamma, dbeta)
-}
-
-/// `1 / sqrt(var + eps)` of channel c, from [`channel_stats`]' `[means..., variances...]`.
-fn inv_std(stats: &[f32], channels: usize, c: usize, eps: f64) -> f64 {
-    1.0 / (stats[channels + c] as f64 + eps).sqrt()
-}
-
-/// Values per (image, channel) plane; 0 for an empty batch.
-fn plane_len(len: usize, batch: usize, channels: usize) -> usize {
-    if batch * channels == 0 {
-        assert_eq!(len, 0, "{len} values for an empty batch");
-        return 0;
-    }
-    assert!(
-        len.is_multiple_of(batch * channels),
-        "{len} values do not make {batch} images of {channels} channels"
-    );
-    len / (batch * channels)
-}
-
-/// `(sum f(a, b), sum g(a, b))` over two equal-length slices, in 8 f32 lanes (so it
-/// vectorises) added up in f64.
-fn paired_sums(
-    a: &[f32],
-    b: &[f32],
-    f: impl Fn(f32, f32) -> f32,
-    g: impl Fn(f32, f32) -> f32,
-) -> (f64, f64) {
-    let (mut first, mut second) = ([0.0f32; 8], [0.0f32; 8]);
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            first[i] += f(x[i], y[i]);
-            second[i] += g(x[i], y[i]);
-        }
-    }
-    let mut s: f64 = first.iter().map(|&v| v as f64).sum();
-    let mut q: f64 = second.iter().map(|&v| v as f64).sum();
-    for (&x, &y) in ta.iter().zip(tb) {
-        s += f(x, y) as f64;
-        q += g(x, y) as f64;
-    }
-    (s, q)
 }
 
 /// Positions summed per packed block of the weight gradient.
@@ -555,10 +378,13 @@ struct Plan {
     column_base: Vec<usize>,
     /// Per q: offset from a column's base to the pixel it reads.
     tap_offset: Vec<usize>,
+    isa: Isa,
+    /// The micro-kernel's rows: output channels are split in multiples of it.
+    row_block: usize,
 }
 
 impl Plan {
-    fn new(shape: &ConvShape) -> Plan {
+    fn new(isa: Isa, shape: &ConvShape) -> Plan {
         if let Err(e) = shape.check() {
             panic!("{e}");
         }
@@ -592,6 +418,8 @@ impl Plan {
             padded_plane: ph * pw,
             column_base,
             tap_offset,
+            isa,
+            row_block: row_block(isa),
         }
     }
 
@@ -721,7 +549,7 @@ impl Plan {
             return Vec::new();
         }
         let short = target.div_ceil(groups * cols.len());
-        let mr = row_block();
+        let mr = self.row_block;
         let rows = split(
             self.out_per_group,
             short.min(self.out_per_group / (4 * mr)).max(1),
@@ -793,22 +621,6 @@ fn gather(src: &[f32], offset: usize, at: &[usize], values: &mut [f32]) {
             *value = src[offset + i];
         }
     }
-}
-
-fn round_up(n: usize, to: usize) -> usize {
-    n.div_ceil(to) * to
-}
-
-/// `0..total` in at most `parts` non-empty ranges, each but the last a multiple of `align`.
-fn split(total: usize, parts: usize, align: usize) -> Vec<Range<usize>> {
-    if total == 0 {
-        return Vec::new();
-    }
-    let size = round_up(total.div_ceil(parts.max(1)), align.max(1));
-    (0..total)
-        .step_by(size)
-        .map(|start| start..(start + size).min(total))
-        .collect()
 }
 
 #[cfg(test)]
@@ -912,19 +724,21 @@ mod tests {
             );
             let [y_ref, dx_ref, dw_ref] = reference(&s, &x, &wt, &dy);
             // f32 products summed over at most a few hundred terms: a few 1e-7 of the scale.
-            for (name, got, want) in [
-                ("forward", forward(&s, &x, &wt), y_ref),
-                ("input grad", input_grad(&s, &wt, &dy), dx_ref),
-                ("weight grad", weight_grad(&s, &x, &dy), dw_ref),
-            ] {
-                let err = relative_error(&got, &want);
-                assert!(err < 1e-5, "{name} {s:?}: relative error {err:e}");
+            for isa in Isa::available() {
+                for (name, got, want) in [
+                    ("forward", forward(isa, &s, &x, &wt), &y_ref),
+                    ("input grad", input_grad(isa, &s, &wt, &dy), &dx_ref),
+                    ("weight grad", weight_grad(isa, &s, &x, &dy), &dw_ref),
+                ] {
+                    let err = relative_error(&got, want);
+                    assert!(err < 1e-5, "{isa} {name} {s:?}: relative error {err:e}");
+                }
             }
         }
     }
 
     #[test]
-    fn an_empty_batch_gives_empty_outputs_and_zero_parameter_gradients() {
+    fn an_empty_batch_gives_empty_outputs_and_zero_weight_gradients() {
         let s = ConvShape {
             batch: 0,
             in_channels: 4,
@@ -937,15 +751,10 @@ mod tests {
             groups: 1,
         };
         let w = vec![1.0; s.weight_len()];
-        assert!(forward(&s, &[], &w).is_empty());
-        assert!(input_grad(&s, &w, &[]).is_empty());
-        assert_eq!(weight_grad(&s, &[], &[]), vec![0.0; s.weight_len()]);
-        // Batch norm over an empty batch: no outputs, zero parameter gradients.
-        let stats = channel_stats(&[], 0, 4);
-        let (gamma, beta) = (vec![1.0; 4], vec![0.0; 4]);
-        assert!(batch_norm(&[], 0, &stats, &gamma, &beta, 1e-5).is_empty());
-        let (dx, dgamma, dbeta) = batch_norm_grad(&[], 0, &stats, &gamma, 1e-5, &[]);
-        assert!(dx.is_empty());
-        assert_eq!((dgamma, dbeta), (vec![0.0; 4], vec![0.0; 4]));
+        for isa in Isa::available() {
+            assert!(forward(isa, &s, &[], &w).is_empty());
+            assert!(input_grad(isa, &s, &w, &[]).is_empty());
+            assert_eq!(weight_grad(isa, &s, &[], &[]), vec![0.0; s.weight_len()]);
+        }
     }
 }

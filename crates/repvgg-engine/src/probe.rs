@@ -1,0 +1,51 @@
+//! What the engine reads about the machine it runs on, once per process. The instruction
+//! set is [`repvgg_kernels::Isa::best`].
+
+use std::sync::OnceLock;
+
+use crate::tuning::DEFAULT_L2_BYTES;
+
+/// The L2 cache of CPU 0 as Linux reports it, else [`DEFAULT_L2_BYTES`].
+pub fn l2_bytes() -> usize {
+    static L2: OnceLock<usize> = OnceLock::new();
+    *L2.get_or_init(|| read_l2_bytes().unwrap_or(DEFAULT_L2_BYTES))
+}
+
+fn read_l2_bytes() -> Option<usize> {
+    // Linux numbers a CPU's caches index0, index1, ...: find the one whose level is 2.
+    let dir = "/sys/devices/system/cpu/cpu0/cache";
+    let read = |index: usize, file: &str| {
+        std::fs::read_to_string(format!("{dir}/index{index}/{file}")).ok()
+    };
+    let size = (0..8)
+        .find(|&i| read(i, "level").is_some_and(|level| level.trim() == "2"))
+        .and_then(|i| read(i, "size"))?;
+    parse_cache_size(&size).filter(|&bytes| bytes >= 64 << 10)
+}
+
+/// sysfs's `2048K` or `2M` (or plain bytes) in bytes.
+fn parse_cache_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let (digits, scale) = match text.strip_suffix('K') {
+        Some(d) => (d, 1 << 10),
+        None => match text.strip_suffix('M') {
+            Some(d) => (d, 1 << 20),
+            None => (text, 1),
+        },
+    };
+    digits.parse::<usize>().ok().map(|n| n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_parse_in_sysfs_units() {
+        assert_eq!(parse_cache_size("2048K\n"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("65536"), Some(65536));
+        assert_eq!(parse_cache_size("lots"), None);
+        assert!(l2_bytes() >= 64 << 10);
+    }
+}
