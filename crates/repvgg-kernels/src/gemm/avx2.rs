@@ -1,5 +1,5 @@
-//! AVX2/FMA micro-kernels: 6 x 16 blocks in twelve YMM registers, and edge kernels for the
-//! last 1-5 rows of a product.
+//! AVX2/FMA micro-kernels: 6 x 16 blocks in twelve YMM registers, and the same kernel for
+//! the last 1-5 rows of a product.
 #![cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -14,12 +14,12 @@ pub(super) const KERNELS: KernelSet = KernelSet {
     mr: MR,
     kc: KC,
     spans: &[&[
-        edge_kernel::<1>,
-        edge_kernel::<2>,
-        edge_kernel::<3>,
-        edge_kernel::<4>,
-        edge_kernel::<5>,
-        kernel,
+        kernel::<1>,
+        kernel::<2>,
+        kernel::<3>,
+        kernel::<4>,
+        kernel::<5>,
+        kernel::<MR>,
     ]],
     spread_ahead: false,
 };
@@ -90,10 +90,12 @@ unsafe fn store_rows<const H: usize>(acc: &[[__m256; 2]; H], c: *mut f32, ldc: u
     }
 }
 
-/// Twelve accumulators (6 rows x 2 vectors), two B vectors and one broadcast: 15 of the
-/// 16 AVX registers.
+/// `H` rows (at most 6) against one panel. The full kernel (`H = 6`) holds twelve
+/// accumulators, two B vectors and one broadcast: 15 of the 16 AVX registers. The edge
+/// kernels (`H < 6`) let the last block of a product do only its own rows' work (49 rows, a
+/// 7x7 map's, would otherwise cost 9 full blocks for 8.2).
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn kernel(
+pub(super) unsafe fn kernel<const H: usize>(
     k: usize,
     a: &[*const f32; MR_MAX],
     Panels { b, next, .. }: Panels,
@@ -102,30 +104,7 @@ pub(super) unsafe fn kernel(
     start: Start,
     relu: bool,
 ) {
-    // SAFETY: the module's contract, with H = 6 and V = 1.
-    unsafe {
-        let mut acc = start_rows::<MR>(start, c, ldc);
-        for p in 0..k {
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(p * NR) as *const i8);
-            fma_rows(&mut acc, a, b.add(p * NR), p);
-        }
-        store_rows(&acc, c, ldc, relu);
-    }
-}
-
-/// The kernel for the last `H < MR` rows of a product, so an edge block does only its own
-/// rows' work (49 rows, a 7x7 map's, would otherwise cost 9 full blocks for 8.2).
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn edge_kernel<const H: usize>(
-    k: usize,
-    a: &[*const f32; MR_MAX],
-    Panels { b, next, .. }: Panels,
-    c: *mut f32,
-    ldc: usize,
-    start: Start,
-    relu: bool,
-) {
-    // SAFETY: the module's contract, with H < 6 and V = 1.
+    // SAFETY: the module's contract, with H <= 6 and V = 1.
     unsafe {
         let mut acc = start_rows::<H>(start, c, ldc);
         // With few rows, each accumulator's chain of FMAs, not their number, sets the
