@@ -12,15 +12,15 @@
 //!
 //! # The micro-kernel contract
 //!
-//! Every micro-kernel ([`MicroKernel`]) computes one block of C: `H` rows (the kernel's
-//! height, at most [`MR_MAX`]) by `16 V` columns (`V` adjacent panels of B), over `k`
+//! Every micro-kernel (`MicroKernel`) computes one block of C: `H` rows (the kernel's
+//! height, at most `MR_MAX` = 8) by `16 V` columns (`V` adjacent panels of B), over `k`
 //! reduction steps, and stores it. It relies on, and the driver ([`gemm`]) guarantees:
 //! - `a[i]`, for `i < H`, is valid for `k` reads (rows past the block's last repeat it);
 //! - `panels.b` and the `V - 1` panels after it (`panels.stride` floats apart) are each valid
 //!   for `k * NR` reads; `panels.next` is only prefetched and may point anywhere;
-//! - `c` is valid for writes, and with [`Start::Accumulate`] reads, of `H` rows at stride
+//! - `c` is valid for writes, and with `Start::Accumulate` reads, of `H` rows at stride
 //!   `ldc` of `16 V` values, that no other thread touches meanwhile;
-//! - [`Start::Bias`] points at `16 V` readable values;
+//! - `Start::Bias` points at `16 V` readable values;
 //! - the kernel's instruction set runs on this machine.
 //!
 //! It stores `max(0, x)` instead of `x` when asked for ReLU.

@@ -23,7 +23,7 @@
 //! with additions only.
 //!
 //! An F(4x4) layer whose side leaves 1 or 2 outputs past its last whole tile (14x14, stage 3
-//! of every variant at 224) finishes that side with F(2x2) tiles ([`Rim`]) on F(4x4)'s own
+//! of every variant at 224) finishes that side with F(2x2) tiles (`Rim`) on F(4x4)'s own
 //! transformed filters: a 14x14 map costs 484 products per channel pair instead of 16 padded
 //! tiles' 576.
 //!
