@@ -22,23 +22,28 @@ use repvgg_arch::{ArchSpec, Form};
 
 pub mod convert;
 pub mod layout;
+pub mod metadata;
 pub mod naming;
 pub mod pickle;
 pub mod pth;
 pub mod random;
 pub mod tensor;
 
+pub use metadata::{ImageNetPreset, Preprocessing};
 pub use naming::Naming;
 pub use tensor::{DType, StateDict, Tensor};
 
 use pth::RawTensor;
 
-/// Every failure names the file and says what is wrong with it.
+/// Every failure names the file and says what is wrong with it, in one line a person can
+/// read; when that line had to summarise (a long list of mismatching keys), `details` holds
+/// the whole list.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {problem}")]
 pub struct CheckpointError {
     pub path: PathBuf,
     pub problem: String,
+    pub details: Vec<String>,
 }
 
 impl CheckpointError {
@@ -46,6 +51,7 @@ impl CheckpointError {
         CheckpointError {
             path: path.to_path_buf(),
             problem: problem.into(),
+            details: Vec::new(),
         }
     }
 }
@@ -66,6 +72,13 @@ pub struct Checkpoint {
     pub source_dtype: DType,
     /// Tensors in the file, `num_batches_tracked` included.
     pub file_tensor_count: usize,
+    /// How to feed the model, when the file says (ours do; published checkpoints do not).
+    pub preprocessing: Option<Preprocessing>,
+    /// Class names, one per output, when the file says.
+    pub labels: Option<Vec<String>>,
+    /// The run state of a resumable training checkpoint (`repvgg-train`'s JSON: configuration,
+    /// epoch, step); its optimizer tensors are not loaded.
+    pub run_state: Option<serde_json::Value>,
 }
 
 impl Checkpoint {
@@ -74,22 +87,82 @@ impl Checkpoint {
     pub fn load(path: &Path, arch: Option<&ArchSpec>) -> Result<Checkpoint, CheckpointError> {
         let fail = |problem: String| CheckpointError::new(path, problem);
         let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        let raw = read_raw(&bytes).map_err(fail)?;
+        let (mut raw, metadata) = read_raw(&bytes).map_err(fail)?;
         let file_tensor_count = raw.len();
-        let (tensors, naming, source_dtype) = normalise(raw).map_err(fail)?;
+        let meta = |key: &str| metadata.as_ref().and_then(|m| m.get(key));
+        let run_state = meta(metadata::RUN_STATE_KEY)
+            .map(|json| serde_json::from_str::<serde_json::Value>(json))
+            .transpose()
+            .map_err(|e| fail(format!("unreadable training run state: {e}")))?;
+        if run_state.is_some() {
+            // A resumable training checkpoint: the model's weights plus the optimizer's.
+            raw.retain(|(key, _)| !key.starts_with(metadata::OPTIMIZER_PREFIX));
+        }
+        let recorded_arch = meta("repvgg.arch")
+            .map(|json| serde_json::from_str::<ArchSpec>(json))
+            .transpose()
+            .map_err(|e| fail(format!("unreadable architecture in the metadata: {e}")))?;
+        let preprocessing = meta(metadata::PREPROCESSING_KEY)
+            .map(|json| {
+                let p: Preprocessing = serde_json::from_str(json)
+                    .map_err(|e| format!("unreadable preprocessing in the metadata: {e}"))?;
+                p.validate()
+                    .map_err(|e| format!("bad preprocessing in the metadata: {e}"))?;
+                Ok(p)
+            })
+            .transpose()
+            .map_err(fail)?;
+        let labels = meta(metadata::LABELS_KEY)
+            .map(|json| serde_json::from_str::<Vec<String>>(json))
+            .transpose()
+            .map_err(|e| fail(format!("unreadable class names in the metadata: {e}")))?;
+        let (tensors, naming, source_dtype) =
+            normalise(raw).map_err(|(problem, details)| CheckpointError {
+                path: path.to_path_buf(),
+                problem,
+                details,
+            })?;
         let form = layout::detect_form(&tensors).map_err(fail)?;
-        let spec = match arch {
-            Some(spec) => spec.clone(),
-            None => layout::infer_spec(&tensors, form).map_err(fail)?,
+        // Asked for, or recorded by whoever wrote the file (it knows strides and dilations,
+        // which shapes cannot tell), or read back from the shapes.
+        let (spec, source) = match (arch, recorded_arch) {
+            (Some(spec), _) => (spec.clone(), ArchSource::Requested),
+            (None, Some(spec)) => (spec, ArchSource::Recorded),
+            (None, None) => (
+                layout::infer_spec(&tensors, form).map_err(fail)?,
+                ArchSource::Inferred,
+            ),
         };
         let problems = layout::mismatches(&tensors, &spec, form, naming);
         if !problems.is_empty() {
-            let what = if arch.is_some() {
-                format!("does not match {} ({form} form)", spec.name)
-            } else {
-                format!("is not a consistent RepVGG {form}-form checkpoint")
+            let what = match source {
+                ArchSource::Requested => {
+                    let found = match layout::infer_spec(&tensors, form) {
+                        Ok(found) => format!("holds {}", describe_briefly(&found)),
+                        Err(_) => "holds no architecture we recognise".to_string(),
+                    };
+                    format!(
+                        "{found} ({form} form, {naming} naming), not the requested {}",
+                        describe_briefly(&spec)
+                    )
+                }
+                ArchSource::Recorded => format!(
+                    "does not match the architecture its metadata records ({})",
+                    describe_briefly(&spec)
+                ),
+                ArchSource::Inferred => {
+                    format!("is not a consistent RepVGG {form}-form checkpoint")
+                }
             };
-            return Err(fail(format!("{what}: {}", summarise(&problems))));
+            return Err(CheckpointError {
+                path: path.to_path_buf(),
+                problem: format!("{what}: {}", summarise_mismatches(&problems)),
+                details: problems,
+            });
+        }
+        if let Some(labels) = &labels {
+            metadata::validate_labels(labels, spec.num_classes)
+                .map_err(|e| fail(format!("the metadata's class names do not fit: {e}")))?;
         }
         check_values(&tensors).map_err(fail)?;
         Ok(Checkpoint {
@@ -100,6 +173,9 @@ impl Checkpoint {
             tensors,
             source_dtype,
             file_tensor_count,
+            preprocessing,
+            labels,
+            run_state,
         })
     }
 
@@ -112,11 +188,15 @@ impl Checkpoint {
         let fail = |problem: String| CheckpointError::new(Path::new("<memory>"), problem);
         let problems = layout::mismatches(&tensors, &spec, form, Naming::Official);
         if !problems.is_empty() {
-            return Err(fail(format!(
-                "does not match {}: {}",
-                spec.name,
-                summarise(&problems)
-            )));
+            return Err(CheckpointError {
+                path: PathBuf::from("<memory>"),
+                problem: format!(
+                    "does not match {}: {}",
+                    describe_briefly(&spec),
+                    summarise_mismatches(&problems)
+                ),
+                details: problems,
+            });
         }
         check_values(&tensors).map_err(fail)?;
         Ok(Checkpoint {
@@ -127,6 +207,9 @@ impl Checkpoint {
             file_tensor_count: tensors.len(),
             tensors,
             source_dtype: DType::F32,
+            preprocessing: None,
+            labels: None,
+            run_state: None,
         })
     }
 
@@ -155,15 +238,16 @@ impl Checkpoint {
             file_tensor_count: tensors.len(),
             tensors,
             source_dtype: DType::F32,
+            preprocessing: self.preprocessing.clone(),
+            labels: self.labels.clone(),
+            run_state: None,
         })
     }
 
-    /// Writes `f32` safetensors in the chosen naming, atomically (temp file + rename), with the
-    /// architecture and form in the metadata.
-    pub fn save_safetensors(&self, path: &Path, naming: Naming) -> Result<(), CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(path, problem);
-        let renamed = naming::rename(&self.tensors, Naming::Official, naming).map_err(fail)?;
-        let metadata = HashMap::from([
+    /// The safetensors metadata this checkpoint is written with: architecture, form, naming,
+    /// and (when known) preprocessing and class names.
+    pub fn metadata(&self, naming: Naming) -> HashMap<String, String> {
+        let mut metadata = HashMap::from([
             ("format".to_string(), "pt".to_string()),
             ("repvgg.form".to_string(), self.form.to_string()),
             ("repvgg.naming".to_string(), naming.to_string()),
@@ -172,7 +256,27 @@ impl Checkpoint {
                 serde_json::to_string(&self.spec).expect("spec serialises"),
             ),
         ]);
-        write_safetensors(path, &renamed, Some(metadata))
+        if let Some(p) = &self.preprocessing {
+            metadata.insert(
+                metadata::PREPROCESSING_KEY.to_string(),
+                serde_json::to_string(p).expect("preprocessing serialises"),
+            );
+        }
+        if let Some(labels) = &self.labels {
+            metadata.insert(
+                metadata::LABELS_KEY.to_string(),
+                serde_json::to_string(labels).expect("labels serialise"),
+            );
+        }
+        metadata
+    }
+
+    /// Writes `f32` safetensors in the chosen naming, atomically (temp file + rename), with
+    /// [`Checkpoint::metadata`].
+    pub fn save_safetensors(&self, path: &Path, naming: Naming) -> Result<(), CheckpointError> {
+        let fail = |problem: String| CheckpointError::new(path, problem);
+        let renamed = naming::rename(&self.tensors, Naming::Official, naming).map_err(fail)?;
+        write_safetensors(path, &renamed, Some(self.metadata(naming)))
     }
 }
 
@@ -200,9 +304,58 @@ pub fn write_safetensors(
     write_atomically(path, &bytes)
 }
 
-/// All problems on one line: an error names every key that is wrong, not the first few.
+/// Short lists on one line.
 fn summarise(problems: &[String]) -> String {
     problems.join("; ")
+}
+
+/// Where the architecture a file is checked against came from.
+enum ArchSource {
+    Requested,
+    Recorded,
+    Inferred,
+}
+
+/// `RepVGG-A0 (1000 classes)`, or the layout of a custom one.
+fn describe_briefly(spec: &ArchSpec) -> String {
+    match spec.name.as_str() {
+        "" | "custom" => format!(
+            "a custom RepVGG (depths {:?}, widths {:?}, stem {}, {} classes)",
+            spec.depths, spec.widths, spec.stem_width, spec.num_classes
+        ),
+        name => format!("{name} ({} classes)", spec.num_classes),
+    }
+}
+
+/// How many keys are missing, unexpected and mis-shaped, and the first few of each: a wrong
+/// architecture gives hundreds, and a 20 KB line helps nobody.
+fn summarise_mismatches(problems: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let kinds = [
+        ("missing", "missing key"),
+        ("unexpected", "unexpected key"),
+        ("mis-shaped", "has shape"),
+    ];
+    let mut parts = Vec::new();
+    for (kind, marker) in kinds {
+        let matching: Vec<&String> = problems.iter().filter(|p| p.contains(marker)).collect();
+        if matching.is_empty() {
+            continue;
+        }
+        let shown: Vec<&str> = matching.iter().take(SHOWN).map(|p| p.as_str()).collect();
+        let more = matching.len().saturating_sub(SHOWN);
+        parts.push(format!(
+            "{} {kind} ({}{})",
+            matching.len(),
+            shown.join("; "),
+            if more > 0 {
+                format!("; {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    parts.join(", ")
 }
 
 /// Writes to a temporary file beside `path`, syncs, then renames over it: a crash or a full
@@ -230,8 +383,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
     result
 }
 
-/// Raw tensors from either file format, keyed as in the file.
-fn read_raw(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+/// Raw tensors from either file format, keyed as in the file, with the safetensors header's
+/// metadata (a `.pth` has none).
+type RawFile = (Vec<(String, RawTensor)>, Option<HashMap<String, String>>);
+
+fn read_raw(bytes: &[u8]) -> Result<RawFile, String> {
     // A safetensors file opens with its JSON header's length (u64, little-endian) and then the
     // header itself. That length can begin with any byte, 0x80 (a pickle's PROTO) included, so
     // it is recognised by its structure rather than by a magic byte.
@@ -241,11 +397,15 @@ fn read_raw(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
             .checked_add(8)
             .is_some_and(|end| end <= bytes.len() as u64);
     if !looks_like_safetensors && (bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"\x80")) {
-        return pth::read_pth(bytes);
+        return Ok((pth::read_pth(bytes)?, None));
     }
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| format!("neither a PyTorch checkpoint nor valid safetensors ({e})"))?;
-    st.tensors()
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("unreadable safetensors header ({e})"))?;
+    let metadata = header.metadata().clone();
+    let tensors = st
+        .tensors()
         .into_iter()
         .map(|(key, view)| {
             let dtype = DType::from_safetensors(view.dtype())
@@ -259,11 +419,16 @@ fn read_raw(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
                 },
             ))
         })
-        .collect()
+        .collect::<Result<_, String>>()?;
+    Ok((tensors, metadata))
 }
 
 /// Strips `module.`, drops `num_batches_tracked`, converts to `f32`, renames to official.
-fn normalise(raw: Vec<(String, RawTensor)>) -> Result<(StateDict, Naming, DType), String> {
+/// An error comes as a line and, for a list of keys, the whole list.
+fn normalise(
+    raw: Vec<(String, RawTensor)>,
+) -> Result<(StateDict, Naming, DType), (String, Vec<String>)> {
+    let one = |problem: String| (problem, Vec::new());
     let mut floats = Vec::new();
     let mut widest: Option<DType> = None;
     for (key, tensor) in raw {
@@ -280,18 +445,19 @@ fn normalise(raw: Vec<(String, RawTensor)>) -> Result<(StateDict, Naming, DType)
             continue;
         }
         let converted = tensor.to_f32().ok_or_else(|| {
-            format!(
+            one(format!(
                 "'{key}' has dtype {:?}; RepVGG weights must be floating point",
                 tensor.dtype
-            )
+            ))
         })?;
         if widest.is_none_or(|w| tensor.dtype.size() > w.size()) {
             widest = Some(tensor.dtype);
         }
         floats.push((key, converted));
     }
-    let naming = Naming::detect(floats.iter().map(|(k, _)| k.as_str()))
-        .ok_or("no RepVGG weights found (no keys in official, timm or mmpretrain naming)")?;
+    let naming = Naming::detect(floats.iter().map(|(k, _)| k.as_str())).ok_or_else(|| {
+        one("no RepVGG weights found (no keys in official, timm or mmpretrain naming)".into())
+    })?;
     let mut unexpected = Vec::new();
     let mut dict = StateDict::new();
     for (key, tensor) in floats {
@@ -303,7 +469,8 @@ fn normalise(raw: Vec<(String, RawTensor)>) -> Result<(StateDict, Naming, DType)
         }
     }
     if !unexpected.is_empty() {
-        return Err(format!("{naming} naming, but {}", summarise(&unexpected)));
+        let line = format!("{naming} naming, but {}", summarise_mismatches(&unexpected));
+        return Err((line, unexpected));
     }
     Ok((dict, naming, widest.unwrap_or(DType::F32)))
 }

@@ -19,9 +19,10 @@ pub struct BenchArgs {
     /// A variant or custom spec (seeded random weights) or a checkpoint file.
     #[arg(long, default_value = "A0")]
     pub arch: String,
-    /// train, deploy or both.
-    #[arg(long, default_value = "deploy")]
-    pub form: String,
+    /// train, deploy or both [default: deploy]. Not with --layers (deploy form only) or
+    /// --train (the training form, by definition).
+    #[arg(long)]
+    pub form: Option<String>,
     /// Batch sizes, comma-separated [default: 1,8; with --train: 32].
     #[arg(long)]
     pub batch: Option<String>,
@@ -109,7 +110,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| if args.train { "32" } else { "1,8" }.into());
     let (h, w) = crate::parse_size(&size)?;
-    let forms: Vec<Form> = match args.form.as_str() {
+    if let Some(form) = &args.form {
+        if args.layers {
+            bail!("--layers times the deploy form's blocks only; --form {form} does not apply");
+        }
+        if args.train {
+            bail!("--train times the training form's step; --form {form} does not apply");
+        }
+    }
+    let forms: Vec<Form> = match args.form.as_deref().unwrap_or("deploy") {
         "train" => vec![Form::Train],
         "deploy" => vec![Form::Deploy],
         "both" => vec![Form::Train, Form::Deploy],
@@ -145,6 +154,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         lowering,
         isa: args.isa.map(Into::into),
     };
+    let engine_flags = args.isa.is_some()
+        || args.mode != "auto"
+        || args.winograd != "auto"
+        || args.lowering != "auto";
+    if engine_flags && (args.train || !forms.contains(&Form::Deploy)) {
+        eprintln!(
+            "note: --isa, --mode, --winograd and --lowering choose the engine's kernels, which only the deploy form runs; they change nothing here"
+        );
+    }
     if args.iters == 0 {
         bail!("--iters must be at least 1");
     }

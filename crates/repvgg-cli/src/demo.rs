@@ -8,7 +8,20 @@ use clap::Args;
 use repvgg_data::DataKind;
 use repvgg_train::{RunOptions, TrainConfig};
 
-use crate::train::{arch_for, open_data, train_and_finish};
+use crate::train::{arch_for, fit_batch, open_data, train_and_finish, warn_about_schedule};
+
+/// Whether `checkpoint` is a demo run's: the demo's network, whatever its data.
+fn is_demo_run(checkpoint: &Path) -> bool {
+    let Ok(ckpt) = repvgg_checkpoint::Checkpoint::load(checkpoint, None) else {
+        return false;
+    };
+    let Ok(mut demo) = repvgg_arch::ArchSpec::parse(DEMO_ARCH) else {
+        return false;
+    };
+    demo.num_classes = ckpt.spec.num_classes;
+    demo.name = ckpt.spec.name.clone();
+    ckpt.run_state.is_some() && ckpt.spec == demo
+}
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -17,13 +30,16 @@ pub struct DemoArgs {
     /// subset when that is not installed.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Output directory; a previous demo run there is replaced (unless --resume).
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
+    /// Passes over the training set [default: 15].
     #[arg(long)]
     epochs: Option<usize>,
     /// Continue an interrupted demo from OUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
+    /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
     /// End with one JSON line of results.
@@ -67,9 +83,20 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             dir.display()
         );
     }
-    let mut config = TrainConfig::small_images(arch_for(DEMO_ARCH, &data)?);
+    let mut config = TrainConfig::small_images(arch_for(DEMO_ARCH, &data, &dir)?);
     config.epochs = args.epochs.unwrap_or(DEMO_EPOCHS);
-    config.batch_size = config.batch_size.min(data.train.len());
+    config.batch_size = fit_batch(config.batch_size, data.train.len());
+    warn_about_schedule(&config);
+    // The demo is a canned, seeded job: running it again redoes it. Any other run in OUT
+    // (one without the demo's network) is kept and refused, as `train` refuses.
+    let previous = args.out.join("checkpoint.safetensors");
+    let overwrite = !args.resume && is_demo_run(&previous);
+    if overwrite && !args.quiet {
+        eprintln!(
+            "demo: replacing the previous demo run in {} (--resume continues it instead)",
+            args.out.display()
+        );
+    }
     if !args.quiet {
         eprintln!(
             "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epochs",
@@ -83,6 +110,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     let options = RunOptions {
         resume: args.resume,
+        overwrite,
         progress: !args.quiet,
         ..RunOptions::default()
     };

@@ -1,33 +1,47 @@
-//! `repvgg forward`: safetensors in, logits (and block outputs) out.
+//! `repvgg forward`: a batch in (safetensors, or images preprocessed as the weights file
+//! records), logits (and block outputs) out.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use repvgg_checkpoint::{DType, StateDict, Tensor as CkptTensor, write_safetensors};
 use repvgg_engine::{Engine, EngineOptions, Isa, Workspace, nhwc_to_nchw};
 
 use crate::load_checkpoint;
+use crate::model_input::{InputArgs, image_batch, imagenet_fallback, is_image};
 
-/// Reads tensor `input` (N, C, H, W) of any float type, as f32.
+/// Reads the batch (N, C, H, W), of any float type, as f32: the tensor named `input`, or the
+/// file's only tensor whatever its name.
 fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    // The tensor named `input`, or the only tensor in the file.
-    let names = st.names();
-    let name = if names.contains(&"input") || names.len() != 1 {
-        "input"
-    } else {
-        names[0]
+    let mut names = st.names();
+    names.sort();
+    let name = match names[..] {
+        [only] => only,
+        _ if names.contains(&"input") => "input",
+        _ => bail!(
+            "{}: no tensor named 'input' among the {} it holds ({}); name the batch 'input' or \
+             store it alone",
+            path.display(),
+            names.len(),
+            names
+                .iter()
+                .take(8)
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let view = st
         .tensor(name)
-        .with_context(|| format!("{}: has no tensor named 'input'", path.display()))?;
+        .with_context(|| format!("{}: cannot read tensor '{name}'", path.display()))?;
     let dtype = DType::from_safetensors(view.dtype())
         .filter(|d| d.is_float())
         .with_context(|| {
             format!(
-                "{}: 'input' has dtype {:?}; expected a float type",
+                "{}: '{name}' has dtype {:?}; expected a float type",
                 path.display(),
                 view.dtype()
             )
@@ -35,36 +49,72 @@ fn read_input(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let values = dtype.decode_floats(view.data()).expect("float dtype");
     if values.iter().any(|v| !v.is_finite()) {
         bail!(
-            "{}: 'input' contains NaN or infinite values",
+            "{}: '{name}' contains NaN or infinite values",
             path.display()
         );
     }
     Ok((view.shape().to_vec(), values))
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    weights: &Path,
-    input: &Path,
-    output: &Path,
-    arch: Option<String>,
-    features: bool,
-    out_indices: Option<Vec<usize>>,
-    bn_eps: f64,
-    isa: Option<Isa>,
-) -> Result<()> {
+/// One `forward` run's arguments.
+pub struct ForwardRun<'a> {
+    pub weights: &'a Path,
+    pub inputs: &'a [PathBuf],
+    pub output: &'a Path,
+    pub arch: Option<String>,
+    pub features: bool,
+    pub out_indices: Option<Vec<usize>>,
+    pub bn_eps: f64,
+    pub isa: Option<Isa>,
+    pub preprocess: &'a InputArgs,
+}
+
+pub fn run(args: ForwardRun<'_>) -> Result<()> {
+    let ForwardRun {
+        weights,
+        inputs,
+        output,
+        arch,
+        features,
+        out_indices,
+        bn_eps,
+        isa,
+        preprocess,
+    } = args;
     if let Some(bad) = out_indices.iter().flatten().find(|&&s| s > 4) {
         bail!("--out-indices: stage {bad} does not exist (stages are 0 to 4)");
     }
     crate::check_bn_eps(bn_eps)?;
     let ckpt = load_checkpoint(weights, arch)?;
-    let (shape, values) = read_input(input)?;
+    let images = inputs.iter().any(|p| is_image(p));
+    let (shape, values, input) = if images {
+        if let Some(other) = inputs.iter().find(|p| !is_image(p)) {
+            bail!(
+                "{}: --input takes one .safetensors batch or JPEG/PNG images, not both",
+                other.display()
+            );
+        }
+        let (p, source) = preprocess.resolve(&ckpt, imagenet_fallback(&ckpt))?;
+        eprintln!("input: {} ({source})", p.describe());
+        let values = image_batch(inputs, &p)?;
+        let shape = vec![inputs.len(), 3, p.size[0], p.size[1]];
+        let name = format!("{} images", inputs.len());
+        (shape, values, name)
+    } else {
+        if preprocess.any() {
+            bail!("--preset, --size, --mean and --std apply to image inputs, not to a tensor");
+        }
+        let [path] = inputs else {
+            bail!("--input: give one .safetensors batch, or JPEG/PNG images");
+        };
+        let (shape, values) = read_input(path)?;
+        (shape, values, path.display().to_string())
+    };
     let spec = &ckpt.spec;
     match shape[..] {
         [n, c, h, w] if n > 0 && c == spec.in_channels && h > 0 && w > 0 => {}
         _ => bail!(
-            "{}: 'input' has shape {shape:?}; {} expects (N, {}, H, W), none of them 0",
-            input.display(),
+            "{input}: the batch has shape {shape:?}; {} expects (N, {}, H, W), none of them 0",
             spec.name,
             spec.in_channels
         ),
@@ -120,7 +170,7 @@ pub fn run(
         spec.name,
         ckpt.form,
         engine.isa(),
-        input.display(),
+        input,
         [n, spec.in_channels, h, w],
         output.display(),
     );

@@ -16,47 +16,77 @@ mod bench;
 mod demo;
 mod eval;
 mod forward;
+mod model_input;
 mod predict;
 mod train;
+
+use model_input::{InputArgs, imagenet_fallback, read_labels};
 
 #[derive(Parser)]
 #[command(
     name = "repvgg",
     version,
-    about = "RepVGG toolkit: inspect, convert and run RepVGG models"
+    about = "RepVGG toolkit: train the multi-branch form, convert it to the plain one, and run, \
+             evaluate, benchmark and export models",
+    long_about = "RepVGG toolkit.\n\n\
+        info      describe variants, specs and weights files\n\
+        convert   turn training-form weights into the deploy form\n\
+        forward   run a model on a batch (safetensors or images)\n\
+        bench     time inference or a training step\n\
+        train     train the multi-branch form on a data set\n\
+        eval      accuracy on a data set's held-out split\n\
+        predict   classify JPEG/PNG images\n\
+        export    write the deploy-form graph as ONNX\n\
+        demo      the quick start: train, convert, verify and time on Fashion-MNIST\n\n\
+        Weights files written here record how to feed the model and its class names; \
+        `repvgg info FILE` shows them."
 )]
 struct Cli {
+    /// On a weights file that does not match, list every mismatching key.
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Describe variants (parameters and MACs of both forms) or a checkpoint file.
+    /// Describe variants (parameters and MACs of both forms) or a weights file.
     ///
     /// With no argument, prints the table of all published variants. With a variant name or
-    /// custom spec, prints that one. With a file, reports its form, naming and architecture.
+    /// custom spec, prints that one. With a file, reports its form, naming, architecture,
+    /// preprocessing and class names, and for a training checkpoint where the run stands.
     Info {
         /// A variant (A0, RepVGG-B1g4, repvgg_d2se), a custom spec
-        /// ("depths=1,2,2,1;widths=16,32,64,128;stem=16"), a spec .json, or a checkpoint.
+        /// ("depths=1,2,2,1;widths=16,32,64,128;stem=16"), a spec .json, or a weights file.
         target: Option<String>,
-        /// Input size for MAC counts: 224, or HxW such as 256x320.
-        #[arg(long, default_value = "224")]
-        size: String,
-        /// Check a checkpoint against this architecture (reports every mismatching key).
+        /// A weights file (the same as giving it as the argument).
+        #[arg(long, conflicts_with = "target")]
+        weights: Option<PathBuf>,
+        /// Input size for MAC counts: 224, or HxW such as 256x320 [default: a weights file's
+        /// input size, else 224].
+        #[arg(long)]
+        size: Option<String>,
+        /// Check a weights file against this architecture (a variant name or spec).
         #[arg(long)]
         arch: Option<String>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Convert a training-form checkpoint to a deploy-form .safetensors file.
+    /// Convert training-form weights to a deploy-form .safetensors file.
+    ///
+    /// The preprocessing and class names the input records are carried over; the flags below
+    /// set or change them (for published checkpoints, which record none).
     Convert {
-        /// Training-form checkpoint: .pth or .safetensors, official, timm or mmpretrain names.
-        input: PathBuf,
-        /// Output .safetensors file (written atomically).
-        output: PathBuf,
-        /// Require the checkpoint to be this architecture.
+        /// Input weights (same as --weights) and output file: `convert IN OUT`.
+        #[arg(num_args = 1..=2, value_name = "[IN] OUT")]
+        paths: Vec<PathBuf>,
+        /// Training-form weights: .pth or .safetensors, official, timm or mmpretrain names, or
+        /// a training checkpoint.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Require the weights to be this architecture (a variant name or spec).
         #[arg(long)]
         arch: Option<String>,
         /// Key naming of the output.
@@ -65,19 +95,27 @@ enum Command {
         /// Batch-norm eps (state dicts do not record it; PyTorch's default is 1e-5).
         #[arg(long, default_value_t = DEFAULT_BN_EPS)]
         bn_eps: f64,
+        /// Record these class names (one per line) in the output.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        #[command(flatten)]
+        input: InputArgs,
     },
-    /// Run a model in inference mode on a batch of images stored as safetensors.
+    /// Run a model in inference mode on a batch: safetensors tensor or JPEG/PNG images.
     Forward {
-        /// Weights in either form and any naming, .pth or .safetensors.
+        /// Weights in either form and any naming, .pth or .safetensors (a training checkpoint
+        /// too).
         #[arg(long)]
         weights: PathBuf,
-        /// A .safetensors file with tensor `input` of shape (N, 3, H, W).
-        #[arg(long)]
-        input: PathBuf,
+        /// A .safetensors file holding the batch (N, 3, H, W), already preprocessed: the
+        /// tensor named `input`, or the file's only tensor. Or one or more JPEG/PNG images
+        /// (repeat --input), preprocessed as the weights file records.
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
         /// Output .safetensors: `logits` (N, classes), and `features.<block>` with --features.
         #[arg(long)]
         output: PathBuf,
-        /// Require the weights to be this architecture.
+        /// Require the weights to be this architecture (a variant name or spec).
         #[arg(long)]
         arch: Option<String>,
         /// Also write every block's output, in official block names (stage0, stage1.0, ...).
@@ -93,6 +131,8 @@ enum Command {
         /// Cap the engine's instruction set (default: the best this machine has).
         #[arg(long)]
         isa: Option<IsaArg>,
+        #[command(flatten)]
+        preprocess: InputArgs,
     },
     /// Time inference: median and p90 latency, images/s, GFLOP/s (2 x MACs / time), peak memory.
     ///
@@ -105,29 +145,36 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Train a small RepVGG on Fashion-MNIST, convert it, verify, benchmark: the whole story.
     Demo(demo::DemoArgs),
-    /// Classify JPEG/PNG photos: top-k classes with probabilities.
+    /// Classify JPEG/PNG images: top-k classes with probabilities.
     Predict(predict::PredictArgs),
     /// Export the deploy-form graph as ONNX (weights in either form and any naming).
     ///
-    /// Input `input`: float32 (N, 3, H, W), ImageNet-normalised; output `logits`: float32
+    /// Input `input`: float32 (N, 3, H, W), preprocessed as the weights file records (its
+    /// `repvgg.preprocessing` is copied into the ONNX metadata); output `logits`: float32
     /// (N, classes). N is fixed (--batch) or symbolic (`batch`, with --dynamic-batch).
     Export {
-        weights: PathBuf,
-        /// Output .onnx file (written atomically).
-        output: PathBuf,
+        /// Input weights (same as --weights) and output .onnx file: `export IN OUT`.
+        #[arg(num_args = 1..=2, value_name = "[IN] OUT")]
+        paths: Vec<PathBuf>,
+        /// Weights in either form and any naming, .pth or .safetensors.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// ONNX opset, 11 to 21.
         #[arg(long, default_value_t = 17)]
         opset: i64,
         /// A symbolic batch dimension, so any batch size runs.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "batch")]
         dynamic_batch: bool,
-        /// The fixed batch size without --dynamic-batch.
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// Input size: 224, or HxW.
-        #[arg(long, default_value = "224")]
-        size: String,
+        /// The fixed batch size [default: 1].
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Input size: 224, or HxW [default: the weights file's input size, else 224].
+        #[arg(long)]
+        size: Option<String>,
+        /// Require the weights to be this architecture (a variant name or spec).
         #[arg(long)]
         arch: Option<String>,
+        /// Batch-norm eps for training-form weights.
         #[arg(long, default_value_t = DEFAULT_BN_EPS)]
         bn_eps: f64,
     },
@@ -161,33 +208,36 @@ fn main() -> ExitCode {
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
         Err(e) => {
-            // One line, as for every other error; --help has the details.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{} (see repvgg --help)", first.trim_end());
-            return ExitCode::from(2);
+            // clap's own rendering: what is missing or wrong, the allowed values, "did you
+            // mean", and the subcommand's usage. --help and --version come this way too.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    let verbose = cli.verbose;
     let result = match cli.command {
         Command::Info {
             target,
+            weights,
             size,
             arch,
             json,
-        } => info(target, &size, arch, json),
+        } => {
+            let target = target.or(weights.map(|w| w.display().to_string()));
+            info(target, size, arch, json)
+        }
         Command::Convert {
-            input,
-            output,
+            paths,
+            weights,
             arch,
             naming,
             bn_eps,
-        } => convert(&input, &output, arch, naming, bn_eps),
+            labels,
+            input,
+        } => weights_and_output(weights, paths, "convert").and_then(|(weights, output)| {
+            convert(&weights, &output, arch, naming, bn_eps, labels, &input)
+        }),
         Command::Forward {
             weights,
             input,
@@ -197,46 +247,81 @@ fn main() -> ExitCode {
             out_indices,
             bn_eps,
             isa,
-        } => forward::run(
-            &weights,
-            &input,
-            &output,
+            preprocess,
+        } => forward::run(forward::ForwardRun {
+            weights: &weights,
+            inputs: &input,
+            output: &output,
             arch,
             features,
             out_indices,
             bn_eps,
-            isa.map(Into::into),
-        ),
+            isa: isa.map(Into::into),
+            preprocess: &preprocess,
+        }),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::train(args),
         Command::Eval(args) => eval::eval(args),
         Command::Demo(args) => demo::demo(args),
         Command::Predict(args) => predict::run(args),
         Command::Export {
+            paths,
             weights,
-            output,
             opset,
             dynamic_batch,
             batch,
             size,
             arch,
             bn_eps,
-        } => export(
-            &weights,
-            &output,
-            opset,
-            dynamic_batch,
-            batch,
-            &size,
-            arch,
-            bn_eps,
-        ),
+        } => weights_and_output(weights, paths, "export").and_then(|(weights, output)| {
+            export(
+                &weights,
+                &output,
+                opset,
+                dynamic_batch,
+                batch,
+                size,
+                arch,
+                bn_eps,
+            )
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A long list of mismatching keys is summarised in the line; --verbose has it all.
+            let details = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<repvgg_checkpoint::CheckpointError>())
+                .map(|c| c.details.clone())
+                .unwrap_or_default();
+            if details.is_empty() || verbose {
+                eprintln!("error: {e:#}");
+            } else {
+                eprintln!("error: {e:#} (--verbose lists all {})", details.len());
+            }
+            if verbose {
+                for line in details {
+                    eprintln!("  {line}");
+                }
+            }
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The weights and output of `convert` and `export`: `--weights W OUT` or the older `W OUT`.
+fn weights_and_output(
+    weights: Option<PathBuf>,
+    paths: Vec<PathBuf>,
+    command: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    match (weights, &paths[..]) {
+        (Some(w), [out]) => Ok((w, out.clone())),
+        (None, [w, out]) => Ok((w.clone(), out.clone())),
+        (Some(_), _) => bail!("{command}: with --weights, give only the output file"),
+        (None, _) => {
+            bail!("{command}: give the weights (--weights W, or first) and the output file")
         }
     }
 }
@@ -247,21 +332,25 @@ fn export(
     output: &Path,
     opset: i64,
     dynamic_batch: bool,
-    batch: usize,
-    size: &str,
+    batch: Option<usize>,
+    size: Option<String>,
     arch: Option<String>,
     bn_eps: f64,
 ) -> Result<()> {
     check_bn_eps(bn_eps)?;
-    let (height, width) = parse_size(size)?;
-    if batch == 0 {
+    if batch == Some(0) {
         bail!("--batch must be at least 1");
     }
     let ckpt = load_checkpoint(weights, arch)?;
+    let (height, width) = match (&size, &ckpt.preprocessing) {
+        (Some(size), _) => parse_size(size)?,
+        (None, Some(p)) => (p.size[0], p.size[1]),
+        (None, None) => (224, 224),
+    };
     let options = repvgg_onnx::ExportOptions {
         opset,
         dynamic_batch,
-        batch,
+        batch: batch.unwrap_or(1),
         height,
         width,
     };
@@ -269,14 +358,14 @@ fn export(
         .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
     repvgg_checkpoint::write_atomically(output, &bytes)?;
     eprintln!(
-        "wrote {} ({} MB, opset {opset}, input (N, {}, {height}, {width}) with N {})",
+        "wrote {} ({}, opset {opset}, input (N, {}, {height}, {width}) with N {})",
         output.display(),
-        bytes.len() / 1_000_000,
+        bytes_human(bytes.len() as u64),
         ckpt.spec.in_channels,
         if dynamic_batch {
             "symbolic".to_string()
         } else {
-            batch.to_string()
+            options.batch.to_string()
         }
     );
     Ok(())
@@ -302,12 +391,32 @@ pub fn parse_size(size: &str) -> Result<(usize, usize)> {
     .with_context(|| format!("--size '{size}': expected a positive size such as 224 or 256x320"))
 }
 
+/// A count in the unit that keeps it readable: 9.109M, 1.361G, 48.128K (never 0.001G).
+pub fn count(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.3}K", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.3}M", n as f64 / 1e6),
+        _ => format!("{:.3}G", n as f64 / 1e9),
+    }
+}
+
 fn millions(n: usize) -> String {
-    format!("{:.3}M", n as f64 / 1e6)
+    count(n as u64)
 }
 
 fn giga(n: u64) -> String {
-    format!("{:.3}G", n as f64 / 1e9)
+    count(n)
+}
+
+/// A file size in KB, MB or GB (decimal, one decimal place).
+pub fn bytes_human(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} bytes"),
+        1_000..1_000_000 => format!("{:.1} KB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
+    }
 }
 
 fn spec_json(spec: &ArchSpec, h: usize, w: usize) -> serde_json::Value {
@@ -360,8 +469,13 @@ pub fn check_bn_eps(bn_eps: f64) -> Result<()> {
     Ok(())
 }
 
-fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) -> Result<()> {
-    let (h, w) = parse_size(size)?;
+fn info(
+    target: Option<String>,
+    size: Option<String>,
+    arch: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let (h, w) = parse_size(size.as_deref().unwrap_or("224"))?;
     let Some(target) = target else {
         let specs: Vec<ArchSpec> = VARIANT_NAMES
             .iter()
@@ -413,6 +527,12 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
 
     let ckpt = load_checkpoint(path, arch)?;
     let spec = &ckpt.spec;
+    // MACs at the size the model is fed, unless asked otherwise.
+    let (h, w) = match (&size, &ckpt.preprocessing) {
+        (None, Some(p)) => (p.size[0], p.size[1]),
+        _ => (h, w),
+    };
+    let run = ckpt.run_state.as_ref().map(run_summary);
     if json {
         let mut value = spec_json(spec, h, w);
         let extra = serde_json::json!({
@@ -421,6 +541,9 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
             "naming": ckpt.naming.to_string(),
             "dtype": format!("{:?}", ckpt.source_dtype),
             "tensors": ckpt.file_tensor_count,
+            "preprocessing": ckpt.preprocessing,
+            "labels": ckpt.labels,
+            "training_run": ckpt.run_state,
         });
         value
             .as_object_mut()
@@ -430,11 +553,19 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
         return Ok(());
     }
     println!("file: {}", path.display());
+    if let Some(run) = &run {
+        println!("training checkpoint: {run}");
+    }
     println!("form: {}", ckpt.form);
     println!("naming: {}", ckpt.naming);
     println!("dtype: {:?}", ckpt.source_dtype);
+    let ignored = if run.is_some() {
+        " (the rest is optimizer state, ignored)"
+    } else {
+        ""
+    };
     println!(
-        "tensors: {} in file, {} weights used",
+        "tensors: {} in file, {} weights used{ignored}",
         ckpt.file_tensor_count,
         ckpt.tensors.len()
     );
@@ -450,15 +581,67 @@ fn info(target: Option<String>, size: &str, arch: Option<String>, json: bool) ->
         giga(spec.macs(Form::Train, h, w)),
         giga(spec.macs(Form::Deploy, h, w))
     );
+    match &ckpt.preprocessing {
+        Some(p) => println!("preprocessing: {}", p.describe()),
+        None => println!(
+            "preprocessing: not recorded (predict and eval use {}; convert --preset or --size/--mean/--std records one)",
+            imagenet_fallback(&ckpt).1
+        ),
+    }
+    match &ckpt.labels {
+        Some(labels) => {
+            const SHOWN: usize = 10;
+            let more = labels.len().saturating_sub(SHOWN);
+            let shown: Vec<&str> = labels.iter().take(SHOWN).map(String::as_str).collect();
+            println!(
+                "class names: {}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(", ... ({more} more)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        None => println!("class names: not recorded"),
+    }
     Ok(())
 }
 
+/// Where a training checkpoint's run stands, from its run state: "epoch 3 of 15 done, ...".
+fn run_summary(state: &serde_json::Value) -> String {
+    let position = &state["position"];
+    let config = &state["config"];
+    let epochs = config["epochs"].as_u64().unwrap_or(0);
+    let done = position["epoch"].as_u64().unwrap_or(0);
+    let step = position["step"].as_u64().unwrap_or(0);
+    let global = position["global_step"].as_u64().unwrap_or(0);
+    let last = position["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .and_then(|r| r["val_acc"].as_f64())
+        .map(|acc| format!(", last validation accuracy {acc:.4}"))
+        .unwrap_or_default();
+    let at = if step > 0 {
+        format!(" and {step} steps into epoch {}", done + 1)
+    } else {
+        String::new()
+    };
+    format!(
+        "{done} of {epochs} epochs done{at} ({global} steps{last}); batch {}, lr {}, seed {}",
+        config["batch_size"], config["lr"], config["seed"]
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 fn convert(
     input: &Path,
     output: &Path,
     arch: Option<String>,
     naming: Naming,
     bn_eps: f64,
+    labels: Option<PathBuf>,
+    preprocess: &InputArgs,
 ) -> Result<()> {
     let extension = output
         .extension()
@@ -479,7 +662,14 @@ fn convert(
             input.display()
         );
     }
-    let deploy = ckpt.to_deploy(bn_eps)?;
+    let mut deploy = ckpt.to_deploy(bn_eps)?;
+    if preprocess.any() {
+        let (p, _) = preprocess.resolve(&ckpt, imagenet_fallback(&ckpt))?;
+        deploy.preprocessing = Some(p);
+    }
+    if let Some(path) = &labels {
+        deploy.labels = Some(read_labels(path, deploy.spec.num_classes)?);
+    }
     deploy.save_safetensors(output, naming)?;
     eprintln!(
         "{} ({}, {} form, {} naming) -> {} (deploy form, {naming} naming, {} tensors, {} params)",
@@ -491,5 +681,65 @@ fn convert(
         deploy.tensors.len(),
         millions(deploy.spec.params(Form::Deploy)),
     );
+    match &deploy.preprocessing {
+        Some(p) => eprintln!("preprocessing recorded: {}", p.describe()),
+        None => eprintln!(
+            "no preprocessing recorded (the input had none); users get the ImageNet presets"
+        ),
+    }
+    if let Some(labels) = &deploy.labels {
+        eprintln!("class names recorded: {}", labels.len());
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option of every command says what it does in --help.
+    #[test]
+    fn every_option_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "repvgg", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:?}");
+        Cli::command().debug_assert();
+    }
+
+    /// The top-level help names every job.
+    #[test]
+    fn the_description_names_every_command() {
+        let cmd = Cli::command();
+        let about = cmd.get_long_about().unwrap().to_string();
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() != "help" {
+                assert!(about.contains(sub.get_name()), "{} missing", sub.get_name());
+            }
+        }
+    }
+
+    #[test]
+    fn counts_and_sizes_keep_a_readable_unit() {
+        assert_eq!(count(1_361_000_000), "1.361G");
+        assert_eq!(count(1_234_567), "1.235M");
+        assert_eq!(count(48_128), "48.128K");
+        assert_eq!(count(12), "12");
+        assert_eq!(bytes_human(800_000), "800.0 KB");
+        assert_eq!(bytes_human(33_400_000), "33.4 MB");
+    }
 }

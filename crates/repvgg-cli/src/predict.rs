@@ -1,27 +1,18 @@
 //! `repvgg predict`: classify photos with a checkpoint, as the reference pipelines would.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
-use rand::SeedableRng;
+use anyhow::{Result, bail};
+use clap::Args;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_data::EvalPreset;
 use repvgg_engine::{Engine, Workspace};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum PresetArg {
-    /// Resize the short side to 256 (bilinear), centre crop 224: the official code.
-    Official,
-    /// crop_pct 0.875 at 224, bilinear: timm's RepVGG configs.
-    Timm,
-    /// 320, crop_pct 1.0: timm's repvgg_d2se.
-    D2se,
-}
+use crate::model_input::{InputArgs, class_names, image_batch, imagenet_fallback};
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
-    /// Weights in either form and any naming, .pth or .safetensors.
+    /// Weights in either form and any naming, .pth or .safetensors (a training checkpoint
+    /// too).
     #[arg(long)]
     weights: PathBuf,
     /// JPEG or PNG files.
@@ -30,43 +21,21 @@ pub struct PredictArgs {
     /// How many classes to print per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
-    /// Preprocessing [default: d2se for SE models, else official].
-    #[arg(long)]
-    preset: Option<PresetArg>,
-    /// Class names, one per line (default: ImageNet-1k's for 1000-class models).
+    #[command(flatten)]
+    input: InputArgs,
+    /// Class names, one per line [default: the weights file's; else ImageNet-1k's for
+    /// 1000-class models; else the class indices].
     #[arg(long)]
     labels: Option<PathBuf>,
+    /// Require the weights to be this architecture (a variant name or spec).
     #[arg(long)]
     arch: Option<String>,
+    /// Batch-norm eps for training-form weights (state dicts do not record it).
     #[arg(long, default_value_t = DEFAULT_BN_EPS)]
     bn_eps: f64,
     /// One JSON line per image: {"file", "top": [{"index", "label", "prob"}, ...]}.
     #[arg(long)]
     json: bool,
-}
-
-fn labels(path: Option<&Path>, classes: usize) -> Result<Vec<String>> {
-    let names: Vec<String> = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            let names: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
-            if names.len() != classes {
-                bail!(
-                    "{}: {} labels for a model with {classes} classes",
-                    path.display(),
-                    names.len()
-                );
-            }
-            names
-        }
-        None if classes == 1000 => repvgg_data::imagenet_class_names()
-            .into_iter()
-            .map(String::from)
-            .collect(),
-        None => (0..classes).map(|k| k.to_string()).collect(),
-    };
-    Ok(names)
 }
 
 /// Softmax in f64 (stable: shifted by the maximum).
@@ -84,28 +53,22 @@ pub fn run(args: PredictArgs) -> Result<()> {
     }
     let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
     let classes = ckpt.spec.num_classes;
-    let names = labels(args.labels.as_deref(), classes)?;
-    let preset = match args.preset {
-        Some(PresetArg::Official) => EvalPreset::Official,
-        Some(PresetArg::Timm) => EvalPreset::Timm,
-        Some(PresetArg::D2se) => EvalPreset::D2se,
-        None if ckpt.spec.se => EvalPreset::D2se,
-        None => EvalPreset::Official,
-    };
-    let pipeline = preset.pipeline();
-    // Decode and preprocess everything first: a broken file stops the run before any output.
-    let mut input = Vec::new();
-    let mut size = (0, 0);
-    for path in &args.images {
-        let img = repvgg_data::decode_image(path)?;
-        // Evaluation transforms draw no random numbers; the RNG only satisfies the signature.
-        let (pixels, h, w) = pipeline.apply(&img, &mut rand::rngs::StdRng::seed_from_u64(0));
-        size = (h, w);
-        input.extend(pixels);
+    if classes == 0 {
+        bail!(
+            "{}: a headless model (no classifier) has no classes to predict",
+            args.weights.display()
+        );
+    }
+    let names = class_names(args.labels.as_deref(), &ckpt)?;
+    let (preprocessing, source) = args.input.resolve(&ckpt, imagenet_fallback(&ckpt))?;
+    let input = image_batch(&args.images, &preprocessing)?;
+    if !args.json {
+        eprintln!("input: {} ({source})", preprocessing.describe());
     }
     let engine = Engine::from_checkpoint(&ckpt, args.bn_eps)?;
     let n = args.images.len();
-    let logits = engine.forward(&input, n, size.0, size.1, &mut Workspace::default());
+    let [h, w] = preprocessing.size;
+    let logits = engine.forward(&input, n, h, w, &mut Workspace::default());
     for (path, row) in args.images.iter().zip(logits.chunks_exact(classes)) {
         let probs = softmax(row);
         let mut order: Vec<usize> = (0..classes).collect();

@@ -19,7 +19,9 @@ pub enum Preset {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum NormalizeArg {
+    /// ImageNet's mean and std.
     Imagenet,
+    /// The training set's own (IDX and CIFAR).
     Dataset,
 }
 
@@ -39,17 +41,25 @@ pub struct TrainArgs {
     /// sets, imagenet for image folders.
     #[arg(long)]
     preset: Option<Preset>,
+    /// Passes over the training set [default: the preset's: 120 imagenet, 10 small].
     #[arg(long)]
     epochs: Option<usize>,
+    /// Images per step [default: the preset's (256 imagenet, 128 small), or the largest
+    /// power of two that fits a smaller training set].
     #[arg(long)]
     batch: Option<usize>,
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
+    /// Weight decay (RepVGG's groups: none on BN and biases) [default: the preset's: 1e-4
+    /// imagenet, 5e-4 small].
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Epochs of linear warm-up to the peak rate before the cosine decay [default: the
+    /// preset's: 5 imagenet, 1 small].
     #[arg(long)]
     warmup_epochs: Option<f64>,
+    /// Label smoothing of the targets, in [0, 1) [default: 0.1].
     #[arg(long)]
     label_smoothing: Option<f64>,
     /// Mixup with Beta(ALPHA, ALPHA).
@@ -58,6 +68,7 @@ pub struct TrainArgs {
     /// The official equivalent-kernel L2 instead of plain decay on the 3x3 and 1x1 kernels.
     #[arg(long)]
     custom_l2: bool,
+    /// Nesterov momentum instead of plain momentum (0.9 either way).
     #[arg(long)]
     nesterov: bool,
     /// Training crop for image folders (RandomResizedCrop size; evaluation crops the same).
@@ -69,13 +80,23 @@ pub struct TrainArgs {
     /// Turn augmentation off.
     #[arg(long)]
     no_augment: bool,
+    /// Normalise with ImageNet's statistics or the training set's own [default: the data
+    /// set's for in-memory data, ImageNet's for image folders].
     #[arg(long)]
     normalize: Option<NormalizeArg>,
+    /// Class names, one per line, recorded in the weights [default: the image folders'
+    /// names, or the known names of Fashion-MNIST, MNIST and CIFAR-10/100].
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Seed of the initial weights, the data order and every augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue from OUT/checkpoint.safetensors (same settings required).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start afresh in an OUT that holds another run, replacing its files.
+    #[arg(long)]
+    overwrite: bool,
     /// Also checkpoint every N steps (always after each epoch).
     #[arg(long)]
     checkpoint_every: Option<usize>,
@@ -98,7 +119,9 @@ pub struct TrainArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
+    /// burn's CPU backend with our kernels.
     Cpu,
+    /// A GPU through Vulkan (a build with --features wgpu).
     Wgpu,
 }
 
@@ -116,19 +139,26 @@ pub(crate) fn open_data(dir: &Path, val_fraction: f64) -> Result<DataSplits> {
     Ok(data)
 }
 
-/// The spec, with the class count taken from the data when the spec leaves the default.
-pub(crate) fn arch_for(arch: &str, data: &DataSplits) -> Result<ArchSpec> {
+/// The spec, with the class count taken from the data when the spec leaves the default; a
+/// spec that sets another count than the data has is refused, naming both.
+pub(crate) fn arch_for(arch: &str, data: &DataSplits, dir: &Path) -> Result<ArchSpec> {
     let mut spec = ArchSpec::parse(arch)?;
-    let classes = data.train.classes();
+    let classes = data.train.classes().max(data.test.classes());
     let says_classes = arch.contains("classes=") || arch.trim_start().starts_with('{');
     if !says_classes {
         spec.num_classes = classes;
+    } else if spec.num_classes != classes {
+        bail!(
+            "--arch sets {} classes but {} has {classes}; leave classes= out to take the data's",
+            spec.num_classes,
+            dir.display()
+        );
     }
     Ok(spec)
 }
 
 fn config_from(args: &TrainArgs, data: &DataSplits) -> Result<TrainConfig> {
-    let arch = arch_for(&args.arch, data)?;
+    let arch = arch_for(&args.arch, data, &args.data)?;
     let preset = args.preset.unwrap_or(match data.kind {
         DataKind::ImageFolder => Preset::Imagenet,
         _ => Preset::Small,
@@ -156,7 +186,17 @@ fn config_from(args: &TrainArgs, data: &DataSplits) -> Result<TrainConfig> {
         c.augment = Augment::None;
     }
     c.epochs = args.epochs.unwrap_or(c.epochs);
-    c.batch_size = args.batch.unwrap_or(c.batch_size);
+    let images = data.train.len();
+    c.batch_size = match args.batch {
+        Some(0) => bail!("--batch must be at least 1"),
+        Some(batch) if batch > images => bail!(
+            "--batch {batch} is more than the {images} training images in {}; use --batch {} or less",
+            args.data.display(),
+            images
+        ),
+        Some(batch) => batch,
+        None => fit_batch(c.batch_size, images),
+    };
     c.lr = args.lr.unwrap_or(c.lr);
     c.weight_decay = args.weight_decay.unwrap_or(c.weight_decay);
     c.warmup_epochs = args.warmup_epochs.unwrap_or(c.warmup_epochs);
@@ -183,7 +223,35 @@ fn config_from(args: &TrainArgs, data: &DataSplits) -> Result<TrainConfig> {
     if c.epochs == 0 {
         bail!("--epochs must be at least 1");
     }
+    if !(c.warmup_epochs >= 0.0 && c.warmup_epochs.is_finite()) {
+        bail!("--warmup-epochs must be zero or more");
+    }
+    warn_about_schedule(&c);
     Ok(c)
+}
+
+/// The preset's batch, or for a training set smaller than it the largest power of two that
+/// fits (an epoch must hold at least one full batch).
+pub(crate) fn fit_batch(preset: usize, images: usize) -> usize {
+    if images >= preset {
+        return preset;
+    }
+    let fitted = 1usize << (usize::BITS - 1 - images.max(1).leading_zeros());
+    eprintln!(
+        "note: {images} training images are fewer than the preset's batch of {preset}; using --batch {fitted}"
+    );
+    fitted
+}
+
+/// A warm-up as long as the run never reaches the peak rate: legal, but rarely meant.
+pub(crate) fn warn_about_schedule(c: &TrainConfig) {
+    if c.warmup_epochs >= c.epochs as f64 {
+        eprintln!(
+            "warning: the warm-up ({} epochs) is not shorter than the run ({} epochs), so the \
+             learning rate never reaches its peak {}; lower --warmup-epochs or raise --epochs",
+            c.warmup_epochs, c.epochs, c.lr
+        );
+    }
 }
 
 fn print_final(report: &FinalReport, seconds: f64, history: &[repvgg_train::EpochRecord]) {
@@ -251,6 +319,23 @@ pub(crate) fn train_and_finish(
 ) -> Result<()> {
     let quiet = !options.progress;
     let mut trainer = Trainer::new(config, data, out, options)?;
+    if let Some((epoch, step, global)) = trainer.resumed_at() {
+        let epochs = trainer.config().epochs;
+        let at = if epoch >= epochs {
+            "the run is complete; checking both forms and rewriting the weights".to_string()
+        } else {
+            format!(
+                "continuing epoch {} of {epochs} at step {} of {}",
+                epoch + 1,
+                step + 1,
+                trainer.steps_per_epoch()
+            )
+        };
+        eprintln!(
+            "resumed {} after {global} steps ({epoch} of {epochs} epochs done): {at}",
+            trainer.checkpoint_path().display()
+        );
+    }
     let done = trainer.run()?;
     let seconds: f64 = trainer.history().iter().map(|r| r.seconds).sum();
     if !done {
@@ -280,10 +365,17 @@ pub(crate) fn train_and_finish(
 pub fn train(args: TrainArgs) -> Result<()> {
     // A typo in the architecture is reported before minutes of data loading.
     ArchSpec::parse(&args.arch)?;
-    let data = open_data(&args.data, args.val_fraction)?;
+    let mut data = open_data(&args.data, args.val_fraction)?;
     let config = config_from(&args, &data)?;
+    if let Some(path) = &args.labels {
+        data.class_names = Some(crate::model_input::read_labels(
+            path,
+            config.arch.num_classes,
+        )?);
+    }
     let options = RunOptions {
         resume: args.resume,
+        overwrite: args.overwrite,
         checkpoint_every: args.checkpoint_every,
         stop_after_steps: args.stop_after_steps,
         progress: !args.quiet,

@@ -40,6 +40,18 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
+/// Runs a command clap refuses; returns clap's message (several lines: the problem, the
+/// subcommand's usage, a pointer to --help).
+fn usage_error(args: &[&str]) -> String {
+    let out = repvgg(args);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "repvgg {args:?} should be refused"
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
 /// Values only, by key.
 fn read_f64(path: &Path) -> std::collections::HashMap<String, Vec<f64>> {
     repvgg_testing::read_f64(path)
@@ -143,7 +155,7 @@ fn convert_matches_the_references_deploy_weights_in_every_naming() {
         "A0",
     ]);
     assert!(
-        err.contains("does not match RepVGG-A0") && err.contains("train_official.pth"),
+        err.contains("not the requested RepVGG-A0") && err.contains("train_official.pth"),
         "{err}"
     );
 }
@@ -202,8 +214,11 @@ fn bad_input_gives_one_clear_line() {
     assert!(err.contains("unknown variant 'B9'"), "{err}");
     let err = fails(&["info", "no/such/model.pth"]);
     assert!(err.contains("no/such/model.pth: cannot read"), "{err}");
-    let err = fails(&["convert", "--naming", "keras", "a.pth", "b.safetensors"]);
-    assert!(err.contains("keras"), "{err}");
+    let err = usage_error(&["convert", "--naming", "keras", "a.pth", "b.safetensors"]);
+    assert!(
+        err.contains("keras") && err.contains("official, timm or mmpretrain"),
+        "{err}"
+    );
     let io = fixture("tiny/io.safetensors");
     let err = fails(&[
         "forward",
@@ -560,23 +575,19 @@ fn export_agrees_with_forward_in_onnxruntime() {
             let size = format!("{h}x{w}");
             for dynamic in [false, true] {
                 let model = dir.path().join(format!("{config}_{form}_{dynamic}.onnx"));
-                // The dynamic graph is exported for batch 1 and run at the fixture's batch.
-                let batch = if dynamic {
-                    "1".to_string()
-                } else {
-                    n.to_string()
-                };
+                // The dynamic graph has a symbolic batch; both run at the fixture's batch.
+                let batch = n.to_string();
                 let mut args = vec![
                     "export",
                     weights.to_str().unwrap(),
                     model.to_str().unwrap(),
                     "--size",
                     &size,
-                    "--batch",
-                    &batch,
                 ];
                 if dynamic {
                     args.push("--dynamic-batch");
+                } else {
+                    args.extend(["--batch", &batch]);
                 }
                 ok(&args);
                 let result = repvgg_testing::check_onnx(&python, &model, &input, &logits);
@@ -657,6 +668,487 @@ fn forward_runs_every_instruction_set_the_machine_has() {
         println!("--isa {isa}: logits relative error {err:.2e}");
         assert!(err < 1e-5, "{isa}: {err:e}");
     }
-    let err = fails(&["bench", "--isa", "sse9"]);
-    assert!(err.contains("--isa"), "{err}");
+    let err = usage_error(&["bench", "--isa", "sse9"]);
+    assert!(
+        err.contains("--isa") && err.contains("possible values: portable, avx2, avx512"),
+        "{err}"
+    );
+}
+
+/// Runs a command that must succeed; returns (stdout, stderr).
+fn ok_with_stderr(args: &[&str]) -> (String, String) {
+    let out = repvgg(args);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "repvgg {args:?} failed: {stderr}");
+    (String::from_utf8(out.stdout).unwrap(), stderr)
+}
+
+const TINY: &str = "depths=1,1,1,1;widths=8,8,16,16;stem=8";
+
+/// Writes Fashion-MNIST subset images of trousers (class 1) and bags (class 8) as PNG class
+/// folders `trouser/` and `bag/` under `root`: `per_class` of each, from the training or the
+/// test split.
+fn write_named_folder(root: &Path, per_class: usize, test_split: bool) {
+    let data = repvgg_data::open_dir(&fixture("fashion-mnist-subset"), 0.1).unwrap();
+    let samples = if test_split { &data.test } else { &data.train };
+    for (label, name) in [(1, "trouser"), (8, "bag")] {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let picked = (0..samples.len()).filter(|&i| samples.label(i) == label);
+        for (k, i) in picked.take(per_class).enumerate() {
+            let img = samples.image(i).unwrap();
+            img.save(dir.join(format!("{k:03}.png"))).unwrap();
+        }
+    }
+}
+
+fn png_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// Issue 19's newcomer path: a model trained on named class folders records its
+/// preprocessing and class names, so that `predict` with no flags answers in folder names and
+/// agrees with `eval`; every command takes the training checkpoint as a weights file.
+#[test]
+fn a_model_trained_on_named_folders_carries_its_preprocessing_and_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("folders");
+    write_named_folder(&data.join("train"), 16, false);
+    write_named_folder(&data.join("val"), 8, true);
+    let out = dir.path().join("run");
+    let (s, o) = (|p: &Path| p.to_str().unwrap().to_string(), out.clone());
+    let train_args = [
+        "train",
+        "--arch",
+        TINY,
+        "--data",
+        &s(&data),
+        "--out",
+        &s(&o),
+        "--epochs",
+        "4",
+        "--warmup-epochs",
+        "0",
+        "--batch",
+        "8",
+        "--size",
+        "32",
+        "--quiet",
+    ];
+    ok(&train_args);
+    let deploy = s(&out.join("deploy.safetensors"));
+    let checkpoint = s(&out.join("checkpoint.safetensors"));
+
+    // info shows what travels with the weights.
+    let text = ok(&["info", &deploy]);
+    assert!(text.contains("class names: bag, trouser"), "{text}");
+    assert!(
+        text.contains("preprocessing: 32x32 RGB, short side to 36 then centre crop"),
+        "{text}"
+    );
+    let text = ok(&["info", "--weights", &checkpoint]);
+    assert!(
+        text.contains("training checkpoint: 4 of 4 epochs done") && text.contains("optimizer"),
+        "{text}"
+    );
+
+    // predict with no preprocessing flags: folder names, and eval's accuracy on the same images.
+    let images: Vec<PathBuf> = ["bag", "trouser"]
+        .iter()
+        .flat_map(|c| png_files(&data.join("val").join(c)))
+        .collect();
+    let image_args: Vec<String> = images.iter().map(|p| s(p)).collect();
+    let predict = |weights: &str| -> Vec<(String, usize)> {
+        let mut args = vec!["predict", "--weights", weights, "--top", "1", "--json"];
+        args.extend(image_args.iter().map(|a| a.as_str()));
+        ok(&args)
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let top = &v["top"][0];
+                (
+                    top["label"].as_str().unwrap().to_string(),
+                    top["index"].as_u64().unwrap() as usize,
+                )
+            })
+            .collect()
+    };
+    let from_deploy = predict(&deploy);
+    assert_eq!(from_deploy.len(), 16);
+    let truth: Vec<&str> = images
+        .iter()
+        .map(|p| p.parent().unwrap().file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert!(
+        from_deploy
+            .iter()
+            .all(|(l, _)| l == "bag" || l == "trouser")
+    );
+    let correct = from_deploy
+        .iter()
+        .zip(&truth)
+        .filter(|((label, _), t)| label == *t)
+        .count();
+    let eval: serde_json::Value = serde_json::from_str(
+        ok(&["eval", "--weights", &deploy, "--data", &s(&data), "--json"]).trim(),
+    )
+    .unwrap();
+    assert_eq!(eval["images"], 16);
+    assert!(
+        (eval["top1"].as_f64().unwrap() - correct as f64 / 16.0).abs() < 1e-12,
+        "eval {} against predict {correct}/16",
+        eval["top1"]
+    );
+    // The training checkpoint is a weights file: the same answers, the same accuracy.
+    assert_eq!(predict(&checkpoint), from_deploy);
+    let eval_ckpt: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "eval",
+            "--weights",
+            &checkpoint,
+            "--data",
+            &s(&data),
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(eval_ckpt["top1"], eval["top1"]);
+    // forward on the images agrees with predict's classes.
+    let logits = s(&dir.path().join("logits.safetensors"));
+    let mut args = vec!["forward", "--weights", &checkpoint, "--output", &logits];
+    for image in &image_args {
+        args.extend(["--input", image.as_str()]);
+    }
+    ok(&args);
+    let rows = &read_f64(Path::new(&logits))["logits"];
+    for (row, (_, index)) in rows.chunks_exact(2).zip(&from_deploy) {
+        let argmax = if row[1] > row[0] { 1 } else { 0 };
+        assert_eq!(argmax, *index);
+    }
+    // convert and export take the checkpoint and carry the metadata over.
+    let converted = s(&dir.path().join("converted.safetensors"));
+    ok(&["convert", "--weights", &checkpoint, &converted]);
+    assert!(ok(&["info", &converted]).contains("class names: bag, trouser"));
+    let onnx = dir.path().join("model.onnx");
+    let (_, stderr) = ok_with_stderr(&["export", "--weights", &checkpoint, &s(&onnx)]);
+    assert!(stderr.contains("input (N, 3, 32, 32)"), "{stderr}");
+    let bytes = std::fs::read(&onnx).unwrap();
+    let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"repvgg.labels") && has(b"repvgg.preprocessing"));
+
+    // train never destroys: the same --out again is refused, naming the files and the way out.
+    let err = fails(&train_args);
+    assert!(
+        err.contains("checkpoint.safetensors")
+            && err.contains("--overwrite")
+            && err.contains("--resume"),
+        "{err}"
+    );
+    // --resume says where it resumed; a finished run is re-checked, not retrained.
+    let mut resume = train_args.to_vec();
+    resume.push("--resume");
+    let (_, stderr) = ok_with_stderr(&resume);
+    assert!(
+        stderr.contains("after 16 steps (4 of 4 epochs done)"),
+        "{stderr}"
+    );
+    // --resume with nothing to resume is an error.
+    let empty = s(&dir.path().join("empty"));
+    let mut nothing = train_args.to_vec();
+    nothing[6] = &empty;
+    nothing.push("--resume");
+    let err = fails(&nothing);
+    assert!(err.contains("no checkpoint to resume from"), "{err}");
+}
+
+/// `predict` on the demo model with Fashion-MNIST PNGs agrees with `eval` on the same images,
+/// with no preprocessing flags (issue 19: it used to answer "Bag" for everything).
+#[test]
+fn predict_on_the_demo_model_agrees_with_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let subset = fixture("fashion-mnist-subset");
+    ok(&[
+        "demo",
+        "--data",
+        subset.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--quiet",
+    ]);
+    let deploy = out.join("deploy.safetensors");
+    let eval: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "eval",
+            "--weights",
+            deploy.to_str().unwrap(),
+            "--data",
+            subset.to_str().unwrap(),
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    let data = repvgg_data::open_dir(&subset, 0.1).unwrap();
+    let pngs = dir.path().join("pngs");
+    std::fs::create_dir_all(&pngs).unwrap();
+    let mut args: Vec<String> = [
+        "predict",
+        "--weights",
+        deploy.to_str().unwrap(),
+        "--top",
+        "1",
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    for i in 0..data.test.len() {
+        let path = pngs.join(format!("{i:03}.png"));
+        data.test.image(i).unwrap().save(&path).unwrap();
+        args.push(path.to_str().unwrap().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    let names = data.class_names.clone().unwrap();
+    assert_eq!(names[9], "Ankle boot");
+    let mut correct = 0;
+    let mut answered = std::collections::BTreeSet::new();
+    for (i, line) in ok(&args).lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let label = v["top"][0]["label"].as_str().unwrap().to_string();
+        correct += usize::from(label == names[data.test.label(i)]);
+        answered.insert(label);
+    }
+    assert_eq!(eval["images"], 500);
+    assert!(
+        (eval["top1"].as_f64().unwrap() - correct as f64 / 500.0).abs() < 1e-12,
+        "eval {} against predict {correct}/500",
+        eval["top1"]
+    );
+    assert!(answered.len() > 3, "one class for everything: {answered:?}");
+    // Running the demo again replaces its own previous run.
+    let (_, stderr) = ok_with_stderr(&[
+        "demo",
+        "--data",
+        subset.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+    ]);
+    assert!(
+        stderr.contains("replacing the previous demo run"),
+        "{stderr}"
+    );
+}
+
+/// Small data sets get defaults that fit, warnings where a setting cannot do what it says,
+/// and errors that name the numbers and the flag to change.
+#[test]
+fn small_data_gets_fitting_defaults_and_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("twenty");
+    write_named_folder(&data, 10, false);
+    let data = data.to_str().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let (_, stderr) = ok_with_stderr(&[
+        "train",
+        "--arch",
+        TINY,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--size",
+        "32",
+        "--epochs",
+        "2",
+        "--stop-after-steps",
+        "1",
+        "--quiet",
+    ]);
+    assert!(
+        stderr.contains("18 training images") && stderr.contains("--batch 16"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warm-up (5 epochs)") && stderr.contains("--warmup-epochs"),
+        "{stderr}"
+    );
+
+    let other = dir.path().join("other");
+    let other = other.to_str().unwrap();
+    let err = fails(&[
+        "train", "--arch", TINY, "--data", data, "--out", other, "--batch", "256",
+    ]);
+    assert!(
+        err.contains("--batch 256 is more than the 18 training images"),
+        "{err}"
+    );
+    let err = fails(&[
+        "train",
+        "--arch",
+        TINY,
+        "--data",
+        data,
+        "--out",
+        other,
+        "--val-fraction",
+        "0",
+    ]);
+    assert!(
+        err.contains("--val-fraction 0") && err.contains("(0, 1)"),
+        "{err}"
+    );
+    let ten = format!("{TINY};classes=10");
+    let err = fails(&["train", "--arch", &ten, "--data", data, "--out", other]);
+    assert!(err.contains("10 classes") && err.contains("has 2"), "{err}");
+    // A 10-class model evaluated on a 2-class folder.
+    let err = fails(&[
+        "eval",
+        "--weights",
+        fixture("tiny/deploy_official.safetensors")
+            .to_str()
+            .unwrap(),
+        "--data",
+        data,
+    ]);
+    assert!(err.contains("2 classes") && err.contains("has 10"), "{err}");
+}
+
+/// Usage errors are clap's own: what is missing or wrong, the allowed values, a suggestion
+/// for a typo, and the subcommand's usage.
+#[test]
+fn usage_errors_keep_what_clap_knows() {
+    let err = usage_error(&["forward"]);
+    assert!(
+        err.contains("--weights <WEIGHTS>") && err.contains("--output <OUTPUT>"),
+        "{err}"
+    );
+    assert!(err.contains("Usage: repvgg forward"), "{err}");
+    let err = usage_error(&["train", "--arch", "A0", "--data", "x", "--normalize", "foo"]);
+    assert!(err.contains("possible values: imagenet, dataset"), "{err}");
+    let err = usage_error(&["eval", "--confussion"]);
+    assert!(err.contains("--confusion"), "{err}");
+    assert!(err.contains("Usage: repvgg eval"), "{err}");
+    let err = usage_error(&[
+        "export",
+        "--dynamic-batch",
+        "--batch",
+        "4",
+        "a.pth",
+        "b.onnx",
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let help = ok(&["--help"]);
+    for job in [
+        "info", "convert", "forward", "bench", "train", "eval", "predict", "export", "demo",
+    ] {
+        assert!(help.contains(job), "{job} missing from --help");
+    }
+}
+
+/// A file for another architecture: one readable line (detected against requested, counts,
+/// a few keys), and the whole list with --verbose.
+#[test]
+fn mismatch_errors_are_readable_and_verbose_lists_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = fixture("tiny/train_official.pth");
+    let output = dir.path().join("x.safetensors");
+    let args = [
+        "convert",
+        weights.to_str().unwrap(),
+        output.to_str().unwrap(),
+        "--arch",
+        "A0",
+    ];
+    let err = fails(&args);
+    assert!(err.len() < 1000, "{} characters: {err}", err.len());
+    assert!(
+        err.contains("holds a custom RepVGG") && err.contains("not the requested RepVGG-A0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("missing (") && err.contains("--verbose lists all"),
+        "{err}"
+    );
+    let mut verbose = args.to_vec();
+    verbose.push("--verbose");
+    let out = repvgg(&verbose);
+    let all = String::from_utf8(out.stderr).unwrap();
+    let listed = all.lines().filter(|l| l.starts_with("  ")).count();
+    assert!(listed > 100, "{listed} lines: {all}");
+    assert!(
+        all.contains(
+            "'stage0.rbr_dense.conv.weight' has shape [8, 3, 3, 3], expected [48, 3, 3, 3]"
+        ),
+        "{all}"
+    );
+}
+
+#[test]
+fn loose_ends_are_tied() {
+    // A tiny model's MACs in a unit that shows them.
+    let text = ok(&["info", TINY, "--size", "32"]);
+    assert!(
+        !text.contains("0.000G") && !text.contains("0.001G"),
+        "{text}"
+    );
+    // bench says when --form cannot apply.
+    let err = fails(&["bench", "--layers", "--form", "train", "--arch", TINY]);
+    assert!(err.contains("--form train does not apply"), "{err}");
+    // forward's input rule: `input`, or the only tensor; otherwise the names it found.
+    let dir = tempfile::tempdir().unwrap();
+    let two = dir.path().join("two.safetensors");
+    let pixels = vec![0u8; 4 * 3 * 8 * 8];
+    let view = || {
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 3, 8, 8], &pixels)
+            .unwrap()
+    };
+    std::fs::write(
+        &two,
+        safetensors::serialize([("images", view()), ("masks", view())], None).unwrap(),
+    )
+    .unwrap();
+    let weights = fixture("tiny/deploy_official.safetensors");
+    let y = dir.path().join("y.safetensors");
+    let args = |input: &Path| {
+        vec![
+            "forward".to_string(),
+            "--weights".into(),
+            weights.to_str().unwrap().into(),
+            "--input".into(),
+            input.to_str().unwrap().into(),
+            "--output".into(),
+            y.to_str().unwrap().into(),
+        ]
+    };
+    let a = args(&two);
+    let err = fails(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    assert!(err.contains("'images', 'masks'"), "{err}");
+    let one = dir.path().join("one.safetensors");
+    std::fs::write(
+        &one,
+        safetensors::serialize([("batch", view())], None).unwrap(),
+    )
+    .unwrap();
+    let a = args(&one);
+    ok(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    // Export's size message in a readable unit.
+    let onnx = dir.path().join("tiny.onnx");
+    let (_, stderr) =
+        ok_with_stderr(&["export", weights.to_str().unwrap(), onnx.to_str().unwrap()]);
+    assert!(
+        stderr.contains(" KB,") && !stderr.contains("0 MB"),
+        "{stderr}"
+    );
 }

@@ -5,7 +5,8 @@
 //!
 //! ```no_run
 //! use rand::SeedableRng;
-//! use repvgg_data::{EvalPreset, decode_image, open_dir};
+//! use repvgg_checkpoint::ImageNetPreset;
+//! use repvgg_data::{Pipeline, decode_image, open_dir};
 //!
 //! // A directory is recognised by its files (IDX, CIFAR binary, class folders).
 //! let data = open_dir("/usr/share/datasets/fashion-mnist".as_ref(), 0.1)?;
@@ -14,7 +15,8 @@
 //! // The official evaluation preprocessing of a photo: resize 256, centre crop 224, normalise.
 //! let photo = decode_image("cat.jpg".as_ref())?;
 //! let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-//! let (chw, h, w) = EvalPreset::Official.pipeline().apply(&photo, &mut rng);
+//! let official = Pipeline::for_model(&ImageNetPreset::Official.preprocessing());
+//! let (chw, h, w) = official.apply(&photo, &mut rng);
 //! assert_eq!((chw.len(), h, w), (3 * 224 * 224, 224, 224));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -30,7 +32,8 @@ use image::{DynamicImage, GrayImage, RgbImage};
 
 pub use folder::{ImageFolder, decode_image};
 pub use loader::Loader;
-pub use transform::{Batch, EvalPreset, IMAGENET_MEAN, IMAGENET_STD, Pipeline, Transform};
+pub use repvgg_checkpoint::metadata::{IMAGENET_MEAN, IMAGENET_STD};
+pub use transform::{Batch, Pipeline, Transform};
 
 /// The 1000 ImageNet-1k class names in class order, as timm prints them (from timm 1.0.31's
 /// synset lists, Apache-2.0; see `imagenet_classes.NOTICE`).
@@ -351,19 +354,93 @@ pub struct DataSplits {
     pub native_size: Option<(usize, usize)>,
     /// Per-channel mean/std of the training images (in-memory formats only).
     pub stats: Option<([f32; 3], [f32; 3])>,
+    /// Grey images (IDX): a model trained on them must be fed grey images.
+    pub grey: bool,
+    /// Class names in label order: an image folder's folder names, or the names a known data
+    /// set ships with (see [`known_class_names`]); `None` when nothing says.
     pub class_names: Option<Vec<String>>,
 }
 
 impl DataSplits {
-    fn in_memory(kind: DataKind, train: Dataset, test: Dataset) -> DataSplits {
+    fn in_memory(
+        kind: DataKind,
+        train: Dataset,
+        test: Dataset,
+        class_names: Option<Vec<String>>,
+    ) -> DataSplits {
+        let classes = train.classes.max(test.classes);
         DataSplits {
             kind,
             native_size: Some((train.height, train.width)),
             stats: Some(train.channel_stats()),
+            grey: train.channels == 1,
             train: std::sync::Arc::new(train),
             test: std::sync::Arc::new(test),
-            class_names: None,
+            class_names: class_names.filter(|names| names.len() == classes),
         }
+    }
+}
+
+const FASHION_MNIST: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+const CIFAR10: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+/// CIFAR-100's fine labels in label order (the binary release's `fine_label_names.txt`).
+const CIFAR100: &str = include_str!("cifar100_classes.txt");
+
+/// The class names of a known data set in `dir`: the names file a CIFAR release ships
+/// (`batches.meta.txt`, `fine_label_names.txt`), else the published list; for IDX data, which
+/// records no names, Fashion-MNIST's or MNIST's digits when the directory is named after one.
+pub fn known_class_names(dir: &Path, kind: DataKind) -> Option<Vec<String>> {
+    let from_file = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).ok().map(|text| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+    };
+    let list = |names: &[&str]| Some(names.iter().map(|n| n.to_string()).collect());
+    match kind {
+        DataKind::Cifar10 => from_file("batches.meta.txt").or_else(|| list(&CIFAR10)),
+        DataKind::Cifar100 => from_file("fine_label_names.txt")
+            .or_else(|| list(&CIFAR100.lines().collect::<Vec<_>>())),
+        DataKind::Idx => {
+            let name = std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .to_string_lossy()
+                .to_ascii_lowercase();
+            let last = name.rsplit('/').find(|part| !part.is_empty()).unwrap_or("");
+            if name.contains("fashion") {
+                list(&FASHION_MNIST)
+            } else if last == "mnist" || last.starts_with("mnist-") || last.starts_with("mnist_") {
+                list(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"])
+            } else {
+                None
+            }
+        }
+        DataKind::ImageFolder => None,
     }
 }
 
@@ -381,7 +458,8 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
     if has(dir, "train-images-idx3-ubyte.gz") || has(dir, "train-images-idx3-ubyte") {
         let train = load_idx_dir(dir, Split::Train)?;
         let test = load_idx_dir(dir, Split::Test)?;
-        return Ok(DataSplits::in_memory(DataKind::Idx, train, test));
+        let names = known_class_names(dir, DataKind::Idx);
+        return Ok(DataSplits::in_memory(DataKind::Idx, train, test, names));
     }
     for d in [dir.to_path_buf(), dir.join("cifar-10-batches-bin")] {
         if has(&d, "data_batch_1.bin") {
@@ -391,14 +469,21 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
                 .collect();
             let train = load_cifar(&train, Cifar::Ten)?;
             let test = load_cifar(&[d.join("test_batch.bin")], Cifar::Ten)?;
-            return Ok(DataSplits::in_memory(DataKind::Cifar10, train, test));
+            let names = known_class_names(&d, DataKind::Cifar10);
+            return Ok(DataSplits::in_memory(DataKind::Cifar10, train, test, names));
         }
     }
     for d in [dir.to_path_buf(), dir.join("cifar-100-binary")] {
         if has(&d, "train.bin") && has(&d, "test.bin") {
             let train = load_cifar(&[d.join("train.bin")], Cifar::Hundred)?;
             let test = load_cifar(&[d.join("test.bin")], Cifar::Hundred)?;
-            return Ok(DataSplits::in_memory(DataKind::Cifar100, train, test));
+            let names = known_class_names(&d, DataKind::Cifar100);
+            return Ok(DataSplits::in_memory(
+                DataKind::Cifar100,
+                train,
+                test,
+                names,
+            ));
         }
     }
     let (train, test) = if dir.join("train").is_dir() && dir.join("val").is_dir() {
@@ -407,12 +492,26 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
             ImageFolder::open(&dir.join("val"))?,
         )
     } else {
+        if !(val_fraction > 0.0 && val_fraction < 1.0) {
+            return Err(fail(
+                dir,
+                format!(
+                    "--val-fraction {val_fraction}: training validates every epoch and checks \
+                     the converted model on held-out images, so a share in (0, 1) such as 0.1 \
+                     is needed (or give the folder train/ and val/ sub-folders)"
+                ),
+            ));
+        }
         let all = ImageFolder::open(dir)?;
+        let total = all.files.len();
         let (train, val) = all.split(val_fraction);
         if train.files.is_empty() || val.files.is_empty() {
             return Err(fail(
                 dir,
-                format!("too few images to hold out {val_fraction} for validation"),
+                format!(
+                    "{total} images are too few to hold out a share of {val_fraction} per class \
+                     for validation and train on the rest; add images or change --val-fraction"
+                ),
             ));
         }
         (train, val)
@@ -427,5 +526,6 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
         test: std::sync::Arc::new(test),
         native_size: None,
         stats: None,
+        grey: false,
     })
 }

@@ -9,11 +9,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
-use crate::{DataError, Samples};
+use repvgg_checkpoint::Preprocessing;
+use repvgg_checkpoint::metadata::Resize;
 
-/// ImageNet's per-channel statistics, as every torchvision/timm RepVGG recipe uses.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+use crate::{DataError, Samples};
 
 /// The geometric part of a pipeline.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -28,6 +27,9 @@ pub enum Transform {
     RandomResizedCrop { size: usize },
     /// Resize the short side to `resize` (bilinear), crop the centre `crop` x `crop`: evaluation.
     ResizeCenterCrop { resize: usize, crop: usize },
+    /// Resize the whole image to `height` x `width` (bilinear, aspect not kept); an image
+    /// already that size is left as it is.
+    Resize { height: usize, width: usize },
 }
 
 /// A transform followed by `(x / 255 - mean) / std`; grey images become three equal channels.
@@ -36,6 +38,9 @@ pub struct Pipeline {
     pub transform: Transform,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Make colour images grey first (ITU-R 601 luma, as Pillow's `convert("L")`), for models
+    /// trained on grey data.
+    pub grey: bool,
 }
 
 /// A batch, NCHW `f32`.
@@ -204,6 +209,22 @@ pub fn resize_bilinear(img: &DynamicImage, width: u32, height: u32) -> DynamicIm
     }
 }
 
+/// Grey as Pillow's `convert("L")` and torchvision's `Grayscale` make it (ITU-R 601 weights,
+/// Pillow's fixed-point rounding), not the `image` crate's Rec. 709 weights: a colour photo fed
+/// to a grey model gets the pixels a PyTorch user would have trained on.
+pub fn luma_601(img: &DynamicImage) -> DynamicImage {
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let grey: Vec<u8> = rgb
+        .pixels()
+        .map(|p| {
+            let [r, g, b] = p.0.map(u32::from);
+            ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+        })
+        .collect();
+    DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, grey).expect("w * h pixels"))
+}
+
 /// The centre `size` x `size` crop at torchvision's offsets: `round((side - size) / 2)` with
 /// Python's rounding, half to even (79.5 -> 80, 80.5 -> 80).
 pub fn center_crop(img: &DynamicImage, size: u32) -> DynamicImage {
@@ -213,45 +234,44 @@ pub fn center_crop(img: &DynamicImage, size: u32) -> DynamicImage {
     img.crop_imm(x, y, size.min(w), size.min(h))
 }
 
-/// The evaluation preprocessing of each reference implementation (ImageNet statistics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EvalPreset {
-    /// The official RepVGG code: resize the short side to 256 (bilinear), centre crop 224.
-    Official,
-    /// timm's `repvgg_*` config: crop_pct 0.875 at 224, bilinear (the same geometry).
-    Timm,
-    /// timm's `repvgg_d2se`: 320, crop_pct 1.0.
-    D2se,
-}
-
-impl EvalPreset {
-    pub fn pipeline(self) -> Pipeline {
-        let (resize, crop) = match self {
-            EvalPreset::Official => (256, 224),
-            // floor(224 / 0.875) = 256
-            EvalPreset::Timm => ((224.0f64 / 0.875).floor() as usize, 224),
-            EvalPreset::D2se => (320, 320),
+impl Pipeline {
+    /// The evaluation pipeline a model's weights file describes.
+    pub fn for_model(preprocessing: &Preprocessing) -> Pipeline {
+        let [height, width] = preprocessing.size;
+        let transform = match preprocessing.resize {
+            Resize::CenterCrop { .. } => Transform::ResizeCenterCrop {
+                resize: preprocessing.resize_short_side().unwrap_or(height),
+                crop: height,
+            },
+            Resize::Stretch => Transform::Resize { height, width },
         };
         Pipeline {
-            transform: Transform::ResizeCenterCrop { resize, crop },
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
+            transform,
+            mean: preprocessing.mean,
+            std: preprocessing.std,
+            grey: preprocessing.grey,
         }
     }
-}
 
-impl Pipeline {
     /// The output's (height, width) for stored images of `(height, width)`.
     pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
         match self.transform {
             Transform::Identity | Transform::PadCropFlip { .. } => (height, width),
             Transform::RandomResizedCrop { size } => (size, size),
             Transform::ResizeCenterCrop { crop, .. } => (crop, crop),
+            Transform::Resize { height, width } => (height, width),
         }
     }
 
     /// One image as normalised CHW `f32`, three channels, with its (height, width).
     pub fn apply(&self, img: &DynamicImage, rng: &mut impl Rng) -> (Vec<f32>, usize, usize) {
+        let grey;
+        let img = if self.grey && img.color().channel_count() > 2 {
+            grey = luma_601(img);
+            &grey
+        } else {
+            img
+        };
         let (w, h) = img.dimensions();
         let (img, flip): (std::borrow::Cow<DynamicImage>, bool) = match self.transform {
             Transform::Identity => (std::borrow::Cow::Borrowed(img), false),
@@ -275,6 +295,13 @@ impl Pipeline {
                     false,
                 )
             }
+            Transform::Resize { height, width } if (h as usize, w as usize) == (height, width) => {
+                (std::borrow::Cow::Borrowed(img), false)
+            }
+            Transform::Resize { height, width } => (
+                std::borrow::Cow::Owned(resize_bilinear(img, width as u32, height as u32)),
+                false,
+            ),
         };
         self.normalise_shifted(&img, 0, 0, flip)
     }

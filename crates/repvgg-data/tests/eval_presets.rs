@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use repvgg_data::{EvalPreset, IMAGENET_MEAN, IMAGENET_STD, decode_image};
+use repvgg_checkpoint::ImageNetPreset;
+use repvgg_data::{IMAGENET_MEAN, IMAGENET_STD, Pipeline, decode_image};
 
 fn photos() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/photos")
@@ -21,15 +22,16 @@ fn every_preset_matches_the_reference_pipeline() {
     for photo in ["chelsea.png", "rocket.jpg"] {
         let img = decode_image(&photos().join(photo)).unwrap();
         for (preset, name) in [
-            (EvalPreset::Official, "official"),
-            (EvalPreset::Timm, "timm"),
-            (EvalPreset::D2se, "d2se"),
+            (ImageNetPreset::Official, "official"),
+            (ImageNetPreset::Timm, "timm"),
+            (ImageNetPreset::D2se, "d2se"),
         ] {
             let stem = photo.split('.').next().unwrap();
             let expected = image::open(photos().join(format!("expected/{stem}_{name}.png")))
                 .unwrap()
                 .to_rgb8();
-            let (ours, h, w) = preset.pipeline().apply(&img, &mut StdRng::seed_from_u64(0));
+            let pipeline = Pipeline::for_model(&preset.preprocessing());
+            let (ours, h, w) = pipeline.apply(&img, &mut StdRng::seed_from_u64(0));
             assert_eq!(
                 (w as u32, h as u32),
                 expected.dimensions(),

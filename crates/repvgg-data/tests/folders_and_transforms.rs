@@ -22,6 +22,7 @@ fn plain(transform: Transform) -> Pipeline {
         transform,
         mean: [0.0; 3],
         std: [1.0; 3],
+        grey: false,
     }
 }
 
@@ -75,6 +76,7 @@ fn an_image_folder_loads_splits_and_decodes() {
         },
         mean: IMAGENET_MEAN,
         std: IMAGENET_STD,
+        grey: false,
     };
     let batch = pipeline.batch(data.test.as_ref(), &[0, 1, 2], 0).unwrap();
     assert_eq!(batch.shape, [3, 3, 24, 24]);
@@ -217,4 +219,70 @@ fn missing_and_unrecognised_data_directories_say_so() {
     let empty = tempfile::tempdir().unwrap();
     let err = open_dir(empty.path(), 0.1).err().unwrap().to_string();
     assert!(err.contains("no class folders"), "{err}");
+}
+
+/// What a weights file records becomes the pipeline `predict` uses: a grey model turns colour
+/// input grey (Pillow's luma weights), and a stretch leaves images of the model's size as they
+/// are and resizes others to it.
+#[test]
+fn a_model_pipeline_makes_colour_grey_and_stretches_to_size() {
+    use repvgg_checkpoint::Preprocessing;
+    use repvgg_checkpoint::metadata::{Interpolation, Resize};
+    let p = Preprocessing {
+        size: [4, 6],
+        grey: true,
+        resize: Resize::Stretch,
+        interpolation: Interpolation::Bilinear,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+    };
+    let pipeline = Pipeline::for_model(&p);
+    // One colour, (200, 100, 50): ITU-R 601 luma = (200*299 + 100*587 + 50*114) / 1000 = 124.
+    let rgb = image::RgbImage::from_pixel(6, 4, image::Rgb([200, 100, 50]));
+    let (out, h, w) = pipeline.apply(&DynamicImage::ImageRgb8(rgb), &mut StdRng::seed_from_u64(0));
+    assert_eq!((h, w), (4, 6));
+    assert!(
+        out.iter().all(|&v| (v - 124.0 / 255.0).abs() < 1e-6),
+        "{out:?}"
+    );
+    // A larger image is resized to the model's size.
+    let big = GrayImage::from_pixel(12, 8, image::Luma([255]));
+    let (out, h, w) = pipeline.apply(
+        &DynamicImage::ImageLuma8(big),
+        &mut StdRng::seed_from_u64(0),
+    );
+    assert_eq!((h, w, out.len()), (4, 6, 3 * 4 * 6));
+    assert!(out.iter().all(|&v| (v - 1.0).abs() < 1e-6));
+}
+
+#[test]
+fn known_data_sets_name_their_classes() {
+    let data = open_dir(&subset(), 0.1).unwrap();
+    let names = data.class_names.unwrap();
+    assert_eq!(names.len(), 10);
+    assert_eq!(
+        (names[0].as_str(), names[9].as_str()),
+        ("T-shirt/top", "Ankle boot")
+    );
+    assert!(data.grey);
+    // IDX records no names: a directory that is not named after a known set gets none.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(subset()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    assert_eq!(open_dir(dir.path(), 0.1).unwrap().class_names, None);
+}
+
+#[test]
+fn a_validation_share_outside_zero_to_one_is_refused_with_the_alternative() {
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path(), 4);
+    for share in [0.0, 1.0, -0.5] {
+        let err = open_dir(dir.path(), share).err().unwrap().to_string();
+        assert!(
+            err.contains("(0, 1)") && err.contains("val/"),
+            "{share}: {err}"
+        );
+    }
 }

@@ -279,6 +279,30 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
         producer_version: env!("CARGO_PKG_VERSION").into(),
         doc_string: String::new(),
         graph: Some(b.graph),
+        // How to feed the model and what its outputs mean travel with the graph too, under
+        // the weights file's own keys, for whoever serves it.
+        metadata_props: [
+            (
+                repvgg_checkpoint::metadata::PREPROCESSING_KEY,
+                ckpt.preprocessing
+                    .as_ref()
+                    .map(|p| serde_json::to_string(p).expect("serialises")),
+            ),
+            (
+                repvgg_checkpoint::metadata::LABELS_KEY,
+                ckpt.labels
+                    .as_ref()
+                    .map(|l| serde_json::to_string(l).expect("serialises")),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| {
+            value.map(|value| StringStringEntryProto {
+                key: key.to_string(),
+                value,
+            })
+        })
+        .collect(),
     };
     Ok(model.encode_to_vec())
 }

@@ -23,10 +23,14 @@ pub mod sgd;
 mod trainer;
 
 pub use metrics::Evaluation;
-pub use trainer::{FinalReport, RunOptions, Trainer, evaluate_engine, evaluate_train_form};
+pub use trainer::{
+    FinalReport, RUN_FILES, RunOptions, Trainer, evaluate_engine, evaluate_train_form,
+};
 
 use repvgg_arch::ArchSpec;
-use repvgg_data::{IMAGENET_MEAN, IMAGENET_STD, Pipeline, Transform};
+use repvgg_checkpoint::Preprocessing;
+use repvgg_checkpoint::metadata::{Interpolation, Resize};
+use repvgg_data::{DataSplits, IMAGENET_MEAN, IMAGENET_STD, Pipeline, Transform};
 use serde::{Deserialize, Serialize};
 
 /// A training run's failure, naming the file involved where there is one.
@@ -142,29 +146,43 @@ impl TrainConfig {
         }
     }
 
-    /// The training and evaluation pipelines for data with the given statistics.
-    pub fn pipelines(&self, stats: Option<([f32; 3], [f32; 3])>) -> (Pipeline, Pipeline) {
-        let (mean, std) = match (self.normalize, stats) {
+    /// How the trained model is to be fed: the evaluation transform of this recipe on this
+    /// data, as every weights file of the run records it.
+    pub fn preprocessing(&self, data: &DataSplits) -> Preprocessing {
+        let (mean, std) = match (self.normalize, data.stats) {
             (Normalize::Dataset, Some(stats)) => stats,
             _ => (IMAGENET_MEAN, IMAGENET_STD),
         };
-        let (train, eval) = match self.augment {
-            Augment::PadCropFlip { pad } => (Transform::PadCropFlip { pad }, Transform::Identity),
-            Augment::None => (Transform::Identity, Transform::Identity),
-            Augment::RandomResizedCrop { size } => (
-                Transform::RandomResizedCrop { size },
-                Transform::ResizeCenterCrop {
-                    resize: (size as f64 / 0.875).floor() as usize,
-                    crop: size,
-                },
-            ),
+        let (size, resize) = match self.augment {
+            // The images' stored size; photos of any other size are resized to it.
+            Augment::PadCropFlip { .. } | Augment::None => {
+                let (h, w) = data.native_size.unwrap_or((224, 224));
+                ([h, w], Resize::Stretch)
+            }
+            Augment::RandomResizedCrop { size } => {
+                ([size, size], Resize::CenterCrop { crop_pct: 0.875 })
+            }
         };
-        let make = |transform| Pipeline {
-            transform,
+        Preprocessing {
+            size,
+            grey: data.grey,
+            resize,
+            interpolation: Interpolation::Bilinear,
             mean,
             std,
+        }
+    }
+
+    /// The training and evaluation pipelines on `data`; evaluation is exactly what
+    /// [`TrainConfig::preprocessing`] records, so `predict` later feeds the model the same.
+    pub fn pipelines(&self, data: &DataSplits) -> (Pipeline, Pipeline) {
+        let eval = Pipeline::for_model(&self.preprocessing(data));
+        let transform = match self.augment {
+            Augment::PadCropFlip { pad } => Transform::PadCropFlip { pad },
+            Augment::None => Transform::Identity,
+            Augment::RandomResizedCrop { size } => Transform::RandomResizedCrop { size },
         };
-        (make(train), make(eval))
+        (Pipeline { transform, ..eval }, eval)
     }
 }
 

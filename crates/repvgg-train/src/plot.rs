@@ -29,6 +29,15 @@ fn register_font() -> bool {
     })
 }
 
+/// Epochs are whole: a tick between two of them gets no label, a tick on one its number.
+pub fn epoch_label(x: f64) -> String {
+    if (x - x.round()).abs() < 1e-9 && x >= 1.0 {
+        format!("{}", x.round() as u64)
+    } else {
+        String::new()
+    }
+}
+
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 fn panel(
@@ -58,7 +67,10 @@ fn panel(
         .map_err(|e| err(&e))?;
     {
         let mut mesh = chart.configure_mesh();
-        mesh.x_desc("epoch");
+        let label = |x: &f64| epoch_label(*x);
+        mesh.x_desc("epoch")
+            .x_labels((epochs as usize).clamp(1, 10) + 1)
+            .x_label_formatter(&label);
         if !text {
             mesh.disable_x_axis().disable_y_axis();
         }
@@ -132,4 +144,15 @@ fn draw(pixels: &mut [u8], size: (u32, u32), history: &[EpochRecord]) -> Result<
         text,
     )?;
     root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn epoch_ticks_are_whole_numbers() {
+        assert_eq!(super::epoch_label(3.0), "3");
+        assert_eq!(super::epoch_label(2.5), "");
+        assert_eq!(super::epoch_label(0.5), "");
+        assert_eq!(super::epoch_label(12.000000000001), "12");
+    }
 }

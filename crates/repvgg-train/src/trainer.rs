@@ -14,7 +14,8 @@ use rand_distr::{Beta, Distribution};
 use repvgg_arch::Form;
 use repvgg_burn::RepVggTrain;
 use repvgg_burn::layers::{from_device, to_device};
-use repvgg_checkpoint::{Checkpoint, Naming, StateDict};
+use repvgg_checkpoint::metadata::{OPTIMIZER_PREFIX, RUN_STATE_KEY};
+use repvgg_checkpoint::{Checkpoint, Naming, Preprocessing, StateDict};
 use repvgg_data::loader::EpochPlan;
 use repvgg_data::transform::mix_seed;
 use repvgg_data::{Batch, DataSplits, Loader, Pipeline, Samples};
@@ -30,8 +31,11 @@ use crate::{EpochRecord, TrainConfig, TrainError};
 /// How a run is driven (none of it changes the result).
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// Continue from `OUT/checkpoint.safetensors` if it exists.
+    /// Continue from `OUT/checkpoint.safetensors` (an error if there is none).
     pub resume: bool,
+    /// Start afresh in an `OUT` that holds another run's files, replacing them. Without it
+    /// (or `resume`) such an `OUT` is refused: a typo must not destroy a week of training.
+    pub overwrite: bool,
     /// Also checkpoint every this many steps (always at the end of each epoch).
     pub checkpoint_every: Option<usize>,
     /// Stop (with a checkpoint) after this many steps in total: for tests and time-boxed runs.
@@ -45,6 +49,7 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             resume: false,
+            overwrite: false,
             checkpoint_every: None,
             stop_after_steps: None,
             progress: true,
@@ -81,8 +86,14 @@ struct SavedState {
     position: Position,
 }
 
-const STATE_KEY: &str = "repvgg_train_state";
-const VELOCITY: &str = "sgd_velocity.";
+/// The files a run writes into its output directory.
+pub const RUN_FILES: [&str; 5] = [
+    "checkpoint.safetensors",
+    "metrics.csv",
+    "curves.png",
+    "train.safetensors",
+    "deploy.safetensors",
+];
 
 /// What `finish` found: both forms evaluated on the held-out set.
 #[derive(Clone, Debug)]
@@ -110,6 +121,11 @@ pub struct Trainer<'a> {
     position: Position,
     train_pipeline: Pipeline,
     eval_pipeline: Pipeline,
+    /// What every weights file of the run records, so that the model is fed as it was trained.
+    preprocessing: Preprocessing,
+    labels: Option<Vec<String>>,
+    /// Where a resumed run picked up: (epoch, step within it, global step).
+    resumed_at: Option<(usize, usize, usize)>,
 }
 
 fn file_error(path: &Path, problem: impl Into<String>) -> TrainError {
@@ -131,17 +147,20 @@ impl<'a> Trainer<'a> {
             .arch
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))?;
-        if config.arch.num_classes < data.train.classes() {
+        let data_classes = data.train.classes().max(data.test.classes());
+        if config.arch.num_classes != data_classes {
             return Err(TrainError::Config(format!(
-                "the data has {} classes but the model only {}",
-                data.train.classes(),
+                "the model has {} classes but the data has {data_classes}; leave classes= out \
+                 of the architecture to take the data's count",
                 config.arch.num_classes
             )));
         }
         if config.batch_size == 0 || data.train.len() < config.batch_size {
             return Err(TrainError::Config(format!(
-                "batch size {} for {} training images",
+                "batch size {} with {} training images: an epoch would have no full batch; \
+                 use --batch {} or less",
                 config.batch_size,
+                data.train.len(),
                 data.train.len()
             )));
         }
@@ -150,9 +169,35 @@ impl<'a> Trainer<'a> {
                 "training feeds 3-channel images (grey ones are expanded); use in=3".into(),
             ));
         }
+        let checkpoint = out.join(RUN_FILES[0]);
+        if options.resume && !checkpoint.is_file() {
+            return Err(file_error(
+                &checkpoint,
+                "no checkpoint to resume from; train without --resume to start the run",
+            ));
+        }
+        if !options.resume && !options.overwrite {
+            let existing: Vec<&str> = RUN_FILES
+                .iter()
+                .copied()
+                .filter(|name| out.join(name).exists())
+                .collect();
+            if !existing.is_empty() {
+                return Err(file_error(
+                    out,
+                    format!(
+                        "holds a training run ({}); continue it with --resume, replace it with \
+                         --overwrite, or choose another --out",
+                        existing.join(", ")
+                    ),
+                ));
+            }
+        }
         std::fs::create_dir_all(out)
             .map_err(|e| file_error(out, format!("cannot create the output directory: {e}")))?;
-        let (train_pipeline, eval_pipeline) = config.pipelines(data.stats);
+        let preprocessing = config.preprocessing(data);
+        let labels = data.class_names.clone();
+        let (train_pipeline, eval_pipeline) = config.pipelines(data);
         let device = repvgg_burn::device(options.backend)
             .map_err(TrainError::Config)?
             .autodiff();
@@ -172,10 +217,14 @@ impl<'a> Trainer<'a> {
             position: Position::default(),
             train_pipeline,
             eval_pipeline,
+            preprocessing,
+            labels,
+            resumed_at: None,
         };
-        let checkpoint = trainer.checkpoint_path();
-        if trainer.options.resume && checkpoint.is_file() {
+        if trainer.options.resume {
             trainer.load_checkpoint(&checkpoint)?;
+            let p = &trainer.position;
+            trainer.resumed_at = Some((p.epoch, p.step, p.global_step));
         } else {
             let weights = crate::init::pytorch_default(&trainer.config.arch, trainer.config.seed);
             trainer.model = Some(RepVggTrain::from_state_dict(
@@ -192,6 +241,21 @@ impl<'a> Trainer<'a> {
         self.out.join("checkpoint.safetensors")
     }
 
+    /// Where a resumed run picked up: (epochs completed, next step within the epoch, steps
+    /// completed in all).
+    pub fn resumed_at(&self) -> Option<(usize, usize, usize)> {
+        self.resumed_at
+    }
+
+    /// Steps in one epoch (the last partial batch is dropped).
+    pub fn steps_per_epoch(&self) -> usize {
+        self.data.train.len() / self.config.batch_size
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
     pub fn history(&self) -> &[EpochRecord] {
         &self.position.history
     }
@@ -205,10 +269,6 @@ impl<'a> Trainer<'a> {
         self.model
             .as_ref()
             .expect("the model is present between steps")
-    }
-
-    fn steps_per_epoch(&self) -> usize {
-        self.data.train.len() / self.config.batch_size
     }
 
     fn schedule(&self) -> CosineWithWarmup {
@@ -436,19 +496,35 @@ impl<'a> Trainer<'a> {
             .map_err(|problem| file_error(&png, problem))
     }
 
+    /// The model's weights as a checkpoint that knows how it is fed.
+    fn trained_weights(&self) -> Result<Checkpoint, TrainError> {
+        let mut trained = Checkpoint::from_state_dict(
+            self.config.arch.clone(),
+            Form::Train,
+            self.model().state_dict(),
+        )?;
+        trained.preprocessing = Some(self.preprocessing.clone());
+        trained.labels = self.labels.clone();
+        Ok(trained)
+    }
+
+    /// The model's weights (a weights file any command reads), the optimizer's velocities
+    /// and the run state, in one file.
     fn save_checkpoint(&self) -> Result<(), TrainError> {
-        let mut tensors = self.model().state_dict();
+        let weights = self.trained_weights()?;
+        let mut metadata: HashMap<String, String> = weights.metadata(Naming::Official);
+        let mut tensors = weights.tensors;
         for (path, v) in &self.sgd.velocity {
-            tensors.insert(format!("{VELOCITY}{path}"), from_device(v.clone()));
+            tensors.insert(format!("{OPTIMIZER_PREFIX}{path}"), from_device(v.clone()));
         }
         let state = SavedState {
             config: self.config.clone(),
             position: self.position.clone(),
         };
-        let metadata = HashMap::from([(
-            STATE_KEY.to_string(),
+        metadata.insert(
+            RUN_STATE_KEY.to_string(),
             serde_json::to_string(&state).expect("the state serialises"),
-        )]);
+        );
         repvgg_checkpoint::write_safetensors(&self.checkpoint_path(), &tensors, Some(metadata))?;
         Ok(())
     }
@@ -462,17 +538,13 @@ impl<'a> Trainer<'a> {
         let state: SavedState = header
             .metadata()
             .as_ref()
-            .and_then(|m| m.get(STATE_KEY))
+            .and_then(|m| m.get(RUN_STATE_KEY))
             .ok_or_else(|| fail("not a training checkpoint (no run state)".into()))
             .and_then(|json| {
                 serde_json::from_str(json).map_err(|e| fail(format!("bad run state: {e}")))
             })?;
         if state.config != self.config {
-            return Err(fail(format!(
-                "was written by a run with different settings; resume with the same ones or use a new --out\n  checkpoint: {}\n  now:        {}",
-                serde_json::to_string(&state.config).unwrap(),
-                serde_json::to_string(&self.config).unwrap()
-            )));
+            return Err(fail(config_difference(&state.config, &self.config)));
         }
         let file = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| fail(format!("corrupt: {e}")))?;
@@ -486,7 +558,7 @@ impl<'a> Trainer<'a> {
                 .decode_floats(view.data())
                 .ok_or_else(|| fail(format!("{name}: unreadable f32 data")))?;
             let tensor = repvgg_checkpoint::Tensor::new(view.shape().to_vec(), data);
-            match name.strip_prefix(VELOCITY) {
+            match name.strip_prefix(OPTIMIZER_PREFIX) {
                 Some(param) => {
                     velocity.insert(
                         param.to_string(),
@@ -515,11 +587,7 @@ impl<'a> Trainer<'a> {
     /// engine, compares every prediction, and writes `train.safetensors` and
     /// `deploy.safetensors` (official naming).
     pub fn finish(&self) -> Result<FinalReport, TrainError> {
-        let trained = Checkpoint::from_state_dict(
-            self.config.arch.clone(),
-            Form::Train,
-            self.model().state_dict(),
-        )?;
+        let trained = self.trained_weights()?;
         trained.save_safetensors(&self.out.join("train.safetensors"), Naming::Official)?;
         let deploy = trained.to_deploy(self.config.bn_eps)?;
         let deploy_path = self.out.join("deploy.safetensors");
@@ -553,6 +621,58 @@ impl<'a> Trainer<'a> {
             deploy_path,
         })
     }
+}
+
+/// Why a checkpoint's run cannot be continued with this configuration, naming each setting
+/// that differs.
+fn config_difference(saved: &TrainConfig, now: &TrainConfig) -> String {
+    fn flatten(prefix: &str, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    let name = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    flatten(&name, v, out);
+                }
+            }
+            other => out.push((prefix.to_string(), other.to_string())),
+        }
+    }
+    let fields = |c: &TrainConfig| {
+        let mut out = Vec::new();
+        flatten("", &serde_json::to_value(c).expect("serialises"), &mut out);
+        out
+    };
+    let (before, after) = (fields(saved), fields(now));
+    let mut differences = Vec::new();
+    for (name, old) in &before {
+        let new = after
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("(unset)", |(_, v)| v.as_str());
+        if new != old {
+            differences.push(format!("{name} {old} in the checkpoint, {new} now"));
+        }
+    }
+    for (name, new) in &after {
+        if !before.iter().any(|(n, _)| n == name) {
+            differences.push(format!("{name} unset in the checkpoint, {new} now"));
+        }
+    }
+    let only_epochs = differences.len() == 1 && saved.epochs != now.epochs;
+    let advice = if only_epochs {
+        "the cosine schedule's length is set by the epoch count, so a run cannot be lengthened \
+         or shortened midway; resume with the same --epochs, or start a new run in another --out"
+    } else {
+        "resume with the same settings, or start a new run in another --out"
+    };
+    format!(
+        "was written by a run with different settings: {}; {advice}",
+        differences.join(", ")
+    )
 }
 
 /// Logits and metrics of one pass over a data set, with the model's own speed (forward time

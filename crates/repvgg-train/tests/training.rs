@@ -31,6 +31,7 @@ fn subset(train: usize, test: usize) -> DataSplits {
         stats: Some(train.channel_stats()),
         train: Arc::new(train),
         test: Arc::new(test),
+        grey: true,
         class_names: None,
     }
 }
@@ -111,7 +112,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
     // each time with a fresh process-like Trainer built from the checkpoint.
     for stop in [Some(5), Some(11), None] {
         let options = RunOptions {
-            resume: true,
+            resume: stop != Some(5),
             stop_after_steps: stop,
             ..quiet()
         };
@@ -165,6 +166,9 @@ fn resuming_with_other_settings_is_refused() {
         .to_string();
     assert!(err.contains("checkpoint.safetensors"), "{err}");
     assert!(err.contains("different settings"), "{err}");
+    // The setting that differs is named with both values, not two JSON dumps.
+    assert!(err.contains("lr 0.1 in the checkpoint, 0.05 now"), "{err}");
+    assert!(!err.contains("momentum"), "{err}");
 }
 
 #[test]
