@@ -21,8 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..TrainConfig::small_images(arch)
     };
     let out = std::env::temp_dir().join("repvgg-example-train");
+    // The example's own scratch run: replaced each time (a real run in `out` is refused
+    // without `overwrite` or `resume`).
     let options = RunOptions {
         progress: false,
+        overwrite: true,
         ..RunOptions::default()
     };
     let mut trainer = Trainer::new(config, &data, &out, options)?;

@@ -16,9 +16,12 @@ use repvgg_engine::{Engine, EngineOptions, Isa, Lowering, Mode, Winograd, Worksp
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// A variant or custom spec (seeded random weights) or a checkpoint file.
+    /// A variant or custom spec (seeded random weights) or a weights file.
     #[arg(long, default_value = "A0")]
     pub arch: String,
+    /// A weights file to time (the same as giving it as --arch).
+    #[arg(long, conflicts_with = "arch")]
+    pub weights: Option<std::path::PathBuf>,
     /// train, deploy or both [default: deploy]. Not with --layers (deploy form only) or
     /// --train (the training form, by definition).
     #[arg(long)]
@@ -100,7 +103,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[at]
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(mut args: BenchArgs) -> Result<()> {
+    if let Some(weights) = args.weights.take() {
+        args.arch = weights.display().to_string();
+    }
     let size = args
         .size
         .clone()

@@ -79,9 +79,12 @@ enum Command {
     /// The preprocessing and class names the input records are carried over; the flags below
     /// set or change them (for published checkpoints, which record none).
     Convert {
-        /// Input weights (same as --weights) and output file: `convert IN OUT`.
-        #[arg(num_args = 1..=2, value_name = "[IN] OUT")]
-        paths: Vec<PathBuf>,
+        /// Training-form weights (or give them with --weights).
+        #[arg(value_name = "IN")]
+        first: Option<PathBuf>,
+        /// Output .safetensors file (written atomically).
+        #[arg(value_name = "OUT")]
+        second: Option<PathBuf>,
         /// Training-form weights: .pth or .safetensors, official, timm or mmpretrain names, or
         /// a training checkpoint.
         #[arg(long)]
@@ -153,9 +156,12 @@ enum Command {
     /// `repvgg.preprocessing` is copied into the ONNX metadata); output `logits`: float32
     /// (N, classes). N is fixed (--batch) or symbolic (`batch`, with --dynamic-batch).
     Export {
-        /// Input weights (same as --weights) and output .onnx file: `export IN OUT`.
-        #[arg(num_args = 1..=2, value_name = "[IN] OUT")]
-        paths: Vec<PathBuf>,
+        /// Weights in either form (or give them with --weights).
+        #[arg(value_name = "IN")]
+        first: Option<PathBuf>,
+        /// Output .onnx file (written atomically).
+        #[arg(value_name = "OUT")]
+        second: Option<PathBuf>,
         /// Weights in either form and any naming, .pth or .safetensors.
         #[arg(long)]
         weights: Option<PathBuf>,
@@ -228,14 +234,15 @@ fn main() -> ExitCode {
             info(target, size, arch, json)
         }
         Command::Convert {
-            paths,
+            first,
+            second,
             weights,
             arch,
             naming,
             bn_eps,
             labels,
             input,
-        } => weights_and_output(weights, paths, "convert").and_then(|(weights, output)| {
+        } => weights_and_output(weights, first, second, "convert").and_then(|(weights, output)| {
             convert(&weights, &output, arch, naming, bn_eps, labels, &input)
         }),
         Command::Forward {
@@ -265,7 +272,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Predict(args) => predict::run(args),
         Command::Export {
-            paths,
+            first,
+            second,
             weights,
             opset,
             dynamic_batch,
@@ -273,7 +281,7 @@ fn main() -> ExitCode {
             size,
             arch,
             bn_eps,
-        } => weights_and_output(weights, paths, "export").and_then(|(weights, output)| {
+        } => weights_and_output(weights, first, second, "export").and_then(|(weights, output)| {
             export(
                 &weights,
                 &output,
@@ -313,16 +321,22 @@ fn main() -> ExitCode {
 /// The weights and output of `convert` and `export`: `--weights W OUT` or the older `W OUT`.
 fn weights_and_output(
     weights: Option<PathBuf>,
-    paths: Vec<PathBuf>,
+    first: Option<PathBuf>,
+    second: Option<PathBuf>,
     command: &str,
 ) -> Result<(PathBuf, PathBuf)> {
-    match (weights, &paths[..]) {
-        (Some(w), [out]) => Ok((w, out.clone())),
-        (None, [w, out]) => Ok((w.clone(), out.clone())),
-        (Some(_), _) => bail!("{command}: with --weights, give only the output file"),
-        (None, _) => {
-            bail!("{command}: give the weights (--weights W, or first) and the output file")
+    match (weights, first, second) {
+        (Some(w), Some(out), None) => Ok((w, out)),
+        (None, Some(w), Some(out)) => Ok((w, out)),
+        (Some(_), Some(_), Some(_)) => {
+            bail!("{command}: with --weights, give only the output file")
         }
+        (None, Some(_), None) | (Some(_), None, None) => {
+            bail!("{command}: no output file given (repvgg {command} --weights IN OUT)")
+        }
+        _ => bail!(
+            "{command}: give the weights and the output file (repvgg {command} --weights IN OUT)"
+        ),
     }
 }
 

@@ -1097,6 +1097,13 @@ fn mismatch_errors_are_readable_and_verbose_lists_all() {
 
 #[test]
 fn loose_ends_are_tied() {
+    // One way to name the weights; the output is still needed.
+    let err = fails(&[
+        "convert",
+        "--weights",
+        fixture("tiny/train_official.pth").to_str().unwrap(),
+    ]);
+    assert!(err.contains("no output file given"), "{err}");
     // A tiny model's MACs in a unit that shows them.
     let text = ok(&["info", TINY, "--size", "32"]);
     assert!(
