@@ -30,6 +30,7 @@
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod gemm;
+pub mod int8;
 mod isa;
 pub mod partition;
 mod simd;

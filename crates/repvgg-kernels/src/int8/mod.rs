@@ -1,0 +1,358 @@
+//! The integer matrix product under an INT8 convolution: `C = requantize(A B + offset)`, with
+//! A unsigned 8-bit activations (a per-tensor zero point), B signed 8-bit weights (symmetric
+//! per output channel, zero point 0), the products summed in 32-bit integers, and the result
+//! stored as unsigned 8-bit activations for the next layer (or as the 32-bit sums).
+//!
+//! Both x86 kernels take four consecutive k at once into each 32-bit lane: AVX-512 VNNI's
+//! `vpdpbusd` multiplies four u8 x s8 pairs and adds them to the lane exactly; AVX2's
+//! `vpmaddubsw` multiplies them and adds pairs into 16 bits with saturation, and `vpmaddwd`
+//! adds the pairs of pairs into the lane. So B is packed in groups of four k ([`PackedB8`]),
+//! and A is read four bytes at a time.
+//!
+//! # The micro-kernel contract
+//!
+//! Every micro-kernel computes one block of C: `mr` rows (its height) by `NR8` = 16 columns
+//! (one panel of B), over `groups` groups of four k, then finishes and stores it as
+//! [`Epilogue`] says. It relies on, and the driver ([`gemm_u8s8`]) guarantees:
+//! - `a[i]`, for `i < mr`, is valid for `4 groups` reads (rows past the block's last repeat
+//!   it; bytes past `k` may hold anything, B's are zero there);
+//! - `b` is valid for `groups * 64` reads (the panel);
+//! - `offset` holds 16 values: per column, the bias minus the A zero point times the column's
+//!   sum of B (so the kernel needs no zero-point arithmetic of its own);
+//! - `c` is valid for writes of `mr` rows at stride `ldc` (elements) of 16 elements (u8 or
+//!   i32, as the epilogue stores), that no other thread touches meanwhile;
+//! - for the AVX2 kernel, every weight lies in [-64, 64], so that `vpmaddubsw`'s 16-bit sums
+//!   of two products (at most 2 x 255 x 64 = 32640) never saturate ([`PackedB8::fits_avx2`]);
+//! - the kernel's instruction set runs on this machine.
+//!
+//! The u8 epilogue computes, per element, `v = (acc + offset) as f32 * scale + zero` (a
+//! multiply, then an add: no fused multiply-add, so every kernel rounds alike), clamps `v` to
+//! `[low, 255]` (`low` is the output zero point with ReLU, else 0), and rounds it to the
+//! nearest integer, ties to even. Every kernel gives the same bits as [`reference`]'s plain
+//! loops.
+
+mod avx2;
+mod avx512;
+mod portable;
+
+use crate::Isa;
+
+/// Columns of a panel of B: one AVX-512 vector of 32-bit sums, two AVX2 ones.
+pub const NR8: usize = 16;
+/// The k of a group: what one 32-bit lane sums at once.
+pub const K_GROUP: usize = 4;
+/// The most rows a micro-kernel computes at once.
+const MR_MAX: usize = 12;
+
+/// The INT8 kernel sets there is code for. Ordered like [`Isa`]: each runs where the ones
+/// before it do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Int8Kernels {
+    /// Plain Rust.
+    Portable,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd` (weights in [-64, 64]).
+    Avx2,
+    /// AVX-512 with VNNI: `vpdpbusd`, exact for any INT8 weights.
+    Avx512Vnni,
+}
+
+impl Int8Kernels {
+    pub const ALL: [Int8Kernels; 3] = [
+        Int8Kernels::Portable,
+        Int8Kernels::Avx2,
+        Int8Kernels::Avx512Vnni,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Kernels::Portable => "portable",
+            Int8Kernels::Avx2 => "avx2",
+            Int8Kernels::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    pub fn is_available(self) -> bool {
+        match self {
+            Int8Kernels::Portable => true,
+            Int8Kernels::Avx2 => Isa::Avx2.is_available(),
+            Int8Kernels::Avx512Vnni => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    Isa::Avx512.is_available()
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("avx512vnni")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            }
+        }
+    }
+
+    /// Every set this machine runs, portable first.
+    pub fn available() -> Vec<Int8Kernels> {
+        Int8Kernels::ALL
+            .into_iter()
+            .filter(|k| k.is_available())
+            .collect()
+    }
+
+    /// The best set for `weights` within the instruction set `cap`: VNNI where the machine
+    /// has it, else AVX2 when the weights fit its 16-bit sums, else portable.
+    pub fn best_for(cap: Isa, weights: &PackedB8) -> Int8Kernels {
+        let vnni = Int8Kernels::Avx512Vnni;
+        if cap >= Isa::Avx512 && vnni.is_available() {
+            vnni
+        } else if cap >= Isa::Avx2 && Int8Kernels::Avx2.is_available() && weights.fits_avx2() {
+            Int8Kernels::Avx2
+        } else {
+            Int8Kernels::Portable
+        }
+    }
+
+    fn micro_kernel(self) -> (usize, MicroKernel) {
+        assert!(self.is_available(), "{} kernels do not run here", self.name());
+        match self {
+            Int8Kernels::Portable => (portable::MR, portable::kernel),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernels::Avx2 => (avx2::MR, avx2::kernel),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernels::Avx512Vnni => (avx512::MR, avx512::kernel),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no x86-64 kernels off x86-64"),
+        }
+    }
+}
+
+impl std::fmt::Display for Int8Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `k x n` INT8 weight matrix packed as `[panel][k group][column][4]`: for each panel of 16
+/// columns and each group of four k, 64 bytes, column by column, the four k of a column
+/// adjacent (one 32-bit lane each). Rows past `k` and columns past `n` are zero.
+#[derive(Clone, Debug, Default)]
+pub struct PackedB8 {
+    k: usize,
+    n: usize,
+    data: Vec<i8>,
+    /// Per column: the sum of its weights, for the activation zero point's correction.
+    column_sums: Vec<i32>,
+    /// The largest |weight|.
+    max_abs: u8,
+}
+
+impl PackedB8 {
+    /// Packs the matrix whose element (row, col) is `at(row, col)`.
+    pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> i8) -> PackedB8 {
+        let groups = k.div_ceil(K_GROUP);
+        let panels = n.div_ceil(NR8);
+        let mut data = vec![0i8; panels * groups * NR8 * K_GROUP];
+        let mut column_sums = vec![0i32; n];
+        let mut max_abs = 0u8;
+        for (col, column_sum) in column_sums.iter_mut().enumerate() {
+            let (panel, lane) = (col / NR8, col % NR8);
+            for row in 0..k {
+                let value = at(row, col);
+                let (group, within) = (row / K_GROUP, row % K_GROUP);
+                data[((panel * groups + group) * NR8 + lane) * K_GROUP + within] = value;
+                *column_sum += value as i32;
+                max_abs = max_abs.max(value.unsigned_abs());
+            }
+        }
+        PackedB8 {
+            k,
+            n,
+            data,
+            column_sums,
+            max_abs,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.k
+    }
+
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    /// Whether every weight lies in [-64, 64], as the AVX2 kernel needs.
+    pub fn fits_avx2(&self) -> bool {
+        self.max_abs <= 64
+    }
+
+    pub fn column_sums(&self) -> &[i32] {
+        &self.column_sums
+    }
+
+    fn groups(&self) -> usize {
+        self.k.div_ceil(K_GROUP)
+    }
+
+    fn panel(&self, panel: usize) -> *const i8 {
+        self.data[panel * self.groups() * NR8 * K_GROUP..].as_ptr()
+    }
+}
+
+/// How a block of 32-bit sums is finished and stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<'a> {
+    /// Requantized to u8: `clamp((acc + offset) * scale[col] + zero, low, 255)`, rounded to
+    /// nearest even; `low` is `zero` with ReLU, else 0.
+    U8 {
+        scale: &'a [f32],
+        zero: u8,
+        relu: bool,
+    },
+    /// The sums themselves, `acc + offset`, as i32: for the layers that leave INT8 (the last
+    /// one before a float head or SE) and for tests.
+    I32,
+}
+
+/// One micro-kernel call: `(groups, a, b, offset, c, ldc, store)`; see the module's contract.
+type MicroKernel = unsafe fn(
+    groups: usize,
+    a: &[*const u8; MR_MAX],
+    b: *const i8,
+    offset: &[i32; NR8],
+    c: *mut u8,
+    ldc: usize,
+    store: Store,
+);
+
+/// The epilogue as one panel's kernel sees it: scales for its 16 columns.
+#[derive(Clone, Copy)]
+enum Store {
+    U8 { scale: [f32; NR8], zero: f32, low: f32 },
+    I32,
+}
+
+/// One INT8 product `C = epilogue(A[.., 0..k] B + bias - a_zero colsum(B))` over all of B's
+/// columns. Row `r` of A starts at `a_row(r)`.
+pub struct Product8<'a, R> {
+    pub rows: usize,
+    pub a_row: R,
+    /// A's zero point: the u8 that stands for 0.0.
+    pub a_zero: u8,
+    pub b: &'a PackedB8,
+    /// Per column of B, in the units of the sums (activation scale x weight scale).
+    pub bias: &'a [i32],
+    /// Where C's element (0, 0) goes: u8 or i32 elements as the epilogue stores, rows `ldc`
+    /// elements apart.
+    pub c: *mut u8,
+    pub ldc: usize,
+    pub epilogue: Epilogue<'a>,
+}
+
+/// Rows of a row-major u8 matrix at `a`, `lda` bytes apart, for [`Product8::a_row`].
+pub fn strided_u8(a: *const u8, lda: usize) -> impl Fn(usize) -> *const u8 {
+    move |r| a.wrapping_add(r * lda)
+}
+
+/// Runs `product` with `kernels`, on the calling thread.
+///
+/// Panics if `kernels` does not run here, if the AVX2 kernels are given weights outside
+/// [-64, 64], or if the bias or scales are shorter than B's columns.
+///
+/// # Safety
+/// Each `a_row(r)`, for `r < rows`, must be valid for reads of `k` rounded up to a multiple
+/// of four bytes; `c` must be valid for writes of `rows` rows at stride `ldc` elements of
+/// B's columns (u8 or i32 elements, as the epilogue stores), untouched by other threads.
+pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(kernels: Int8Kernels, product: &Product8<'_, R>) {
+    let (mr, kernel) = kernels.micro_kernel();
+    let Product8 {
+        rows,
+        ref a_row,
+        a_zero,
+        b,
+        bias,
+        c,
+        ldc,
+        epilogue,
+    } = *product;
+    assert!(
+        kernels != Int8Kernels::Avx2 || b.fits_avx2(),
+        "the AVX2 INT8 kernel needs weights in [-64, 64]"
+    );
+    assert!(bias.len() >= b.n, "bias shorter than the columns");
+    if let Epilogue::U8 { scale, .. } = epilogue {
+        assert!(scale.len() >= b.n, "scales shorter than the columns");
+    }
+    if rows == 0 || b.n == 0 {
+        return;
+    }
+    let element = match epilogue {
+        Epilogue::U8 { .. } => 1,
+        Epilogue::I32 => 4,
+    };
+    let groups = b.groups();
+    for panel in 0..b.n.div_ceil(NR8) {
+        let col = panel * NR8;
+        let width = NR8.min(b.n - col);
+        let offset: [i32; NR8] = std::array::from_fn(|j| {
+            if j < width {
+                bias[col + j] - a_zero as i32 * b.column_sums[col + j]
+            } else {
+                0
+            }
+        });
+        let store = match epilogue {
+            Epilogue::U8 { scale, zero, relu } => Store::U8 {
+                scale: std::array::from_fn(|j| if j < width { scale[col + j] } else { 0.0 }),
+                zero: zero as f32,
+                low: if relu { zero as f32 } else { 0.0 },
+            },
+            Epilogue::I32 => Store::I32,
+        };
+        let panel_b = b.panel(panel);
+        for r0 in (0..rows).step_by(mr) {
+            let height = mr.min(rows - r0);
+            let a_rows: [*const u8; MR_MAX] =
+                std::array::from_fn(|i| a_row(r0 + i.min(height - 1)));
+            let direct = height == mr && width == NR8;
+            if direct {
+                // SAFETY: the block's rows and columns are C's (the caller's contract), the
+                // A rows hold `groups` groups (likewise), the panel holds `groups` groups.
+                unsafe {
+                    kernel(
+                        groups,
+                        &a_rows,
+                        panel_b,
+                        &offset,
+                        c.wrapping_add((r0 * ldc + col) * element),
+                        ldc,
+                        store,
+                    )
+                };
+            } else {
+                // An edge block goes through a scratch block, then its valid part to C.
+                let mut scratch = [0i32; MR_MAX * NR8];
+                let scratch_ptr = scratch.as_mut_ptr() as *mut u8;
+                // SAFETY: the scratch block holds `mr` rows of 16 i32 (enough for u8 too);
+                // the A rows and the panel as above.
+                unsafe { kernel(groups, &a_rows, panel_b, &offset, scratch_ptr, NR8, store) };
+                for i in 0..height {
+                    let to = c.wrapping_add(((r0 + i) * ldc + col) * element);
+                    // SAFETY: row `r0 + i` of C holds the block's `width` columns (the
+                    // caller's contract); the scratch row holds 16 elements.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            scratch_ptr.add(i * NR8 * element),
+                            to,
+                            width * element,
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The u8 epilogue of one sum, as every kernel computes it.
+#[inline(always)]
+fn requantize(sum: i32, scale: f32, zero: f32, low: f32) -> u8 {
+    let v = sum as f32 * scale + zero;
+    v.clamp(low, 255.0).round_ties_even() as u8
+}

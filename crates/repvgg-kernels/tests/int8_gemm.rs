@@ -1,0 +1,170 @@
+//! Every INT8 kernel set the machine has, bit for bit against plain integer loops: the sums
+//! are exact integers, and the requantization is one float multiply, one add, a clamp and a
+//! round to nearest even, which every kernel does alike, so no tolerance is needed or given.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
+
+struct Case {
+    rows: usize,
+    k: usize,
+    n: usize,
+    a_zero: u8,
+    out_zero: u8,
+    relu: bool,
+    /// The largest |weight|: 127 (any INT8 weight) or 64 (what the AVX2 kernel takes).
+    weight_range: i32,
+}
+
+/// The product the way the contract defines it, one element at a time.
+fn reference(
+    case: &Case,
+    a: &[u8],
+    b: &[i8],
+    bias: &[i32],
+    scale: &[f32],
+) -> (Vec<i32>, Vec<u8>) {
+    let (rows, k, n) = (case.rows, case.k, case.n);
+    let mut sums = vec![0i32; rows * n];
+    let mut bytes = vec![0u8; rows * n];
+    let low = if case.relu { case.out_zero as f32 } else { 0.0 };
+    for r in 0..rows {
+        for j in 0..n {
+            let mut sum = bias[j];
+            for t in 0..k {
+                sum += (a[r * k + t] as i32 - case.a_zero as i32) * b[t * n + j] as i32;
+            }
+            sums[r * n + j] = sum;
+            let v = sum as f32 * scale[j] + case.out_zero as f32;
+            bytes[r * n + j] = v.clamp(low, 255.0).round_ties_even() as u8;
+        }
+    }
+    (sums, bytes)
+}
+
+fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (rows, k, n) = (case.rows, case.k, case.n);
+    let a: Vec<u8> = (0..rows * k).map(|_| rng.random()).collect();
+    let b: Vec<i8> = (0..k * n)
+        .map(|_| rng.random_range(-case.weight_range..=case.weight_range) as i8)
+        .collect();
+    let bias: Vec<i32> = (0..n).map(|_| rng.random_range(-20_000..20_000)).collect();
+    // Scales that put the outputs across the whole u8 range, some beyond it (clamped).
+    let scale: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(0.5..4.0) / (k as f32 * 128.0 * 40.0).sqrt())
+        .collect();
+    let (sums, bytes) = reference(case, &a, &b, &bias, &scale);
+
+    // A with rows padded to whole groups, the padding filled with junk: B's zero rows must
+    // cancel it.
+    let lda = k.div_ceil(K_GROUP) * K_GROUP + 4;
+    let mut padded = vec![0xA5u8; rows * lda];
+    for r in 0..rows {
+        padded[r * lda..r * lda + k].copy_from_slice(&a[r * k..(r + 1) * k]);
+    }
+    let packed = PackedB8::new(k, n, |t, j| b[t * n + j]);
+    let a_row = |r: usize| padded.as_ptr().wrapping_add(r * lda);
+
+    let mut out = vec![0u8; rows * n];
+    let product = Product8 {
+        rows,
+        a_row,
+        a_zero: case.a_zero,
+        b: &packed,
+        bias: &bias,
+        c: out.as_mut_ptr(),
+        ldc: n,
+        epilogue: Epilogue::U8 {
+            scale: &scale,
+            zero: case.out_zero,
+            relu: case.relu,
+        },
+    };
+    // SAFETY: A's rows hold `lda` >= k rounded up to four bytes, C holds rows x n bytes.
+    unsafe { gemm_u8s8(kernels, &product) };
+    let what = format!("{kernels} rows {rows} k {k} n {n}");
+    assert_eq!(out, bytes, "{what}: u8 outputs");
+    // The variation in the outputs shows the case tests something.
+    let distinct: std::collections::BTreeSet<u8> = bytes.iter().copied().collect();
+    assert!(rows * n < 8 || distinct.len() > 4, "{what}: degenerate case");
+
+    let mut raw = vec![0i32; rows * n];
+    let product = Product8 {
+        c: raw.as_mut_ptr() as *mut u8,
+        epilogue: Epilogue::I32,
+        ..product
+    };
+    // SAFETY: as above, C holds rows x n i32.
+    unsafe { gemm_u8s8(kernels, &product) };
+    assert_eq!(raw, sums, "{what}: i32 sums");
+}
+
+const SHAPES: [(usize, usize, usize); 9] = [
+    (1, 1, 1),
+    (1, 27, 16),
+    (3, 4, 17),
+    (12, 72, 48),
+    (13, 36, 8),
+    (25, 576, 70),
+    (5, 3, 33),
+    (37, 1152, 64),
+    (2, 4608, 16),
+];
+
+#[test]
+fn every_kernel_set_matches_the_integer_reference() {
+    let sets = Int8Kernels::available();
+    eprintln!("INT8 kernel sets here: {sets:?}");
+    for kernels in sets {
+        for (i, &(rows, k, n)) in SHAPES.iter().enumerate() {
+            for (relu, a_zero, out_zero) in [(false, 0, 0), (true, 128, 3), (false, 7, 128)] {
+                let weight_range = if kernels == Int8Kernels::Avx2 { 64 } else { 127 };
+                let case = Case {
+                    rows,
+                    k,
+                    n,
+                    a_zero,
+                    out_zero,
+                    relu,
+                    weight_range,
+                };
+                run_case(kernels, &case, i as u64 * 31 + a_zero as u64);
+            }
+        }
+    }
+}
+
+/// The AVX2 kernel's 16-bit pair sums are exact for weights within [-64, 64]: the extreme
+/// case (255 x 64 twice, and 255 x -64 twice) must come out exactly.
+#[test]
+fn avx2_is_exact_at_the_edge_of_its_weight_range() {
+    if !Int8Kernels::Avx2.is_available() {
+        eprintln!("SKIPPED: no AVX2 here");
+        return;
+    }
+    for w in [64i8, -64] {
+        let (k, n) = (8, 16);
+        let a = vec![255u8; k];
+        let packed = PackedB8::new(k, n, |_, _| w);
+        assert!(packed.fits_avx2());
+        let mut raw = vec![0i32; n];
+        let bias = vec![0i32; n];
+        let product = Product8 {
+            rows: 1,
+            a_row: |_| a.as_ptr(),
+            a_zero: 0,
+            b: &packed,
+            bias: &bias,
+            c: raw.as_mut_ptr() as *mut u8,
+            ldc: n,
+            epilogue: Epilogue::I32,
+        };
+        // SAFETY: one row of 8 bytes (two groups), C one row of 16 i32.
+        unsafe { gemm_u8s8(Int8Kernels::Avx2, &product) };
+        assert!(raw.iter().all(|&v| v == 255 * w as i32 * 8), "{raw:?}");
+    }
+    assert!(!PackedB8::new(1, 1, |_, _| 65).fits_avx2());
+    assert!(!PackedB8::new(1, 1, |_, _| -128).fits_avx2());
+}
