@@ -26,6 +26,7 @@ pub mod metadata;
 pub mod naming;
 pub mod pickle;
 pub mod pth;
+pub mod quantized;
 pub mod random;
 pub mod tensor;
 
@@ -79,6 +80,9 @@ pub struct Checkpoint {
     /// The run state of a resumable training checkpoint (`repvgg-train`'s JSON: configuration,
     /// epoch, step); its optimizer tensors are not loaded.
     pub run_state: Option<serde_json::Value>,
+    /// For an INT8 file: how it was quantized (the tensors here are its dequantized weights;
+    /// [`quantized::QuantizedModel::load`] reads the integers).
+    pub quantization: Option<quantized::QuantizationInfo>,
 }
 
 impl Checkpoint {
@@ -88,6 +92,9 @@ impl Checkpoint {
         let fail = |problem: String| CheckpointError::new(path, problem);
         let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
         let (mut raw, metadata) = read_raw(&bytes).map_err(fail)?;
+        if quantized::is_quantized(metadata.as_ref()) {
+            return Checkpoint::from_quantized(path, &bytes, arch, raw.len());
+        }
         let file_tensor_count = raw.len();
         let meta = |key: &str| metadata.as_ref().and_then(|m| m.get(key));
         let run_state = meta(metadata::RUN_STATE_KEY)
@@ -176,6 +183,52 @@ impl Checkpoint {
             preprocessing,
             labels,
             run_state,
+            quantization: None,
+        })
+    }
+
+    /// An INT8 file as the float weights it stands for.
+    fn from_quantized(
+        path: &Path,
+        bytes: &[u8],
+        arch: Option<&ArchSpec>,
+        file_tensor_count: usize,
+    ) -> Result<Checkpoint, CheckpointError> {
+        let fail = |problem: String| CheckpointError::new(path, problem);
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| fail(format!("not a valid safetensors file ({e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| fail(format!("unreadable safetensors header ({e})")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let model = quantized::from_parts(&st, &meta).map_err(fail)?;
+        if let Some(spec) = arch {
+            let problems =
+                layout::mismatches(&model.dequantized(), spec, Form::Deploy, Naming::Official);
+            if !problems.is_empty() {
+                return Err(CheckpointError {
+                    path: path.to_path_buf(),
+                    problem: format!(
+                        "holds {} (INT8), not the requested {}: {}",
+                        describe_briefly(&model.spec),
+                        describe_briefly(spec),
+                        summarise_mismatches(&problems)
+                    ),
+                    details: problems,
+                });
+            }
+        }
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            naming: Naming::Official,
+            form: Form::Deploy,
+            tensors: model.dequantized(),
+            spec: model.spec,
+            source_dtype: DType::I8,
+            file_tensor_count,
+            preprocessing: model.preprocessing,
+            labels: model.labels,
+            run_state: None,
+            quantization: Some(model.info),
         })
     }
 
@@ -210,6 +263,7 @@ impl Checkpoint {
             preprocessing: None,
             labels: None,
             run_state: None,
+            quantization: None,
         })
     }
 
@@ -241,6 +295,7 @@ impl Checkpoint {
             preprocessing: self.preprocessing.clone(),
             labels: self.labels.clone(),
             run_state: None,
+            quantization: None,
         })
     }
 

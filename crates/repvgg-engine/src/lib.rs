@@ -39,10 +39,12 @@
 
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod calibration;
 mod engine;
 mod error;
 mod im2col;
 mod implicit;
+mod int8;
 mod layer;
 mod layout;
 mod options;
@@ -52,12 +54,30 @@ mod se;
 pub mod tuning;
 mod workspace;
 
+pub use calibration::{Calibration, Calibrator};
 pub use engine::Engine;
 pub use error::EngineError;
+pub use int8::Int8Engine;
 pub use layout::nhwc_to_nchw;
 pub use options::{EngineOptions, Lowering, Mode, Winograd};
 pub use repvgg_kernels::Isa;
 pub use workspace::Workspace;
+
+/// A raw pointer to a u8 output that parallel tasks write through, each to its own rows.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtrU8(pub *mut u8);
+
+// SAFETY: an address only; the INT8 layer's tasks write disjoint rows through it.
+unsafe impl Send for OutPtrU8 {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for OutPtrU8 {}
+
+impl OutPtrU8 {
+    /// A method, so closures capture the whole `Send` wrapper.
+    pub(crate) fn get(self) -> *mut u8 {
+        self.0
+    }
+}
 
 /// One block's share of a forward pass.
 #[derive(Clone, Debug)]

@@ -18,13 +18,7 @@ struct Case {
 }
 
 /// The product the way the contract defines it, one element at a time.
-fn reference(
-    case: &Case,
-    a: &[u8],
-    b: &[i8],
-    bias: &[i32],
-    scale: &[f32],
-) -> (Vec<i32>, Vec<u8>) {
+fn reference(case: &Case, a: &[u8], b: &[i8], bias: &[i32], scale: &[f32]) -> (Vec<i32>, Vec<u8>) {
     let (rows, k, n) = (case.rows, case.k, case.n);
     let mut sums = vec![0i32; rows * n];
     let mut bytes = vec![0u8; rows * n];
@@ -88,7 +82,10 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
     assert_eq!(out, bytes, "{what}: u8 outputs");
     // The variation in the outputs shows the case tests something.
     let distinct: std::collections::BTreeSet<u8> = bytes.iter().copied().collect();
-    assert!(rows * n < 8 || distinct.len() > 4, "{what}: degenerate case");
+    assert!(
+        rows * n < 8 || distinct.len() > 4,
+        "{what}: degenerate case"
+    );
 
     let mut raw = vec![0i32; rows * n];
     let product = Product8 {
@@ -120,7 +117,11 @@ fn every_kernel_set_matches_the_integer_reference() {
     for kernels in sets {
         for (i, &(rows, k, n)) in SHAPES.iter().enumerate() {
             for (relu, a_zero, out_zero) in [(false, 0, 0), (true, 128, 3), (false, 7, 128)] {
-                let weight_range = if kernels == Int8Kernels::Avx2 { 64 } else { 127 };
+                let weight_range = if kernels == Int8Kernels::Avx2 {
+                    64
+                } else {
+                    127
+                };
                 let case = Case {
                     rows,
                     k,

@@ -110,7 +110,11 @@ impl Int8Kernels {
     }
 
     fn micro_kernel(self) -> (usize, MicroKernel) {
-        assert!(self.is_available(), "{} kernels do not run here", self.name());
+        assert!(
+            self.is_available(),
+            "{} kernels do not run here",
+            self.name()
+        );
         match self {
             Int8Kernels::Portable => (portable::MR, portable::kernel),
             #[cfg(target_arch = "x86_64")]
@@ -225,7 +229,11 @@ type MicroKernel = unsafe fn(
 /// The epilogue as one panel's kernel sees it: scales for its 16 columns.
 #[derive(Clone, Copy)]
 enum Store {
-    U8 { scale: [f32; NR8], zero: f32, low: f32 },
+    U8 {
+        scale: [f32; NR8],
+        zero: f32,
+        low: f32,
+    },
     I32,
 }
 
@@ -260,7 +268,10 @@ pub fn strided_u8(a: *const u8, lda: usize) -> impl Fn(usize) -> *const u8 {
 /// Each `a_row(r)`, for `r < rows`, must be valid for reads of `k` rounded up to a multiple
 /// of four bytes; `c` must be valid for writes of `rows` rows at stride `ldc` elements of
 /// B's columns (u8 or i32 elements, as the epilogue stores), untouched by other threads.
-pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(kernels: Int8Kernels, product: &Product8<'_, R>) {
+pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
+    kernels: Int8Kernels,
+    product: &Product8<'_, R>,
+) {
     let (mr, kernel) = kernels.micro_kernel();
     let Product8 {
         rows,

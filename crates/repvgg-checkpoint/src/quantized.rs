@@ -1,0 +1,403 @@
+//! INT8 deploy-form weights: what `repvgg quantize` writes and the INT8 engine runs.
+//!
+//! Each block's 3x3 kernel is stored as `i8` with one scale per output channel (symmetric,
+//! `w = scale * q`), its bias as `f32`; the head stays `f32` (it is a small share of the work,
+//! and the logits keep their float precision). The activations entering each block, and the
+//! last block's output, are per-tensor `u8` with a scale and a zero point (`x = scale * (q -
+//! zero)`), recorded in the metadata under [`QUANTIZATION_KEY`] with how they were calibrated.
+//!
+//! Commands that only read float weights get the dequantized weights (`scale * q`) from
+//! [`crate::Checkpoint::load`], so every command reads the file; the INT8 engine reads it
+//! with [`QuantizedModel::load`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use repvgg_arch::{ArchSpec, Form};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{HEAD, REPARAM, prefix};
+use crate::{CheckpointError, Preprocessing, StateDict, Tensor, metadata};
+
+pub const QUANTIZATION_KEY: &str = "repvgg.quantization";
+/// Per output channel scale of a block's INT8 kernel.
+pub const WEIGHT_SCALE: &str = "weight_scale";
+
+/// A per-tensor u8 quantization: `real = scale * (q - zero_point)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActivationQuant {
+    pub scale: f32,
+    pub zero_point: u8,
+}
+
+impl ActivationQuant {
+    /// The quantization that covers `[min, max]` (widened to include 0, which must be exact:
+    /// it is the convolution's padding and ReLU's floor).
+    pub fn covering(min: f32, max: f32) -> ActivationQuant {
+        let (min, max) = (min.min(0.0), max.max(0.0));
+        let span = (max - min).max(1e-8);
+        let scale = span / 255.0;
+        let zero_point = (-min / scale).round().clamp(0.0, 255.0) as u8;
+        ActivationQuant { scale, zero_point }
+    }
+
+    pub fn quantize(self, x: f32) -> u8 {
+        (x / self.scale + self.zero_point as f32)
+            .round_ties_even()
+            .clamp(0.0, 255.0) as u8
+    }
+
+    pub fn dequantize(self, q: u8) -> f32 {
+        self.scale * (q as f32 - self.zero_point as f32)
+    }
+}
+
+/// What the metadata says about the quantization.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizationInfo {
+    /// How the activation ranges were found: `minmax` or `percentile`.
+    pub method: String,
+    /// Calibration images.
+    pub samples: usize,
+    /// The input of each block, in order, then the last block's output.
+    pub activations: Vec<ActivationQuant>,
+    /// Layers kept in float (the head, `linear`).
+    pub float_layers: Vec<String>,
+}
+
+/// One block's INT8 3x3 convolution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedConv {
+    /// `(out, in / groups, 3, 3)`.
+    pub weight: Vec<i8>,
+    pub weight_scale: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+/// An INT8 deploy-form model.
+#[derive(Clone, Debug)]
+pub struct QuantizedModel {
+    pub spec: ArchSpec,
+    pub info: QuantizationInfo,
+    pub convs: Vec<QuantizedConv>,
+    /// `linear.weight` and `linear.bias`, float; `None` when headless.
+    pub head: Option<(Tensor, Tensor)>,
+    pub preprocessing: Option<Preprocessing>,
+    pub labels: Option<Vec<String>>,
+}
+
+impl QuantizedModel {
+    /// Quantizes a deploy-form checkpoint's kernels (symmetric, per output channel, to
+    /// `[-limit, limit]`: 127, or 63 for AVX2 machines without VNNI, whose kernel needs
+    /// weights within 64) with the activation ranges found by calibration.
+    pub fn quantize(
+        deploy: &crate::Checkpoint,
+        activations: Vec<ActivationQuant>,
+        method: &str,
+        samples: usize,
+        limit: i8,
+    ) -> Result<QuantizedModel, String> {
+        if deploy.form != Form::Deploy {
+            return Err("quantization takes deploy-form weights".into());
+        }
+        if deploy.spec.se {
+            return Err("INT8 for SE models (D2se) is not supported yet".into());
+        }
+        let blocks = deploy.spec.blocks();
+        if activations.len() != blocks.len() + 1 {
+            return Err(format!(
+                "{} activation ranges for {} blocks (one per block input, one for the output)",
+                activations.len(),
+                blocks.len()
+            ));
+        }
+        let convs = blocks
+            .iter()
+            .map(|b| {
+                let p = prefix(b);
+                let weight = &deploy.tensors[&format!("{p}{REPARAM}weight")];
+                let bias = deploy.tensors[&format!("{p}{REPARAM}bias")].data.clone();
+                let per_channel = weight.data.len() / b.out_channels;
+                let mut q = Vec::with_capacity(weight.data.len());
+                let mut scales = Vec::with_capacity(b.out_channels);
+                for channel in weight.data.chunks_exact(per_channel) {
+                    let max = channel.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = if max > 0.0 { max / limit as f32 } else { 1.0 };
+                    scales.push(scale);
+                    q.extend(channel.iter().map(|v| {
+                        (v / scale)
+                            .round_ties_even()
+                            .clamp(-(limit as f32), limit as f32) as i8
+                    }));
+                }
+                QuantizedConv {
+                    weight: q,
+                    weight_scale: scales,
+                    bias,
+                }
+            })
+            .collect();
+        let head = deploy
+            .tensors
+            .get(&format!("{HEAD}weight"))
+            .zip(deploy.tensors.get(&format!("{HEAD}bias")))
+            .map(|(w, b)| (w.clone(), b.clone()));
+        Ok(QuantizedModel {
+            spec: deploy.spec.clone(),
+            info: QuantizationInfo {
+                method: method.to_string(),
+                samples,
+                activations,
+                float_layers: if head.is_some() {
+                    vec!["linear".into()]
+                } else {
+                    vec![]
+                },
+            },
+            convs,
+            head,
+            preprocessing: deploy.preprocessing.clone(),
+            labels: deploy.labels.clone(),
+        })
+    }
+
+    /// The float weights this model stands for (`scale * q`): what float commands run.
+    pub fn dequantized(&self) -> StateDict {
+        let mut dict = StateDict::new();
+        for (b, conv) in self.spec.blocks().iter().zip(&self.convs) {
+            let p = prefix(b);
+            let per_channel = conv.weight.len() / b.out_channels;
+            let data: Vec<f32> = conv
+                .weight
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| q as f32 * conv.weight_scale[i / per_channel])
+                .collect();
+            let shape = vec![b.out_channels, b.in_channels / b.groups, 3, 3];
+            dict.insert(format!("{p}{REPARAM}weight"), Tensor::new(shape, data));
+            dict.insert(
+                format!("{p}{REPARAM}bias"),
+                Tensor::new(vec![b.out_channels], conv.bias.clone()),
+            );
+        }
+        if let Some((w, b)) = &self.head {
+            dict.insert(format!("{HEAD}weight"), w.clone());
+            dict.insert(format!("{HEAD}bias"), b.clone());
+        }
+        dict
+    }
+
+    /// Writes the model as safetensors, atomically.
+    pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
+        let fail = |problem: String| CheckpointError::new(path, problem);
+        let mut floats = StateDict::new();
+        let mut ints: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (b, conv) in self.spec.blocks().iter().zip(&self.convs) {
+            let p = prefix(b);
+            ints.push((
+                format!("{p}{REPARAM}weight"),
+                vec![b.out_channels, b.in_channels / b.groups, 3, 3],
+                conv.weight.iter().map(|&q| q as u8).collect(),
+            ));
+            floats.insert(
+                format!("{p}{REPARAM}{WEIGHT_SCALE}"),
+                Tensor::new(vec![b.out_channels], conv.weight_scale.clone()),
+            );
+            floats.insert(
+                format!("{p}{REPARAM}bias"),
+                Tensor::new(vec![b.out_channels], conv.bias.clone()),
+            );
+        }
+        if let Some((w, b)) = &self.head {
+            floats.insert(format!("{HEAD}weight"), w.clone());
+            floats.insert(format!("{HEAD}bias"), b.clone());
+        }
+        let mut views = Vec::new();
+        for (key, t) in &floats {
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                bytemuck::cast_slice(&t.data),
+            )
+            .map_err(|e| fail(format!("{key}: {e}")))?;
+            views.push((key.clone(), view));
+        }
+        for (key, shape, bytes) in &ints {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::I8, shape.clone(), bytes)
+                    .map_err(|e| fail(format!("{key}: {e}")))?;
+            views.push((key.clone(), view));
+        }
+        let mut meta = HashMap::from([
+            ("format".to_string(), "pt".to_string()),
+            ("repvgg.form".to_string(), "deploy".to_string()),
+            ("repvgg.naming".to_string(), "official".to_string()),
+            ("repvgg.dtype".to_string(), "int8".to_string()),
+            (
+                "repvgg.arch".to_string(),
+                serde_json::to_string(&self.spec).expect("spec serialises"),
+            ),
+            (
+                QUANTIZATION_KEY.to_string(),
+                serde_json::to_string(&self.info).expect("info serialises"),
+            ),
+        ]);
+        if let Some(p) = &self.preprocessing {
+            meta.insert(
+                metadata::PREPROCESSING_KEY.to_string(),
+                serde_json::to_string(p).expect("serialises"),
+            );
+        }
+        if let Some(l) = &self.labels {
+            meta.insert(
+                metadata::LABELS_KEY.to_string(),
+                serde_json::to_string(l).expect("serialises"),
+            );
+        }
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| fail(e.to_string()))?;
+        crate::write_atomically(path, &bytes)
+    }
+
+    /// Reads an INT8 file; an error names the file and what is missing or wrong.
+    pub fn load(path: &Path) -> Result<QuantizedModel, CheckpointError> {
+        let fail = |problem: String| CheckpointError::new(path, problem);
+        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| fail(format!("not a valid safetensors file ({e})")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| fail(format!("unreadable safetensors header ({e})")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        from_parts(&st, &meta).map_err(fail)
+    }
+}
+
+/// Whether a safetensors header's metadata marks an INT8 file.
+pub fn is_quantized(metadata: Option<&HashMap<String, String>>) -> bool {
+    metadata.is_some_and(|m| m.contains_key(QUANTIZATION_KEY))
+}
+
+/// Builds the model from a parsed file.
+pub(crate) fn from_parts(
+    st: &safetensors::SafeTensors<'_>,
+    meta: &HashMap<String, String>,
+) -> Result<QuantizedModel, String> {
+    let get = |key: &str| {
+        meta.get(key)
+            .ok_or_else(|| format!("not an INT8 model file: no '{key}' in its metadata"))
+    };
+    let info: QuantizationInfo = serde_json::from_str(get(QUANTIZATION_KEY)?)
+        .map_err(|e| format!("unreadable quantization metadata: {e}"))?;
+    let spec: ArchSpec = serde_json::from_str(get("repvgg.arch")?)
+        .map_err(|e| format!("unreadable architecture in the metadata: {e}"))?;
+    spec.validate()
+        .map_err(|e| format!("the metadata's architecture is impossible: {e}"))?;
+    let blocks = spec.blocks();
+    if info.activations.len() != blocks.len() + 1 {
+        return Err(format!(
+            "the quantization metadata has {} activation scales for {} blocks (needs {})",
+            info.activations.len(),
+            blocks.len(),
+            blocks.len() + 1
+        ));
+    }
+    if let Some(bad) = info
+        .activations
+        .iter()
+        .position(|a| !(a.scale.is_finite() && a.scale > 0.0))
+    {
+        return Err(format!(
+            "activation scale {bad} is {}; scales must be positive",
+            info.activations[bad].scale
+        ));
+    }
+    let tensor = |key: &str, dtype: safetensors::Dtype, shape: &[usize]| {
+        let view = st
+            .tensor(key)
+            .map_err(|_| format!("missing tensor '{key}'"))?;
+        if view.dtype() != dtype || view.shape() != shape {
+            return Err(format!(
+                "'{key}' is {:?} {:?}; expected {dtype:?} {shape:?}",
+                view.dtype(),
+                view.shape()
+            ));
+        }
+        Ok(view.data().to_vec())
+    };
+    let floats = |bytes: Vec<u8>| -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    use safetensors::Dtype;
+    let mut convs = Vec::with_capacity(blocks.len());
+    for b in &blocks {
+        let p = prefix(b);
+        let shape = [b.out_channels, b.in_channels / b.groups, 3, 3];
+        let weight = tensor(&format!("{p}{REPARAM}weight"), Dtype::I8, &shape)?
+            .into_iter()
+            .map(|v| v as i8)
+            .collect();
+        let weight_scale = floats(tensor(
+            &format!("{p}{REPARAM}{WEIGHT_SCALE}"),
+            Dtype::F32,
+            &[b.out_channels],
+        )?);
+        if weight_scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(format!(
+                "'{p}{REPARAM}{WEIGHT_SCALE}' holds a scale that is not positive"
+            ));
+        }
+        let bias = floats(tensor(
+            &format!("{p}{REPARAM}bias"),
+            Dtype::F32,
+            &[b.out_channels],
+        )?);
+        if bias.iter().any(|v| !v.is_finite()) {
+            return Err(format!("'{p}{REPARAM}bias' holds NaN or infinite values"));
+        }
+        convs.push(QuantizedConv {
+            weight,
+            weight_scale,
+            bias,
+        });
+    }
+    let head = if spec.num_classes > 0 {
+        let features = spec.feature_width();
+        let w = floats(tensor(
+            &format!("{HEAD}weight"),
+            Dtype::F32,
+            &[spec.num_classes, features],
+        )?);
+        let b = floats(tensor(
+            &format!("{HEAD}bias"),
+            Dtype::F32,
+            &[spec.num_classes],
+        )?);
+        Some((
+            Tensor::new(vec![spec.num_classes, features], w),
+            Tensor::new(vec![spec.num_classes], b),
+        ))
+    } else {
+        None
+    };
+    let preprocessing = meta
+        .get(metadata::PREPROCESSING_KEY)
+        .map(|j| serde_json::from_str(j))
+        .transpose()
+        .map_err(|e| format!("unreadable preprocessing in the metadata: {e}"))?;
+    let labels = meta
+        .get(metadata::LABELS_KEY)
+        .map(|j| serde_json::from_str(j))
+        .transpose()
+        .map_err(|e| format!("unreadable class names in the metadata: {e}"))?;
+    Ok(QuantizedModel {
+        spec,
+        info,
+        convs,
+        head,
+        preprocessing,
+        labels,
+    })
+}

@@ -1,0 +1,260 @@
+//! The INT8 engine: each block's 3x3 convolution as a u8 x s8 product on the INT8 kernels of
+//! `repvgg-kernels`, bias, ReLU and the requantization to the next block's scale fused into
+//! the store, activations u8 (NHWC) from the first block to the last; the input is quantized
+//! on the way in, and the last block's output dequantized for the float pool and head.
+//!
+//! Each layer's output rows (positions) are cut into tasks; a task copies its rows' 3x3
+//! patches (im2col, padded with the input's zero point, which stands for 0.0) into a
+//! thread-local buffer and multiplies them by each group's packed weights.
+
+use rayon::prelude::*;
+use repvgg_arch::ArchSpec;
+use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
+use repvgg_kernels::Isa;
+use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
+
+use crate::error::EngineError;
+
+/// Output rows per task: enough to amortise a task, few enough that a layer at batch 1 has
+/// tasks for every thread (a 7x7 map has 49).
+const ROWS_PER_TASK: usize = 48;
+
+struct Int8Layer {
+    in_channels: usize,
+    out_channels: usize,
+    groups: usize,
+    stride: usize,
+    dilation: usize,
+    /// One packed weight matrix per group: `(9 in/groups) x (out/groups)`.
+    weights: Vec<PackedB8>,
+    kernels: Int8Kernels,
+    /// Per output channel, in the units of the sums.
+    bias: Vec<i32>,
+    /// Per output channel: input scale x weight scale / output scale.
+    requant: Vec<f32>,
+    input: ActivationQuant,
+    output: ActivationQuant,
+}
+
+/// A quantized RepVGG ready to run in INT8.
+pub struct Int8Engine {
+    spec: ArchSpec,
+    layers: Vec<Int8Layer>,
+    input: ActivationQuant,
+    output: ActivationQuant,
+    /// `(classes, features)` row-major, and the bias; `None` when headless.
+    head: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Int8Engine {
+    /// Builds the engine; `isa` caps the INT8 kernels as [`crate::EngineOptions::isa`] caps
+    /// the float ones (`None`: the best this machine has).
+    pub fn new(model: &QuantizedModel, isa: Option<Isa>) -> Result<Int8Engine, EngineError> {
+        let cap = Isa::capped(isa)?;
+        let blocks = model.spec.blocks();
+        let acts = &model.info.activations;
+        let layers = blocks
+            .iter()
+            .zip(&model.convs)
+            .enumerate()
+            .map(|(i, (b, conv))| {
+                let (input, output) = (acts[i], acts[i + 1]);
+                let (cin_g, cout_g) = (b.in_channels / b.groups, b.out_channels / b.groups);
+                let k = 9 * cin_g;
+                let weights: Vec<PackedB8> = (0..b.groups)
+                    .map(|g| {
+                        // Row (tap, input channel), column output channel, as im2col lays
+                        // out the patches.
+                        PackedB8::new(k, cout_g, |row, col| {
+                            let (tap, ci) = (row / cin_g, row % cin_g);
+                            let o = g * cout_g + col;
+                            conv.weight[(o * cin_g + ci) * 9 + tap]
+                        })
+                    })
+                    .collect();
+                let kernels = weights
+                    .iter()
+                    .map(|w| Int8Kernels::best_for(cap, w))
+                    .min()
+                    .unwrap_or(Int8Kernels::Portable);
+                let unit: Vec<f32> = conv.weight_scale.iter().map(|s| input.scale * s).collect();
+                Int8Layer {
+                    in_channels: b.in_channels,
+                    out_channels: b.out_channels,
+                    groups: b.groups,
+                    stride: b.stride,
+                    dilation: b.dilation,
+                    weights,
+                    kernels,
+                    bias: conv
+                        .bias
+                        .iter()
+                        .zip(&unit)
+                        .map(|(b, u)| {
+                            (*b as f64 / *u as f64)
+                                .round()
+                                .clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0)
+                                as i32
+                        })
+                        .collect(),
+                    requant: unit.iter().map(|u| u / output.scale).collect(),
+                    input,
+                    output,
+                }
+            })
+            .collect();
+        Ok(Int8Engine {
+            spec: model.spec.clone(),
+            layers,
+            input: acts[0],
+            output: *acts.last().expect("checked on load"),
+            head: model
+                .head
+                .as_ref()
+                .map(|(w, b)| (w.data.clone(), b.data.clone())),
+        })
+    }
+
+    pub fn spec(&self) -> &ArchSpec {
+        &self.spec
+    }
+
+    /// The INT8 kernel sets the layers run on (the slowest first).
+    pub fn kernels(&self) -> Int8Kernels {
+        self.layers
+            .iter()
+            .map(|l| l.kernels)
+            .min()
+            .unwrap_or(Int8Kernels::Portable)
+    }
+
+    /// Logits `(n, classes)` for an NCHW float batch (a headless model's pooled features).
+    pub fn forward(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let c = self.spec.in_channels;
+        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
+        assert_eq!(
+            input.len(),
+            n * c * h * w,
+            "input is not ({n}, {c}, {h}, {w})"
+        );
+        // NCHW float to NHWC u8.
+        let mut a = vec![0u8; n * h * w * c];
+        for (image, out) in input
+            .chunks_exact(c * h * w)
+            .zip(a.chunks_exact_mut(h * w * c))
+        {
+            for (p, pixel) in out.chunks_exact_mut(c).enumerate() {
+                for (ch, q) in pixel.iter_mut().enumerate() {
+                    *q = self.input.quantize(image[ch * h * w + p]);
+                }
+            }
+        }
+        let (mut h, mut w) = (h, w);
+        let mut b = Vec::new();
+        for layer in &self.layers {
+            let (oh, ow) = layer.output_size(h, w);
+            b.resize(n * oh * ow * layer.out_channels, 0);
+            layer.forward(&a, n, h, w, &mut b);
+            std::mem::swap(&mut a, &mut b);
+            (h, w) = (oh, ow);
+        }
+        self.head(&a, n, h * w)
+    }
+
+    fn head(&self, features: &[u8], n: usize, positions: usize) -> Vec<f32> {
+        let c = self.spec.feature_width();
+        let zero = self.output.zero_point as i64;
+        let mut pooled = vec![0f32; n * c];
+        for (image, means) in features
+            .chunks_exact(positions * c)
+            .zip(pooled.chunks_exact_mut(c))
+        {
+            let mut sums = vec![0i64; c];
+            for pixel in image.chunks_exact(c) {
+                for (s, &q) in sums.iter_mut().zip(pixel) {
+                    *s += q as i64 - zero;
+                }
+            }
+            for (m, s) in means.iter_mut().zip(sums) {
+                *m = self.output.scale * (s as f64 / positions as f64) as f32;
+            }
+        }
+        let Some((weight, bias)) = &self.head else {
+            return pooled;
+        };
+        let classes = bias.len();
+        let mut logits = vec![0f32; n * classes];
+        for (features, out) in pooled.chunks_exact(c).zip(logits.chunks_exact_mut(classes)) {
+            for (k, out) in out.iter_mut().enumerate() {
+                let row = &weight[k * c..(k + 1) * c];
+                *out = bias[k] + row.iter().zip(features).map(|(w, x)| w * x).sum::<f32>();
+            }
+        }
+        logits
+    }
+}
+
+impl Int8Layer {
+    fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let span = 2 * self.dilation;
+        let out = |x: usize| (x + 2 * self.dilation - span - 1) / self.stride + 1;
+        (out(h), out(w))
+    }
+
+    /// One layer over the batch: `input` (n, h, w, in) u8 to `output` (n, oh, ow, out) u8.
+    fn forward(&self, input: &[u8], n: usize, h: usize, w: usize, output: &mut [u8]) {
+        let (oh, ow) = self.output_size(h, w);
+        let rows = n * oh * ow;
+        let (cin, cout) = (self.in_channels, self.out_channels);
+        let (cin_g, cout_g) = (cin / self.groups, cout / self.groups);
+        let k = 9 * cin_g;
+        let lda = k.div_ceil(K_GROUP) * K_GROUP;
+        let pad = self.input.zero_point;
+        let out_ptr = crate::OutPtrU8(output.as_mut_ptr());
+        let tasks = rows.div_ceil(ROWS_PER_TASK);
+        (0..tasks).into_par_iter().for_each(|task| {
+            let first = task * ROWS_PER_TASK;
+            let count = ROWS_PER_TASK.min(rows - first);
+            let mut patches = vec![0u8; count * lda];
+            for g in 0..self.groups {
+                for (r, row) in patches.chunks_exact_mut(lda).enumerate() {
+                    let pos = first + r;
+                    let (image, y, x) = (pos / (oh * ow), pos / ow % oh, pos % ow);
+                    for tap in 0..9 {
+                        let (ky, kx) = (tap / 3, tap % 3);
+                        let iy = (y * self.stride + ky * self.dilation) as isize
+                            - self.dilation as isize;
+                        let ix = (x * self.stride + kx * self.dilation) as isize
+                            - self.dilation as isize;
+                        let dst = &mut row[tap * cin_g..(tap + 1) * cin_g];
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            dst.fill(pad);
+                        } else {
+                            let at =
+                                ((image * h + iy as usize) * w + ix as usize) * cin + g * cin_g;
+                            dst.copy_from_slice(&input[at..at + cin_g]);
+                        }
+                    }
+                }
+                let product = Product8 {
+                    rows: count,
+                    a_row: |r: usize| patches.as_ptr().wrapping_add(r * lda),
+                    a_zero: pad,
+                    b: &self.weights[g],
+                    bias: &self.bias[g * cout_g..],
+                    c: out_ptr.get().wrapping_add(first * cout + g * cout_g),
+                    ldc: cout,
+                    epilogue: Epilogue::U8 {
+                        scale: &self.requant[g * cout_g..],
+                        zero: self.output.zero_point,
+                        relu: true,
+                    },
+                };
+                // SAFETY: each patch row holds `lda` bytes (k rounded up to whole groups);
+                // the task's rows of the output are its own (tasks split the rows), each
+                // `cout` bytes apart with this group's `cout_g` columns inside.
+                unsafe { gemm_u8s8(self.kernels, &product) };
+            }
+        });
+    }
+}

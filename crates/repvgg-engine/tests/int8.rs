@@ -1,0 +1,174 @@
+//! The INT8 engine on the reference fixtures, against two references:
+//! - an integer model written here with plain loops from the quantization's definition
+//!   (u8 activations, i8 per-channel weights, i32 sums, one float multiply and add per
+//!   requantization): the engine must agree exactly on every activation, so its logits
+//!   agree to float rounding of the (identical) float head, 1e-6 relative;
+//! - the float engine: INT8 rounds each activation to half a step of its layer's scale, so the
+//!   logits move by a few steps' worth; with min/max scales from the same images, we require
+//!   the error within 5% of the largest logit (10% with 7-bit weights, rounded twice as
+//!   coarsely; the fixtures reach 1-2% and 4-5%) and the same top-1 on most images.
+
+use repvgg_checkpoint::Checkpoint;
+use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
+use repvgg_engine::{Calibration, Calibrator, Engine, Int8Engine, Isa, Workspace};
+
+fn fixture_batch(config: &str) -> (Vec<f32>, usize, usize, usize) {
+    let io = repvgg_testing::read_f64(&repvgg_testing::fixture(config, "io.safetensors"));
+    let (shape, values) = &io["input"];
+    let (n, h, w) = (shape[0], shape[2], shape[3]);
+    (values.iter().map(|&v| v as f32).collect(), n, h, w)
+}
+
+/// The quantized model computed with plain loops, NCHW float in, logits out.
+fn integer_reference(
+    model: &QuantizedModel,
+    input: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let acts = &model.info.activations;
+    let c = model.spec.in_channels;
+    // NHWC u8.
+    let mut x: Vec<u8> = vec![0; n * h * w * c];
+    for i in 0..n {
+        for ch in 0..c {
+            for p in 0..h * w {
+                x[(i * h * w + p) * c + ch] = acts[0].quantize(input[(i * c + ch) * h * w + p]);
+            }
+        }
+    }
+    let (mut h, mut w) = (h, w);
+    for (l, (b, conv)) in model.spec.blocks().iter().zip(&model.convs).enumerate() {
+        let (inq, outq): (ActivationQuant, ActivationQuant) = (acts[l], acts[l + 1]);
+        let (s, d) = (b.stride, b.dilation);
+        let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
+        let (cin, cout, g) = (b.in_channels, b.out_channels, b.groups);
+        let (cin_g, cout_g) = (cin / g, cout / g);
+        let mut y = vec![0u8; n * oh * ow * cout];
+        for i in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for o in 0..cout {
+                        let unit = inq.scale * conv.weight_scale[o];
+                        let mut sum = (conv.bias[o] as f64 / unit as f64).round() as i32;
+                        let group = o / cout_g;
+                        for ci in 0..cin_g {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let iy = (oy * s + ky * d) as isize - d as isize;
+                                    let ix = (ox * s + kx * d) as isize - d as isize;
+                                    let q =
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize
+                                        {
+                                            inq.zero_point
+                                        } else {
+                                            x[((i * h + iy as usize) * w + ix as usize) * cin
+                                                + group * cin_g
+                                                + ci]
+                                        };
+                                    let wq = conv.weight[((o * cin_g + ci) * 3 + ky) * 3 + kx];
+                                    sum += (q as i32 - inq.zero_point as i32) * wq as i32;
+                                }
+                            }
+                        }
+                        let v = sum as f32 * (unit / outq.scale) + outq.zero_point as f32;
+                        y[((i * oh + oy) * ow + ox) * cout + o] =
+                            v.clamp(outq.zero_point as f32, 255.0).round_ties_even() as u8;
+                    }
+                }
+            }
+        }
+        x = y;
+        (h, w) = (oh, ow);
+    }
+    let out = *acts.last().unwrap();
+    let features = model.spec.feature_width();
+    let (weight, bias) = model.head.as_ref().unwrap();
+    let classes = bias.data.len();
+    let mut logits = vec![0f32; n * classes];
+    for i in 0..n {
+        let pooled: Vec<f32> = (0..features)
+            .map(|ch| {
+                let sum: i64 = (0..h * w)
+                    .map(|p| x[(i * h * w + p) * features + ch] as i64 - out.zero_point as i64)
+                    .sum();
+                out.scale * (sum as f64 / (h * w) as f64) as f32
+            })
+            .collect();
+        for k in 0..classes {
+            logits[i * classes + k] = bias.data[k]
+                + (0..features)
+                    .map(|ch| weight.data[k * features + ch] * pooled[ch])
+                    .sum::<f32>();
+        }
+    }
+    logits
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+#[test]
+fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
+    for config in ["tiny", "tiny_g2", "tiny_nonsquare"] {
+        let ckpt = Checkpoint::load(
+            &repvgg_testing::fixture(config, "deploy_official.safetensors"),
+            None,
+        )
+        .unwrap();
+        let float = Engine::from_checkpoint(&ckpt, 1e-5).unwrap();
+        let (input, n, h, w) = fixture_batch(config);
+        let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
+        calibrator.observe(&float, &input, n, h, w);
+        let float_logits = float.forward(&input, n, h, w, &mut Workspace::default());
+        // 8-bit weights, and the 7-bit ones the AVX2 kernel takes (so that it runs too).
+        for (limit, isa) in [127, 63]
+            .into_iter()
+            .flat_map(|limit| Isa::available().into_iter().map(move |isa| (limit, isa)))
+        {
+            let activations = calibrator.activations();
+            let model = QuantizedModel::quantize(&ckpt, activations, "minmax", n, limit).unwrap();
+            let reference = integer_reference(&model, &input, n, h, w);
+            let classes = model.spec.num_classes;
+            let engine = Int8Engine::new(&model, Some(isa)).unwrap();
+            let ours = engine.forward(&input, n, h, w);
+            let diff = ours
+                .iter()
+                .zip(&reference)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                diff <= 1e-6 * max_abs(&reference),
+                "{config} {isa} ({} kernels): {diff} from the integer reference",
+                engine.kernels()
+            );
+            let drift = ours
+                .iter()
+                .zip(&float_logits)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            // 7-bit weights are rounded twice as coarsely: twice the allowance.
+            assert!(
+                drift <= 0.05 * (127.0 / limit as f32) * max_abs(&float_logits),
+                "{config} {isa}: INT8 {drift} from float (max logit {})",
+                max_abs(&float_logits)
+            );
+            eprintln!(
+                "{config} {isa} limit {limit} ({} kernels): drift from float {:.2e} of max logit",
+                engine.kernels(),
+                drift / max_abs(&float_logits)
+            );
+            let argmax = |v: &[f32]| {
+                v.iter()
+                    .enumerate()
+                    .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+            };
+            let same = ours
+                .chunks_exact(classes)
+                .zip(float_logits.chunks_exact(classes))
+                .filter(|(a, b)| argmax(a) == argmax(b))
+                .count();
+            assert!(same * 4 >= n * 3, "{config}: top-1 agrees on {same} of {n}");
+        }
+    }
+}
