@@ -382,8 +382,9 @@ fn describe_briefly(spec: &ArchSpec) -> String {
     }
 }
 
-/// How many keys are missing, unexpected and mis-shaped, and the first few of each: a wrong
-/// architecture gives hundreds, and a 20 KB line helps nobody.
+/// How many keys are missing, unexpected and mis-shaped on the first line, then a line per
+/// kind with its first few keys: a wrong architecture gives hundreds, and a 20 KB line helps
+/// nobody. [`CheckpointError::details`] keeps the whole list.
 fn summarise_mismatches(problems: &[String]) -> String {
     const SHOWN: usize = 3;
     let kinds = [
@@ -391,26 +392,27 @@ fn summarise_mismatches(problems: &[String]) -> String {
         ("unexpected", "unexpected key"),
         ("mis-shaped", "has shape"),
     ];
-    let mut parts = Vec::new();
+    let mut counts = Vec::new();
+    let mut lines = Vec::new();
     for (kind, marker) in kinds {
         let matching: Vec<&String> = problems.iter().filter(|p| p.contains(marker)).collect();
         if matching.is_empty() {
             continue;
         }
+        counts.push(format!("{} {kind}", matching.len()));
         let shown: Vec<&str> = matching.iter().take(SHOWN).map(|p| p.as_str()).collect();
         let more = matching.len().saturating_sub(SHOWN);
-        parts.push(format!(
-            "{} {kind} ({}{})",
-            matching.len(),
+        lines.push(format!(
+            "\n  {kind}: {}{}",
             shown.join("; "),
             if more > 0 {
-                format!("; {more} more")
+                format!("; and {more} more")
             } else {
                 String::new()
             }
         ));
     }
-    parts.join(", ")
+    format!("{} keys{}", counts.join(", "), lines.concat())
 }
 
 /// Writes to a temporary file beside `path`, syncs, then renames over it: a crash or a full

@@ -149,7 +149,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
 }
 
 #[test]
-fn a_file_for_another_architecture_is_summarised_in_one_readable_line() {
+fn a_file_for_another_architecture_is_summarised_in_a_few_readable_lines() {
     let a0 = ArchSpec::named("A0").unwrap();
     let err = Checkpoint::load(&fixture("tiny_g2/train_timm.pth"), Some(&a0)).unwrap_err();
     let line = err.to_string();
@@ -159,10 +159,10 @@ fn a_file_for_another_architecture_is_summarised_in_one_readable_line() {
         "{line}"
     );
     assert!(
-        line.contains("missing (") && line.contains("more)"),
+        line.contains("\n  missing: ") && line.contains("more"),
         "{line}"
     );
-    assert!(line.len() < 1000, "{} characters: {line}", line.len());
+    assert!(line.lines().all(|l| l.len() < 400), "{line}");
     // The whole list, in the file's own (timm) naming, is in the details.
     let missing = err
         .details

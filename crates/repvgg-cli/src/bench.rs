@@ -24,7 +24,7 @@ pub struct BenchArgs {
     pub weights: Option<std::path::PathBuf>,
     /// train, deploy or both [default: deploy]. Not with --layers (deploy form only) or
     /// --train (the training form, by definition).
-    #[arg(long)]
+    #[arg(long, value_parser = ["train", "deploy", "both"])]
     pub form: Option<String>,
     /// Batch sizes, comma-separated [default: 1,8; with --train: 32].
     #[arg(long)]
@@ -50,15 +50,15 @@ pub struct BenchArgs {
     pub layers: bool,
     /// Engine threading: latency (each layer split across threads), throughput (whole
     /// images per thread) or auto (throughput when the batch has an image per thread).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "latency", "throughput"])]
     pub mode: String,
     /// Winograd transform for stride-1 layers: auto (F(4x4,3x3) on maps of 20 pixels a side
     /// or more, else F(2x2,3x3)), f4, f2 or off (im2col for every layer).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "f4", "f2", "off"])]
     pub winograd: String,
     /// How other layers become matrix products: auto, im2col (patch copies) or implicit
     /// (nine per-tap products read straight from the input).
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "im2col", "implicit"])]
     pub lowering: String,
     /// Cap the engine's instruction set (default: the best this machine has); the kernels
     /// of each set can then be timed side by side on one machine.
@@ -104,12 +104,24 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
-    if let Some(weights) = args.weights.take() {
-        args.arch = weights.display().to_string();
+    // A value given as --weights is a file, whatever it looks like.
+    let ckpt = match &args.weights {
+        Some(path) => Checkpoint::load(path, None)?,
+        None => weights(&args.arch)?,
+    };
+    if let Some(path) = &args.weights {
+        // What messages name.
+        args.arch = path.display().to_string();
     }
+    // A weights file is timed at the size it is fed, unless asked otherwise.
+    let recorded = ckpt
+        .preprocessing
+        .as_ref()
+        .map(|p| format!("{}x{}", p.size[0], p.size[1]));
     let size = args
         .size
         .clone()
+        .or(recorded)
         .unwrap_or_else(|| if args.train { "64" } else { "224" }.into());
     let batch = args
         .batch
@@ -181,7 +193,6 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         .num_threads(threads)
         .build()
         .context("cannot start the thread pool")?;
-    let ckpt = weights(&args.arch)?;
     let spec = ckpt.spec.clone();
     if args.layers {
         return pool.install(|| layer_table(&ckpt, options, &batches, h, w, threads, args.iters));

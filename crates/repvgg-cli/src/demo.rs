@@ -37,8 +37,11 @@ pub struct DemoArgs {
     #[arg(long)]
     epochs: Option<usize>,
     /// Continue an interrupted demo from OUT/checkpoint.safetensors.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Replace whatever run OUT holds (a previous demo run is replaced anyway).
+    #[arg(long)]
+    overwrite: bool,
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
@@ -85,13 +88,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     let mut config = TrainConfig::small_images(arch_for(DEMO_ARCH, &data, &dir)?);
     config.epochs = args.epochs.unwrap_or(DEMO_EPOCHS);
-    config.batch_size = fit_batch(config.batch_size, data.train.len());
-    warn_about_schedule(&config);
+    config.batch_size = fit_batch(config.batch_size, data.train.len(), args.quiet);
+    warn_about_schedule(&config, "raise --epochs");
     // The demo is a canned, seeded job: running it again redoes it. Any other run in OUT
     // (one without the demo's network) is kept and refused, as `train` refuses.
     let previous = args.out.join("checkpoint.safetensors");
-    let overwrite = !args.resume && is_demo_run(&previous);
-    if overwrite && !args.quiet {
+    let replacing_demo = !args.resume && !args.overwrite && is_demo_run(&previous);
+    let overwrite = args.overwrite || replacing_demo;
+    if replacing_demo && !args.quiet {
         eprintln!(
             "demo: replacing the previous demo run in {} (--resume continues it instead)",
             args.out.display()
@@ -99,13 +103,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     if !args.quiet {
         eprintln!(
-            "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epochs",
+            "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epoch{}",
             DEMO_ARCH,
-            config.arch.params(repvgg_arch::Form::Train),
+            crate::count(config.arch.params(repvgg_arch::Form::Train) as u64),
             dir.display(),
             data.train.len(),
             data.test.len(),
-            config.epochs
+            config.epochs,
+            if config.epochs == 1 { "" } else { "s" }
         );
     }
     let options = RunOptions {

@@ -102,19 +102,17 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         );
     }
     if let (Some(model), Some(folders)) = (&ckpt.labels, &data.class_names)
-        && model != folders
+        && let Some(k) = model.iter().zip(folders).position(|(a, b)| a != b)
     {
-        let k = model
-            .iter()
-            .zip(folders)
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
         eprintln!(
             "warning: the model's class {k} is '{}' but the data's is '{}': class indices may not mean the same",
             model[k], folders[k]
         );
     }
-    let (mut preprocessing, source) = args.input.resolve(&ckpt, data_fallback(&data))?;
+    let (mut preprocessing, mut source) = args.input.resolve(&ckpt, data_fallback(&data))?;
+    if args.normalize.is_some() {
+        source = crate::model_input::Source::Flags;
+    }
     match (args.normalize, data.stats) {
         (Some(NormalizeArg::Dataset), Some((mean, std))) => {
             (preprocessing.mean, preprocessing.std) = (mean, std)

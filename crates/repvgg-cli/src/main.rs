@@ -166,7 +166,7 @@ enum Command {
         #[arg(long)]
         weights: Option<PathBuf>,
         /// ONNX opset, 11 to 21.
-        #[arg(long, default_value_t = 17)]
+        #[arg(long, default_value_t = 17, value_parser = clap::value_parser!(i64).range(11..=21))]
         opset: i64,
         /// A symbolic batch dimension, so any batch size runs.
         #[arg(long, conflicts_with = "batch")]
@@ -229,10 +229,11 @@ fn main() -> ExitCode {
             size,
             arch,
             json,
-        } => {
-            let target = target.or(weights.map(|w| w.display().to_string()));
-            info(target, size, arch, json)
-        }
+        } => match weights {
+            // A value given as --weights is a file, whatever it looks like.
+            Some(weights) => info_file(&weights, size, arch, json),
+            None => info(target, size, arch, json),
+        },
         Command::Convert {
             first,
             second,
@@ -303,10 +304,9 @@ fn main() -> ExitCode {
                 .find_map(|c| c.downcast_ref::<repvgg_checkpoint::CheckpointError>())
                 .map(|c| c.details.clone())
                 .unwrap_or_default();
-            if details.is_empty() || verbose {
-                eprintln!("error: {e:#}");
-            } else {
-                eprintln!("error: {e:#} (--verbose lists all {})", details.len());
+            eprintln!("error: {e:#}");
+            if !details.is_empty() && !verbose {
+                eprintln!("  (--verbose lists all {})", details.len());
             }
             if verbose {
                 for line in details {
@@ -329,15 +329,29 @@ fn weights_and_output(
         (Some(w), Some(out), None) => Ok((w, out)),
         (None, Some(w), Some(out)) => Ok((w, out)),
         (Some(_), Some(_), Some(_)) => {
-            bail!("{command}: with --weights, give only the output file")
+            usage_error(command, "with --weights, give only the output file (OUT)")
         }
         (None, Some(_), None) | (Some(_), None, None) => {
-            bail!("{command}: no output file given (repvgg {command} --weights IN OUT)")
+            usage_error(command, "no output file given (OUT)")
         }
-        _ => bail!(
-            "{command}: give the weights and the output file (repvgg {command} --weights IN OUT)"
+        _ => usage_error(
+            command,
+            "the weights (IN or --weights) and the output file (OUT) are required",
         ),
     }
+}
+
+/// Stops with clap's rendering of a usage error for `command` (exit status 2), for rules
+/// clap's declarations cannot express.
+fn usage_error(command: &str, message: &str) -> ! {
+    use clap::CommandFactory;
+    let mut cli = Cli::command();
+    cli.build();
+    let sub = cli
+        .find_subcommand_mut(command)
+        .expect("a subcommand of ours");
+    sub.error(clap::error::ErrorKind::MissingRequiredArgument, message)
+        .exit()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -355,12 +369,27 @@ fn export(
     if batch == Some(0) {
         bail!("--batch must be at least 1");
     }
-    let ckpt = load_checkpoint(weights, arch)?;
+    let mut ckpt = load_checkpoint(weights, arch)?;
     let (height, width) = match (&size, &ckpt.preprocessing) {
         (Some(size), _) => parse_size(size)?,
         (None, Some(p)) => (p.size[0], p.size[1]),
         (None, None) => (224, 224),
     };
+    // The metadata copied into the graph describes the input the graph takes.
+    if let Some(p) = &mut ckpt.preprocessing
+        && p.size != [height, width]
+    {
+        let crops = matches!(
+            p.resize,
+            repvgg_checkpoint::metadata::Resize::CenterCrop { .. }
+        );
+        if crops && height != width {
+            bail!(
+                "--size {height}x{width}: this model's preprocessing crops a square centre; give one size"
+            );
+        }
+        p.size = [height, width];
+    }
     let options = repvgg_onnx::ExportOptions {
         opset,
         dynamic_batch,
@@ -483,6 +512,11 @@ pub fn check_bn_eps(bn_eps: f64) -> Result<()> {
     Ok(())
 }
 
+fn info_file(path: &Path, size: Option<String>, arch: Option<String>, json: bool) -> Result<()> {
+    let (h, w) = parse_size(size.as_deref().unwrap_or("224"))?;
+    describe_file(path, size.is_some(), (h, w), arch, json)
+}
+
 fn info(
     target: Option<String>,
     size: Option<String>,
@@ -539,11 +573,22 @@ fn info(
         return Ok(());
     }
 
+    describe_file(path, size.is_some(), (h, w), arch, json)
+}
+
+/// `info` on a weights file.
+fn describe_file(
+    path: &Path,
+    size_given: bool,
+    (h, w): (usize, usize),
+    arch: Option<String>,
+    json: bool,
+) -> Result<()> {
     let ckpt = load_checkpoint(path, arch)?;
     let spec = &ckpt.spec;
     // MACs at the size the model is fed, unless asked otherwise.
-    let (h, w) = match (&size, &ckpt.preprocessing) {
-        (None, Some(p)) => (p.size[0], p.size[1]),
+    let (h, w) = match (size_given, &ckpt.preprocessing) {
+        (false, Some(p)) => (p.size[0], p.size[1]),
         _ => (h, w),
     };
     let run = ckpt.run_state.as_ref().map(run_summary);
@@ -598,7 +643,7 @@ fn info(
     match &ckpt.preprocessing {
         Some(p) => println!("preprocessing: {}", p.describe()),
         None => println!(
-            "preprocessing: not recorded (predict and eval use {}; convert --preset or --size/--mean/--std records one)",
+            "preprocessing: not recorded (predict uses {}; eval feeds a data set as train would have; convert --preset, --size, --mean, --std records one)",
             imagenet_fallback(&ckpt).1
         ),
     }
@@ -740,10 +785,13 @@ mod tests {
     fn the_description_names_every_command() {
         let cmd = Cli::command();
         let about = cmd.get_long_about().unwrap().to_string();
+        // A line of its own per command, opening with its name.
         for sub in cmd.get_subcommands() {
-            if sub.get_name() != "help" {
-                assert!(about.contains(sub.get_name()), "{} missing", sub.get_name());
-            }
+            let name = sub.get_name();
+            let listed = about
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{name} ")));
+            assert!(name == "help" || listed, "{name} missing from:\n{about}");
         }
     }
 

@@ -47,6 +47,29 @@ pub struct InputArgs {
     /// Per-channel standard deviation, as R,G,B or one value [default: the file's].
     #[arg(long)]
     pub std: Option<String>,
+    /// How any image becomes the input size: crop (short side to size / crop-pct, centre
+    /// crop) or stretch (the whole image resized) [default: the file's].
+    #[arg(long)]
+    pub resize: Option<ResizeArg>,
+    /// The share of the short side the centre crop keeps, in (0, 1] [default: the file's, or
+    /// 0.875].
+    #[arg(long)]
+    pub crop_pct: Option<f64>,
+    /// Feed grey images (colour ones made grey, then repeated over RGB), as a model trained
+    /// on grey data expects [default: the file's].
+    #[arg(long, conflicts_with = "rgb")]
+    pub grey: bool,
+    /// Feed colour images as they are [default: the file's].
+    #[arg(long)]
+    pub rgb: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ResizeArg {
+    /// Short side to size / crop-pct, then the centre size x size.
+    Crop,
+    /// The whole image to the input size, aspect ratio not kept.
+    Stretch,
 }
 
 /// Where the preprocessing in use came from, for the one line commands print about it.
@@ -86,7 +109,14 @@ fn parse_triple(flag: &str, text: &str) -> Result<[f32; 3]> {
 
 impl InputArgs {
     pub fn any(&self) -> bool {
-        self.preset.is_some() || self.size.is_some() || self.mean.is_some() || self.std.is_some()
+        self.preset.is_some()
+            || self.size.is_some()
+            || self.mean.is_some()
+            || self.std.is_some()
+            || self.resize.is_some()
+            || self.crop_pct.is_some()
+            || self.grey
+            || self.rgb
     }
 
     /// The preprocessing for `ckpt`: a preset if asked, else the file's, else `fallback`;
@@ -101,6 +131,33 @@ impl InputArgs {
             (None, Some(recorded)) => (recorded.clone(), Source::File),
             (None, None) => (fallback.0, Source::Fallback(fallback.1)),
         };
+        match (self.resize, self.crop_pct) {
+            (Some(ResizeArg::Stretch), Some(_)) => {
+                bail!("--crop-pct applies to --resize crop, not stretch")
+            }
+            (Some(ResizeArg::Stretch), None) => {
+                p.resize = Resize::Stretch;
+                source = Source::Flags;
+            }
+            (Some(ResizeArg::Crop), pct) | (None, pct @ Some(_)) => {
+                let keep = match p.resize {
+                    Resize::CenterCrop { crop_pct } => crop_pct,
+                    Resize::Stretch => 0.875,
+                };
+                p.resize = Resize::CenterCrop {
+                    crop_pct: pct.unwrap_or(keep),
+                };
+                if p.size[0] != p.size[1] && self.size.is_none() {
+                    p.size = [p.size[0]; 2];
+                }
+                source = Source::Flags;
+            }
+            (None, None) => {}
+        }
+        if self.grey || self.rgb {
+            p.grey = self.grey;
+            source = Source::Flags;
+        }
         if let Some(size) = &self.size {
             let (h, w) = crate::parse_size(size)?;
             if matches!(p.resize, Resize::CenterCrop { .. }) && h != w {

@@ -195,7 +195,7 @@ fn config_from(args: &TrainArgs, data: &DataSplits) -> Result<TrainConfig> {
             images
         ),
         Some(batch) => batch,
-        None => fit_batch(c.batch_size, images),
+        None => fit_batch(c.batch_size, images, args.quiet),
     };
     c.lr = args.lr.unwrap_or(c.lr);
     c.weight_decay = args.weight_decay.unwrap_or(c.weight_decay);
@@ -226,30 +226,41 @@ fn config_from(args: &TrainArgs, data: &DataSplits) -> Result<TrainConfig> {
     if !(c.warmup_epochs >= 0.0 && c.warmup_epochs.is_finite()) {
         bail!("--warmup-epochs must be zero or more");
     }
-    warn_about_schedule(&c);
+    warn_about_schedule(&c, "lower --warmup-epochs or raise --epochs");
     Ok(c)
 }
 
 /// The preset's batch, or for a training set smaller than it the largest power of two that
 /// fits (an epoch must hold at least one full batch).
-pub(crate) fn fit_batch(preset: usize, images: usize) -> usize {
+pub(crate) fn fit_batch(preset: usize, images: usize, quiet: bool) -> usize {
     if images >= preset {
         return preset;
     }
     let fitted = 1usize << (usize::BITS - 1 - images.max(1).leading_zeros());
-    eprintln!(
-        "note: {images} training images are fewer than the preset's batch of {preset}; using --batch {fitted}"
-    );
+    if !quiet {
+        eprintln!(
+            "note: {images} training images are fewer than the preset's batch of {preset}; using --batch {fitted}"
+        );
+    }
     fitted
 }
 
 /// A warm-up as long as the run never reaches the peak rate: legal, but rarely meant.
-pub(crate) fn warn_about_schedule(c: &TrainConfig) {
+pub(crate) fn warn_about_schedule(c: &TrainConfig, remedy: &str) {
     if c.warmup_epochs >= c.epochs as f64 {
+        let epochs = |n: f64| {
+            if n == 1.0 {
+                "1 epoch".to_string()
+            } else {
+                format!("{n} epochs")
+            }
+        };
         eprintln!(
-            "warning: the warm-up ({} epochs) is not shorter than the run ({} epochs), so the \
-             learning rate never reaches its peak {}; lower --warmup-epochs or raise --epochs",
-            c.warmup_epochs, c.epochs, c.lr
+            "warning: the warm-up ({}) is not shorter than the run ({}), so the learning rate \
+             never reaches its peak {}; {remedy}",
+            epochs(c.warmup_epochs),
+            epochs(c.epochs as f64),
+            c.lr
         );
     }
 }
@@ -363,9 +374,35 @@ pub(crate) fn train_and_finish(
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
-    // A typo in the architecture is reported before minutes of data loading.
+    // A typo in the architecture, or an --out that holds a run, is reported before minutes
+    // of data loading (the trainer checks the latter again).
     ArchSpec::parse(&args.arch)?;
+    if !args.resume && !args.overwrite {
+        let existing: Vec<&str> = repvgg_train::RUN_FILES
+            .iter()
+            .copied()
+            .filter(|name| args.out.join(name).exists())
+            .collect();
+        if !existing.is_empty() {
+            let resume = if args.out.join(repvgg_train::RUN_FILES[0]).is_file() {
+                "continue it with --resume, "
+            } else {
+                ""
+            };
+            bail!(
+                "{}: holds a training run ({}); {resume}replace it with --overwrite, or choose another --out",
+                args.out.display(),
+                existing.join(", ")
+            );
+        }
+    }
     let mut data = open_data(&args.data, args.val_fraction)?;
+    if data.class_names.is_none() && args.labels.is_none() && !args.quiet {
+        eprintln!(
+            "note: {} records no class names; the weights will name classes by index (--labels FILE names them)",
+            args.data.display()
+        );
+    }
     let config = config_from(&args, &data)?;
     if let Some(path) = &args.labels {
         data.class_names = Some(crate::model_input::read_labels(

@@ -427,12 +427,14 @@ pub fn known_class_names(dir: &Path, kind: DataKind) -> Option<Vec<String>> {
         DataKind::Cifar100 => from_file("fine_label_names.txt")
             .or_else(|| list(&CIFAR100.lines().collect::<Vec<_>>())),
         DataKind::Idx => {
-            let name = std::fs::canonicalize(dir)
+            // The directory's own name only: a parent's says nothing about what is inside.
+            let last = std::fs::canonicalize(dir)
                 .unwrap_or_else(|_| dir.to_path_buf())
-                .to_string_lossy()
-                .to_ascii_lowercase();
-            let last = name.rsplit('/').find(|part| !part.is_empty()).unwrap_or("");
-            if name.contains("fashion") {
+                .file_name()
+                .map(|n| n.to_string_lossy().to_ascii_lowercase())
+                .unwrap_or_default();
+            let last = last.as_str();
+            if last.contains("fashion") || last.contains("fmnist") {
                 list(&FASHION_MNIST)
             } else if last == "mnist" || last.starts_with("mnist-") || last.starts_with("mnist_") {
                 list(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"])
@@ -496,9 +498,9 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
             return Err(fail(
                 dir,
                 format!(
-                    "--val-fraction {val_fraction}: training validates every epoch and checks \
-                     the converted model on held-out images, so a share in (0, 1) such as 0.1 \
-                     is needed (or give the folder train/ and val/ sub-folders)"
+                    "--val-fraction {val_fraction}: an image folder without train/ and val/ \
+                     sub-folders needs a held-out share in (0, 1), such as 0.1, to validate and \
+                     evaluate on"
                 ),
             ));
         }

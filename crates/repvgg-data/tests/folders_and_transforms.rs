@@ -272,6 +272,15 @@ fn known_data_sets_name_their_classes() {
         std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
     }
     assert_eq!(open_dir(dir.path(), 0.1).unwrap().class_names, None);
+    // A directory named mnist holds digits; a parent's name says nothing.
+    let digits = dir.path().join("fashion-stuff").join("mnist");
+    std::fs::create_dir_all(&digits).unwrap();
+    for entry in std::fs::read_dir(subset()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, digits.join(path.file_name().unwrap())).unwrap();
+    }
+    let names = open_dir(&digits, 0.1).unwrap().class_names.unwrap();
+    assert_eq!(names[3], "3");
 }
 
 #[test]

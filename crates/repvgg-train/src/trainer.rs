@@ -183,14 +183,30 @@ impl<'a> Trainer<'a> {
                 .filter(|name| out.join(name).exists())
                 .collect();
             if !existing.is_empty() {
+                let resume = if checkpoint.is_file() {
+                    "continue it with --resume, "
+                } else {
+                    ""
+                };
                 return Err(file_error(
                     out,
                     format!(
-                        "holds a training run ({}); continue it with --resume, replace it with \
-                         --overwrite, or choose another --out",
+                        "holds a training run ({}); {resume}replace it with --overwrite, or \
+                         choose another --out",
                         existing.join(", ")
                     ),
                 ));
+            }
+        }
+        if options.overwrite && !options.resume {
+            // Replacing means replacing: none of the old run's files may sit beside the new
+            // one's (a finished run's deploy weights next to an unfinished checkpoint).
+            for name in RUN_FILES {
+                let path = out.join(name);
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .map_err(|e| file_error(&path, format!("cannot remove: {e}")))?;
+                }
             }
         }
         std::fs::create_dir_all(out)
@@ -646,6 +662,18 @@ fn config_difference(saved: &TrainConfig, now: &TrainConfig) -> String {
         flatten("", &serde_json::to_value(c).expect("serialises"), &mut out);
         out
     };
+    // The command-line flag behind each setting, so the message says what to type.
+    let flag = |field: &str| -> String {
+        let top = field.split('.').next().unwrap_or(field);
+        match top {
+            "arch" => "--arch".into(),
+            "batch_size" => "--batch".into(),
+            "mixup_alpha" => "--mixup".into(),
+            "augment" => "the augmentation (--size, --pad, --no-augment, --preset)".into(),
+            "momentum" | "bn_eps" => format!("{top} (fixed by the recipe)"),
+            other => format!("--{}", other.replace('_', "-")),
+        }
+    };
     let (before, after) = (fields(saved), fields(now));
     let mut differences = Vec::new();
     for (name, old) in &before {
@@ -654,14 +682,21 @@ fn config_difference(saved: &TrainConfig, now: &TrainConfig) -> String {
             .find(|(n, _)| n == name)
             .map_or("(unset)", |(_, v)| v.as_str());
         if new != old {
-            differences.push(format!("{name} {old} in the checkpoint, {new} now"));
+            differences.push(format!(
+                "{}: {old} in the checkpoint, {new} now",
+                flag(name)
+            ));
         }
     }
     for (name, new) in &after {
         if !before.iter().any(|(n, _)| n == name) {
-            differences.push(format!("{name} unset in the checkpoint, {new} now"));
+            differences.push(format!(
+                "{}: unset in the checkpoint, {new} now",
+                flag(name)
+            ));
         }
     }
+    differences.dedup();
     let only_epochs = differences.len() == 1 && saved.epochs != now.epochs;
     let advice = if only_epochs {
         "the cosine schedule's length is set by the epoch count, so a run cannot be lengthened \
@@ -671,7 +706,7 @@ fn config_difference(saved: &TrainConfig, now: &TrainConfig) -> String {
     };
     format!(
         "was written by a run with different settings: {}; {advice}",
-        differences.join(", ")
+        differences.join("; ")
     )
 }
 

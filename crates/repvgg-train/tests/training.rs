@@ -167,7 +167,10 @@ fn resuming_with_other_settings_is_refused() {
     assert!(err.contains("checkpoint.safetensors"), "{err}");
     assert!(err.contains("different settings"), "{err}");
     // The setting that differs is named with both values, not two JSON dumps.
-    assert!(err.contains("lr 0.1 in the checkpoint, 0.05 now"), "{err}");
+    assert!(
+        err.contains("--lr: 0.1 in the checkpoint, 0.05 now"),
+        "{err}"
+    );
     assert!(!err.contains("momentum"), "{err}");
 }
 
