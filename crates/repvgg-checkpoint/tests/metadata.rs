@@ -82,3 +82,62 @@ fn metadata_that_does_not_fit_the_model_is_an_error_naming_the_file() {
         "{err}"
     );
 }
+
+/// An INT8 file round-trips, reads as its dequantized weights, and a broken or float one is
+/// an error naming the file and what is wrong.
+#[test]
+fn int8_files_round_trip_and_broken_ones_say_what_is_missing() {
+    use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = Checkpoint::load(&fixture("tiny/deploy_official.safetensors"), None).unwrap();
+    let blocks = deploy.spec.blocks().len();
+    let acts = vec![ActivationQuant::covering(-2.0, 3.0); blocks + 1];
+    let model = QuantizedModel::quantize(&deploy, acts, "minmax", 4, 127).unwrap();
+    let path = dir.path().join("q.safetensors");
+    model.save(&path).unwrap();
+    let back = QuantizedModel::load(&path).unwrap();
+    assert_eq!(back.convs, model.convs);
+    assert_eq!(back.info, model.info);
+    // Float commands see scale x q: within half a step of the float weights.
+    let float = Checkpoint::load(&path, None).unwrap();
+    assert!(float.quantization.is_some());
+    for (key, t) in &deploy.tensors {
+        let ours = &float.tensors[key];
+        let max = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = t
+            .data
+            .iter()
+            .zip(&ours.data)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= max / 127.0 * 0.5 + 1e-7, "{key}: {worst}");
+    }
+    // A missing scale names the tensor.
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "stage1.0.rbr_reparam.weight_scale")
+        .collect();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(
+        &cut,
+        safetensors::serialize(views, header.metadata().clone()).unwrap(),
+    )
+    .unwrap();
+    for err in [
+        QuantizedModel::load(&cut).unwrap_err().to_string(),
+        Checkpoint::load(&cut, None).unwrap_err().to_string(),
+    ] {
+        assert!(
+            err.contains("cut.safetensors") && err.contains("stage1.0.rbr_reparam.weight_scale"),
+            "{err}"
+        );
+    }
+    // A float file where INT8 is required.
+    let err = QuantizedModel::load(&fixture("tiny/deploy_official.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not an INT8 model file"), "{err}");
+}

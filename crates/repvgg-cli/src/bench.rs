@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// of each set can then be timed side by side on one machine.
     #[arg(long)]
     pub isa: Option<crate::IsaArg>,
+    /// The deploy form's arithmetic: fp32, or int8 on the INT8 engine (an INT8 file runs as
+    /// it is; float weights are quantized first, calibrated on the random inputs, for timing).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "int8"])]
+    pub precision: String,
     /// Time a training step of the multi-branch form instead: forward in training mode,
     /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
     #[arg(long)]
@@ -96,6 +100,29 @@ fn peak_rss_mb() -> f64 {
             })
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The INT8 model to time: the file's own, or the float weights quantized with ranges from
+/// `input` (min/max: the timing does not depend on the scales).
+fn int8_model(
+    ckpt: &Checkpoint,
+    options: &EngineOptions,
+    input: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Result<repvgg_checkpoint::quantized::QuantizedModel> {
+    use repvgg_checkpoint::quantized::QuantizedModel;
+    if ckpt.quantization.is_some() {
+        return Ok(QuantizedModel::load(&ckpt.path)?);
+    }
+    let deploy = ckpt.to_deploy(DEFAULT_BN_EPS)?;
+    let engine = Engine::with_options(&deploy, DEFAULT_BN_EPS, *options)?;
+    let mut calibrator =
+        repvgg_engine::Calibrator::new(repvgg_engine::Calibration::MinMax, &engine);
+    calibrator.observe(&engine, input, n, h, w);
+    QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, 127)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -194,6 +221,8 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         .build()
         .context("cannot start the thread pool")?;
     let spec = ckpt.spec.clone();
+    // An INT8 file runs as INT8 whatever --precision says.
+    let int8 = args.precision == "int8" || ckpt.quantization.is_some();
     if args.layers {
         return pool.install(|| layer_table(&ckpt, options, &batches, h, w, threads, args.iters));
     }
@@ -227,6 +256,14 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             reset_peak_rss();
             let times = pool.install(|| -> Result<Vec<f64>> {
                 let mut run: Box<dyn FnMut()> = match form {
+                    Form::Deploy if int8 => {
+                        let model = int8_model(&ckpt, &options, &input, batch, h, w)?;
+                        let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
+                        let input = input.clone();
+                        Box::new(move || {
+                            std::hint::black_box(engine.forward(&input, batch, h, w));
+                        })
+                    }
                     Form::Deploy => {
                         let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options)?;
                         let mut ws = Workspace::default();
@@ -285,13 +322,20 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                         "images_per_s": images_per_s, "gflops": gflops, "peak_rss_mb": rss,
                         "iters": args.iters,
                         "isa": (form == Form::Deploy).then(|| isa.name()),
+                        "precision": if form == Form::Deploy && int8 { "int8" } else { "fp32" },
                     })
                 );
             } else {
                 println!(
                     "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10.2} {:>10.2} {:>10.1} {:>9.1} {:>11.0}",
                     spec.name,
-                    form.to_string(),
+                    if form == Form::Deploy
+                        && (args.precision == "int8" || ckpt.quantization.is_some())
+                    {
+                        "int8".to_string()
+                    } else {
+                        form.to_string()
+                    },
                     batch,
                     format!("{h}x{w}"),
                     threads,

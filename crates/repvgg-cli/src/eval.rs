@@ -10,7 +10,8 @@ use repvgg_checkpoint::Preprocessing;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::metadata::{Interpolation, Resize};
 use repvgg_data::{DataKind, DataSplits, IMAGENET_MEAN, IMAGENET_STD, Pipeline};
-use repvgg_engine::Engine;
+
+use crate::runner::Runner;
 
 use crate::model_input::InputArgs;
 use crate::train::{NormalizeArg, open_data};
@@ -55,7 +56,7 @@ pub struct EvalArgs {
 }
 
 /// How `train` would have fed this data, for weights files that do not say.
-fn data_fallback(data: &DataSplits) -> (Preprocessing, &'static str) {
+pub(crate) fn data_fallback(data: &DataSplits) -> (Preprocessing, &'static str) {
     match data.kind {
         DataKind::ImageFolder => (
             repvgg_checkpoint::ImageNetPreset::Official.preprocessing(),
@@ -86,7 +87,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     let data = open_data(&args.data, args.val_fraction)?;
     let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
-    let engine = Engine::from_checkpoint(&ckpt, args.bn_eps)?;
+    let mut runner = Runner::new(&args.weights, &ckpt, args.bn_eps, None)?;
     let samples = if args.train_split {
         data.train.clone()
     } else {
@@ -127,10 +128,14 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     if !args.json {
         eprintln!("input: {} ({source})", preprocessing.describe());
+        eprintln!("model: {}", runner.describe());
     }
     let pipeline = Pipeline::for_model(&preprocessing);
     let start = Instant::now();
-    let run = repvgg_train::evaluate_engine(&engine, samples, pipeline, args.batch)?;
+    let run = repvgg_train::evaluate_with(samples, pipeline, args.batch, classes, |batch| {
+        let [n, _, h, w] = batch.shape;
+        runner.forward(&batch.images, n, h, w)
+    })?;
     let e = &run.evaluation;
     if args.json {
         let mut value = serde_json::json!({

@@ -122,6 +122,31 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
     let [n, _, h, w] = shape[..] else {
         unreachable!("checked above")
     };
+    if ckpt.quantization.is_some() {
+        if features || out_indices.is_some() {
+            bail!(
+                "{}: --features and --out-indices run the float engine; this is an INT8 model (its logits only)",
+                weights.display()
+            );
+        }
+        let mut runner = crate::runner::Runner::new(weights, &ckpt, bn_eps, isa)?;
+        let logits = runner.forward(&values, n, h, w);
+        let mut out = StateDict::new();
+        out.insert(
+            "logits".to_string(),
+            CkptTensor::new(vec![n, spec.num_classes], logits),
+        );
+        write_safetensors(output, &out, None)?;
+        eprintln!(
+            "{} ({}, {}) on {input} -> {}: logits [{n}, {}]",
+            weights.display(),
+            spec.name,
+            runner.describe(),
+            output.display(),
+            spec.num_classes
+        );
+        return Ok(());
+    }
     // Training-form weights are converted in memory; the engine runs the plain network.
     let options = EngineOptions {
         isa,

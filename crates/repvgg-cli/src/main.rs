@@ -18,6 +18,8 @@ mod eval;
 mod forward;
 mod model_input;
 mod predict;
+mod quantize;
+mod runner;
 mod train;
 
 use model_input::{InputArgs, imagenet_fallback, read_labels};
@@ -36,6 +38,7 @@ use model_input::{InputArgs, imagenet_fallback, read_labels};
         train     train the multi-branch form on a data set\n\
         eval      accuracy on a data set's held-out split\n\
         predict   classify JPEG/PNG images\n\
+        quantize  post-training INT8 from calibration images\n\
         export    write the deploy-form graph as ONNX\n\
         demo      the quick start: train, convert, verify and time on Fashion-MNIST\n\n\
         Weights files written here record how to feed the model and its class names; \
@@ -150,6 +153,11 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Classify JPEG/PNG images: top-k classes with probabilities.
     Predict(predict::PredictArgs),
+    /// Post-training INT8: calibrate activation ranges on images, write an INT8 model.
+    ///
+    /// The file it writes is read by every command: eval, predict and forward run it on the
+    /// INT8 engine; the others see its dequantized weights.
+    Quantize(quantize::QuantizeArgs),
     /// Export the deploy-form graph as ONNX (weights in either form and any naming).
     ///
     /// Input `input`: float32 (N, 3, H, W), preprocessed as the weights file records (its
@@ -272,6 +280,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::eval(args),
         Command::Demo(args) => demo::demo(args),
         Command::Predict(args) => predict::run(args),
+        Command::Quantize(args) => quantize::run(args),
         Command::Export {
             first,
             second,
@@ -603,6 +612,7 @@ fn describe_file(
             "preprocessing": ckpt.preprocessing,
             "labels": ckpt.labels,
             "training_run": ckpt.run_state,
+            "quantization": ckpt.quantization,
         });
         value
             .as_object_mut()
@@ -616,6 +626,18 @@ fn describe_file(
         println!("training checkpoint: {run}");
     }
     println!("form: {}", ckpt.form);
+    if let Some(q) = &ckpt.quantization {
+        println!(
+            "quantization: INT8 (s8 weights per output channel, u8 activations per tensor), {} over {} images; float: {}",
+            q.method,
+            q.samples,
+            if q.float_layers.is_empty() {
+                "nothing".to_string()
+            } else {
+                q.float_layers.join(", ")
+            }
+        );
+    }
     println!("naming: {}", ckpt.naming);
     println!("dtype: {:?}", ckpt.source_dtype);
     let ignored = if run.is_some() {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
-use repvgg_engine::{Engine, Workspace};
 
 use crate::model_input::{InputArgs, class_names, image_batch, imagenet_fallback};
 
@@ -65,10 +64,10 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if !args.json {
         eprintln!("input: {} ({source})", preprocessing.describe());
     }
-    let engine = Engine::from_checkpoint(&ckpt, args.bn_eps)?;
+    let mut runner = crate::runner::Runner::new(&args.weights, &ckpt, args.bn_eps, None)?;
     let n = args.images.len();
     let [h, w] = preprocessing.size;
-    let logits = engine.forward(&input, n, h, w, &mut Workspace::default());
+    let logits = runner.forward(&input, n, h, w);
     for (path, row) in args.images.iter().zip(logits.chunks_exact(classes)) {
         let probs = softmax(row);
         let mut order: Vec<usize> = (0..classes).collect();

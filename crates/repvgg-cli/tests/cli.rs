@@ -1277,3 +1277,141 @@ fn loose_ends_are_tied() {
         "{stderr}"
     );
 }
+
+/// `quantize` on the demo model: INT8 keeps its accuracy, the file says what it is, and
+/// every command reads it; the wrong file in the wrong place is a clear error.
+#[test]
+fn quantize_keeps_the_demo_models_accuracy_and_every_command_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let subset = fixture("fashion-mnist-subset");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    ok(&[
+        "demo",
+        "--data",
+        &s(&subset),
+        "--out",
+        &s(&out),
+        "--epochs",
+        "2",
+        "--quiet",
+    ]);
+    let deploy = s(&out.join("deploy.safetensors"));
+    let top1 = |weights: &str| -> f64 {
+        let json = ok(&[
+            "eval",
+            "--weights",
+            weights,
+            "--data",
+            &s(&subset),
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(json.trim()).unwrap()["top1"]
+            .as_f64()
+            .unwrap()
+    };
+    let float = top1(&deploy);
+    for method in ["minmax", "percentile"] {
+        let q = s(&dir.path().join(format!("{method}.safetensors")));
+        ok(&[
+            "quantize",
+            "--weights",
+            &deploy,
+            "--calib",
+            &s(&subset),
+            "--out",
+            &q,
+            "--samples",
+            "256",
+            "--method",
+            method,
+        ]);
+        let int8 = top1(&q);
+        eprintln!("{method}: fp32 {float:.4}, int8 {int8:.4}");
+        // 500 test images: 2 points is 10 of them, far more than 8-bit rounding moves.
+        assert!(
+            (int8 - float).abs() <= 0.02,
+            "{method}: {int8} against {float}"
+        );
+    }
+    let q = s(&dir.path().join("percentile.safetensors"));
+    let text = ok(&["info", &q]);
+    assert!(
+        text.contains("quantization: INT8") && text.contains("class names: T-shirt/top"),
+        "{text}"
+    );
+    let (stdout, _) = ok_with_stderr(&[
+        "quantize",
+        "--weights",
+        &deploy,
+        "--calib",
+        &s(&subset),
+        "--out",
+        &s(&dir.path().join("r.safetensors")),
+        "--samples",
+        "64",
+        "--report",
+    ]);
+    assert!(
+        stdout.contains("rel. RMS error") && stdout.contains("stage4.0"),
+        "{stdout}"
+    );
+    let row: serde_json::Value = serde_json::from_str(
+        ok(&[
+            "bench",
+            "--weights",
+            &q,
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        row["precision"], "int8",
+        "an INT8 file is timed as int8: {row}"
+    );
+    // Wrong files in the wrong places.
+    let err = fails(&[
+        "quantize",
+        "--weights",
+        &q,
+        "--calib",
+        &s(&subset),
+        "--out",
+        "x.safetensors",
+    ]);
+    assert!(err.contains("already an INT8 model"), "{err}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = fails(&[
+        "quantize",
+        "--weights",
+        &deploy,
+        "--calib",
+        &s(&empty),
+        "--out",
+        "x.safetensors",
+    ]);
+    assert!(
+        err.contains("empty") && err.contains("no class folders"),
+        "{err}"
+    );
+    let io = fixture("tiny/io.safetensors");
+    let err = fails(&[
+        "forward",
+        "--weights",
+        &q,
+        "--input",
+        &s(&io),
+        "--output",
+        &s(&dir.path().join("f.safetensors")),
+        "--features",
+    ]);
+    assert!(err.contains("INT8 model"), "{err}");
+}

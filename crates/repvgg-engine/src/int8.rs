@@ -130,6 +130,19 @@ impl Int8Engine {
 
     /// Logits `(n, classes)` for an NCHW float batch (a headless model's pooled features).
     pub fn forward(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        self.forward_with(input, n, h, w, |_, _, _, _, _| {})
+    }
+
+    /// Like [`Int8Engine::forward`], calling `observer(block, h, w, nhwc, quantization)` with
+    /// every block's u8 output.
+    pub fn forward_with(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        mut observer: impl FnMut(usize, usize, usize, &[u8], ActivationQuant),
+    ) -> Vec<f32> {
         let c = self.spec.in_channels;
         assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
         assert_eq!(
@@ -151,12 +164,13 @@ impl Int8Engine {
         }
         let (mut h, mut w) = (h, w);
         let mut b = Vec::new();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let (oh, ow) = layer.output_size(h, w);
             b.resize(n * oh * ow * layer.out_channels, 0);
             layer.forward(&a, n, h, w, &mut b);
             std::mem::swap(&mut a, &mut b);
             (h, w) = (oh, ow);
+            observer(i, h, w, &a, layer.output);
         }
         self.head(&a, n, h * w)
     }

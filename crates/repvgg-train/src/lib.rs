@@ -24,7 +24,8 @@ mod trainer;
 
 pub use metrics::Evaluation;
 pub use trainer::{
-    FinalReport, RUN_FILES, RunOptions, Trainer, evaluate_engine, evaluate_train_form,
+    EvalRun, FinalReport, RUN_FILES, RunOptions, Trainer, evaluate_engine, evaluate_train_form,
+    evaluate_with,
 };
 
 use repvgg_arch::ArchSpec;

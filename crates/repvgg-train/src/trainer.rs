@@ -718,7 +718,8 @@ pub struct EvalRun {
     pub images_per_s: f64,
 }
 
-fn evaluate_with(
+/// One pass over `samples` with any model (`forward` takes a batch, returns its logits).
+pub fn evaluate_with(
     samples: Arc<dyn Samples>,
     pipeline: Pipeline,
     batch_size: usize,

@@ -1,0 +1,47 @@
+//! The engine a weights file runs on: the float engine, or the INT8 one for a file that
+//! `repvgg quantize` wrote (recognised from its metadata).
+
+use std::path::Path;
+
+use anyhow::Result;
+use repvgg_checkpoint::Checkpoint;
+use repvgg_checkpoint::quantized::QuantizedModel;
+use repvgg_engine::{Engine, EngineOptions, Int8Engine, Isa, Workspace};
+
+pub enum Runner {
+    Float(Engine, Workspace),
+    Int8(Int8Engine),
+}
+
+impl Runner {
+    /// The engine for `ckpt` (loaded from `path`): INT8 when the file is, else float.
+    pub fn new(path: &Path, ckpt: &Checkpoint, bn_eps: f64, isa: Option<Isa>) -> Result<Runner> {
+        if ckpt.quantization.is_some() {
+            let model = QuantizedModel::load(path)?;
+            return Ok(Runner::Int8(Int8Engine::new(&model, isa)?));
+        }
+        let options = EngineOptions {
+            isa,
+            ..Default::default()
+        };
+        Ok(Runner::Float(
+            Engine::with_options(ckpt, bn_eps, options)?,
+            Workspace::default(),
+        ))
+    }
+
+    pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        match self {
+            Runner::Float(engine, ws) => engine.forward(input, n, h, w, ws),
+            Runner::Int8(engine) => engine.forward(input, n, h, w),
+        }
+    }
+
+    /// The kernels in words, for the lines commands print.
+    pub fn describe(&self) -> String {
+        match self {
+            Runner::Float(engine, _) => format!("fp32, {} kernels", engine.isa()),
+            Runner::Int8(engine) => format!("int8, {} kernels", engine.kernels()),
+        }
+    }
+}
