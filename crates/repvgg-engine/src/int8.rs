@@ -15,6 +15,11 @@ use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, g
 
 use crate::error::EngineError;
 
+thread_local! {
+    /// A task's patch rows, kept per thread between tasks and calls.
+    static PATCHES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Output rows per task: enough to amortise a task, few enough that a layer at batch 1 has
 /// tasks for every thread (a 7x7 map has 49).
 const ROWS_PER_TASK: usize = 48;
@@ -219,19 +224,41 @@ impl Int8Layer {
     fn forward(&self, input: &[u8], n: usize, h: usize, w: usize, output: &mut [u8]) {
         let (oh, ow) = self.output_size(h, w);
         let rows = n * oh * ow;
+        let out_ptr = crate::OutPtrU8(output.as_mut_ptr());
+        let tasks = rows.div_ceil(ROWS_PER_TASK);
+        (0..tasks).into_par_iter().for_each(|task| {
+            PATCHES.with_borrow_mut(|patches| self.task(task, input, n, h, w, out_ptr, patches))
+        });
+    }
+
+    /// One task: its rows' patches, then a product per group.
+    #[allow(clippy::too_many_arguments)]
+    fn task(
+        &self,
+        task: usize,
+        input: &[u8],
+        n: usize,
+        h: usize,
+        w: usize,
+        out_ptr: crate::OutPtrU8,
+        patches: &mut Vec<u8>,
+    ) {
+        let (oh, ow) = self.output_size(h, w);
+        let rows = n * oh * ow;
         let (cin, cout) = (self.in_channels, self.out_channels);
         let (cin_g, cout_g) = (cin / self.groups, cout / self.groups);
         let k = 9 * cin_g;
         let lda = k.div_ceil(K_GROUP) * K_GROUP;
         let pad = self.input.zero_point;
-        let out_ptr = crate::OutPtrU8(output.as_mut_ptr());
-        let tasks = rows.div_ceil(ROWS_PER_TASK);
-        (0..tasks).into_par_iter().for_each(|task| {
+        {
             let first = task * ROWS_PER_TASK;
             let count = ROWS_PER_TASK.min(rows - first);
-            let mut patches = vec![0u8; count * lda];
+            // Grows once per thread; the bytes past each row's k are never used.
+            if patches.len() < count * lda {
+                patches.resize(count * lda, 0);
+            }
             for g in 0..self.groups {
-                for (r, row) in patches.chunks_exact_mut(lda).enumerate() {
+                for (r, row) in patches[..count * lda].chunks_exact_mut(lda).enumerate() {
                     let pos = first + r;
                     let (image, y, x) = (pos / (oh * ow), pos / ow % oh, pos % ow);
                     for tap in 0..9 {
@@ -269,6 +296,6 @@ impl Int8Layer {
                 // `cout` bytes apart with this group's `cout_g` columns inside.
                 unsafe { gemm_u8s8(self.kernels, &product) };
             }
-        });
+        }
     }
 }

@@ -7,21 +7,23 @@
 
 use std::arch::x86_64::*;
 
-use super::{K_GROUP, MR_MAX, NR8, Store, requantize};
+use super::{COLS_MAX, K_GROUP, MR_MAX, NR8, Store, requantize};
 
 pub(super) const MR: usize = 4;
 
 /// # Safety
-/// The module's micro-kernel contract (weights in [-64, 64] included); AVX2 must run here.
+/// The module's micro-kernel contract, for a span of one panel (weights in [-64, 64] included); AVX2 must run here.
+#[allow(clippy::too_many_arguments)] // the contract's operands, one each
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn kernel(
     groups: usize,
     a: &[*const u8; MR_MAX],
     b: *const i8,
-    offset: &[i32; NR8],
+    _panel_stride: usize,
+    offset: &[i32; COLS_MAX],
     c: *mut u8,
     ldc: usize,
-    store: Store,
+    store: &Store,
 ) {
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_si256(); 2]; MR];
@@ -56,7 +58,7 @@ pub(super) unsafe fn kernel(
                 );
             }
         }
-        match store {
+        match *store {
             Store::U8 { scale, zero, low } => {
                 for (col, &sum) in totals.iter().enumerate() {
                     // SAFETY: row `row` of C holds 16 bytes (the contract).

@@ -11,16 +11,18 @@
 //!
 //! # The micro-kernel contract
 //!
-//! Every micro-kernel computes one block of C: `mr` rows (its height) by `NR8` = 16 columns
-//! (one panel of B), over `groups` groups of four k, then finishes and stores it as
-//! [`Epilogue`] says. It relies on, and the driver ([`gemm_u8s8`]) guarantees:
+//! Every micro-kernel computes one block of C: `mr` rows (its height) by `16 s` columns (`s`
+//! adjacent panels of B, its span), over `groups` groups of four k, then finishes and stores
+//! it as [`Epilogue`] says. It relies on, and the driver ([`gemm_u8s8`]) guarantees:
 //! - `a[i]`, for `i < mr`, is valid for `4 groups` reads (rows past the block's last repeat
 //!   it; bytes past `k` may hold anything, B's are zero there);
-//! - `b` is valid for `groups * 64` reads (the panel);
-//! - `offset` holds 16 values: per column, the bias minus the A zero point times the column's
-//!   sum of B (so the kernel needs no zero-point arithmetic of its own);
-//! - `c` is valid for writes of `mr` rows at stride `ldc` (elements) of 16 elements (u8 or
-//!   i32, as the epilogue stores), that no other thread touches meanwhile;
+//! - `b` and the `s - 1` panels after it (`panel_stride` bytes apart) are each valid for
+//!   `groups * 64` reads;
+//! - `offset` holds `16 s` values: per column, the bias minus the A zero point times the
+//!   column's sum of B (so the kernel needs no zero-point arithmetic of its own); the u8
+//!   store's `scale` likewise;
+//! - `c` is valid for writes of `mr` rows at stride `ldc` (elements) of `16 s` elements (u8
+//!   or i32, as the epilogue stores), that no other thread touches meanwhile;
 //! - for the AVX2 kernel, every weight lies in [-64, 64], so that `vpmaddubsw`'s 16-bit sums
 //!   of two products (at most 2 x 255 x 64 = 32640) never saturate ([`PackedB8::fits_avx2`]);
 //! - the kernel's instruction set runs on this machine.
@@ -43,6 +45,10 @@ pub const NR8: usize = 16;
 pub const K_GROUP: usize = 4;
 /// The most rows a micro-kernel computes at once.
 const MR_MAX: usize = 12;
+/// The most panels a micro-kernel spans.
+const SPAN_MAX: usize = 3;
+/// Columns of the widest span.
+const COLS_MAX: usize = SPAN_MAX * NR8;
 
 /// The INT8 kernel sets there is code for. Ordered like [`Isa`]: each runs where the ones
 /// before it do.
@@ -109,18 +115,19 @@ impl Int8Kernels {
         }
     }
 
-    fn micro_kernel(self) -> (usize, MicroKernel) {
+    /// The rows of the set's kernels, and its kernels by span (`spans[s - 1]`).
+    fn micro_kernels(self) -> (usize, &'static [MicroKernel]) {
         assert!(
             self.is_available(),
             "{} kernels do not run here",
             self.name()
         );
         match self {
-            Int8Kernels::Portable => (portable::MR, portable::kernel),
+            Int8Kernels::Portable => (portable::MR, &[portable::kernel]),
             #[cfg(target_arch = "x86_64")]
-            Int8Kernels::Avx2 => (avx2::MR, avx2::kernel),
+            Int8Kernels::Avx2 => (avx2::MR, &[avx2::kernel]),
             #[cfg(target_arch = "x86_64")]
-            Int8Kernels::Avx512Vnni => (avx512::MR, avx512::kernel),
+            Int8Kernels::Avx512Vnni => (avx512::MR, avx512::SPANS),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no x86-64 kernels off x86-64"),
         }
@@ -215,22 +222,24 @@ pub enum Epilogue<'a> {
     I32,
 }
 
-/// One micro-kernel call: `(groups, a, b, offset, c, ldc, store)`; see the module's contract.
+/// One micro-kernel call: `(groups, a, b, panel_stride, offset, c, ldc, store)`; see the
+/// module's contract.
 type MicroKernel = unsafe fn(
     groups: usize,
     a: &[*const u8; MR_MAX],
     b: *const i8,
-    offset: &[i32; NR8],
+    panel_stride: usize,
+    offset: &[i32; COLS_MAX],
     c: *mut u8,
     ldc: usize,
-    store: Store,
+    store: &Store,
 );
 
-/// The epilogue as one panel's kernel sees it: scales for its 16 columns.
+/// The epilogue as one block's kernel sees it: scales for its columns.
 #[derive(Clone, Copy)]
 enum Store {
     U8 {
-        scale: [f32; NR8],
+        scale: [f32; COLS_MAX],
         zero: f32,
         low: f32,
     },
@@ -272,7 +281,7 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
     kernels: Int8Kernels,
     product: &Product8<'_, R>,
 ) {
-    let (mr, kernel) = kernels.micro_kernel();
+    let (mr, spans) = kernels.micro_kernels();
     let Product8 {
         rows,
         ref a_row,
@@ -299,10 +308,15 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
         Epilogue::I32 => 4,
     };
     let groups = b.groups();
-    for panel in 0..b.n.div_ceil(NR8) {
+    let panel_stride = groups * NR8 * K_GROUP;
+    let panels = b.n.div_ceil(NR8);
+    let mut panel = 0;
+    while panel < panels {
+        let span = (panels - panel).min(spans.len());
+        let kernel = spans[span - 1];
         let col = panel * NR8;
-        let width = NR8.min(b.n - col);
-        let offset: [i32; NR8] = std::array::from_fn(|j| {
+        let width = (span * NR8).min(b.n - col);
+        let offset: [i32; COLS_MAX] = std::array::from_fn(|j| {
             if j < width {
                 bias[col + j] - a_zero as i32 * b.column_sums[col + j]
             } else {
@@ -322,35 +336,46 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
             let height = mr.min(rows - r0);
             let a_rows: [*const u8; MR_MAX] =
                 std::array::from_fn(|i| a_row(r0 + i.min(height - 1)));
-            let direct = height == mr && width == NR8;
-            if direct {
+            if height == mr && width == span * NR8 {
                 // SAFETY: the block's rows and columns are C's (the caller's contract), the
-                // A rows hold `groups` groups (likewise), the panel holds `groups` groups.
+                // A rows hold `groups` groups (likewise), the span's panels hold `groups`.
                 unsafe {
                     kernel(
                         groups,
                         &a_rows,
                         panel_b,
+                        panel_stride,
                         &offset,
                         c.wrapping_add((r0 * ldc + col) * element),
                         ldc,
-                        store,
+                        &store,
                     )
                 };
             } else {
                 // An edge block goes through a scratch block, then its valid part to C.
-                let mut scratch = [0i32; MR_MAX * NR8];
+                let mut scratch = [0i32; MR_MAX * COLS_MAX];
                 let scratch_ptr = scratch.as_mut_ptr() as *mut u8;
-                // SAFETY: the scratch block holds `mr` rows of 16 i32 (enough for u8 too);
-                // the A rows and the panel as above.
-                unsafe { kernel(groups, &a_rows, panel_b, &offset, scratch_ptr, NR8, store) };
+                // SAFETY: the scratch block holds `mr` rows of 48 i32 (enough for u8 too);
+                // the A rows and the panels as above.
+                unsafe {
+                    kernel(
+                        groups,
+                        &a_rows,
+                        panel_b,
+                        panel_stride,
+                        &offset,
+                        scratch_ptr,
+                        COLS_MAX,
+                        &store,
+                    )
+                };
                 for i in 0..height {
                     let to = c.wrapping_add(((r0 + i) * ldc + col) * element);
                     // SAFETY: row `r0 + i` of C holds the block's `width` columns (the
-                    // caller's contract); the scratch row holds 16 elements.
+                    // caller's contract); the scratch row holds 48 elements.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
-                            scratch_ptr.add(i * NR8 * element),
+                            scratch_ptr.add(i * COLS_MAX * element),
                             to,
                             width * element,
                         )
@@ -358,6 +383,7 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
                 }
             }
         }
+        panel += span;
     }
 }
 

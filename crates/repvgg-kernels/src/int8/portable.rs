@@ -1,19 +1,21 @@
 //! The INT8 micro-kernel in plain Rust: the contract's arithmetic, loop by loop.
 
-use super::{K_GROUP, MR_MAX, NR8, Store, requantize};
+use super::{COLS_MAX, K_GROUP, MR_MAX, NR8, Store, requantize};
 
 pub(super) const MR: usize = 4;
 
 /// # Safety
-/// The module's micro-kernel contract.
+/// The module's micro-kernel contract, for a span of one panel.
+#[allow(clippy::too_many_arguments)] // the contract's operands, one each
 pub(super) unsafe fn kernel(
     groups: usize,
     a: &[*const u8; MR_MAX],
     b: *const i8,
-    offset: &[i32; NR8],
+    _panel_stride: usize,
+    offset: &[i32; COLS_MAX],
     c: *mut u8,
     ldc: usize,
-    store: Store,
+    store: &Store,
 ) {
     let mut acc = [[0i32; NR8]; MR];
     for g in 0..groups {
@@ -34,7 +36,7 @@ pub(super) unsafe fn kernel(
     for (row, sums) in acc.iter().enumerate() {
         for (col, &sum) in sums.iter().enumerate() {
             let sum = sum + offset[col];
-            match store {
+            match *store {
                 // SAFETY: C holds `MR` rows of 16 elements at stride `ldc` (the contract).
                 Store::U8 { scale, zero, low } => unsafe {
                     *c.add(row * ldc + col) = requantize(sum, scale[col], zero, low)
