@@ -320,14 +320,14 @@ fn result_json(
     })
 }
 
-/// Trains; returns the seconds spent in training steps (all sessions of a resumed run).
+/// Trains, converts and checks; returns the results as JSON (`None` when the run stopped
+/// early, to be resumed).
 pub(crate) fn train_and_finish(
     config: TrainConfig,
     data: &DataSplits,
     out: &Path,
     options: RunOptions,
-    json: bool,
-) -> Result<()> {
+) -> Result<Option<serde_json::Value>> {
     let quiet = !options.progress;
     let mut trainer = Trainer::new(config, data, out, options)?;
     if let Some((epoch, step, global)) = trainer.resumed_at() {
@@ -355,14 +355,11 @@ pub(crate) fn train_and_finish(
             trainer.global_step(),
             trainer.checkpoint_path().display()
         );
-        return Ok(());
+        return Ok(None);
     }
     let report = trainer.finish()?;
     if !quiet {
         print_final(&report, seconds, trainer.history());
-    }
-    if json {
-        println!("{}", result_json(&report, seconds, trainer.history(), out));
     }
     if report.disagreements > 0 {
         bail!(
@@ -370,7 +367,7 @@ pub(crate) fn train_and_finish(
             report.disagreements
         );
     }
-    Ok(())
+    Ok(Some(result_json(&report, seconds, trainer.history(), out)))
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -419,5 +416,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
         backend: args.device.into(),
         ..RunOptions::default()
     };
-    train_and_finish(config, &data, &args.out, options, args.json)
+    let result = train_and_finish(config, &data, &args.out, options)?;
+    if let (true, Some(result)) = (args.json, result) {
+        println!("{result}");
+    }
+    Ok(())
 }

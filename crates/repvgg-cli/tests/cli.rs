@@ -345,11 +345,18 @@ fn demo_trains_converts_and_eval_agrees() {
     let accuracy = report["test_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.5, "{accuracy}");
     assert_eq!(report["deploy_test_accuracy"].as_f64().unwrap(), accuracy);
+    // The INT8 form beside the two float ones (500 test images: 3 points is 15 of them).
+    let int8 = report["int8_test_accuracy"].as_f64().unwrap();
+    assert!(
+        (int8 - accuracy).abs() <= 0.03,
+        "int8 {int8} against {accuracy}"
+    );
     for file in [
         "metrics.csv",
         "curves.png",
         "checkpoint.safetensors",
         "deploy.safetensors",
+        "int8.safetensors",
     ] {
         assert!(out_dir.join(file).is_file(), "{file} not written");
     }

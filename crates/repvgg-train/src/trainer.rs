@@ -86,13 +86,15 @@ struct SavedState {
     position: Position,
 }
 
-/// The files a run writes into its output directory.
-pub const RUN_FILES: [&str; 5] = [
+/// The files a run writes into its output directory (`int8.safetensors`: the demo's INT8
+/// model).
+pub const RUN_FILES: [&str; 6] = [
     "checkpoint.safetensors",
     "metrics.csv",
     "curves.png",
     "train.safetensors",
     "deploy.safetensors",
+    "int8.safetensors",
 ];
 
 /// What `finish` found: both forms evaluated on the held-out set.
