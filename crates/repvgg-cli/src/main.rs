@@ -406,8 +406,15 @@ fn export(
         height,
         width,
     };
-    let bytes = repvgg_onnx::export(&ckpt, bn_eps, options)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
+    let bytes = if ckpt.quantization.is_some() {
+        // An INT8 file exports as a QDQ graph of its integers, not of its dequantized weights.
+        let mut model = repvgg_checkpoint::quantized::QuantizedModel::load(weights)?;
+        model.preprocessing = ckpt.preprocessing.clone();
+        repvgg_onnx::export_qdq(&model, options)
+    } else {
+        repvgg_onnx::export(&ckpt, bn_eps, options)
+    }
+    .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
     repvgg_checkpoint::write_atomically(output, &bytes)?;
     eprintln!(
         "wrote {} ({}, opset {opset}, input (N, {}, {height}, {width}) with N {})",

@@ -1421,4 +1421,49 @@ fn quantize_keeps_the_demo_models_accuracy_and_every_command_reads_it() {
         "--features",
     ]);
     assert!(err.contains("INT8 model"), "{err}");
+
+    // The QDQ export in ONNX Runtime against the INT8 engine, on images in the calibrated
+    // range. ORT fuses the pattern into QLinearConv and requantizes with its own product of
+    // the scales, adding the zero point after rounding: a tie could land an activation one
+    // step away, which moves the logits by well under 0.1%; a wrong scale, zero point or bias
+    // moves them by percents. (Here they agree to 1e-7.)
+    let Some(python) = repvgg_testing::python_with(&["onnx", "onnxruntime", "safetensors"]) else {
+        return;
+    };
+    let input = dir.path().join("x.safetensors");
+    let values: Vec<f32> = (0..4 * 3 * 28 * 28)
+        .map(|i| ((i / 3) as f32 * 0.37).sin() * 1.3 + 0.4)
+        .collect();
+    let view = safetensors::tensor::TensorView::new(
+        safetensors::Dtype::F32,
+        vec![4, 3, 28, 28],
+        bytemuck_bytes(&values),
+    )
+    .unwrap();
+    std::fs::write(
+        &input,
+        safetensors::serialize([("input", view)], None).unwrap(),
+    )
+    .unwrap();
+    let logits = dir.path().join("int8_logits.safetensors");
+    ok(&[
+        "forward",
+        "--weights",
+        &q,
+        "--input",
+        &s(&input),
+        "--output",
+        &s(&logits),
+    ]);
+    let onnx = dir.path().join("int8.onnx");
+    ok(&["export", "--weights", &q, &s(&onnx), "--batch", "4"]);
+    let result = repvgg_testing::check_onnx_within(&python, &onnx, &input, &logits, 1e-3);
+    eprintln!("QDQ in ONNX Runtime against the INT8 engine: {result}");
+    let err = fails(&["export", "--weights", &q, &s(&onnx), "--opset", "12"]);
+    assert!(err.contains("opset 13"), "{err}");
+}
+
+fn bytemuck_bytes(values: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) }
 }

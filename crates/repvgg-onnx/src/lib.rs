@@ -306,3 +306,278 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
     };
     Ok(model.encode_to_vec())
 }
+
+/// The ONNX model bytes of an INT8 model as a QDQ graph: every activation entering a block
+/// (and the last block's output) passes QuantizeLinear / DequantizeLinear with its u8 scale
+/// and zero point; each kernel is an INT8 initializer behind a per-channel DequantizeLinear,
+/// each bias an INT32 one in the units of the sums (input scale x weight scale), as the INT8
+/// engine rounds it; the pool and head stay float. ONNX Runtime fuses the pattern into
+/// QLinearConv. Per-channel DequantizeLinear needs opset 13 or later.
+pub fn export_qdq(
+    model: &repvgg_checkpoint::quantized::QuantizedModel,
+    options: ExportOptions,
+) -> Result<Vec<u8>, String> {
+    if !(13..=*OPSETS.end()).contains(&options.opset) {
+        return Err(format!(
+            "opset {}: an INT8 (QDQ) graph needs per-channel DequantizeLinear, opset 13 to {}",
+            options.opset,
+            OPSETS.end()
+        ));
+    }
+    let spec = &model.spec;
+    let acts = &model.info.activations;
+    let mut graph = GraphProto {
+        name: spec.name.clone(),
+        doc_string: "RepVGG INT8 deploy form (QDQ) exported by repvgg-rs".into(),
+        ..Default::default()
+    };
+    let init = |graph: &mut GraphProto, name: String, dims: &[usize], data_type, raw: Vec<u8>| {
+        graph.initializer.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type,
+            name: name.clone(),
+            raw_data: raw,
+        });
+        name
+    };
+    let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let node = |graph: &mut GraphProto, op: &str, name: String, inputs: &[&str], attrs| {
+        graph.node.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![name.clone()],
+            name: name.clone(),
+            op_type: op.into(),
+            attribute: attrs,
+        });
+        name
+    };
+    let batch = if options.dynamic_batch {
+        Dimension {
+            value: Some(DimensionValue::DimParam("batch".into())),
+        }
+    } else {
+        fixed(options.batch)
+    };
+    graph.input.push(tensor_value(
+        "input",
+        &[
+            batch.clone(),
+            fixed(spec.in_channels),
+            fixed(options.height),
+            fixed(options.width),
+        ],
+        "images, NCHW float32, preprocessed as the model records",
+    ));
+    // Q then DQ of a float activation with quantization `i`.
+    let qdq = |graph: &mut GraphProto, x: &str, i: usize, name: &str| -> String {
+        let q = acts[i];
+        let scale = init(
+            graph,
+            format!("{name}.scale"),
+            &[],
+            DATA_TYPE_FLOAT,
+            floats(&[q.scale]),
+        );
+        let zero = init(
+            graph,
+            format!("{name}.zero_point"),
+            &[],
+            DATA_TYPE_UINT8,
+            vec![q.zero_point],
+        );
+        let quantized = node(
+            graph,
+            "QuantizeLinear",
+            format!("{name}.q"),
+            &[x, &scale, &zero],
+            vec![],
+        );
+        node(
+            graph,
+            "DequantizeLinear",
+            format!("{name}.dq"),
+            &[&quantized, &scale, &zero],
+            vec![],
+        )
+    };
+    let mut x = "input".to_string();
+    for (i, (block, conv)) in spec.blocks().iter().zip(&model.convs).enumerate() {
+        let name = block.name();
+        let x_dq = qdq(&mut graph, &x, i, &format!("{name}.input"));
+        let cout = block.out_channels;
+        let w_shape = [cout, block.in_channels / block.groups, 3, 3];
+        let wq = init(
+            &mut graph,
+            format!("{name}.weight_quantized"),
+            &w_shape,
+            DATA_TYPE_INT8,
+            conv.weight.iter().map(|&v| v as u8).collect(),
+        );
+        let ws = init(
+            &mut graph,
+            format!("{name}.weight_scale"),
+            &[cout],
+            DATA_TYPE_FLOAT,
+            floats(&conv.weight_scale),
+        );
+        let wz = init(
+            &mut graph,
+            format!("{name}.weight_zero_point"),
+            &[cout],
+            DATA_TYPE_INT8,
+            vec![0; cout],
+        );
+        let w = node(
+            &mut graph,
+            "DequantizeLinear",
+            format!("{name}.weight"),
+            &[&wq, &ws, &wz],
+            vec![int("axis", 0)],
+        );
+        let unit: Vec<f32> = conv
+            .weight_scale
+            .iter()
+            .map(|s| acts[i].scale * s)
+            .collect();
+        let bias_q: Vec<i32> = conv
+            .bias
+            .iter()
+            .zip(&unit)
+            .map(|(b, u)| {
+                (*b as f64 / *u as f64)
+                    .round()
+                    .clamp(i32::MIN as f64 / 2.0, i32::MAX as f64 / 2.0) as i32
+            })
+            .collect();
+        let bq = init(
+            &mut graph,
+            format!("{name}.bias_quantized"),
+            &[cout],
+            DATA_TYPE_INT32,
+            bias_q.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
+        let bs = init(
+            &mut graph,
+            format!("{name}.bias_scale"),
+            &[cout],
+            DATA_TYPE_FLOAT,
+            floats(&unit),
+        );
+        let bz = init(
+            &mut graph,
+            format!("{name}.bias_zero_point"),
+            &[cout],
+            DATA_TYPE_INT32,
+            vec![0; 4 * cout],
+        );
+        let b = node(
+            &mut graph,
+            "DequantizeLinear",
+            format!("{name}.bias"),
+            &[&bq, &bs, &bz],
+            vec![int("axis", 0)],
+        );
+        let d = block.dilation as i64;
+        let y = node(
+            &mut graph,
+            "Conv",
+            format!("{name}.conv"),
+            &[&x_dq, &w, &b],
+            vec![
+                ints("kernel_shape", &[3, 3]),
+                ints("pads", &[d, d, d, d]),
+                ints("strides", &[block.stride as i64, block.stride as i64]),
+                ints("dilations", &[d, d]),
+                int("group", block.groups as i64),
+            ],
+        );
+        x = node(&mut graph, "Relu", format!("{name}.relu"), &[&y], vec![]);
+    }
+    let last = spec.blocks().len();
+    let x = qdq(&mut graph, &x, last, "output");
+    let pooled = node(&mut graph, "GlobalAveragePool", "gap".into(), &[&x], vec![]);
+    match &model.head {
+        None => {
+            node(
+                &mut graph,
+                "Flatten",
+                "pooled".into(),
+                &[&pooled],
+                vec![int("axis", 1)],
+            );
+            graph.output.push(tensor_value(
+                "pooled",
+                &[batch, fixed(spec.feature_width())],
+                "globally pooled features",
+            ));
+        }
+        Some((w, bias)) => {
+            let flat = node(
+                &mut graph,
+                "Flatten",
+                "flatten".into(),
+                &[&pooled],
+                vec![int("axis", 1)],
+            );
+            let w = init(
+                &mut graph,
+                format!("{HEAD}weight"),
+                &w.shape,
+                DATA_TYPE_FLOAT,
+                floats(&w.data),
+            );
+            let bias = init(
+                &mut graph,
+                format!("{HEAD}bias"),
+                &bias.shape,
+                DATA_TYPE_FLOAT,
+                floats(&bias.data),
+            );
+            node(
+                &mut graph,
+                "Gemm",
+                "logits".into(),
+                &[&flat, &w, &bias],
+                vec![int("transB", 1)],
+            );
+            graph.output.push(tensor_value(
+                "logits",
+                &[batch, fixed(spec.num_classes)],
+                "class scores before softmax",
+            ));
+        }
+    }
+    let metadata = |key: &str, value: String| StringStringEntryProto {
+        key: key.to_string(),
+        value,
+    };
+    let mut metadata_props = vec![metadata(
+        repvgg_checkpoint::quantized::QUANTIZATION_KEY,
+        serde_json::to_string(&model.info).expect("serialises"),
+    )];
+    if let Some(p) = &model.preprocessing {
+        metadata_props.push(metadata(
+            repvgg_checkpoint::metadata::PREPROCESSING_KEY,
+            serde_json::to_string(p).expect("serialises"),
+        ));
+    }
+    if let Some(l) = &model.labels {
+        metadata_props.push(metadata(
+            repvgg_checkpoint::metadata::LABELS_KEY,
+            serde_json::to_string(l).expect("serialises"),
+        ));
+    }
+    let model = ModelProto {
+        ir_version: ir_version(options.opset),
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: options.opset,
+        }],
+        producer_name: "repvgg-rs".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: String::new(),
+        graph: Some(graph),
+        metadata_props,
+    };
+    Ok(model.encode_to_vec())
+}

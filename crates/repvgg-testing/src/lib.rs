@@ -93,10 +93,22 @@ pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
 /// `reference/check_onnx.py MODEL INPUT EXPECTED`: onnx.checker plus ONNX Runtime against the
 /// expected logits; returns its JSON report, panicking with its output on failure.
 pub fn check_onnx(python: &Path, model: &Path, input: &Path, expected: &Path) -> serde_json::Value {
+    check_onnx_within(python, model, input, expected, 1e-5)
+}
+
+/// [`check_onnx`] with another tolerance (max |ort - expected| / max |expected|).
+pub fn check_onnx_within(
+    python: &Path,
+    model: &Path,
+    input: &Path,
+    expected: &Path,
+    tolerance: f64,
+) -> serde_json::Value {
     let script = fixtures().join("../reference/check_onnx.py");
     let out = std::process::Command::new(python)
         .arg(script)
         .args([model, input, expected])
+        .arg(tolerance.to_string())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
