@@ -173,6 +173,10 @@ enum Command {
         /// Weights in either form and any naming, .pth or .safetensors.
         #[arg(long)]
         weights: Option<PathBuf>,
+        /// Export a variant or spec with seeded random weights instead (timing and deployment
+        /// tests; `bench/compare_int8.sh` uses it): `export --random A0 OUT`.
+        #[arg(long, conflicts_with = "weights")]
+        random: Option<String>,
         /// ONNX opset, 11 to 21.
         #[arg(long, default_value_t = 17, value_parser = clap::value_parser!(i64).range(11..=21))]
         opset: i64,
@@ -285,24 +289,35 @@ fn main() -> ExitCode {
             first,
             second,
             weights,
+            random,
             opset,
             dynamic_batch,
             batch,
             size,
             arch,
             bn_eps,
-        } => weights_and_output(weights, first, second, "export").and_then(|(weights, output)| {
-            export(
-                &weights,
-                &output,
-                opset,
-                dynamic_batch,
-                batch,
-                size,
-                arch,
-                bn_eps,
-            )
-        }),
+        } => {
+            let paths = match (random, first, second) {
+                (Some(spec), Some(out), None) => Ok((Source::Random(spec), out)),
+                (Some(_), _, _) => {
+                    usage_error("export", "with --random, give only the output file (OUT)")
+                }
+                (None, first, second) => weights_and_output(weights, first, second, "export")
+                    .map(|(w, out)| (Source::File(w), out)),
+            };
+            paths.and_then(|(source, output)| {
+                export(
+                    &source,
+                    &output,
+                    opset,
+                    dynamic_batch,
+                    batch,
+                    size,
+                    arch,
+                    bn_eps,
+                )
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -363,9 +378,16 @@ fn usage_error(command: &str, message: &str) -> ! {
         .exit()
 }
 
+/// Where `export` takes its weights from.
+enum Source {
+    File(PathBuf),
+    /// A variant or spec with seeded random weights.
+    Random(String),
+}
+
 #[allow(clippy::too_many_arguments)]
 fn export(
-    weights: &Path,
+    source: &Source,
     output: &Path,
     opset: i64,
     dynamic_batch: bool,
@@ -378,7 +400,16 @@ fn export(
     if batch == Some(0) {
         bail!("--batch must be at least 1");
     }
-    let mut ckpt = load_checkpoint(weights, arch)?;
+    let (mut ckpt, weights) = match source {
+        Source::File(path) => (load_checkpoint(path, arch)?, path.clone()),
+        Source::Random(spec) => {
+            let spec = ArchSpec::parse(spec)?;
+            let tensors = repvgg_checkpoint::random::training_weights(&spec, 0);
+            let ckpt = Checkpoint::from_state_dict(spec, Form::Train, tensors)?;
+            (ckpt, PathBuf::from("<random weights>"))
+        }
+    };
+    let weights = weights.as_path();
     let (height, width) = match (&size, &ckpt.preprocessing) {
         (Some(size), _) => parse_size(size)?,
         (None, Some(p)) => (p.size[0], p.size[1]),
