@@ -224,7 +224,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // An INT8 file runs as INT8 whatever --precision says.
     let int8 = args.precision == "int8" || ckpt.quantization.is_some();
     if args.layers {
-        return pool.install(|| layer_table(&ckpt, options, &batches, h, w, threads, args.iters));
+        let int8 = args.precision == "int8" || ckpt.quantization.is_some();
+        return pool
+            .install(|| layer_table(&ckpt, int8, options, &batches, h, w, threads, args.iters));
     }
     if args.train {
         return pool.install(|| train_steps(&args, &ckpt, &batches, h, w, threads));
@@ -434,8 +436,10 @@ fn train_steps(
 }
 
 /// Per-block time and GFLOP/s of the engine, to see which layer shapes limit it.
+#[allow(clippy::too_many_arguments)]
 fn layer_table(
     ckpt: &Checkpoint,
+    int8: bool,
     options: EngineOptions,
     batches: &[usize],
     h: usize,
@@ -445,18 +449,28 @@ fn layer_table(
 ) -> Result<()> {
     let engine = Engine::with_options(ckpt, DEFAULT_BN_EPS, options)?;
     for &batch in batches {
-        let input = vec![0.5f32; batch * ckpt.spec.in_channels * h * w];
-        let mut ws = Workspace::default();
-        let runs: Vec<_> = (0..iters.max(1))
-            .map(|_| engine.profile(&input, batch, h, w, &mut ws))
+        let mut rng = StdRng::seed_from_u64(1);
+        let input: Vec<f32> = (0..batch * ckpt.spec.in_channels * h * w)
+            .map(|_| rng.random_range(-2.0..2.0))
             .collect();
-        println!(
-            "batch {batch}, {threads} threads, {h}x{w}, {} kernels",
-            engine.isa()
-        );
+        let mut ws = Workspace::default();
+        let (runs, kernels): (Vec<_>, String) = if int8 {
+            let model = int8_model(ckpt, &options, &input, batch, h, w)?;
+            let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
+            let runs = (0..iters.max(1))
+                .map(|_| engine.profile(&input, batch, h, w))
+                .collect();
+            (runs, format!("int8, {}", engine.kernels()))
+        } else {
+            let runs = (0..iters.max(1))
+                .map(|_| engine.profile(&input, batch, h, w, &mut ws))
+                .collect();
+            (runs, format!("fp32, {}", engine.isa()))
+        };
+        println!("batch {batch}, {threads} threads, {h}x{w}, {kernels} kernels");
         println!(
             "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}",
-            "block", "in", "out", "stride", "out map", "ms", "GFLOP/s"
+            "block", "in", "out", "stride", "out map", "ms", "GOP/s"
         );
         let mut total = 0.0;
         for (i, t) in runs[0].iter().enumerate() {

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use repvgg_arch::ArchSpec;
 use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
 use repvgg_kernels::Isa;
+use repvgg_kernels::gemm::{self, PackedB, Product, strided};
 use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
 
 use crate::error::EngineError;
@@ -47,8 +48,11 @@ pub struct Int8Engine {
     layers: Vec<Int8Layer>,
     input: ActivationQuant,
     output: ActivationQuant,
-    /// `(classes, features)` row-major, and the bias; `None` when headless.
-    head: Option<(Vec<f32>, Vec<f32>)>,
+    /// The head's weight as a `(features, classes)` product operand, and its bias; `None`
+    /// when headless.
+    head: Option<(PackedB, Vec<f32>)>,
+    /// The float kernels of the head.
+    isa: Isa,
 }
 
 impl Int8Engine {
@@ -113,10 +117,12 @@ impl Int8Engine {
             layers,
             input: acts[0],
             output: *acts.last().expect("checked on load"),
-            head: model
-                .head
-                .as_ref()
-                .map(|(w, b)| (w.data.clone(), b.data.clone())),
+            head: model.head.as_ref().map(|(w, b)| {
+                let (classes, features) = (w.shape[0], w.shape[1]);
+                let packed = PackedB::new(features, classes, |c, k| w.data[k * features + c]);
+                (packed, b.data.clone())
+            }),
+            isa: cap,
         })
     }
 
@@ -155,18 +161,18 @@ impl Int8Engine {
             n * c * h * w,
             "input is not ({n}, {c}, {h}, {w})"
         );
-        // NCHW float to NHWC u8.
+        // NCHW float to NHWC u8, a row of the image per task.
         let mut a = vec![0u8; n * h * w * c];
-        for (image, out) in input
-            .chunks_exact(c * h * w)
-            .zip(a.chunks_exact_mut(h * w * c))
-        {
-            for (p, pixel) in out.chunks_exact_mut(c).enumerate() {
+        let plane = h * w;
+        a.par_chunks_mut(w * c).enumerate().for_each(|(line, out)| {
+            let (image, y) = (line / h, line % h);
+            let base = image * c * plane + y * w;
+            for (x, pixel) in out.chunks_exact_mut(c).enumerate() {
                 for (ch, q) in pixel.iter_mut().enumerate() {
-                    *q = self.input.quantize(image[ch * h * w + p]);
+                    *q = self.input.quantize(input[base + ch * plane + x]);
                 }
             }
-        }
+        });
         let (mut h, mut w) = (h, w);
         let mut b = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -178,6 +184,30 @@ impl Int8Engine {
             observer(i, h, w, &a, layer.output);
         }
         self.head(&a, n, h * w)
+    }
+
+    /// Seconds in each block for one forward (after a warm-up), with its MACs; the first
+    /// block's includes quantizing the input.
+    pub fn profile(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<crate::LayerTiming> {
+        self.forward(input, n, h, w);
+        let blocks = self.spec.blocks();
+        let mut timings = Vec::with_capacity(blocks.len());
+        let (mut in_h, mut in_w) = (h, w);
+        let mut last = std::time::Instant::now();
+        self.forward_with(input, n, h, w, |i, oh, ow, _, _| {
+            let block = &blocks[i];
+            timings.push(crate::LayerTiming {
+                name: block.name(),
+                seconds: last.elapsed().as_secs_f64(),
+                macs: n as u64 * block.macs(repvgg_arch::Form::Deploy, in_h, in_w),
+                stride: block.stride,
+                groups: block.groups,
+                shape: (block.in_channels, block.out_channels, oh, ow),
+            });
+            (in_h, in_w) = (oh, ow);
+            last = std::time::Instant::now();
+        });
+        timings
     }
 
     fn head(&self, features: &[u8], n: usize, positions: usize) -> Vec<f32> {
@@ -203,14 +233,29 @@ impl Int8Engine {
         };
         let classes = bias.len();
         let mut logits = vec![0f32; n * classes];
-        for (features, out) in pooled.chunks_exact(c).zip(logits.chunks_exact_mut(classes)) {
-            for (k, out) in out.iter_mut().enumerate() {
-                let row = &weight[k * c..(k + 1) * c];
-                *out = bias[k] + row.iter().zip(features).map(|(w, x)| w * x).sum::<f32>();
-            }
-        }
+        let product = Product::new(
+            n,
+            strided(pooled.as_ptr(), c),
+            weight,
+            logits.as_mut_ptr(),
+            classes,
+        )
+        .bias(bias);
+        // SAFETY: `pooled` is (n, features) and `logits` (n, classes).
+        unsafe { gemm::gemm(self.isa, &product) };
         logits
     }
+}
+
+/// How a layer's work is cut: rows (output positions) into `row_tasks` runs of `rows_per_task`
+/// (a multiple of every kernel's height), columns of each group into runs of `cols_per_task`
+/// (whole spans), so that a layer of few positions (the last stage's 7x7 at batch 1) still
+/// gives every thread work.
+struct Split {
+    rows_per_task: usize,
+    row_tasks: usize,
+    cols_per_task: usize,
+    col_tasks: usize,
 }
 
 impl Int8Layer {
@@ -220,22 +265,53 @@ impl Int8Layer {
         (out(h), out(w))
     }
 
+    fn split(&self, rows: usize) -> Split {
+        let threads = rayon::current_num_threads();
+        let row_tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
+        let rows_per_task = rows.div_ceil(row_tasks).div_ceil(24) * 24;
+        let row_tasks = rows.div_ceil(rows_per_task).max(1);
+        let cout_g = self.out_channels / self.groups;
+        // Four tasks a thread, in column runs of whole 48-column spans.
+        let wanted = (4 * threads)
+            .div_ceil(row_tasks)
+            .min(cout_g.div_ceil(48))
+            .max(1);
+        let cols_per_task = cout_g.div_ceil(wanted).div_ceil(48) * 48;
+        Split {
+            rows_per_task,
+            row_tasks,
+            cols_per_task,
+            col_tasks: cout_g.div_ceil(cols_per_task),
+        }
+    }
+
     /// One layer over the batch: `input` (n, h, w, in) u8 to `output` (n, oh, ow, out) u8.
     fn forward(&self, input: &[u8], n: usize, h: usize, w: usize, output: &mut [u8]) {
         let (oh, ow) = self.output_size(h, w);
         let rows = n * oh * ow;
         let out_ptr = crate::OutPtrU8(output.as_mut_ptr());
-        let tasks = rows.div_ceil(ROWS_PER_TASK);
-        (0..tasks).into_par_iter().for_each(|task| {
-            PATCHES.with_borrow_mut(|patches| self.task(task, input, n, h, w, out_ptr, patches))
-        });
+        let split = self.split(rows);
+        (0..split.row_tasks * split.col_tasks)
+            .into_par_iter()
+            .for_each(|task| {
+                let (row_task, col_task) = (task / split.col_tasks, task % split.col_tasks);
+                let first = row_task * split.rows_per_task;
+                let count = split.rows_per_task.min(rows - first);
+                let cout_g = self.out_channels / self.groups;
+                let cols = col_task * split.cols_per_task
+                    ..((col_task + 1) * split.cols_per_task).min(cout_g);
+                PATCHES.with_borrow_mut(|patches| {
+                    self.task(first..first + count, cols, input, n, h, w, out_ptr, patches)
+                })
+            });
     }
 
-    /// One task: its rows' patches, then a product per group.
+    /// One task: its rows' patches, then a product per group over its columns.
     #[allow(clippy::too_many_arguments)]
     fn task(
         &self,
-        task: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
         input: &[u8],
         n: usize,
         h: usize,
@@ -244,58 +320,71 @@ impl Int8Layer {
         patches: &mut Vec<u8>,
     ) {
         let (oh, ow) = self.output_size(h, w);
-        let rows = n * oh * ow;
+        debug_assert!(rows.end <= n * oh * ow);
         let (cin, cout) = (self.in_channels, self.out_channels);
         let (cin_g, cout_g) = (cin / self.groups, cout / self.groups);
         let k = 9 * cin_g;
         let lda = k.div_ceil(K_GROUP) * K_GROUP;
         let pad = self.input.zero_point;
-        {
-            let first = task * ROWS_PER_TASK;
-            let count = ROWS_PER_TASK.min(rows - first);
-            // Grows once per thread; the bytes past each row's k are never used.
-            if patches.len() < count * lda {
-                patches.resize(count * lda, 0);
-            }
-            for g in 0..self.groups {
-                for (r, row) in patches[..count * lda].chunks_exact_mut(lda).enumerate() {
-                    let pos = first + r;
-                    let (image, y, x) = (pos / (oh * ow), pos / ow % oh, pos % ow);
-                    for tap in 0..9 {
-                        let (ky, kx) = (tap / 3, tap % 3);
-                        let iy = (y * self.stride + ky * self.dilation) as isize
-                            - self.dilation as isize;
-                        let ix = (x * self.stride + kx * self.dilation) as isize
-                            - self.dilation as isize;
-                        let dst = &mut row[tap * cin_g..(tap + 1) * cin_g];
-                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                            dst.fill(pad);
+        let count = rows.len();
+        let (stride, dilation) = (self.stride, self.dilation);
+        // Grows once per thread; the bytes past each row's k are never used.
+        if patches.len() < count * lda {
+            patches.resize(count * lda, 0);
+        }
+        for g in 0..self.groups {
+            for (r, row) in patches[..count * lda].chunks_exact_mut(lda).enumerate() {
+                let pos = rows.start + r;
+                let (image, y, x) = (pos / (oh * ow), pos / ow % oh, pos % ow);
+                let ix0 = (x * stride) as isize - dilation as isize;
+                for ky in 0..3 {
+                    let iy = (y * stride + ky * dilation) as isize - dilation as isize;
+                    let dst = &mut row[3 * ky * cin_g..3 * (ky + 1) * cin_g];
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(pad);
+                        continue;
+                    }
+                    let line = (image * h + iy as usize) * w;
+                    let inside = ix0 >= 0 && ix0 + 2 * (dilation as isize) < w as isize;
+                    if inside && dilation == 1 && self.groups == 1 {
+                        // The three taps of this kernel row are adjacent pixels: one copy.
+                        let at = (line + ix0 as usize) * cin;
+                        dst.copy_from_slice(&input[at..at + 3 * cin]);
+                        continue;
+                    }
+                    for kx in 0..3 {
+                        let ix = ix0 + (kx * dilation) as isize;
+                        let tap = &mut dst[kx * cin_g..(kx + 1) * cin_g];
+                        if ix < 0 || ix >= w as isize {
+                            tap.fill(pad);
                         } else {
-                            let at =
-                                ((image * h + iy as usize) * w + ix as usize) * cin + g * cin_g;
-                            dst.copy_from_slice(&input[at..at + cin_g]);
+                            let at = (line + ix as usize) * cin + g * cin_g;
+                            tap.copy_from_slice(&input[at..at + cin_g]);
                         }
                     }
                 }
-                let product = Product8 {
-                    rows: count,
-                    a_row: |r: usize| patches.as_ptr().wrapping_add(r * lda),
-                    a_zero: pad,
-                    b: &self.weights[g],
-                    bias: &self.bias[g * cout_g..],
-                    c: out_ptr.get().wrapping_add(first * cout + g * cout_g),
-                    ldc: cout,
-                    epilogue: Epilogue::U8 {
-                        scale: &self.requant[g * cout_g..],
-                        zero: self.output.zero_point,
-                        relu: true,
-                    },
-                };
-                // SAFETY: each patch row holds `lda` bytes (k rounded up to whole groups);
-                // the task's rows of the output are its own (tasks split the rows), each
-                // `cout` bytes apart with this group's `cout_g` columns inside.
-                unsafe { gemm_u8s8(self.kernels, &product) };
             }
+            let product = Product8 {
+                rows: count,
+                a_row: |r: usize| patches.as_ptr().wrapping_add(r * lda),
+                a_zero: pad,
+                b: &self.weights[g],
+                bias: &self.bias[g * cout_g..],
+                cols: cols.clone(),
+                c: out_ptr
+                    .get()
+                    .wrapping_add(rows.start * cout + g * cout_g + cols.start),
+                ldc: cout,
+                epilogue: Epilogue::U8 {
+                    scale: &self.requant[g * cout_g..],
+                    zero: self.output.zero_point,
+                    relu: true,
+                },
+            };
+            // SAFETY: each patch row holds `lda` bytes (k rounded up to whole groups); the
+            // task's rows and columns of the output are its own (tasks split them), rows
+            // `cout` bytes apart with this group's columns inside.
+            unsafe { gemm_u8s8(self.kernels, &product) };
         }
     }
 }

@@ -172,3 +172,41 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
         }
     }
 }
+
+/// A layer with few positions and many channels (the last stage's shape) is split by
+/// columns among threads, and a grouped one by groups; both still agree exactly.
+#[test]
+fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
+    use repvgg_arch::{ArchSpec, Form};
+    for spec in [
+        "depths=1,1,1,1;widths=8,16,16,160;stem=8;classes=10",
+        "depths=1,2,2,1;widths=16,32,64,96;stem=16;groups=2:2,4:4;classes=7",
+    ] {
+        let spec = ArchSpec::parse(spec).unwrap();
+        let tensors = repvgg_checkpoint::random::training_weights(&spec, 3);
+        let ckpt = Checkpoint::from_state_dict(spec, Form::Train, tensors)
+            .unwrap()
+            .to_deploy(1e-5)
+            .unwrap();
+        let float = Engine::from_checkpoint(&ckpt, 1e-5).unwrap();
+        let (n, h, w) = (2, 19, 23);
+        let input: Vec<f32> = (0..n * 3 * h * w)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
+        calibrator.observe(&float, &input, n, h, w);
+        let model =
+            QuantizedModel::quantize(&ckpt, calibrator.activations(), "minmax", n, 127).unwrap();
+        let reference = integer_reference(&model, &input, n, h, w);
+        for isa in Isa::available() {
+            let ours = Int8Engine::new(&model, Some(isa))
+                .unwrap()
+                .forward(&input, n, h, w);
+            let diff = ours
+                .iter()
+                .zip(&reference)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(diff <= 1e-5 * max_abs(&reference), "{isa}: {diff}");
+        }
+    }
+}

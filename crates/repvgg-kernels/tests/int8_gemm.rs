@@ -68,6 +68,7 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
         a_zero: case.a_zero,
         b: &packed,
         bias: &bias,
+        cols: 0..n,
         c: out.as_mut_ptr(),
         ldc: n,
         epilogue: Epilogue::U8 {
@@ -96,6 +97,26 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
     // SAFETY: as above, C holds rows x n i32.
     unsafe { gemm_u8s8(kernels, &product) };
     assert_eq!(raw, sums, "{what}: i32 sums");
+
+    // The columns computed in two calls, split on a panel, give the same.
+    if n > 16 {
+        let mut split = vec![0u8; rows * n];
+        for cols in [0..16, 16..n] {
+            let part = Product8 {
+                c: split.as_mut_ptr().wrapping_add(cols.start),
+                cols,
+                epilogue: Epilogue::U8 {
+                    scale: &scale,
+                    zero: case.out_zero,
+                    relu: case.relu,
+                },
+                ..product
+            };
+            // SAFETY: C holds rows x n bytes; each call writes its columns.
+            unsafe { gemm_u8s8(kernels, &part) };
+        }
+        assert_eq!(split, bytes, "{what}: split columns");
+    }
 }
 
 const SHAPES: [(usize, usize, usize); 9] = [
@@ -158,6 +179,7 @@ fn avx2_is_exact_at_the_edge_of_its_weight_range() {
             a_zero: 0,
             b: &packed,
             bias: &bias,
+            cols: 0..n,
             c: raw.as_mut_ptr() as *mut u8,
             ldc: n,
             epilogue: Epilogue::I32,

@@ -256,8 +256,11 @@ pub struct Product8<'a, R> {
     pub b: &'a PackedB8,
     /// Per column of B, in the units of the sums (activation scale x weight scale).
     pub bias: &'a [i32],
-    /// Where C's element (0, 0) goes: u8 or i32 elements as the epilogue stores, rows `ldc`
-    /// elements apart.
+    /// The columns of B, and so of C, to compute; `cols.start` a multiple of [`NR8`]: a
+    /// layer with few rows splits its columns among threads.
+    pub cols: std::ops::Range<usize>,
+    /// Where C's element (0, `cols.start`) goes: u8 or i32 elements as the epilogue stores,
+    /// rows `ldc` elements apart.
     pub c: *mut u8,
     pub ldc: usize,
     pub epilogue: Epilogue<'a>,
@@ -288,10 +291,15 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
         a_zero,
         b,
         bias,
+        ref cols,
         c,
         ldc,
         epilogue,
     } = *product;
+    assert!(
+        cols.start.is_multiple_of(NR8) && cols.end <= b.n,
+        "columns {cols:?} do not start on a panel or leave B"
+    );
     assert!(
         kernels != Int8Kernels::Avx2 || b.fits_avx2(),
         "the AVX2 INT8 kernel needs weights in [-64, 64]"
@@ -300,7 +308,7 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
     if let Epilogue::U8 { scale, .. } = epilogue {
         assert!(scale.len() >= b.n, "scales shorter than the columns");
     }
-    if rows == 0 || b.n == 0 {
+    if rows == 0 || cols.is_empty() {
         return;
     }
     let element = match epilogue {
@@ -309,13 +317,13 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
     };
     let groups = b.groups();
     let panel_stride = groups * NR8 * K_GROUP;
-    let panels = b.n.div_ceil(NR8);
-    let mut panel = 0;
+    let panels = cols.end.div_ceil(NR8);
+    let mut panel = cols.start / NR8;
     while panel < panels {
         let span = (panels - panel).min(spans.len());
         let kernel = spans[span - 1];
         let col = panel * NR8;
-        let width = (span * NR8).min(b.n - col);
+        let width = (span * NR8).min(cols.end - col);
         let offset: [i32; COLS_MAX] = std::array::from_fn(|j| {
             if j < width {
                 bias[col + j] - a_zero as i32 * b.column_sums[col + j]
@@ -346,7 +354,7 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
                         panel_b,
                         panel_stride,
                         &offset,
-                        c.wrapping_add((r0 * ldc + col) * element),
+                        c.wrapping_add((r0 * ldc + col - cols.start) * element),
                         ldc,
                         &store,
                     )
@@ -370,7 +378,7 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
                     )
                 };
                 for i in 0..height {
-                    let to = c.wrapping_add(((r0 + i) * ldc + col) * element);
+                    let to = c.wrapping_add(((r0 + i) * ldc + col - cols.start) * element);
                     // SAFETY: row `r0 + i` of C holds the block's `width` columns (the
                     // caller's contract); the scratch row holds 48 elements.
                     unsafe {
