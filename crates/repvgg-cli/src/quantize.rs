@@ -21,6 +21,8 @@ pub enum MethodArg {
     Minmax,
     /// The --percentile of the values seen (outliers do not stretch the scale).
     Percentile,
+    /// The range whose 8-bit copy of the values' histogram diverges least (KL) from it.
+    Entropy,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +93,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let method = match args.method {
         MethodArg::Minmax => Calibration::MinMax,
         MethodArg::Percentile => Calibration::Percentile(args.percentile),
+        MethodArg::Entropy => Calibration::Entropy,
     };
     let engine = Engine::from_checkpoint(&deploy, args.bn_eps)?;
     let mut calibrator = Calibrator::new(method, &engine);
@@ -104,6 +107,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let method_name = match args.method {
         MethodArg::Minmax => "minmax".to_string(),
         MethodArg::Percentile => format!("percentile {}", args.percentile),
+        MethodArg::Entropy => "entropy".to_string(),
     };
     let limit = if args.weight_bits == 8 { 127 } else { 63 };
     let mut model = QuantizedModel::quantize(

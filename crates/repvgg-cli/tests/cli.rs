@@ -1318,7 +1318,7 @@ fn quantize_keeps_the_demo_models_accuracy_and_every_command_reads_it() {
             .unwrap()
     };
     let float = top1(&deploy);
-    for method in ["minmax", "percentile"] {
+    for method in ["minmax", "percentile", "entropy"] {
         let q = s(&dir.path().join(format!("{method}.safetensors")));
         ok(&[
             "quantize",
