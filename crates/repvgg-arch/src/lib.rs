@@ -84,6 +84,11 @@ pub struct ArchSpec {
     /// Squeeze-and-excitation before every block's ReLU (RepVGG-D2se).
     #[serde(default)]
     pub se: bool,
+    /// QARepVGG blocks (Chu et al., AAAI 2023; the authors' `QARepVGGBlockV2`):
+    /// `ReLU(BN(conv3x3_BN(x) + conv1x1(x) + x))`, a bias-free 1x1 without BN, an identity
+    /// without BN and one BN after the sum, so that the fused kernel quantizes well.
+    #[serde(default)]
+    pub qa: bool,
     /// Classes of the linear head; 0 makes a headless backbone (no `linear.*`; the forward pass
     /// ends with the globally pooled features).
     #[serde(default = "default_classes", alias = "classes")]
@@ -137,6 +142,8 @@ pub struct BlockSpec {
     pub has_identity: bool,
     /// Bottleneck width of the SE module, if the block has one.
     pub se_channels: Option<usize>,
+    /// A QARepVGG block (see [`ArchSpec::qa`]).
+    pub qa: bool,
     /// Whether this block's output is its stage's output (what a backbone hands on).
     pub ends_stage: bool,
 }
@@ -171,6 +178,10 @@ impl BlockSpec {
     pub fn params(&self, form: Form) -> usize {
         let per_branch = match form {
             Form::Deploy => self.kernel_params(3) + self.out_channels,
+            // QARepVGG: the 3x3's BN and the post-sum BN; no BN on the 1x1 or the identity.
+            Form::Train if self.qa => {
+                self.kernel_params(3) + self.kernel_params(1) + 4 * self.out_channels
+            }
             Form::Train => {
                 let identity = if self.has_identity {
                     2 * self.in_channels
@@ -240,6 +251,16 @@ impl ArchSpec {
     /// A published variant. Accepts `A0`, `a0`, `RepVGG-A0` and `repvgg_a0`.
     pub fn named(name: &str) -> Result<ArchSpec, ArchError> {
         let lower = name.trim().to_ascii_lowercase();
+        // QARepVGG-A0 (and the authors' QARepVGGV2-A0): the variant with QARepVGG blocks.
+        let qa_bare = ["qarepvggv2-", "qarepvgg-", "qarepvgg_"]
+            .iter()
+            .find_map(|prefix| lower.strip_prefix(prefix));
+        if let Some(bare) = qa_bare {
+            let mut spec = ArchSpec::named(bare)?;
+            spec.qa = true;
+            spec.name = spec.name.replacen("RepVGG-", "QARepVGG-", 1);
+            return Ok(spec);
+        }
         let bare = lower
             .strip_prefix("repvgg-")
             .or_else(|| lower.strip_prefix("repvgg_"))
@@ -282,6 +303,7 @@ impl ArchSpec {
             ],
             groups,
             se,
+            qa: false,
             num_classes,
             in_channels: 3,
             strides: default_strides(),
@@ -335,6 +357,7 @@ impl ArchSpec {
             widths: [0; 4],
             groups: BTreeMap::new(),
             se: false,
+            qa: false,
             num_classes: default_classes(),
             in_channels: default_in_channels(),
             strides: default_strides(),
@@ -413,6 +436,19 @@ impl ArchSpec {
                     };
                     "se"
                 }
+                "qa" => {
+                    self.qa = match value.trim() {
+                        "" | "1" | "true" | "yes" => true,
+                        "0" | "false" | "no" => false,
+                        other => {
+                            return Err(invalid(format!("qa={other}: expected true or false")));
+                        }
+                    };
+                    if self.qa && self.name.starts_with("RepVGG-") {
+                        self.name = self.name.replacen("RepVGG-", "QARepVGG-", 1);
+                    }
+                    "qa"
+                }
                 "name" => {
                     self.name = value.to_string();
                     "name"
@@ -461,6 +497,13 @@ impl ArchSpec {
         }
         if self.strides.iter().any(|&s| !(1..=2).contains(&s)) {
             return invalid(format!("strides must be 1 or 2, got {:?}", self.strides));
+        }
+        if self.qa && self.se {
+            // The authors' code applies SE before the post-sum BN and then folds that BN into
+            // the conv anyway, which changes the function; an exact order is future work.
+            return invalid(
+                "QARepVGG blocks with SE are not supported yet (qa and se together)".into(),
+            );
         }
         if self.dilations.iter().any(|&d| !(1..=64).contains(&d)) {
             return invalid(format!(
@@ -549,6 +592,7 @@ impl ArchSpec {
                 // so that stride overrides keep checkpoints loadable.
                 has_identity: in_channels == out_channels && index > 0,
                 se_channels: self.se.then_some(out_channels / SE_REDUCTION),
+                qa: self.qa,
                 ends_stage,
             });
         };

@@ -7,7 +7,8 @@ use burn::tensor::{Device, Tensor};
 
 use repvgg_arch::{ArchSpec, BlockSpec, Form};
 use repvgg_checkpoint::layout::{
-    self, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, REPARAM, SE_DOWN, SE_UP,
+    self, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, QA_ONE_CONV, QA_POST_BN,
+    REPARAM, SE_DOWN, SE_UP,
 };
 use repvgg_checkpoint::{Checkpoint, StateDict};
 
@@ -181,14 +182,21 @@ fn stage_outputs<B: Block>(
     out
 }
 
-/// Training-form block: `ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) + BN(x)))`.
+/// Training-form block: `ReLU(SE(BN(conv3x3 x) + BN(conv1x1 x) + BN(x)))`, or QARepVGG's
+/// `ReLU(BN_post(BN(conv3x3 x) + conv1x1 x + x))` (no BN on the 1x1 or the identity).
 #[derive(Module, Debug)]
 pub struct TrainBlock {
     pub dense_conv: Conv2d,
     pub dense_bn: BatchNorm2d,
     pub one_conv: Conv2d,
-    pub one_bn: BatchNorm2d,
+    /// The 1x1 branch's BN; `None` in a QARepVGG block.
+    pub one_bn: Option<BatchNorm2d>,
+    /// The identity branch's BN (RepVGG).
     pub identity: Option<BatchNorm2d>,
+    /// A QARepVGG block's identity: `x` itself.
+    pub plain_identity: bool,
+    /// A QARepVGG block's BN after the sum.
+    pub post_bn: Option<BatchNorm2d>,
     pub se: Option<SqueezeExcite>,
     pub stage: usize,
     pub index: usize,
@@ -196,17 +204,25 @@ pub struct TrainBlock {
 
 impl TrainBlock {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let one = training_ops::conv2d(&self.one_conv, x.clone());
+        let one = match &self.one_bn {
+            Some(bn) => bn.forward(one),
+            None => one,
+        };
         let mut sum = self
             .dense_bn
             .forward(training_ops::conv2d(&self.dense_conv, x.clone()))
-            + self
-                .one_bn
-                .forward(training_ops::conv2d(&self.one_conv, x.clone()));
+            + one;
         if let Some(identity) = &self.identity {
             sum = sum + identity.forward(x);
+        } else if self.plain_identity {
+            sum = sum + x;
         }
         if let Some(se) = &self.se {
             sum = se.forward(sum);
+        }
+        if let Some(post) = &self.post_bn {
+            sum = post.forward(sum);
         }
         relu(sum)
     }
@@ -270,16 +286,20 @@ impl RepVggTrain {
                     ),
                     dense_bn: r.bn(&format!("{p}{DENSE_BN}"), bn_eps),
                     one_conv: conv2d(
-                        r.get(&format!("{p}{ONE_CONV}weight")),
+                        r.get(&format!(
+                            "{p}{}weight",
+                            if b.qa { QA_ONE_CONV } else { ONE_CONV }
+                        )),
                         None,
                         b.stride,
                         0,
                         b.groups,
                     ),
-                    one_bn: r.bn(&format!("{p}{ONE_BN}"), bn_eps),
-                    identity: b
-                        .has_identity
+                    one_bn: (!b.qa).then(|| r.bn(&format!("{p}{ONE_BN}"), bn_eps)),
+                    identity: (b.has_identity && !b.qa)
                         .then(|| r.bn(&format!("{p}{IDENTITY_BN}"), bn_eps)),
+                    plain_identity: b.has_identity && b.qa,
+                    post_bn: b.qa.then(|| r.bn(&format!("{p}{QA_POST_BN}"), bn_eps)),
                     se: r.se(&p, b),
                     stage: b.stage,
                     index: b.index,
@@ -299,10 +319,18 @@ impl RepVggTrain {
             let p = format!("{}.", block_name(b.stage, b.index));
             w.conv(&format!("{p}{DENSE_CONV}"), &b.dense_conv);
             w.bn(&format!("{p}{DENSE_BN}"), &b.dense_bn);
-            w.conv(&format!("{p}{ONE_CONV}"), &b.one_conv);
-            w.bn(&format!("{p}{ONE_BN}"), &b.one_bn);
+            match &b.one_bn {
+                Some(bn) => {
+                    w.conv(&format!("{p}{ONE_CONV}"), &b.one_conv);
+                    w.bn(&format!("{p}{ONE_BN}"), bn);
+                }
+                None => w.conv(&format!("{p}{QA_ONE_CONV}"), &b.one_conv),
+            }
             if let Some(id) = &b.identity {
                 w.bn(&format!("{p}{IDENTITY_BN}"), id);
+            }
+            if let Some(post) = &b.post_bn {
+                w.bn(&format!("{p}{QA_POST_BN}"), post);
             }
             w.se(&p, &b.se);
         }

@@ -2,10 +2,13 @@
 
 use rayon::prelude::*;
 use repvgg_arch::{ArchSpec, BlockSpec};
-use repvgg_fuse::{BatchNorm, Kernel, TrainBlock, fuse_block};
+use repvgg_fuse::{
+    BatchNorm, ConvBias, Kernel, QaTrainBlock, TrainBlock, fuse_block, fuse_qa_block,
+};
 
 use crate::layout::{
-    self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, REPARAM,
+    self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, QA_ONE_CONV,
+    QA_POST_BN, REPARAM,
 };
 use crate::tensor::{StateDict, Tensor};
 
@@ -71,6 +74,58 @@ pub fn train_block(
     })
 }
 
+/// The eval-mode branches of one QARepVGG block, read from a training-form state dict.
+pub fn qa_train_block(
+    dict: &StateDict,
+    block: &BlockSpec,
+    eps: f64,
+) -> Result<QaTrainBlock<f64>, String> {
+    let p = layout::prefix(block);
+    Ok(QaTrainBlock {
+        dense: (
+            kernel(dict, &format!("{p}{DENSE_CONV}weight"))?,
+            batch_norm(dict, &format!("{p}{DENSE_BN}"), eps)?,
+        ),
+        one_by_one: kernel(dict, &format!("{p}{QA_ONE_CONV}weight"))?,
+        identity: block.has_identity,
+        post: batch_norm(dict, &format!("{p}{QA_POST_BN}"), eps)?,
+        groups: block.groups,
+    })
+}
+
+/// Folds a BN kept beside a deployed block's conv (YOLOv6's QARepVGG blocks deploy as
+/// `BN(rbr_reparam(x))`) into the conv, in place: the deploy form is then the plain one.
+/// Returns how many blocks had one.
+pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, String> {
+    let prefixes: Vec<String> = dict
+        .keys()
+        .filter_map(|k| k.strip_suffix(&format!("{REPARAM}weight")))
+        .filter(|p| dict.contains_key(&format!("{p}{QA_POST_BN}weight")))
+        .map(String::from)
+        .collect();
+    for p in &prefixes {
+        let conv = ConvBias {
+            kernel: kernel(dict, &format!("{p}{REPARAM}weight"))?,
+            bias: get(dict, &format!("{p}{REPARAM}bias"))?.to_f64(),
+        };
+        let bn = batch_norm(dict, &format!("{p}{QA_POST_BN}"), eps)?;
+        let folded = repvgg_fuse::fold_bn_after(conv, &bn);
+        let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
+        dict.insert(
+            format!("{p}{REPARAM}weight"),
+            Tensor::new(folded.kernel.shape().to_vec(), to_f32(&folded.kernel.data)),
+        );
+        dict.insert(
+            format!("{p}{REPARAM}bias"),
+            Tensor::new(vec![folded.bias.len()], to_f32(&folded.bias)),
+        );
+        for field in BN_FIELDS {
+            dict.remove(&format!("{p}{QA_POST_BN}{field}"));
+        }
+    }
+    Ok(prefixes.len())
+}
+
 /// Fuses every block; SE and the head carry over unchanged. Expects official naming and a
 /// state dict already checked against `spec`.
 pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDict, String> {
@@ -80,7 +135,11 @@ pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDi
         .blocks()
         .par_iter()
         .map(|block| {
-            let fused = fuse_block(&train_block(train, block, eps)?);
+            let fused = if block.qa {
+                fuse_qa_block(&qa_train_block(train, block, eps)?)
+            } else {
+                fuse_block(&train_block(train, block, eps)?)
+            };
             let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
             let p = layout::prefix(block);
             Ok([

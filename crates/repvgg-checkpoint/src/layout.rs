@@ -12,6 +12,10 @@ pub const DENSE_BN: &str = "rbr_dense.bn.";
 pub const ONE_CONV: &str = "rbr_1x1.conv.";
 pub const ONE_BN: &str = "rbr_1x1.bn.";
 pub const IDENTITY_BN: &str = "rbr_identity.";
+/// QARepVGG's bias-free 1x1 convolution (no BN).
+pub const QA_ONE_CONV: &str = "rbr_1x1.";
+/// QARepVGG's BN after the branches' sum.
+pub const QA_POST_BN: &str = "bn.";
 pub const REPARAM: &str = "rbr_reparam.";
 pub const SE_DOWN: &str = "se.down.";
 pub const SE_UP: &str = "se.up.";
@@ -42,6 +46,12 @@ pub fn expected_tensors(spec: &ArchSpec, form: Form) -> Vec<(String, Vec<usize>)
             }
         };
         match form {
+            Form::Train if block.qa => {
+                bn(DENSE_BN, o);
+                bn(QA_POST_BN, o);
+                out.push((format!("{p}{DENSE_CONV}weight"), vec![o, i, 3, 3]));
+                out.push((format!("{p}{QA_ONE_CONV}weight"), vec![o, i, 1, 1]));
+            }
             Form::Train => {
                 bn(DENSE_BN, o);
                 bn(ONE_BN, o);
@@ -143,7 +153,11 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         })
     };
     let kernel_parts: &[&str] = match form {
-        Form::Train => &["rbr_dense.conv.weight", "rbr_1x1.conv.weight"],
+        Form::Train => &[
+            "rbr_dense.conv.weight",
+            "rbr_1x1.conv.weight",
+            "rbr_1x1.weight",
+        ],
         Form::Deploy => &["rbr_reparam.weight"],
     };
     let width_parts: &[&str] = match form {
@@ -152,6 +166,8 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
             "rbr_dense.bn.weight",
             "rbr_1x1.conv.weight",
             "rbr_1x1.bn.weight",
+            "rbr_1x1.weight",
+            "bn.weight",
         ],
         Form::Deploy => &["rbr_reparam.weight", "rbr_reparam.bias"],
     };
@@ -219,6 +235,10 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         ],
         groups,
         se: tensors.keys().any(|k| k.contains(".se.")),
+        // QARepVGG: a bias-free 1x1 without BN (`rbr_1x1.weight`), and a BN after the sum.
+        qa: tensors
+            .keys()
+            .any(|k| k.ends_with(&format!(".{QA_ONE_CONV}weight"))),
         num_classes,
         in_channels: in_channels.ok_or("cannot tell the input channels of stage 0")?,
         strides: [2; 5],

@@ -130,6 +130,11 @@ impl Checkpoint {
                 details,
             })?;
         let form = layout::detect_form(&tensors).map_err(fail)?;
+        let mut tensors = tensors;
+        if form == Form::Deploy {
+            // YOLOv6's QARepVGG blocks deploy with their post-sum BN beside the conv.
+            convert::fold_deployed_post_bn(&mut tensors, convert::DEFAULT_BN_EPS).map_err(fail)?;
+        }
         // Asked for, or recorded by whoever wrote the file (it knows strides and dilations,
         // which shapes cannot tell), or read back from the shapes.
         let (spec, source) = match (arch, recorded_arch) {

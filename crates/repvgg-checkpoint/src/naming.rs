@@ -56,6 +56,10 @@ const PARTS: &[[&str; 3]] = &[
     ["se.up.", "attn.fc2.", "se_layer.conv2.conv."],
 ];
 
+/// QARepVGG's parts (the bias-free 1x1, the post-sum BN): the authors' code is the only one
+/// with them, so they have only the official naming.
+const QA_PARTS: [&str; 2] = ["rbr_1x1.weight", "bn."];
+
 /// The classifier: (official, timm, mmpretrain).
 const HEAD: [&str; 3] = ["linear.", "head.fc.", "head.fc."];
 
@@ -143,7 +147,11 @@ impl Naming {
             return Some(format!("{}{rest}", HEAD[to_col]));
         }
         let (block, rest) = self.parse_block(key)?;
-        let part = PARTS.iter().find(|p| rest.starts_with(p[from_col]))?;
+        let Some(part) = PARTS.iter().find(|p| rest.starts_with(p[from_col])) else {
+            let qa = QA_PARTS.iter().any(|p| rest.starts_with(p));
+            return (qa && self == Naming::Official && to == Naming::Official)
+                .then(|| key.to_string());
+        };
         let tail = &rest[part[from_col].len()..];
         Some(format!("{}{}{tail}", to.block_prefix(block), part[to_col]))
     }
@@ -173,7 +181,19 @@ pub fn rename(dict: &StateDict, from: Naming, to: Naming) -> Result<StateDict, S
         .map(|(key, tensor)| {
             from.rename_key(key, to)
                 .map(|k| (k, tensor.clone()))
-                .ok_or_else(|| format!("unexpected key '{key}' for {from} naming"))
+                .ok_or_else(|| {
+                    let qa = from == Naming::Official
+                        && from
+                            .parse_block(key)
+                            .is_some_and(|(_, rest)| QA_PARTS.iter().any(|p| rest.starts_with(p)));
+                    if qa {
+                        format!(
+                            "'{key}' is a QARepVGG part, which only the authors' official naming has; write QARepVGG training weights in official naming"
+                        )
+                    } else {
+                        format!("unexpected key '{key}' for {from} naming")
+                    }
+                })
         })
         .collect()
 }

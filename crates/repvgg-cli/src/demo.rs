@@ -20,6 +20,7 @@ fn is_demo_run(checkpoint: &Path) -> bool {
     };
     demo.num_classes = ckpt.spec.num_classes;
     demo.name = ckpt.spec.name.clone();
+    demo.qa = ckpt.spec.qa;
     ckpt.run_state.is_some() && ckpt.spec == demo
 }
 
@@ -45,6 +46,10 @@ pub struct DemoArgs {
     /// No progress bar or per-epoch lines.
     #[arg(long)]
     quiet: bool,
+    /// QARepVGG blocks (quantization-friendly) instead of RepVGG's, to compare their INT8
+    /// accuracy.
+    #[arg(long)]
+    qa: bool,
     /// End with one JSON line of results.
     #[arg(long)]
     json: bool,
@@ -86,7 +91,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             dir.display()
         );
     }
-    let mut config = TrainConfig::small_images(arch_for(DEMO_ARCH, &data, &dir)?);
+    let arch = if args.qa {
+        format!("{DEMO_ARCH};qa")
+    } else {
+        DEMO_ARCH.to_string()
+    };
+    let mut config = TrainConfig::small_images(arch_for(&arch, &data, &dir)?);
     config.epochs = args.epochs.unwrap_or(DEMO_EPOCHS);
     config.batch_size = fit_batch(config.batch_size, data.train.len(), args.quiet);
     warn_about_schedule(&config, "raise --epochs");
@@ -104,7 +114,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     if !args.quiet {
         eprintln!(
             "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epoch{}",
-            DEMO_ARCH,
+            arch,
             crate::count(config.arch.params(repvgg_arch::Form::Train) as u64),
             dir.display(),
             data.train.len(),

@@ -531,13 +531,14 @@ fn describe(spec: &ArchSpec) -> String {
             .join(",")
     };
     format!(
-        "{}: stem {}, depths {:?}, widths {:?}, groups {}, SE {}, {} classes, {} input channels",
+        "{}: stem {}, depths {:?}, widths {:?}, groups {}, SE {}, QA {}, {} classes, {} input channels",
         spec.name,
         spec.stem_width,
         spec.depths,
         spec.widths,
         groups,
         if spec.se { "yes" } else { "no" },
+        if spec.qa { "yes" } else { "no" },
         spec.num_classes,
         spec.in_channels
     )

@@ -1467,3 +1467,78 @@ fn bytemuck_bytes(values: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern is a valid u8.
     unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) }
 }
+
+/// QARepVGG blocks through the command line: described, trained (both forms agree after the
+/// conversion), quantized, and refused where they do not apply.
+#[test]
+fn qarepvgg_blocks_train_convert_and_quantize() {
+    let text = ok(&["info", "QARepVGG-A0"]);
+    assert!(
+        text.contains("QARepVGG-A0") && text.contains("QA yes"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("qa");
+    let subset = fixture("fashion-mnist-subset");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let stdout = ok(&[
+        "train",
+        "--arch",
+        &format!("{TINY};qa"),
+        "--data",
+        &s(&subset),
+        "--out",
+        &s(&out),
+        "--epochs",
+        "1",
+        "--batch",
+        "100",
+        "--quiet",
+        "--json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["predictions_agree"], true, "{report}");
+    let text = ok(&["info", &s(&out.join("train.safetensors"))]);
+    assert!(
+        text.contains("QA yes") && text.contains("form: train"),
+        "{text}"
+    );
+    let q = s(&dir.path().join("q.safetensors"));
+    ok(&[
+        "quantize",
+        "--weights",
+        &s(&out.join("checkpoint.safetensors")),
+        "--calib",
+        &s(&subset),
+        "--out",
+        &q,
+        "--samples",
+        "128",
+    ]);
+    assert!(ok(&["info", &q]).contains("quantization: INT8"));
+    let err = fails(&[
+        "train",
+        "--arch",
+        &format!("{TINY};qa"),
+        "--data",
+        &s(&subset),
+        "--out",
+        &s(&dir.path().join("l2")),
+        "--custom-l2",
+    ]);
+    assert!(
+        err.contains("--custom-l2") && err.contains("QARepVGG"),
+        "{err}"
+    );
+    let err = fails(&["info", &format!("{TINY};qa;se")]);
+    assert!(err.contains("SE are not supported yet"), "{err}");
+    // Converted, they are plain RepVGG deploy weights: any naming.
+    ok(&[
+        "convert",
+        "--weights",
+        &s(&out.join("train.safetensors")),
+        &s(&dir.path().join("t.safetensors")),
+        "--naming",
+        "timm",
+    ]);
+}

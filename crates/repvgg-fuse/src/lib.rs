@@ -13,6 +13,15 @@
 //! `(C, C/g, 3, 3)` with a 1 at `[i, i mod (C/g), 1, 1]`, and since convolution is additive in its
 //! kernel the three fused convolutions sum to one: `W = W3 + W1 + Wid`, `b = b3 + b1 + bid`.
 //!
+//! A QARepVGG block (Chu et al. 2023) computes `BN_post(BN(conv3x3(x)) + conv1x1(x) + x)`: the
+//! 1x1 has no BN and no bias, the identity no BN. Its sum is one convolution with the 3x3's
+//! fused bias, `W = W3' + W1 + Wid`, `b = b3'`, and the post-sum BN folds into it like any BN
+//! after a biased convolution:
+//!
+//! ```text
+//! W'' = W * gamma / sigma,   b'' = beta + (b - running_mean) * gamma / sigma
+//! ```
+//!
 //! Everything works on plain row-major slices (OIHW kernels) in `f32` or `f64`, so the checkpoint
 //! converter, the framework models and the tests share this one implementation.
 
@@ -186,6 +195,53 @@ pub fn fuse_block<T: Float>(block: &TrainBlock<T>) -> ConvBias<T> {
     fused
 }
 
+/// A BN applied to the output of a convolution with bias, folded into it:
+/// `W' = W * gamma / sigma`, `b' = beta + (b - mu) * gamma / sigma`.
+pub fn fold_bn_after<T: Float>(conv: ConvBias<T>, bn: &BatchNorm<T>) -> ConvBias<T> {
+    let ConvBias { kernel, bias } = conv;
+    let mut folded = fuse_conv_bn(kernel, bn);
+    let scale = bn.scale();
+    for ((b, &before), &s) in folded.bias.iter_mut().zip(&bias).zip(&scale) {
+        // fuse_conv_bn gave beta - mu * s; the conv's own bias passes through the BN too.
+        *b = *b + before * s;
+    }
+    folded
+}
+
+/// The branches of one QARepVGG training block (the authors' `QARepVGGBlockV2`), in eval mode.
+#[derive(Clone, Debug)]
+pub struct QaTrainBlock<T> {
+    /// 3x3 conv (no bias) and its BN.
+    pub dense: (Kernel<T>, BatchNorm<T>),
+    /// The bias-free 1x1 conv, no BN.
+    pub one_by_one: Kernel<T>,
+    /// Whether the identity (no BN) is summed: in == out channels and stride 1.
+    pub identity: bool,
+    /// The BN after the sum.
+    pub post: BatchNorm<T>,
+    pub groups: usize,
+}
+
+/// The whole QARepVGG block: `fold(post, fuse(3x3, bn) + pad(1x1) + identity)`.
+pub fn fuse_qa_block<T: Float>(block: &QaTrainBlock<T>) -> ConvBias<T> {
+    let (dense_kernel, dense_bn) = &block.dense;
+    let mut sum = fuse_conv_bn(dense_kernel.clone(), dense_bn);
+    let zero_bias = vec![T::zero(); dense_kernel.out_channels];
+    let padded = ConvBias {
+        kernel: pad_1x1_to_3x3(&block.one_by_one),
+        bias: zero_bias.clone(),
+    };
+    sum = add(sum, &padded);
+    if block.identity {
+        let identity = ConvBias {
+            kernel: identity_kernel(dense_kernel.out_channels, block.groups),
+            bias: zero_bias,
+        };
+        sum = add(sum, &identity);
+    }
+    fold_bn_after(sum, &block.post)
+}
+
 #[cfg(test)]
 mod tests {
     use super::reference::{Conv2dParams, FeatureMap, batch_norm, conv2d};
@@ -220,6 +276,70 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f64::max)
+    }
+
+    /// The QARepVGG block, the same way: `BN_post(BN(conv3x3 x) + conv1x1 x + x)` by direct
+    /// convolution against the one fused conv, f64 on both sides (1e-12 relative).
+    #[test]
+    fn fused_qa_block_equals_its_branches() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for case in 0..60 {
+            let groups = [1, 2, 4][case % 3];
+            let per_group_in = rng.random_range(1..4);
+            let in_channels = groups * per_group_in;
+            let stride = if case % 4 == 0 { 2 } else { 1 };
+            let out_channels = if stride == 1 && case % 2 == 0 {
+                in_channels
+            } else {
+                groups * rng.random_range(1..4)
+            };
+            let identity = in_channels == out_channels && stride == 1;
+            let eps = [1e-5, 1e-3, 0.1][case % 3];
+            let (h, w) = (rng.random_range(1..9), rng.random_range(1..9));
+            let input = FeatureMap {
+                channels: in_channels,
+                height: h,
+                width: w,
+                data: (0..in_channels * h * w)
+                    .map(|_| rng.random_range(-2.0..2.0))
+                    .collect(),
+            };
+            let block = QaTrainBlock {
+                dense: (
+                    random_kernel(&mut rng, out_channels, per_group_in, 3),
+                    random_bn(&mut rng, out_channels, eps),
+                ),
+                one_by_one: random_kernel(&mut rng, out_channels, per_group_in, 1),
+                identity,
+                post: random_bn(&mut rng, out_channels, eps),
+                groups,
+            };
+            let params = |padding| Conv2dParams {
+                dilation: 1,
+                stride,
+                padding,
+                groups,
+            };
+            let (k3, bn3) = &block.dense;
+            let mut sum = batch_norm(&conv2d(&input, k3, None, params(1)), bn3);
+            let one = conv2d(&input, &block.one_by_one, None, params(0));
+            sum.data
+                .iter_mut()
+                .zip(&one.data)
+                .for_each(|(e, o)| *e += o);
+            if identity {
+                sum.data
+                    .iter_mut()
+                    .zip(&input.data)
+                    .for_each(|(e, x)| *e += x);
+            }
+            let expected = batch_norm(&sum, &block.post);
+            let fused = fuse_qa_block(&block);
+            let ours = conv2d(&input, &fused.kernel, Some(&fused.bias), params(1));
+            let scale = expected.data.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+            let err = max_abs_diff(&ours.data, &expected.data) / scale;
+            assert!(err < 1e-12, "case {case}: {err:e}");
+        }
     }
 
     /// Property: for random shapes, groups, strides, eps and odd map sizes, the fused 3x3 conv

@@ -50,7 +50,11 @@ pub fn custom_l2(model: &RepVggTrain) -> Tensor<1> {
             let c = t.dims()[0];
             t.detach().reshape([c, 1, 1, 1])
         };
-        let (t3, t1) = (scale(&block.dense_bn), scale(&block.one_bn));
+        let one_bn = block
+            .one_bn
+            .as_ref()
+            .expect("custom L2 is refused for QARepVGG blocks (they have no 1x1 BN)");
+        let (t3, t1) = (scale(&block.dense_bn), scale(one_bn));
         let [o, i, _, _] = k3.dims();
         let centre = k3.clone().slice([0..o, 0..i, 1..2, 1..2]);
         let circle = k3.powi_scalar(2).sum() - centre.clone().powi_scalar(2).sum();

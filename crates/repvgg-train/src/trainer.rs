@@ -166,6 +166,11 @@ impl<'a> Trainer<'a> {
                 data.train.len()
             )));
         }
+        if config.custom_l2 && config.arch.qa {
+            return Err(TrainError::Config(
+                "--custom-l2 is RepVGG's; QARepVGG blocks train with plain weight decay on every kernel, as their authors do".into(),
+            ));
+        }
         if config.arch.in_channels != 3 {
             return Err(TrainError::Config(
                 "training feeds 3-channel images (grey ones are expanded); use in=3".into(),

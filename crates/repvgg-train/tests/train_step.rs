@@ -45,9 +45,12 @@ fn named_grads(model: &RepVggTrain, grads: &Gradients) -> Vec<(String, Vec<f32>)
             format!("{p}.rbr_1x1.conv.weight"),
             b.one_conv.weight.val().grad(grads).map(flat4),
         );
-        for (part, bn) in [("rbr_dense.bn.", &b.dense_bn), ("rbr_1x1.bn.", &b.one_bn)]
-            .into_iter()
-            .chain(b.identity.as_ref().map(|bn| ("rbr_identity.", bn)))
+        for (part, bn) in [
+            ("rbr_dense.bn.", &b.dense_bn),
+            ("rbr_1x1.bn.", b.one_bn.as_ref().unwrap()),
+        ]
+        .into_iter()
+        .chain(b.identity.as_ref().map(|bn| ("rbr_identity.", bn)))
         {
             put(format!("{p}.{part}weight"), bn.gamma.val().grad(grads));
             put(format!("{p}.{part}bias"), bn.beta.val().grad(grads));
