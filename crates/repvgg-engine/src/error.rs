@@ -10,4 +10,7 @@ pub enum EngineError {
     /// [`crate::EngineOptions::isa`] names an instruction set this machine lacks.
     #[error(transparent)]
     Isa(#[from] UnavailableIsa),
+    /// An INT8 kernel set asked for that cannot run these weights here.
+    #[error("{0}")]
+    Int8Kernels(String),
 }

@@ -59,14 +59,36 @@ impl Int8Engine {
     /// Builds the engine; `isa` caps the INT8 kernels as [`crate::EngineOptions::isa`] caps
     /// the float ones (`None`: the best this machine has).
     pub fn new(model: &QuantizedModel, isa: Option<Isa>) -> Result<Int8Engine, EngineError> {
-        let cap = Isa::capped(isa)?;
+        Int8Engine::build(model, Isa::capped(isa)?, None)
+    }
+
+    /// Builds the engine on one INT8 kernel set for every layer, so that each set can be run
+    /// end to end on a machine that has a better one: an error if the machine lacks it, or if
+    /// the AVX2 set is asked for weights outside its [-64, 64].
+    pub fn with_kernels(
+        model: &QuantizedModel,
+        kernels: Int8Kernels,
+    ) -> Result<Int8Engine, EngineError> {
+        if !kernels.is_available() {
+            return Err(EngineError::Int8Kernels(format!(
+                "the {kernels} INT8 kernels do not run on this machine"
+            )));
+        }
+        Int8Engine::build(model, Isa::best(), Some(kernels))
+    }
+
+    fn build(
+        model: &QuantizedModel,
+        cap: Isa,
+        forced: Option<Int8Kernels>,
+    ) -> Result<Int8Engine, EngineError> {
         let blocks = model.spec.blocks();
         let acts = &model.info.activations;
         let layers = blocks
             .iter()
             .zip(&model.convs)
             .enumerate()
-            .map(|(i, (b, conv))| {
+            .map(|(i, (b, conv))| -> Result<Int8Layer, EngineError> {
                 let (input, output) = (acts[i], acts[i + 1]);
                 let (cin_g, cout_g) = (b.in_channels / b.groups, b.out_channels / b.groups);
                 let k = 9 * cin_g;
@@ -81,13 +103,22 @@ impl Int8Engine {
                         })
                     })
                     .collect();
-                let kernels = weights
-                    .iter()
-                    .map(|w| Int8Kernels::best_for(cap, w))
-                    .min()
-                    .unwrap_or(Int8Kernels::Portable);
+                let kernels = match forced {
+                    Some(Int8Kernels::Avx2) if !weights.iter().all(PackedB8::fits_avx2) => {
+                        return Err(EngineError::Int8Kernels(format!(
+                            "{}: the AVX2 INT8 kernels need weights within [-64, 64] (quantize with --weight-bits 7)",
+                            b.name()
+                        )));
+                    }
+                    Some(kernels) => kernels,
+                    None => weights
+                        .iter()
+                        .map(|w| Int8Kernels::best_for(cap, w))
+                        .min()
+                        .unwrap_or(Int8Kernels::Portable),
+                };
                 let unit: Vec<f32> = conv.weight_scale.iter().map(|s| input.scale * s).collect();
-                Int8Layer {
+                Ok(Int8Layer {
                     in_channels: b.in_channels,
                     out_channels: b.out_channels,
                     groups: b.groups,
@@ -109,9 +140,9 @@ impl Int8Engine {
                     requant: unit.iter().map(|u| u / output.scale).collect(),
                     input,
                     output,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Int8Engine {
             spec: model.spec.clone(),
             layers,

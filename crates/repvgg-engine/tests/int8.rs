@@ -11,6 +11,7 @@
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
 use repvgg_engine::{Calibration, Calibrator, Engine, Int8Engine, Isa, Workspace};
+use repvgg_kernels::int8::Int8Kernels;
 
 fn fixture_batch(config: &str) -> (Vec<f32>, usize, usize, usize) {
     let io = repvgg_testing::read_f64(&repvgg_testing::fixture(config, "io.safetensors"));
@@ -123,52 +124,67 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
         let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
         calibrator.observe(&float, &input, n, h, w);
         let float_logits = float.forward(&input, n, h, w, &mut Workspace::default());
-        // 8-bit weights, and the 7-bit ones the AVX2 kernel takes (so that it runs too).
-        for (limit, isa) in [127, 63]
-            .into_iter()
-            .flat_map(|limit| Isa::available().into_iter().map(move |isa| (limit, isa)))
-        {
+        // 8-bit weights, and the 7-bit ones the AVX2 kernel takes (so that it runs too); every
+        // kernel set the machine has, forced, and every instruction-set cap.
+        for limit in [127, 63] {
             let activations = calibrator.activations();
             let model = QuantizedModel::quantize(&ckpt, activations, "minmax", n, limit).unwrap();
             let reference = integer_reference(&model, &input, n, h, w);
             let classes = model.spec.num_classes;
-            let engine = Int8Engine::new(&model, Some(isa)).unwrap();
-            let ours = engine.forward(&input, n, h, w);
-            let diff = ours
-                .iter()
-                .zip(&reference)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                diff <= 1e-6 * max_abs(&reference),
-                "{config} {isa} ({} kernels): {diff} from the integer reference",
-                engine.kernels()
-            );
-            let drift = ours
-                .iter()
-                .zip(&float_logits)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            // 7-bit weights are rounded twice as coarsely: twice the allowance.
-            assert!(
-                drift <= 0.05 * (127.0 / limit as f32) * max_abs(&float_logits),
-                "{config} {isa}: INT8 {drift} from float (max logit {})",
-                max_abs(&float_logits)
-            );
-            eprintln!(
-                "{config} {isa} limit {limit} ({} kernels): drift from float {:.2e} of max logit",
-                engine.kernels(),
-                drift / max_abs(&float_logits)
-            );
-            let argmax = |v: &[f32]| {
-                v.iter()
-                    .enumerate()
-                    .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
-            };
-            let same = ours
-                .chunks_exact(classes)
-                .zip(float_logits.chunks_exact(classes))
-                .filter(|(a, b)| argmax(a) == argmax(b))
-                .count();
-            assert!(same * 4 >= n * 3, "{config}: top-1 agrees on {same} of {n}");
+            let mut engines: Vec<(String, Int8Engine)> = Vec::new();
+            for kernels in Int8Kernels::available() {
+                match Int8Engine::with_kernels(&model, kernels) {
+                    Ok(engine) => engines.push((format!("forced {kernels}"), engine)),
+                    Err(e) => assert!(
+                        kernels == Int8Kernels::Avx2 && limit == 127,
+                        "{kernels}: {e}"
+                    ),
+                }
+            }
+            for isa in Isa::available() {
+                engines.push((
+                    format!("cap {isa}"),
+                    Int8Engine::new(&model, Some(isa)).unwrap(),
+                ));
+            }
+            for (isa, engine) in engines {
+                let ours = engine.forward(&input, n, h, w);
+                let diff = ours
+                    .iter()
+                    .zip(&reference)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff <= 1e-6 * max_abs(&reference),
+                    "{config} {isa} ({} kernels): {diff} from the integer reference",
+                    engine.kernels()
+                );
+                let drift = ours
+                    .iter()
+                    .zip(&float_logits)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                // 7-bit weights are rounded twice as coarsely: twice the allowance.
+                assert!(
+                    drift <= 0.05 * (127.0 / limit as f32) * max_abs(&float_logits),
+                    "{config} {isa}: INT8 {drift} from float (max logit {})",
+                    max_abs(&float_logits)
+                );
+                eprintln!(
+                    "{config} {isa} limit {limit} ({} kernels): drift from float {:.2e} of max logit",
+                    engine.kernels(),
+                    drift / max_abs(&float_logits)
+                );
+                let argmax = |v: &[f32]| {
+                    v.iter()
+                        .enumerate()
+                        .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+                };
+                let same = ours
+                    .chunks_exact(classes)
+                    .zip(float_logits.chunks_exact(classes))
+                    .filter(|(a, b)| argmax(a) == argmax(b))
+                    .count();
+                assert!(same * 4 >= n * 3, "{config}: top-1 agrees on {same} of {n}");
+            }
         }
     }
 }

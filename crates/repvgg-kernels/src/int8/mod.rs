@@ -35,6 +35,7 @@
 
 mod avx2;
 mod avx512;
+mod avxvnni;
 mod portable;
 
 use crate::Isa;
@@ -58,14 +59,18 @@ pub enum Int8Kernels {
     Portable,
     /// AVX2: `vpmaddubsw` + `vpmaddwd` (weights in [-64, 64]).
     Avx2,
+    /// AVX-VNNI: 256-bit `vpdpbusd`, exact for any INT8 weights (processors with VNNI but
+    /// no AVX-512).
+    AvxVnni,
     /// AVX-512 with VNNI: `vpdpbusd`, exact for any INT8 weights.
     Avx512Vnni,
 }
 
 impl Int8Kernels {
-    pub const ALL: [Int8Kernels; 3] = [
+    pub const ALL: [Int8Kernels; 4] = [
         Int8Kernels::Portable,
         Int8Kernels::Avx2,
+        Int8Kernels::AvxVnni,
         Int8Kernels::Avx512Vnni,
     ];
 
@@ -73,6 +78,7 @@ impl Int8Kernels {
         match self {
             Int8Kernels::Portable => "portable",
             Int8Kernels::Avx2 => "avx2",
+            Int8Kernels::AvxVnni => "avx-vnni",
             Int8Kernels::Avx512Vnni => "avx512-vnni",
         }
     }
@@ -81,6 +87,14 @@ impl Int8Kernels {
         match self {
             Int8Kernels::Portable => true,
             Int8Kernels::Avx2 => Isa::Avx2.is_available(),
+            Int8Kernels::AvxVnni => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    Isa::Avx2.is_available() && std::arch::is_x86_feature_detected!("avxvnni")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            }
             Int8Kernels::Avx512Vnni => {
                 #[cfg(target_arch = "x86_64")]
                 {
@@ -102,12 +116,15 @@ impl Int8Kernels {
             .collect()
     }
 
-    /// The best set for `weights` within the instruction set `cap`: VNNI where the machine
-    /// has it, else AVX2 when the weights fit its 16-bit sums, else portable.
+    /// The best set for `weights` within the instruction set `cap`: AVX-512 VNNI where the
+    /// machine has it, else AVX-VNNI, else AVX2 when the weights fit its 16-bit sums, else
+    /// portable.
     pub fn best_for(cap: Isa, weights: &PackedB8) -> Int8Kernels {
         let vnni = Int8Kernels::Avx512Vnni;
         if cap >= Isa::Avx512 && vnni.is_available() {
             vnni
+        } else if cap >= Isa::Avx2 && Int8Kernels::AvxVnni.is_available() {
+            Int8Kernels::AvxVnni
         } else if cap >= Isa::Avx2 && Int8Kernels::Avx2.is_available() && weights.fits_avx2() {
             Int8Kernels::Avx2
         } else {
@@ -126,6 +143,8 @@ impl Int8Kernels {
             Int8Kernels::Portable => (portable::MR, &[portable::kernel]),
             #[cfg(target_arch = "x86_64")]
             Int8Kernels::Avx2 => (avx2::MR, &[avx2::kernel]),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernels::AvxVnni => (avxvnni::MR, &[avxvnni::kernel]),
             #[cfg(target_arch = "x86_64")]
             Int8Kernels::Avx512Vnni => (avx512::MR, avx512::SPANS),
             #[cfg(not(target_arch = "x86_64"))]
