@@ -129,10 +129,10 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         calibrator.images(),
         int8.kernels()
     );
-    if args.weight_bits == 8 && !Int8Kernels::Avx512Vnni.is_available() && Isa::best() >= Isa::Avx2
-    {
+    let vnni = Int8Kernels::Avx512Vnni.is_available() || Int8Kernels::AvxVnni.is_available();
+    if args.weight_bits == 8 && !vnni && Isa::best() >= Isa::Avx2 {
         eprintln!(
-            "note: this machine has no AVX-512 VNNI, so 8-bit weights run on the portable kernels; --weight-bits 7 lets the AVX2 kernels run them"
+            "note: this machine has no VNNI, so 8-bit weights run on the portable kernels; --weight-bits 7 lets the AVX2 kernels run them"
         );
     }
     if args.report
