@@ -42,6 +42,10 @@ struct Int8Layer {
     output: ActivationQuant,
 }
 
+/// Called after every block with (block index, height, width, NHWC u8 output, its
+/// quantization).
+type Int8Observer<'a> = dyn FnMut(usize, usize, usize, &[u8], ActivationQuant) + 'a;
+
 /// A quantized RepVGG ready to run in INT8.
 pub struct Int8Engine {
     spec: ArchSpec,
@@ -171,8 +175,74 @@ impl Int8Engine {
     }
 
     /// Logits `(n, classes)` for an NCHW float batch (a headless model's pooled features).
+    ///
+    /// A batch with an image per thread runs in throughput mode, as the float engine's auto
+    /// mode does: each thread takes whole images through every layer, so no layer waits for
+    /// the others' threads and each image's maps stay in its core's caches.
     pub fn forward(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
-        self.forward_with(input, n, h, w, |_, _, _, _, _| {})
+        let threads = rayon::current_num_threads();
+        if threads < 2 || n < threads {
+            return self.forward_with(input, n, h, w, |_, _, _, _, _| {});
+        }
+        let a = self.quantize_input(input, n, h, w);
+        let image = h * w * self.spec.in_channels;
+        let per_thread = n.div_ceil(threads);
+        let parts: Vec<(Vec<u8>, usize, usize)> = a
+            .par_chunks(per_thread * image)
+            .map(|part| {
+                let mut noop = |_: usize, _: usize, _: usize, _: &[u8], _: ActivationQuant| {};
+                self.run_layers(part.to_vec(), part.len() / image, h, w, false, &mut noop)
+            })
+            .collect();
+        let (oh, ow) = (parts[0].1, parts[0].2);
+        let features: Vec<u8> = parts.into_iter().flat_map(|(f, _, _)| f).collect();
+        self.head(&features, n, oh * ow)
+    }
+
+    /// NCHW float to NHWC u8, a row of an image per task.
+    fn quantize_input(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<u8> {
+        let c = self.spec.in_channels;
+        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
+        assert_eq!(
+            input.len(),
+            n * c * h * w,
+            "input is not ({n}, {c}, {h}, {w})"
+        );
+        let mut a = vec![0u8; n * h * w * c];
+        let plane = h * w;
+        a.par_chunks_mut(w * c).enumerate().for_each(|(line, out)| {
+            let (image, y) = (line / h, line % h);
+            let base = image * c * plane + y * w;
+            for (x, pixel) in out.chunks_exact_mut(c).enumerate() {
+                for (ch, q) in pixel.iter_mut().enumerate() {
+                    *q = self.input.quantize(input[base + ch * plane + x]);
+                }
+            }
+        });
+        a
+    }
+
+    /// Every layer over `a` (n, h, w, in): the last one's output and its size.
+    fn run_layers(
+        &self,
+        mut a: Vec<u8>,
+        n: usize,
+        h: usize,
+        w: usize,
+        parallel: bool,
+        observer: &mut Int8Observer<'_>,
+    ) -> (Vec<u8>, usize, usize) {
+        let (mut h, mut w) = (h, w);
+        let mut b = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (oh, ow) = layer.output_size(h, w);
+            b.resize(n * oh * ow * layer.out_channels, 0);
+            layer.forward(&a, n, h, w, &mut b, parallel);
+            std::mem::swap(&mut a, &mut b);
+            (h, w) = (oh, ow);
+            observer(i, h, w, &a, layer.output);
+        }
+        (a, h, w)
     }
 
     /// Like [`Int8Engine::forward`], calling `observer(block, h, w, nhwc, quantization)` with
@@ -185,36 +255,9 @@ impl Int8Engine {
         w: usize,
         mut observer: impl FnMut(usize, usize, usize, &[u8], ActivationQuant),
     ) -> Vec<f32> {
-        let c = self.spec.in_channels;
-        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
-        assert_eq!(
-            input.len(),
-            n * c * h * w,
-            "input is not ({n}, {c}, {h}, {w})"
-        );
-        // NCHW float to NHWC u8, a row of the image per task.
-        let mut a = vec![0u8; n * h * w * c];
-        let plane = h * w;
-        a.par_chunks_mut(w * c).enumerate().for_each(|(line, out)| {
-            let (image, y) = (line / h, line % h);
-            let base = image * c * plane + y * w;
-            for (x, pixel) in out.chunks_exact_mut(c).enumerate() {
-                for (ch, q) in pixel.iter_mut().enumerate() {
-                    *q = self.input.quantize(input[base + ch * plane + x]);
-                }
-            }
-        });
-        let (mut h, mut w) = (h, w);
-        let mut b = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (oh, ow) = layer.output_size(h, w);
-            b.resize(n * oh * ow * layer.out_channels, 0);
-            layer.forward(&a, n, h, w, &mut b);
-            std::mem::swap(&mut a, &mut b);
-            (h, w) = (oh, ow);
-            observer(i, h, w, &a, layer.output);
-        }
-        self.head(&a, n, h * w)
+        let a = self.quantize_input(input, n, h, w);
+        let (features, oh, ow) = self.run_layers(a, n, h, w, true, &mut observer);
+        self.head(&features, n, oh * ow)
     }
 
     /// Seconds in each block for one forward (after a warm-up), with its MACs; the first
@@ -317,24 +360,51 @@ impl Int8Layer {
     }
 
     /// One layer over the batch: `input` (n, h, w, in) u8 to `output` (n, oh, ow, out) u8.
-    fn forward(&self, input: &[u8], n: usize, h: usize, w: usize, output: &mut [u8]) {
+    /// `parallel`: the layer's tasks shared among the pool's threads, or (a thread's share
+    /// of a batch in throughput mode) run here one after the other.
+    fn forward(
+        &self,
+        input: &[u8],
+        n: usize,
+        h: usize,
+        w: usize,
+        output: &mut [u8],
+        parallel: bool,
+    ) {
         let (oh, ow) = self.output_size(h, w);
         let rows = n * oh * ow;
         let out_ptr = crate::OutPtrU8(output.as_mut_ptr());
-        let split = self.split(rows);
-        (0..split.row_tasks * split.col_tasks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (row_task, col_task) = (task / split.col_tasks, task % split.col_tasks);
-                let first = row_task * split.rows_per_task;
-                let count = split.rows_per_task.min(rows - first);
-                let cout_g = self.out_channels / self.groups;
-                let cols = col_task * split.cols_per_task
-                    ..((col_task + 1) * split.cols_per_task).min(cout_g);
-                PATCHES.with_borrow_mut(|patches| {
-                    self.task(first..first + count, cols, input, n, h, w, out_ptr, patches)
-                })
-            });
+        let split = if parallel {
+            self.split(rows)
+        } else {
+            // One thread: columns whole, rows in the usual runs.
+            let rows_per_task = ROWS_PER_TASK.div_ceil(24) * 24;
+            let cout_g = self.out_channels / self.groups;
+            Split {
+                rows_per_task,
+                row_tasks: rows.div_ceil(rows_per_task).max(1),
+                cols_per_task: cout_g,
+                col_tasks: 1,
+            }
+        };
+        let run = |task: usize| {
+            let (row_task, col_task) = (task / split.col_tasks, task % split.col_tasks);
+            let first = row_task * split.rows_per_task;
+            let count = split.rows_per_task.min(rows - first);
+            let cout_g = self.out_channels / self.groups;
+            let cols =
+                col_task * split.cols_per_task..((col_task + 1) * split.cols_per_task).min(cout_g);
+            PATCHES.with_borrow_mut(|patches| {
+                self.task(first..first + count, cols, input, n, h, w, out_ptr, patches)
+            })
+        };
+        if parallel {
+            (0..split.row_tasks * split.col_tasks)
+                .into_par_iter()
+                .for_each(run);
+        } else {
+            (0..split.row_tasks * split.col_tasks).for_each(run);
+        }
     }
 
     /// One task: its rows' patches, then a product per group over its columns.
