@@ -35,7 +35,9 @@ impl ActivationQuant {
     /// it is the convolution's padding and ReLU's floor).
     pub fn covering(min: f32, max: f32) -> ActivationQuant {
         let (min, max) = (min.min(0.0), max.max(0.0));
-        let span = (max - min).max(1e-8);
+        // A range of (nearly) nothing, an activation that is always zero, gets the unit
+        // range: a vanishing scale would blow up the next layer's bias in the sums' units.
+        let span = if max - min > 1e-6 { max - min } else { 1.0 };
         let scale = span / 255.0;
         let zero_point = (-min / scale).round().clamp(0.0, 255.0) as u8;
         ActivationQuant { scale, zero_point }
@@ -104,6 +106,12 @@ impl QuantizedModel {
         if deploy.spec.se {
             return Err("INT8 for SE models (D2se) is not supported yet".into());
         }
+        if activations
+            .iter()
+            .any(|a| !(a.scale.is_finite() && a.scale > 0.0))
+        {
+            return Err("an activation range is not finite".into());
+        }
         let blocks = deploy.spec.blocks();
         if activations.len() != blocks.len() + 1 {
             return Err(format!(
@@ -160,6 +168,25 @@ impl QuantizedModel {
             preprocessing: deploy.preprocessing.clone(),
             labels: deploy.labels.clone(),
         })
+    }
+
+    /// Blocks whose bias does not fit the 32-bit sums' units (input scale x weight scale)
+    /// within 2^30, where the engine clamps it: their outputs will be wrong. A symptom of an
+    /// activation range far smaller than the values that follow it.
+    pub fn saturated_biases(&self) -> Vec<String> {
+        let acts = &self.info.activations;
+        self.spec
+            .blocks()
+            .iter()
+            .zip(&self.convs)
+            .enumerate()
+            .filter(|(i, (_, conv))| {
+                conv.bias.iter().zip(&conv.weight_scale).any(|(b, s)| {
+                    (*b as f64 / (acts[*i].scale as f64 * *s as f64)).abs() > (1u64 << 30) as f64
+                })
+            })
+            .map(|(_, (b, _))| b.name())
+            .collect()
     }
 
     /// The float weights this model stands for (`scale * q`): what float commands run.
@@ -292,6 +319,16 @@ pub(crate) fn from_parts(
         .map_err(|e| format!("unreadable architecture in the metadata: {e}"))?;
     spec.validate()
         .map_err(|e| format!("the metadata's architecture is impossible: {e}"))?;
+    if spec.se {
+        return Err(
+            "an INT8 model with SE blocks: not something this version writes or runs".into(),
+        );
+    }
+    if let Some(other) = info.float_layers.iter().find(|l| l.as_str() != "linear") {
+        return Err(format!(
+            "the metadata keeps layer '{other}' in float; this version keeps only the head (linear) in float"
+        ));
+    }
     let blocks = spec.blocks();
     if info.activations.len() != blocks.len() + 1 {
         return Err(format!(

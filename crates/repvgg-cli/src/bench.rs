@@ -120,7 +120,9 @@ fn int8_model(
     let engine = Engine::with_options(&deploy, DEFAULT_BN_EPS, *options)?;
     let mut calibrator =
         repvgg_engine::Calibrator::new(repvgg_engine::Calibration::MinMax, &engine);
-    calibrator.observe(&engine, input, n, h, w);
+    calibrator
+        .observe(&engine, input, n, h, w)
+        .map_err(anyhow::Error::msg)?;
     QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, 127)
         .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -175,14 +175,23 @@ fn int8_line(out: &Path, data: &repvgg_data::DataSplits) -> Result<Int8Result> {
     for chunk in indices.chunks(128) {
         let batch = pipeline.batch(data.train.as_ref(), chunk, 0)?;
         let [n, _, h, w] = batch.shape;
-        calibrator.observe(&engine, &batch.images, n, h, w);
+        calibrator
+            .observe(&engine, &batch.images, n, h, w)
+            .map_err(anyhow::Error::msg)?;
     }
     let model = QuantizedModel::quantize(
         &deploy,
         calibrator.activations(),
         "percentile 99.99",
         calibrator.images(),
-        127,
+        // 7-bit weights where only the AVX2 INT8 kernels would run them (no VNNI).
+        if repvgg_kernels::int8::Int8Kernels::Avx512Vnni.is_available()
+            || repvgg_kernels::int8::Int8Kernels::AvxVnni.is_available()
+        {
+            127
+        } else {
+            63
+        },
     )
     .map_err(anyhow::Error::msg)?;
     let path = out.join("int8.safetensors");

@@ -131,19 +131,21 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
         }
         let mut runner = crate::runner::Runner::new(weights, &ckpt, bn_eps, isa)?;
         let logits = runner.forward(&values, n, h, w);
+        // A headless model ends with its pooled features instead of logits.
+        let (key, width) = if spec.num_classes == 0 {
+            ("pooled", spec.feature_width())
+        } else {
+            ("logits", spec.num_classes)
+        };
         let mut out = StateDict::new();
-        out.insert(
-            "logits".to_string(),
-            CkptTensor::new(vec![n, spec.num_classes], logits),
-        );
+        out.insert(key.to_string(), CkptTensor::new(vec![n, width], logits));
         write_safetensors(output, &out, None)?;
         eprintln!(
-            "{} ({}, {}) on {input} -> {}: logits [{n}, {}]",
+            "{} ({}, {}) on {input} -> {}: {key} [{n}, {width}]",
             weights.display(),
             spec.name,
             runner.describe(),
             output.display(),
-            spec.num_classes
         );
         return Ok(());
     }

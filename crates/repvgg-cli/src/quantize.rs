@@ -49,7 +49,8 @@ pub struct QuantizeArgs {
     /// 16-bit sums need weights within 64) [default: 8].
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
     weight_bits: u8,
-    /// Print each block's error of INT8 against float on the calibration images.
+    /// Print each block's relative RMS error, INT8 model against float, on the first
+    /// calibration batch (cumulative along the network: look where it jumps).
     #[arg(long)]
     report: bool,
     #[command(flatten)]
@@ -81,15 +82,14 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let deploy = ckpt.to_deploy(args.bn_eps)?;
-    let data = open_data(&args.calib, 0.1)?;
-    let (preprocessing, source) = args
-        .input
-        .resolve(&ckpt, crate::eval::data_fallback(&data))?;
+    let calib = CalibrationImages::open(&args.calib)?;
+    let fallback = match &calib {
+        CalibrationImages::DataSet(data) => crate::eval::data_fallback(data),
+        CalibrationImages::Files(_) => crate::model_input::imagenet_fallback(&ckpt),
+    };
+    let (preprocessing, source) = args.input.resolve(&ckpt, fallback)?;
     eprintln!("input: {} ({source})", preprocessing.describe());
     let pipeline = Pipeline::for_model(&preprocessing);
-    let samples = data.train.clone();
-    let count = args.samples.min(samples.len());
-    let indices: Vec<usize> = (0..count).map(|i| i * samples.len() / count).collect();
     let method = match args.method {
         MethodArg::Minmax => Calibration::MinMax,
         MethodArg::Percentile => Calibration::Percentile(args.percentile),
@@ -97,12 +97,34 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     };
     let engine = Engine::from_checkpoint(&deploy, args.bn_eps)?;
     let mut calibrator = Calibrator::new(method, &engine);
-    let mut first_batch = None;
+    let mut first_batch: Option<(Vec<f32>, [usize; 4])> = None;
+    let mut skipped = Vec::new();
+    let total = calib.len();
+    let count = args.samples.min(total);
+    let indices: Vec<usize> = (0..count).map(|i| i * total / count).collect();
     for chunk in indices.chunks(args.batch) {
-        let batch = pipeline.batch(samples.as_ref(), chunk, 0)?;
-        let [n, _, h, w] = batch.shape;
-        calibrator.observe(&engine, &batch.images, n, h, w);
-        first_batch.get_or_insert(batch);
+        let Some((images, shape)) = calib.batch(&pipeline, chunk, &mut skipped)? else {
+            continue;
+        };
+        let [n, _, h, w] = shape;
+        calibrator
+            .observe(&engine, &images, n, h, w)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.weights.display()))?;
+        first_batch.get_or_insert((images, shape));
+    }
+    if !skipped.is_empty() {
+        eprintln!(
+            "note: skipped {} unreadable image(s) in {}, first {}",
+            skipped.len(),
+            args.calib.display(),
+            skipped[0]
+        );
+    }
+    if calibrator.images() == 0 {
+        bail!(
+            "{}: none of its {total} images could be read; no calibration is possible",
+            args.calib.display()
+        );
     }
     let method_name = match args.method {
         MethodArg::Minmax => "minmax".to_string(),
@@ -119,6 +141,13 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.weights.display()))?;
     model.preprocessing = Some(preprocessing);
+    let saturated = model.saturated_biases();
+    if !saturated.is_empty() {
+        eprintln!(
+            "warning: the biases of {} exceed the 32-bit sums' range at these scales and will be clamped (their input's calibrated range is tiny against them); --report shows the damage",
+            saturated.join(", ")
+        );
+    }
     model.save(&args.out)?;
     let int8 = Int8Engine::new(&model, None)?;
     eprintln!(
@@ -136,27 +165,27 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     if args.report
-        && let Some(batch) = first_batch
+        && let Some((images, shape)) = first_batch
     {
-        report(&engine, &int8, &model, &batch);
+        report(&engine, &int8, &model, &images, shape);
     }
     Ok(())
 }
 
 /// Each block's relative RMS error, INT8 against float, on one calibration batch.
-fn report(engine: &Engine, int8: &Int8Engine, model: &QuantizedModel, batch: &repvgg_data::Batch) {
-    let [n, _, h, w] = batch.shape;
+fn report(
+    engine: &Engine,
+    int8: &Int8Engine,
+    model: &QuantizedModel,
+    images: &[f32],
+    [n, _, h, w]: [usize; 4],
+) {
     let mut float_outputs: Vec<Vec<f32>> = Vec::new();
-    engine.forward_with(
-        &batch.images,
-        n,
-        h,
-        w,
-        &mut Workspace::default(),
-        |_, _, _, x| float_outputs.push(x.to_vec()),
-    );
+    engine.forward_with(images, n, h, w, &mut Workspace::default(), |_, _, _, x| {
+        float_outputs.push(x.to_vec())
+    });
     let mut errors = Vec::new();
-    int8.forward_with(&batch.images, n, h, w, |i, _, _, q, quant| {
+    int8.forward_with(images, n, h, w, |i, _, _, q, quant| {
         let float = &float_outputs[i];
         let (mut diff, mut norm) = (0f64, 0f64);
         for (&q, &f) in q.iter().zip(float) {
@@ -169,5 +198,99 @@ fn report(engine: &Engine, int8: &Int8Engine, model: &QuantizedModel, batch: &re
     println!("block          rel. RMS error   output scale");
     for (b, (error, quant)) in model.spec.blocks().iter().zip(errors) {
         println!("{:<14} {:>14.4} {:>14.6}", b.name(), error, quant.scale);
+    }
+}
+
+/// Where calibration images come from: a data set `train` reads (its training split), or any
+/// tree of JPEG/PNG files (flat or in class folders: labels do not matter here), all used.
+enum CalibrationImages {
+    DataSet(repvgg_data::DataSplits),
+    Files(Vec<PathBuf>),
+}
+
+impl CalibrationImages {
+    fn open(dir: &std::path::Path) -> Result<CalibrationImages> {
+        let has = |name: &str| dir.join(name).exists();
+        let data_set = [
+            "train-images-idx3-ubyte.gz",
+            "train-images-idx3-ubyte",
+            "data_batch_1.bin",
+            "train.bin",
+            "cifar-10-batches-bin",
+            "cifar-100-binary",
+        ]
+        .iter()
+        .any(|name| has(name));
+        if data_set {
+            return Ok(CalibrationImages::DataSet(open_data(dir, 0.1)?));
+        }
+        if !dir.is_dir() {
+            bail!("{}: not a directory", dir.display());
+        }
+        let mut files = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            let entries = std::fs::read_dir(&d)
+                .map_err(|e| anyhow::anyhow!("{}: cannot list: {e}", d.display()))?;
+            for entry in entries {
+                let path = entry
+                    .map_err(|e| anyhow::anyhow!("{}: cannot list: {e}", d.display()))?
+                    .path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if crate::model_input::is_image(&path) {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        if files.is_empty() {
+            bail!(
+                "{}: no JPEG/PNG images in it or its sub-folders (nor IDX or CIFAR files)",
+                dir.display()
+            );
+        }
+        Ok(CalibrationImages::Files(files))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            CalibrationImages::DataSet(data) => data.train.len(),
+            CalibrationImages::Files(files) => files.len(),
+        }
+    }
+
+    /// The images at `indices`, preprocessed, NCHW; an unreadable file is skipped and noted.
+    #[allow(clippy::type_complexity)]
+    fn batch(
+        &self,
+        pipeline: &Pipeline,
+        indices: &[usize],
+        skipped: &mut Vec<String>,
+    ) -> Result<Option<(Vec<f32>, [usize; 4])>> {
+        use rand::SeedableRng;
+        match self {
+            CalibrationImages::DataSet(data) => {
+                let batch = pipeline.batch(data.train.as_ref(), indices, 0)?;
+                Ok(Some((batch.images, batch.shape)))
+            }
+            CalibrationImages::Files(files) => {
+                let mut images = Vec::new();
+                let (mut n, mut size) = (0, (0, 0));
+                for &i in indices {
+                    match repvgg_data::decode_image(&files[i]) {
+                        Ok(img) => {
+                            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+                            let (pixels, h, w) = pipeline.apply(&img, &mut rng);
+                            images.extend(pixels);
+                            size = (h, w);
+                            n += 1;
+                        }
+                        Err(e) => skipped.push(e.to_string()),
+                    }
+                }
+                Ok((n > 0).then_some((images, [n, 3, size.0, size.1])))
+            }
+        }
     }
 }

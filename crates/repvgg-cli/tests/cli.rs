@@ -1406,8 +1406,34 @@ fn quantize_keeps_the_demo_models_accuracy_and_every_command_reads_it() {
         "x.safetensors",
     ]);
     assert!(
-        err.contains("empty") && err.contains("no class folders"),
+        err.contains("empty") && err.contains("no JPEG/PNG images"),
         "{err}"
+    );
+    // A flat folder of images (what a user of a published model brings), one of them broken:
+    // used, the broken one skipped and counted.
+    let flat = dir.path().join("flat");
+    std::fs::create_dir_all(&flat).unwrap();
+    let data = repvgg_data::open_dir(&subset, 0.1).unwrap();
+    for i in 0..12 {
+        data.test
+            .image(i)
+            .unwrap()
+            .save(flat.join(format!("{i:02}.png")))
+            .unwrap();
+    }
+    std::fs::write(flat.join("broken.png"), b"not a png").unwrap();
+    let (_, stderr) = ok_with_stderr(&[
+        "quantize",
+        "--weights",
+        &deploy,
+        "--calib",
+        &s(&flat),
+        "--out",
+        &s(&dir.path().join("flat.safetensors")),
+    ]);
+    assert!(
+        stderr.contains("skipped 1 unreadable") && stderr.contains("over 12 images"),
+        "{stderr}"
     );
     let io = fixture("tiny/io.safetensors");
     let err = fails(&[

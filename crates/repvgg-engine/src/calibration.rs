@@ -154,21 +154,47 @@ impl Calibrator {
     }
 
     /// Runs one NCHW batch through the float engine and records what every block produces.
-    pub fn observe(&mut self, engine: &Engine, batch: &[f32], n: usize, h: usize, w: usize) {
+    /// A NaN or infinite value (in the batch, or produced by the model) is an error naming
+    /// where it appeared: no range can cover it.
+    pub fn observe(
+        &mut self,
+        engine: &Engine,
+        batch: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(), String> {
+        if batch.iter().any(|v| !v.is_finite()) {
+            return Err("the calibration images hold NaN or infinite values".into());
+        }
         let (lo, hi) = batch
             .iter()
             .fold(self.input, |(lo, hi), &v| (lo.min(v), hi.max(v)));
         self.input = (lo, hi);
         let outputs = &mut self.outputs;
+        let mut broken = None;
         engine.forward_with(
             batch,
             n,
             h,
             w,
             &mut Workspace::default(),
-            |i, _, _, nhwc| outputs[i].add(nhwc),
+            |i, _, _, nhwc| {
+                if broken.is_some() || nhwc.iter().any(|v| !v.is_finite()) {
+                    broken.get_or_insert(i);
+                } else {
+                    outputs[i].add(nhwc)
+                }
+            },
         );
+        if let Some(i) = broken {
+            let name = engine.spec().blocks()[i].name();
+            return Err(format!(
+                "block {name} produces NaN or infinite values on the calibration images: the float model itself is broken there"
+            ));
+        }
         self.images += n;
+        Ok(())
     }
 
     pub fn images(&self) -> usize {

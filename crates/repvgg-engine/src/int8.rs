@@ -122,6 +122,17 @@ impl Int8Engine {
                         .unwrap_or(Int8Kernels::Portable),
                 };
                 let unit: Vec<f32> = conv.weight_scale.iter().map(|s| input.scale * s).collect();
+                // Products of valid scales can still leave f32 (a file's scales of 1e30 and
+                // 1e30): the requantization would turn them into NaN.
+                let requant_ok = unit
+                    .iter()
+                    .all(|u| u.is_normal() && (u / output.scale).is_normal());
+                if !requant_ok {
+                    return Err(EngineError::Int8Kernels(format!(
+                        "{}: its input, weight and output scales multiply to a value f32 cannot hold",
+                        b.name()
+                    )));
+                }
                 Ok(Int8Layer {
                     in_channels: b.in_channels,
                     out_channels: b.out_channels,
@@ -180,6 +191,9 @@ impl Int8Engine {
     /// mode does: each thread takes whole images through every layer, so no layer waits for
     /// the others' threads and each image's maps stay in its core's caches.
     pub fn forward(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        if n == 0 {
+            return Vec::new();
+        }
         let threads = rayon::current_num_threads();
         if threads < 2 || n < threads {
             return self.forward_with(input, n, h, w, |_, _, _, _, _| {});
@@ -255,6 +269,9 @@ impl Int8Engine {
         w: usize,
         mut observer: impl FnMut(usize, usize, usize, &[u8], ActivationQuant),
     ) -> Vec<f32> {
+        if n == 0 {
+            return Vec::new();
+        }
         let a = self.quantize_input(input, n, h, w);
         let (features, oh, ow) = self.run_layers(a, n, h, w, true, &mut observer);
         self.head(&features, n, oh * ow)

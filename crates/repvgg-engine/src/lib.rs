@@ -63,11 +63,13 @@ pub use options::{EngineOptions, Lowering, Mode, Winograd};
 pub use repvgg_kernels::Isa;
 pub use workspace::Workspace;
 
-/// A raw pointer to a u8 output that parallel tasks write through, each to its own rows.
+/// A raw pointer to a u8 output that parallel tasks write through, each to its own block of
+/// rows and columns.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtrU8(pub *mut u8);
 
-// SAFETY: an address only; the INT8 layer's tasks write disjoint rows through it.
+// SAFETY: an address only; the INT8 layer's tasks write disjoint (rows x columns) blocks
+// through it: rows split in runs, columns of a group in runs starting on 48-column spans.
 unsafe impl Send for OutPtrU8 {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for OutPtrU8 {}

@@ -122,7 +122,7 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
         let float = Engine::from_checkpoint(&ckpt, 1e-5).unwrap();
         let (input, n, h, w) = fixture_batch(config);
         let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
-        calibrator.observe(&float, &input, n, h, w);
+        calibrator.observe(&float, &input, n, h, w).unwrap();
         let float_logits = float.forward(&input, n, h, w, &mut Workspace::default());
         // 8-bit weights, and the 7-bit ones the AVX2 kernel takes (so that it runs too); every
         // kernel set the machine has, forced, and every instruction-set cap.
@@ -149,6 +149,10 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
             }
             for (isa, engine) in engines {
                 let ours = engine.forward(&input, n, h, w);
+                // The same batch with every layer split across the threads (forward takes whole
+                // images per thread when the batch has one for each).
+                let split = engine.forward_with(&input, n, h, w, |_, _, _, _, _| {});
+                assert_eq!(split, ours, "{config} {isa}: the two threadings differ");
                 let diff = ours
                     .iter()
                     .zip(&reference)
@@ -210,14 +214,16 @@ fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
             .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
             .collect();
         let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
-        calibrator.observe(&float, &input, n, h, w);
+        calibrator.observe(&float, &input, n, h, w).unwrap();
         let model =
             QuantizedModel::quantize(&ckpt, calibrator.activations(), "minmax", n, 127).unwrap();
         let reference = integer_reference(&model, &input, n, h, w);
         for isa in Isa::available() {
-            let ours = Int8Engine::new(&model, Some(isa))
-                .unwrap()
-                .forward(&input, n, h, w);
+            let engine = Int8Engine::new(&model, Some(isa)).unwrap();
+            let ours = engine.forward(&input, n, h, w);
+            // Layers split across threads, by rows and (the wide last stage) by columns.
+            let split = engine.forward_with(&input, n, h, w, |_, _, _, _, _| {});
+            assert_eq!(split, ours, "{isa}: the two threadings differ");
             let diff = ours
                 .iter()
                 .zip(&reference)

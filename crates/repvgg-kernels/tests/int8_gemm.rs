@@ -116,6 +116,35 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
             unsafe { gemm_u8s8(kernels, &part) };
         }
         assert_eq!(split, bytes, "{what}: split columns");
+
+        // Into a wider C (ldc past n) with guard bytes around: nothing outside the asked
+        // columns and rows changes.
+        let ldc = n + 19;
+        let mut wide = vec![0xEEu8; (rows + 1) * ldc];
+        let cols = 16..n;
+        let part = Product8 {
+            c: wide.as_mut_ptr().wrapping_add(cols.start),
+            cols: cols.clone(),
+            ldc,
+            epilogue: Epilogue::U8 {
+                scale: &scale,
+                zero: case.out_zero,
+                relu: case.relu,
+            },
+            ..product
+        };
+        // SAFETY: C holds rows + 1 rows of ldc bytes; the call writes columns 16..n of `rows`.
+        unsafe { gemm_u8s8(kernels, &part) };
+        for r in 0..rows + 1 {
+            for j in 0..ldc {
+                let got = wide[r * ldc + j];
+                if r < rows && cols.contains(&j) {
+                    assert_eq!(got, bytes[r * n + j], "{what}: ({r}, {j})");
+                } else {
+                    assert_eq!(got, 0xEE, "{what}: wrote outside its block at ({r}, {j})");
+                }
+            }
+        }
     }
 }
 

@@ -49,7 +49,7 @@ pub(super) unsafe fn kernel(
     for (row, sums) in acc.iter().enumerate() {
         let mut totals = [0i32; NR8];
         for (half, sum) in sums.iter().enumerate() {
-            // SAFETY: `offset` and `totals` are 16 i32; each half is 8 of them.
+            // SAFETY: `offset` holds 48 i32 and `totals` 16; each half is 8 of them.
             unsafe {
                 let offset = _mm256_loadu_si256(offset.as_ptr().add(8 * half) as *const __m256i);
                 _mm256_storeu_si256(

@@ -15,7 +15,7 @@
 //! adjacent panels of B, its span), over `groups` groups of four k, then finishes and stores
 //! it as [`Epilogue`] says. It relies on, and the driver ([`gemm_u8s8`]) guarantees:
 //! - `a[i]`, for `i < mr`, is valid for `4 groups` reads (rows past the block's last repeat
-//!   it; bytes past `k` may hold anything, B's are zero there);
+//!   it; bytes past `k` may hold any initialized value, B's are zero there);
 //! - `b` and the `s - 1` panels after it (`panel_stride` bytes apart) are each valid for
 //!   `groups * 64` reads;
 //! - `offset` holds `16 s` values: per column, the bias minus the A zero point times the
@@ -30,8 +30,8 @@
 //! The u8 epilogue computes, per element, `v = (acc + offset) as f32 * scale + zero` (a
 //! multiply, then an add: no fused multiply-add, so every kernel rounds alike), clamps `v` to
 //! `[low, 255]` (`low` is the output zero point with ReLU, else 0), and rounds it to the
-//! nearest integer, ties to even. Every kernel gives the same bits as [`reference`]'s plain
-//! loops.
+//! nearest integer, ties to even. Every kernel gives the same bits; the tests hold each to
+//! plain integer loops.
 
 mod avx2;
 mod avx512;
