@@ -7,6 +7,8 @@
 #   FORMS=deploy ARCH=B1g4 bench/compare.sh          # the deployed form only
 #   ROUNDS=3 bench/compare.sh    # every case 3 times, interleaved; the table keeps each side's
 #                                # best, which discounts bursts of load from other tenants
+#   INT8=1 bench/compare.sh      # then the INT8 cases (bench/compare_int8.sh: ours and ONNX
+#                                # Runtime's INT8 and FP32 side by side, same ARCH/SIZE/THREADS)
 #   STEP=1 bench/compare.sh      # a training step instead (multi-branch form, forward, backward,
 #                                # SGD), A0 at 64x64, batch 32 unless SIZE / BATCHES say otherwise
 #
@@ -63,3 +65,7 @@ for form in ${FORMS//,/ }; do
 done
 done
 "$VENV/bin/python" bench/ratios.py "$out/rust.jsonl" "$out/reference.jsonl"
+if [ "${INT8:-0}" = 1 ] && [ "$STEP" != 1 ]; then
+  ARCH="$ARCH" SIZE="$SIZE" THREADS="$THREADS" BATCHES="$BATCHES" ITERS="$ITERS" ROUNDS="$ROUNDS" \
+    bench/compare_int8.sh
+fi
