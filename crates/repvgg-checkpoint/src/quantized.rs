@@ -68,13 +68,18 @@ pub struct QuantizationInfo {
     pub float_layers: Vec<String>,
 }
 
-/// One block's INT8 3x3 convolution.
+/// One block's INT8 3x3 convolution, or (`float_weight`) one kept in float.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizedConv {
-    /// `(out, in / groups, 3, 3)`.
+    /// `(out, in / groups, 3, 3)`; empty for a float block.
     pub weight: Vec<i8>,
+    /// Empty for a float block.
     pub weight_scale: Vec<f32>,
     pub bias: Vec<f32>,
+    /// The block's float kernel, `(out, in / groups, 3, 3)`, when it is kept in float
+    /// (`quantize --fp32-layers`): the stem, whose three input channels give little to gain
+    /// and much to lose, or the last block before the float head.
+    pub float_weight: Option<Vec<f32>>,
 }
 
 /// An INT8 deploy-form model.
@@ -93,12 +98,15 @@ impl QuantizedModel {
     /// Quantizes a deploy-form checkpoint's kernels (symmetric, per output channel, to
     /// `[-limit, limit]`: 127, or 63 for AVX2 machines without VNNI, whose kernel needs
     /// weights within 64) with the activation ranges found by calibration.
+    ///
+    /// `float_blocks`: indices of blocks kept in float.
     pub fn quantize(
         deploy: &crate::Checkpoint,
         activations: Vec<ActivationQuant>,
         method: &str,
         samples: usize,
         limit: i8,
+        float_blocks: &[usize],
     ) -> Result<QuantizedModel, String> {
         if deploy.form != Form::Deploy {
             return Err("quantization takes deploy-form weights".into());
@@ -120,12 +128,27 @@ impl QuantizedModel {
                 blocks.len()
             ));
         }
+        if let Some(bad) = float_blocks.iter().find(|&&i| i >= blocks.len()) {
+            return Err(format!(
+                "block {bad} does not exist ({} blocks)",
+                blocks.len()
+            ));
+        }
         let convs = blocks
             .iter()
-            .map(|b| {
+            .enumerate()
+            .map(|(i, b)| {
                 let p = prefix(b);
                 let weight = &deploy.tensors[&format!("{p}{REPARAM}weight")];
                 let bias = deploy.tensors[&format!("{p}{REPARAM}bias")].data.clone();
+                if float_blocks.contains(&i) {
+                    return QuantizedConv {
+                        weight: Vec::new(),
+                        weight_scale: Vec::new(),
+                        bias,
+                        float_weight: Some(weight.data.clone()),
+                    };
+                }
                 let per_channel = weight.data.len() / b.out_channels;
                 let mut q = Vec::with_capacity(weight.data.len());
                 let mut scales = Vec::with_capacity(b.out_channels);
@@ -143,6 +166,7 @@ impl QuantizedModel {
                     weight: q,
                     weight_scale: scales,
                     bias,
+                    float_weight: None,
                 }
             })
             .collect();
@@ -157,11 +181,13 @@ impl QuantizedModel {
                 method: method.to_string(),
                 samples,
                 activations,
-                float_layers: if head.is_some() {
-                    vec!["linear".into()]
-                } else {
-                    vec![]
-                },
+                float_layers: blocks
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| float_blocks.contains(i))
+                    .map(|(_, b)| b.name())
+                    .chain(head.is_some().then(|| "linear".to_string()))
+                    .collect(),
             },
             convs,
             head,
@@ -181,6 +207,7 @@ impl QuantizedModel {
             .zip(&self.convs)
             .enumerate()
             .filter(|(i, (_, conv))| {
+                // (A float block's weight scales are empty: nothing to saturate.)
                 conv.bias.iter().zip(&conv.weight_scale).any(|(b, s)| {
                     (*b as f64 / (acts[*i].scale as f64 * *s as f64)).abs() > (1u64 << 30) as f64
                 })
@@ -195,12 +222,15 @@ impl QuantizedModel {
         for (b, conv) in self.spec.blocks().iter().zip(&self.convs) {
             let p = prefix(b);
             let per_channel = conv.weight.len() / b.out_channels;
-            let data: Vec<f32> = conv
-                .weight
-                .iter()
-                .enumerate()
-                .map(|(i, &q)| q as f32 * conv.weight_scale[i / per_channel])
-                .collect();
+            let data: Vec<f32> = match &conv.float_weight {
+                Some(w) => w.clone(),
+                None => conv
+                    .weight
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| q as f32 * conv.weight_scale[i / per_channel])
+                    .collect(),
+            };
             let shape = vec![b.out_channels, b.in_channels / b.groups, 3, 3];
             dict.insert(format!("{p}{REPARAM}weight"), Tensor::new(shape, data));
             dict.insert(
@@ -222,15 +252,20 @@ impl QuantizedModel {
         let mut ints: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (b, conv) in self.spec.blocks().iter().zip(&self.convs) {
             let p = prefix(b);
-            ints.push((
-                format!("{p}{REPARAM}weight"),
-                vec![b.out_channels, b.in_channels / b.groups, 3, 3],
-                conv.weight.iter().map(|&q| q as u8).collect(),
-            ));
-            floats.insert(
-                format!("{p}{REPARAM}{WEIGHT_SCALE}"),
-                Tensor::new(vec![b.out_channels], conv.weight_scale.clone()),
-            );
+            let shape = vec![b.out_channels, b.in_channels / b.groups, 3, 3];
+            if let Some(w) = &conv.float_weight {
+                floats.insert(format!("{p}{REPARAM}weight"), Tensor::new(shape, w.clone()));
+            } else {
+                ints.push((
+                    format!("{p}{REPARAM}weight"),
+                    shape,
+                    conv.weight.iter().map(|&q| q as u8).collect(),
+                ));
+                floats.insert(
+                    format!("{p}{REPARAM}{WEIGHT_SCALE}"),
+                    Tensor::new(vec![b.out_channels], conv.weight_scale.clone()),
+                );
+            }
             floats.insert(
                 format!("{p}{REPARAM}bias"),
                 Tensor::new(vec![b.out_channels], conv.bias.clone()),
@@ -324,12 +359,17 @@ pub(crate) fn from_parts(
             "an INT8 model with SE blocks: not something this version writes or runs".into(),
         );
     }
-    if let Some(other) = info.float_layers.iter().find(|l| l.as_str() != "linear") {
+    let blocks = spec.blocks();
+    let names: Vec<String> = blocks.iter().map(|b| b.name()).collect();
+    if let Some(other) = info
+        .float_layers
+        .iter()
+        .find(|l| l.as_str() != "linear" && !names.contains(l))
+    {
         return Err(format!(
-            "the metadata keeps layer '{other}' in float; this version keeps only the head (linear) in float"
+            "the metadata keeps layer '{other}' in float, which is neither a block nor the head"
         ));
     }
-    let blocks = spec.blocks();
     if info.activations.len() != blocks.len() + 1 {
         return Err(format!(
             "the quantization metadata has {} activation scales for {} blocks (needs {})",
@@ -372,6 +412,24 @@ pub(crate) fn from_parts(
     for b in &blocks {
         let p = prefix(b);
         let shape = [b.out_channels, b.in_channels / b.groups, 3, 3];
+        if info.float_layers.contains(&b.name()) {
+            let weight = floats(tensor(&format!("{p}{REPARAM}weight"), Dtype::F32, &shape)?);
+            let bias = floats(tensor(
+                &format!("{p}{REPARAM}bias"),
+                Dtype::F32,
+                &[b.out_channels],
+            )?);
+            if weight.iter().chain(&bias).any(|v| !v.is_finite()) {
+                return Err(format!("'{p}{REPARAM}' holds NaN or infinite values"));
+            }
+            convs.push(QuantizedConv {
+                weight: Vec::new(),
+                weight_scale: Vec::new(),
+                bias,
+                float_weight: Some(weight),
+            });
+            continue;
+        }
         let weight = tensor(&format!("{p}{REPARAM}weight"), Dtype::I8, &shape)?
             .into_iter()
             .map(|v| v as i8)
@@ -398,6 +456,7 @@ pub(crate) fn from_parts(
             weight,
             weight_scale,
             bias,
+            float_weight: None,
         });
     }
     let head = if spec.num_classes > 0 {

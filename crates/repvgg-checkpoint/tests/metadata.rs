@@ -92,7 +92,7 @@ fn int8_files_round_trip_and_broken_ones_say_what_is_missing() {
     let deploy = Checkpoint::load(&fixture("tiny/deploy_official.safetensors"), None).unwrap();
     let blocks = deploy.spec.blocks().len();
     let acts = vec![ActivationQuant::covering(-2.0, 3.0); blocks + 1];
-    let model = QuantizedModel::quantize(&deploy, acts, "minmax", 4, 127).unwrap();
+    let model = QuantizedModel::quantize(&deploy, acts, "minmax", 4, 127, &[]).unwrap();
     let path = dir.path().join("q.safetensors");
     model.save(&path).unwrap();
     let back = QuantizedModel::load(&path).unwrap();
@@ -140,4 +140,34 @@ fn int8_files_round_trip_and_broken_ones_say_what_is_missing() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not an INT8 model file"), "{err}");
+}
+
+/// Blocks kept in float are stored in f32, named in the metadata, and read back as such.
+#[test]
+fn int8_files_keep_their_float_blocks() {
+    use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = Checkpoint::load(&fixture("tiny/deploy_official.safetensors"), None).unwrap();
+    let blocks = deploy.spec.blocks().len();
+    let acts = vec![ActivationQuant::covering(-2.0, 3.0); blocks + 1];
+    let model =
+        QuantizedModel::quantize(&deploy, acts, "minmax", 4, 127, &[0, blocks - 1]).unwrap();
+    assert_eq!(
+        model.info.float_layers,
+        ["stage0", "stage4.0", "linear"].map(String::from)
+    );
+    let path = dir.path().join("q.safetensors");
+    model.save(&path).unwrap();
+    let back = QuantizedModel::load(&path).unwrap();
+    assert_eq!(back.convs, model.convs);
+    assert_eq!(
+        back.convs[0].float_weight.as_deref(),
+        Some(deploy.tensors["stage0.rbr_reparam.weight"].data.as_slice())
+    );
+    // Read as float weights, the float blocks are exactly the originals.
+    let float = Checkpoint::load(&path, None).unwrap();
+    assert_eq!(
+        float.tensors["stage0.rbr_reparam.weight"].data,
+        deploy.tensors["stage0.rbr_reparam.weight"].data
+    );
 }

@@ -123,7 +123,7 @@ fn int8_model(
     calibrator
         .observe(&engine, input, n, h, w)
         .map_err(anyhow::Error::msg)?;
-    QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, 127)
+    QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, 127, &[])
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 

@@ -192,6 +192,7 @@ fn int8_line(out: &Path, data: &repvgg_data::DataSplits) -> Result<Int8Result> {
         } else {
             63
         },
+        &[],
     )
     .map_err(anyhow::Error::msg)?;
     let path = out.join("int8.safetensors");

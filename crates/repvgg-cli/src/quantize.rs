@@ -49,6 +49,11 @@ pub struct QuantizeArgs {
     /// 16-bit sums need weights within 64) [default: 8].
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
     weight_bits: u8,
+    /// Blocks kept in float: `first`, `last`, or block names (stage0, stage4.0), comma
+    /// separated. The stem's three input channels give INT8 little speed and some accuracy;
+    /// the last block feeds the float head.
+    #[arg(long, value_delimiter = ',')]
+    fp32_layers: Vec<String>,
     /// Print each block's relative RMS error, INT8 model against float, on the first
     /// calibration batch (cumulative along the network: look where it jumps).
     #[arg(long)]
@@ -82,6 +87,25 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let deploy = ckpt.to_deploy(args.bn_eps)?;
+    // Checked before minutes of calibration.
+    let blocks = deploy.spec.blocks();
+    let float_blocks = args
+        .fp32_layers
+        .iter()
+        .map(|name| match name.trim() {
+            "first" => Ok(0),
+            "last" => Ok(blocks.len() - 1),
+            other => blocks
+                .iter()
+                .position(|b| b.name() == other)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--fp32-layers {other}: expected first, last or a block name (stage0 .. {})",
+                        blocks.last().map(|b| b.name()).unwrap_or_default()
+                    )
+                }),
+        })
+        .collect::<Result<Vec<usize>>>()?;
     let calib = CalibrationImages::open(&args.calib)?;
     let fallback = match &calib {
         CalibrationImages::DataSet(data) => crate::eval::data_fallback(data),
@@ -132,12 +156,14 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         MethodArg::Entropy => "entropy".to_string(),
     };
     let limit = if args.weight_bits == 8 { 127 } else { 63 };
+
     let mut model = QuantizedModel::quantize(
         &deploy,
         calibrator.activations(),
         &method_name,
         calibrator.images(),
         limit,
+        &float_blocks,
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", args.weights.display()))?;
     model.preprocessing = Some(preprocessing);
@@ -181,23 +207,28 @@ fn report(
     [n, _, h, w]: [usize; 4],
 ) {
     let mut float_outputs: Vec<Vec<f32>> = Vec::new();
+    let mut scales = Vec::new();
     engine.forward_with(images, n, h, w, &mut Workspace::default(), |_, _, _, x| {
         float_outputs.push(x.to_vec())
     });
     let mut errors = Vec::new();
-    int8.forward_with(images, n, h, w, |i, _, _, q, quant| {
+    int8.forward_with(images, n, h, w, |i, _, _, out| {
         let float = &float_outputs[i];
         let (mut diff, mut norm) = (0f64, 0f64);
-        for (&q, &f) in q.iter().zip(float) {
-            let d = quant.dequantize(q) as f64 - f as f64;
+        for (&q, &f) in out.to_f32().iter().zip(float) {
+            let d = q as f64 - f as f64;
             diff += d * d;
             norm += f as f64 * f as f64;
         }
-        errors.push(((diff / norm.max(1e-30)).sqrt(), quant));
+        errors.push((diff / norm.max(1e-30)).sqrt());
+        scales.push(match out {
+            repvgg_engine::BlockOutput::U8(_, quant) => format!("{:.6}", quant.scale),
+            repvgg_engine::BlockOutput::F32(_) => "float".to_string(),
+        });
     });
     println!("block          rel. RMS error   output scale");
-    for (b, (error, quant)) in model.spec.blocks().iter().zip(errors) {
-        println!("{:<14} {:>14.4} {:>14.6}", b.name(), error, quant.scale);
+    for ((b, error), scale) in model.spec.blocks().iter().zip(errors).zip(scales) {
+        println!("{:<14} {:>14.4} {:>14}", b.name(), error, scale);
     }
 }
 

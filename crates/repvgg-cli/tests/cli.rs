@@ -1448,6 +1448,37 @@ fn quantize_keeps_the_demo_models_accuracy_and_every_command_reads_it() {
     ]);
     assert!(err.contains("INT8 model"), "{err}");
 
+    // Blocks kept in float: named in the file, run beside the INT8 ones.
+    let ends = s(&dir.path().join("ends.safetensors"));
+    ok(&[
+        "quantize",
+        "--weights",
+        &deploy,
+        "--calib",
+        &s(&subset),
+        "--out",
+        &ends,
+        "--samples",
+        "64",
+        "--fp32-layers",
+        "first,last",
+    ]);
+    let text = ok(&["info", &ends]);
+    assert!(text.contains("float: stage0, stage4.0, linear"), "{text}");
+    assert!((top1(&ends) - float).abs() <= 0.02);
+    let err = fails(&[
+        "quantize",
+        "--weights",
+        &deploy,
+        "--calib",
+        &s(&subset),
+        "--out",
+        &ends,
+        "--fp32-layers",
+        "stage9",
+    ]);
+    assert!(err.contains("--fp32-layers stage9"), "{err}");
+
     // The QDQ export in ONNX Runtime against the INT8 engine, on images in the calibrated
     // range. ORT fuses the pattern into QLinearConv and requantizes with its own product of
     // the scales, adding the zero point after rounding: a tie could land an activation one
@@ -1487,6 +1518,22 @@ fn quantize_keeps_the_demo_models_accuracy_and_every_command_reads_it() {
     eprintln!("QDQ in ONNX Runtime against the INT8 engine: {result}");
     let err = fails(&["export", "--weights", &q, &s(&onnx), "--opset", "12"]);
     assert!(err.contains("opset 13"), "{err}");
+    // With float ends: ORT's float convs and ours sum in other orders, so an INT8 input can
+    // round one step the other way; 1% of the largest logit bounds that, not a wrong graph.
+    let ends_logits = dir.path().join("ends_logits.safetensors");
+    ok(&[
+        "forward",
+        "--weights",
+        &ends,
+        "--input",
+        &s(&input),
+        "--output",
+        &s(&ends_logits),
+    ]);
+    let ends_onnx = dir.path().join("ends.onnx");
+    ok(&["export", "--weights", &ends, &s(&ends_onnx), "--batch", "4"]);
+    let result = repvgg_testing::check_onnx_within(&python, &ends_onnx, &input, &ends_logits, 1e-2);
+    eprintln!("QDQ with float ends in ONNX Runtime against the INT8 engine: {result}");
 }
 
 fn bytemuck_bytes(values: &[f32]) -> &[u8] {

@@ -15,6 +15,10 @@ use repvgg_kernels::gemm::{self, PackedB, Product, strided};
 use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
 
 use crate::error::EngineError;
+use crate::layer::ConvLayer;
+use crate::layout::{channel_means_into, nchw_to_nhwc};
+use crate::options::{Lowering, Winograd};
+use crate::plan::{Choices, Geometry};
 
 thread_local! {
     /// A task's patch rows, kept per thread between tasks and calls.
@@ -42,14 +46,67 @@ struct Int8Layer {
     output: ActivationQuant,
 }
 
-/// Called after every block with (block index, height, width, NHWC u8 output, its
-/// quantization).
-type Int8Observer<'a> = dyn FnMut(usize, usize, usize, &[u8], ActivationQuant) + 'a;
+/// A block kept in float (`quantize --fp32-layers`): the float engine's layer, with the
+/// quantization of its input, to read a u8 one.
+struct FloatLayer {
+    conv: ConvLayer,
+    input: ActivationQuant,
+}
+
+enum Layer {
+    Int8(Int8Layer),
+    Float(FloatLayer),
+}
+
+impl Layer {
+    fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        match self {
+            Layer::Int8(l) => l.output_size(h, w),
+            Layer::Float(l) => l.conv.output_size(h, w),
+        }
+    }
+
+    fn out_channels(&self) -> usize {
+        match self {
+            Layer::Int8(l) => l.out_channels,
+            Layer::Float(l) => l.conv.geometry.out_channels,
+        }
+    }
+}
+
+/// Activations between blocks: u8 after an INT8 block, f32 after a float one.
+enum Activations {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+/// A block's output as an observer sees it.
+pub enum BlockOutput<'a> {
+    /// NHWC u8 and its quantization (an INT8 block).
+    U8(&'a [u8], ActivationQuant),
+    /// NHWC f32 (a block kept in float).
+    F32(&'a [f32]),
+}
+
+impl BlockOutput<'_> {
+    /// The values as floats.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            BlockOutput::U8(q, quant) => q.iter().map(|&q| quant.dequantize(q)).collect(),
+            BlockOutput::F32(x) => x.to_vec(),
+        }
+    }
+}
+
+/// Called after every block with (block index, height, width, output).
+type Int8Observer<'a> = dyn FnMut(usize, usize, usize, BlockOutput<'_>) + 'a;
 
 /// A quantized RepVGG ready to run in INT8.
 pub struct Int8Engine {
     spec: ArchSpec,
-    layers: Vec<Int8Layer>,
+    layers: Vec<Layer>,
+    /// The float layers' planning choices (the float engine's defaults).
+    choices: Choices,
     input: ActivationQuant,
     output: ActivationQuant,
     /// The head's weight as a `(features, classes)` product operand, and its bias; `None`
@@ -92,8 +149,21 @@ impl Int8Engine {
             .iter()
             .zip(&model.convs)
             .enumerate()
-            .map(|(i, (b, conv))| -> Result<Int8Layer, EngineError> {
+            .map(|(i, (b, conv))| -> Result<Layer, EngineError> {
                 let (input, output) = (acts[i], acts[i + 1]);
+                if let Some(weight) = &conv.float_weight {
+                    let geometry = Geometry {
+                        in_channels: b.in_channels,
+                        out_channels: b.out_channels,
+                        groups: b.groups,
+                        stride: b.stride,
+                        dilation: b.dilation,
+                    };
+                    return Ok(Layer::Float(FloatLayer {
+                        conv: ConvLayer::new(geometry, weight, conv.bias.clone(), None),
+                        input,
+                    }));
+                }
                 let (cin_g, cout_g) = (b.in_channels / b.groups, b.out_channels / b.groups);
                 let k = 9 * cin_g;
                 let weights: Vec<PackedB8> = (0..b.groups)
@@ -133,7 +203,7 @@ impl Int8Engine {
                         b.name()
                     )));
                 }
-                Ok(Int8Layer {
+                Ok(Layer::Int8(Int8Layer {
                     in_channels: b.in_channels,
                     out_channels: b.out_channels,
                     groups: b.groups,
@@ -155,12 +225,17 @@ impl Int8Engine {
                     requant: unit.iter().map(|u| u / output.scale).collect(),
                     input,
                     output,
-                })
+                }))
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
         Ok(Int8Engine {
             spec: model.spec.clone(),
             layers,
+            choices: Choices {
+                winograd: Winograd::Auto,
+                lowering: Lowering::Auto,
+                l2_bytes: crate::probe::l2_bytes(),
+            },
             input: acts[0],
             output: *acts.last().expect("checked on load"),
             head: model.head.as_ref().map(|(w, b)| {
@@ -180,7 +255,10 @@ impl Int8Engine {
     pub fn kernels(&self) -> Int8Kernels {
         self.layers
             .iter()
-            .map(|l| l.kernels)
+            .filter_map(|l| match l {
+                Layer::Int8(l) => Some(l.kernels),
+                Layer::Float(_) => None,
+            })
             .min()
             .unwrap_or(Int8Kernels::Portable)
     }
@@ -196,21 +274,54 @@ impl Int8Engine {
         }
         let threads = rayon::current_num_threads();
         if threads < 2 || n < threads {
-            return self.forward_with(input, n, h, w, |_, _, _, _, _| {});
+            return self.forward_with(input, n, h, w, |_, _, _, _| {});
         }
-        let a = self.quantize_input(input, n, h, w);
-        let image = h * w * self.spec.in_channels;
+        let c = self.spec.in_channels;
+        let image = c * h * w;
         let per_thread = n.div_ceil(threads);
-        let parts: Vec<(Vec<u8>, usize, usize)> = a
+        let parts: Vec<(Activations, usize, usize)> = input
             .par_chunks(per_thread * image)
             .map(|part| {
-                let mut noop = |_: usize, _: usize, _: usize, _: &[u8], _: ActivationQuant| {};
-                self.run_layers(part.to_vec(), part.len() / image, h, w, false, &mut noop)
+                let images = part.len() / image;
+                let a = self.input_activations(part, images, h, w);
+                let mut noop = |_: usize, _: usize, _: usize, _: BlockOutput<'_>| {};
+                self.run_layers(a, images, h, w, false, &mut noop)
             })
             .collect();
         let (oh, ow) = (parts[0].1, parts[0].2);
-        let features: Vec<u8> = parts.into_iter().flat_map(|(f, _, _)| f).collect();
+        let features = match &parts[0].0 {
+            Activations::U8(_) => Activations::U8(
+                parts
+                    .into_iter()
+                    .flat_map(|(f, _, _)| match f {
+                        Activations::U8(v) => v,
+                        Activations::F32(_) => unreachable!("every part ends alike"),
+                    })
+                    .collect(),
+            ),
+            Activations::F32(_) => Activations::F32(
+                parts
+                    .into_iter()
+                    .flat_map(|(f, _, _)| match f {
+                        Activations::F32(v) => v,
+                        Activations::U8(_) => unreachable!("every part ends alike"),
+                    })
+                    .collect(),
+            ),
+        };
         self.head(&features, n, oh * ow)
+    }
+
+    /// The input as the first block takes it: u8 for an INT8 block, f32 for a float one.
+    fn input_activations(&self, input: &[f32], n: usize, h: usize, w: usize) -> Activations {
+        match self.layers.first() {
+            Some(Layer::Float(_)) => {
+                let mut nhwc = Vec::new();
+                nchw_to_nhwc(input, n, self.spec.in_channels, h, w, &mut nhwc);
+                Activations::F32(nhwc)
+            }
+            _ => Activations::U8(self.quantize_input(input, n, h, w)),
+        }
     }
 
     /// NCHW float to NHWC u8, a row of an image per task.
@@ -236,25 +347,46 @@ impl Int8Engine {
         a
     }
 
-    /// Every layer over `a` (n, h, w, in): the last one's output and its size.
+    /// Every layer over `a` (n, h, w, in): the last one's output and its size. Activations
+    /// change kind where an INT8 block meets a float one: quantized with the INT8 block's
+    /// input scale, or dequantized with the float block's.
     fn run_layers(
         &self,
-        mut a: Vec<u8>,
+        mut a: Activations,
         n: usize,
         h: usize,
         w: usize,
         parallel: bool,
         observer: &mut Int8Observer<'_>,
-    ) -> (Vec<u8>, usize, usize) {
+    ) -> (Activations, usize, usize) {
         let (mut h, mut w) = (h, w);
-        let mut b = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let (oh, ow) = layer.output_size(h, w);
-            b.resize(n * oh * ow * layer.out_channels, 0);
-            layer.forward(&a, n, h, w, &mut b, parallel);
-            std::mem::swap(&mut a, &mut b);
+            let len = n * oh * ow * layer.out_channels();
+            a = match (layer, a) {
+                (Layer::Int8(l), a) => {
+                    let input = match a {
+                        Activations::U8(q) => q,
+                        Activations::F32(x) => x.iter().map(|&v| l.input.quantize(v)).collect(),
+                    };
+                    let mut out = vec![0u8; len];
+                    l.forward(&input, n, h, w, &mut out, parallel);
+                    observer(i, oh, ow, BlockOutput::U8(&out, l.output));
+                    Activations::U8(out)
+                }
+                (Layer::Float(l), a) => {
+                    let input = match a {
+                        Activations::F32(x) => x,
+                        Activations::U8(q) => q.iter().map(|&q| l.input.dequantize(q)).collect(),
+                    };
+                    let mut out = vec![0f32; len];
+                    l.conv
+                        .forward(self.isa, &self.choices, &input, n, h, w, &mut out, parallel);
+                    observer(i, oh, ow, BlockOutput::F32(&out));
+                    Activations::F32(out)
+                }
+            };
             (h, w) = (oh, ow);
-            observer(i, h, w, &a, layer.output);
         }
         (a, h, w)
     }
@@ -267,12 +399,12 @@ impl Int8Engine {
         n: usize,
         h: usize,
         w: usize,
-        mut observer: impl FnMut(usize, usize, usize, &[u8], ActivationQuant),
+        mut observer: impl FnMut(usize, usize, usize, BlockOutput<'_>),
     ) -> Vec<f32> {
         if n == 0 {
             return Vec::new();
         }
-        let a = self.quantize_input(input, n, h, w);
+        let a = self.input_activations(input, n, h, w);
         let (features, oh, ow) = self.run_layers(a, n, h, w, true, &mut observer);
         self.head(&features, n, oh * ow)
     }
@@ -285,7 +417,7 @@ impl Int8Engine {
         let mut timings = Vec::with_capacity(blocks.len());
         let (mut in_h, mut in_w) = (h, w);
         let mut last = std::time::Instant::now();
-        self.forward_with(input, n, h, w, |i, oh, ow, _, _| {
+        self.forward_with(input, n, h, w, |i, oh, ow, _| {
             let block = &blocks[i];
             timings.push(crate::LayerTiming {
                 name: block.name(),
@@ -301,22 +433,34 @@ impl Int8Engine {
         timings
     }
 
-    fn head(&self, features: &[u8], n: usize, positions: usize) -> Vec<f32> {
+    fn head(&self, features: &Activations, n: usize, positions: usize) -> Vec<f32> {
         let c = self.spec.feature_width();
         let zero = self.output.zero_point as i64;
         let mut pooled = vec![0f32; n * c];
-        for (image, means) in features
-            .chunks_exact(positions * c)
-            .zip(pooled.chunks_exact_mut(c))
-        {
-            let mut sums = vec![0i64; c];
-            for pixel in image.chunks_exact(c) {
-                for (s, &q) in sums.iter_mut().zip(pixel) {
-                    *s += q as i64 - zero;
+        match features {
+            Activations::U8(features) => {
+                for (image, means) in features
+                    .chunks_exact(positions * c)
+                    .zip(pooled.chunks_exact_mut(c))
+                {
+                    let mut sums = vec![0i64; c];
+                    for pixel in image.chunks_exact(c) {
+                        for (s, &q) in sums.iter_mut().zip(pixel) {
+                            *s += q as i64 - zero;
+                        }
+                    }
+                    for (m, s) in means.iter_mut().zip(sums) {
+                        *m = self.output.scale * (s as f64 / positions as f64) as f32;
+                    }
                 }
             }
-            for (m, s) in means.iter_mut().zip(sums) {
-                *m = self.output.scale * (s as f64 / positions as f64) as f32;
+            Activations::F32(features) => {
+                for (image, means) in features
+                    .chunks_exact(positions * c)
+                    .zip(pooled.chunks_exact_mut(c))
+                {
+                    channel_means_into(image, means);
+                }
             }
         }
         let Some((weight, bias)) = &self.head else {

@@ -57,7 +57,7 @@ mod workspace;
 pub use calibration::{Calibration, Calibrator};
 pub use engine::Engine;
 pub use error::EngineError;
-pub use int8::Int8Engine;
+pub use int8::{BlockOutput, Int8Engine};
 pub use layout::nhwc_to_nchw;
 pub use options::{EngineOptions, Lowering, Mode, Winograd};
 pub use repvgg_kernels::Isa;

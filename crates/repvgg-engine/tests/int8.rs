@@ -128,7 +128,8 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
         // kernel set the machine has, forced, and every instruction-set cap.
         for limit in [127, 63] {
             let activations = calibrator.activations();
-            let model = QuantizedModel::quantize(&ckpt, activations, "minmax", n, limit).unwrap();
+            let model =
+                QuantizedModel::quantize(&ckpt, activations, "minmax", n, limit, &[]).unwrap();
             let reference = integer_reference(&model, &input, n, h, w);
             let classes = model.spec.num_classes;
             let mut engines: Vec<(String, Int8Engine)> = Vec::new();
@@ -151,7 +152,7 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
                 let ours = engine.forward(&input, n, h, w);
                 // The same batch with every layer split across the threads (forward takes whole
                 // images per thread when the batch has one for each).
-                let split = engine.forward_with(&input, n, h, w, |_, _, _, _, _| {});
+                let split = engine.forward_with(&input, n, h, w, |_, _, _, _| {});
                 assert_eq!(split, ours, "{config} {isa}: the two threadings differ");
                 let diff = ours
                     .iter()
@@ -216,13 +217,14 @@ fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
         let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
         calibrator.observe(&float, &input, n, h, w).unwrap();
         let model =
-            QuantizedModel::quantize(&ckpt, calibrator.activations(), "minmax", n, 127).unwrap();
+            QuantizedModel::quantize(&ckpt, calibrator.activations(), "minmax", n, 127, &[])
+                .unwrap();
         let reference = integer_reference(&model, &input, n, h, w);
         for isa in Isa::available() {
             let engine = Int8Engine::new(&model, Some(isa)).unwrap();
             let ours = engine.forward(&input, n, h, w);
             // Layers split across threads, by rows and (the wide last stage) by columns.
-            let split = engine.forward_with(&input, n, h, w, |_, _, _, _, _| {});
+            let split = engine.forward_with(&input, n, h, w, |_, _, _, _| {});
             assert_eq!(split, ours, "{isa}: the two threadings differ");
             let diff = ours
                 .iter()
@@ -230,5 +232,63 @@ fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(diff <= 1e-5 * max_abs(&reference), "{isa}: {diff}");
         }
+    }
+}
+
+/// Blocks kept in float (`quantize --fp32-layers first,last`): the stem reads the float input
+/// directly and hands u8 to the next block; the last block reads u8 back and feeds the pool
+/// in float. Closer to the float model than all-INT8, and both threadings agree.
+#[test]
+fn float_first_and_last_blocks_run_beside_int8_ones() {
+    for config in ["tiny", "tiny_g2"] {
+        let ckpt = Checkpoint::load(
+            &repvgg_testing::fixture(config, "deploy_official.safetensors"),
+            None,
+        )
+        .unwrap();
+        let float = Engine::from_checkpoint(&ckpt, 1e-5).unwrap();
+        let (input, n, h, w) = fixture_batch(config);
+        let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
+        calibrator.observe(&float, &input, n, h, w).unwrap();
+        let float_logits = float.forward(&input, n, h, w, &mut Workspace::default());
+        let last = ckpt.spec.blocks().len() - 1;
+        let drift = |float_blocks: &[usize]| {
+            let model = QuantizedModel::quantize(
+                &ckpt,
+                calibrator.activations(),
+                "minmax",
+                n,
+                127,
+                float_blocks,
+            )
+            .unwrap();
+            let engine = Int8Engine::new(&model, None).unwrap();
+            let ours = engine.forward(&input, n, h, w);
+            let split = engine.forward_with(&input, n, h, w, |_, _, _, _| {});
+            // Float layers plan by threading (their sums run in another order), so a float
+            // block's output moves by float rounding, and an INT8 block after it may round an
+            // input one step the other way: close, not equal.
+            let apart = ours
+                .iter()
+                .zip(&split)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                apart <= 1e-3 * max_abs(&ours),
+                "{config} {float_blocks:?}: threadings {apart} apart"
+            );
+            ours.iter()
+                .zip(&float_logits)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+                / max_abs(&float_logits)
+        };
+        let all = drift(&[]);
+        let mixed = drift(&[0, last]);
+        let only_float = drift(&(0..=last).collect::<Vec<_>>());
+        eprintln!(
+            "{config}: drift all-INT8 {all:.2e}, float ends {mixed:.2e}, all float {only_float:.2e}"
+        );
+        assert!(mixed <= 0.05, "{config}: {mixed}");
+        // Every block in float is the float model (the same float engine layers): f32 rounding.
+        assert!(only_float <= 1e-5, "{config}: {only_float}");
     }
 }

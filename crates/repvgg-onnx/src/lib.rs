@@ -401,10 +401,52 @@ pub fn export_qdq(
         )
     };
     let mut x = "input".to_string();
+    let is_int8 = |i: usize| model.convs[i].float_weight.is_none();
     for (i, (block, conv)) in spec.blocks().iter().zip(&model.convs).enumerate() {
         let name = block.name();
-        let x_dq = qdq(&mut graph, &x, i, &format!("{name}.input"));
+        // The INT8 engine quantizes a block's input when the block is INT8 or the one before
+        // it was (a float block then reads its u8 output back); between float blocks, and
+        // into a float first block, activations stay float.
+        let x_dq = if is_int8(i) || (i > 0 && is_int8(i - 1)) {
+            qdq(&mut graph, &x, i, &format!("{name}.input"))
+        } else {
+            x.clone()
+        };
         let cout = block.out_channels;
+        let d = block.dilation as i64;
+        let conv_attributes = vec![
+            ints("kernel_shape", &[3, 3]),
+            ints("pads", &[d, d, d, d]),
+            ints("strides", &[block.stride as i64, block.stride as i64]),
+            ints("dilations", &[d, d]),
+            int("group", block.groups as i64),
+        ];
+        if let Some(weight) = &conv.float_weight {
+            let w_shape = [cout, block.in_channels / block.groups, 3, 3];
+            let w = init(
+                &mut graph,
+                format!("{name}.weight"),
+                &w_shape,
+                DATA_TYPE_FLOAT,
+                floats(weight),
+            );
+            let b = init(
+                &mut graph,
+                format!("{name}.bias"),
+                &[cout],
+                DATA_TYPE_FLOAT,
+                floats(&conv.bias),
+            );
+            let y = node(
+                &mut graph,
+                "Conv",
+                format!("{name}.conv"),
+                &[&x_dq, &w, &b],
+                conv_attributes,
+            );
+            x = node(&mut graph, "Relu", format!("{name}.relu"), &[&y], vec![]);
+            continue;
+        }
         let w_shape = [cout, block.in_channels / block.groups, 3, 3];
         let wq = init(
             &mut graph,
@@ -494,7 +536,11 @@ pub fn export_qdq(
         x = node(&mut graph, "Relu", format!("{name}.relu"), &[&y], vec![]);
     }
     let last = spec.blocks().len();
-    let x = qdq(&mut graph, &x, last, "output");
+    let x = if is_int8(last - 1) {
+        qdq(&mut graph, &x, last, "output")
+    } else {
+        x
+    };
     let pooled = node(&mut graph, "GlobalAveragePool", "gap".into(), &[&x], vec![]);
     match &model.head {
         None => {
