@@ -46,7 +46,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
     /// Weight bits: 8, or 7 so that AVX2 machines without VNNI run the INT8 kernels (their
-    /// 16-bit sums need weights within 64) [default: 8].
+    /// 16-bit sums need weights within 64).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
     weight_bits: u8,
     /// Blocks kept in float: `first`, `last`, or block names (stage0, stage4.0), comma
