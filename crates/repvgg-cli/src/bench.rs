@@ -225,6 +225,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let spec = ckpt.spec.clone();
     // An INT8 file runs as INT8 whatever --precision says.
     let int8 = args.precision == "int8" || ckpt.quantization.is_some();
+    if ckpt.quantization.is_some() && args.precision == "fp32" {
+        eprintln!("note: {} is an INT8 model; it is timed in INT8", args.arch);
+    }
     if args.layers {
         let int8 = args.precision == "int8" || ckpt.quantization.is_some();
         return pool
