@@ -86,7 +86,8 @@ pub struct ArchSpec {
     pub se: bool,
     /// QARepVGG blocks (Chu et al., AAAI 2023; the authors' `QARepVGGBlockV2`):
     /// `ReLU(BN(conv3x3_BN(x) + conv1x1(x) + x))`, a bias-free 1x1 without BN, an identity
-    /// without BN and one BN after the sum, so that the fused kernel quantizes well.
+    /// without BN and one BN after the sum, so that the fused kernel quantizes well. With SE,
+    /// the authors' order: `ReLU(BN(SE(sum)))`, the BN kept after SE in the deploy form.
     #[serde(default)]
     pub qa: bool,
     /// Classes of the linear head; 0 makes a headless backbone (no `linear.*`; the forward pass
@@ -497,13 +498,6 @@ impl ArchSpec {
         }
         if self.strides.iter().any(|&s| !(1..=2).contains(&s)) {
             return invalid(format!("strides must be 1 or 2, got {:?}", self.strides));
-        }
-        if self.qa && self.se {
-            // The authors' code applies SE before the post-sum BN and then folds that BN into
-            // the conv anyway, which changes the function; an exact order is future work.
-            return invalid(
-                "QARepVGG blocks with SE are not supported yet (qa and se together)".into(),
-            );
         }
         if self.dilations.iter().any(|&d| !(1..=64).contains(&d)) {
             return invalid(format!(

@@ -233,6 +233,8 @@ impl TrainBlock {
 pub struct DeployBlock {
     pub conv: Conv2d,
     pub se: Option<SqueezeExcite>,
+    /// QARepVGG with SE: the post-sum BN, after the gate.
+    pub post_bn: Option<BatchNorm2d>,
     pub stage: usize,
     pub index: usize,
 }
@@ -242,6 +244,9 @@ impl DeployBlock {
         let mut y = self.conv.forward(x);
         if let Some(se) = &self.se {
             y = se.forward(y);
+        }
+        if let Some(post) = &self.post_bn {
+            y = post.forward(y);
         }
         relu(y)
     }
@@ -374,6 +379,13 @@ impl RepVggDeploy {
                         b.groups,
                     ),
                     se: r.se(&p, b),
+                    // State dicts do not record eps: PyTorch's default, as the conversion's.
+                    post_bn: (b.qa && b.se_channels.is_some()).then(|| {
+                        r.bn(
+                            &format!("{p}{QA_POST_BN}"),
+                            repvgg_checkpoint::convert::DEFAULT_BN_EPS,
+                        )
+                    }),
                     stage: b.stage,
                     index: b.index,
                 }
@@ -391,6 +403,9 @@ impl RepVggDeploy {
             let p = format!("{}.", block_name(b.stage, b.index));
             w.conv(&format!("{p}{REPARAM}"), &b.conv);
             w.se(&p, &b.se);
+            if let Some(post) = &b.post_bn {
+                w.bn(&format!("{p}{QA_POST_BN}"), post);
+            }
         }
         w.head(&self.head);
         w.0

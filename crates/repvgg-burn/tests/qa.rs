@@ -115,3 +115,51 @@ fn a_post_bn_kept_beside_the_deployed_conv_is_folded_on_load() {
     let folded = loaded.tensors["stage1.1.rbr_reparam.bias"].data[0] as f64;
     assert!((beta as f64 + (b0 - mean as f64) * t - folded).abs() < 1e-5);
 }
+
+/// QARepVGG with SE, in the authors' order `ReLU(BN_post(SE(sum)))`: the BN follows the gate,
+/// so the deploy form keeps it after SE (fixtures/qa_tiny_se, the same NumPy reference). The
+/// authors' own conversion folds it into the conv anyway, which changes the function; ours
+/// must not.
+#[test]
+fn qa_blocks_with_se_keep_their_post_bn_after_the_gate() {
+    let ckpt =
+        Checkpoint::load(&fixture("qa_tiny_se", "train_official.safetensors"), None).unwrap();
+    assert!(ckpt.spec.qa && ckpt.spec.se);
+    let reference = read_f64(&fixture("qa_tiny_se", "io.safetensors"));
+    let (shape, input) = &reference["input"];
+    let (n, h, w) = (shape[0], shape[2], shape[3]);
+    let input32: Vec<f32> = input.iter().map(|&v| v as f32).collect();
+    let device = default_device();
+    let model = RepVggTrain::from_state_dict(&ckpt.spec, &ckpt.tensors, DEFAULT_BN_EPS, &device);
+    let x: Tensor<4> = Tensor::from_data(TensorData::new(input32.clone(), shape.clone()), &device);
+    let err = relative_error(
+        &values(model.forward(x.clone())),
+        &reference["logits_train_f64"].1,
+    );
+    assert!(err < 1e-5, "training form: {err:e}");
+    let deploy = ckpt.to_deploy(DEFAULT_BN_EPS).unwrap();
+    assert!(
+        deploy.tensors.contains_key("stage1.0.bn.weight"),
+        "the post BN is kept"
+    );
+    let expected =
+        Checkpoint::load(&fixture("qa_tiny_se", "deploy_official.safetensors"), None).unwrap();
+    for (key, t) in &expected.tensors {
+        let ours: Vec<f64> = deploy.tensors[key].data.iter().map(|&v| v as f64).collect();
+        let theirs: Vec<f64> = t.data.iter().map(|&v| v as f64).collect();
+        assert!(relative_error(&ours, &theirs) < 1e-6, "{key}");
+    }
+    let engine = Engine::from_checkpoint(&deploy, DEFAULT_BN_EPS).unwrap();
+    let logits: Vec<f64> = engine
+        .forward(&input32, n, h, w, &mut Workspace::default())
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let err = relative_error(&logits, &reference["logits_deploy_f64"].1);
+    assert!(err < 1e-5, "engine: {err:e}");
+    // burn's deploy form too, and the reference's deploy file read back as such.
+    let plain =
+        repvgg_burn::RepVggDeploy::from_state_dict(&expected.spec, &expected.tensors, &device);
+    let err = relative_error(&values(plain.forward(x)), &reference["logits_deploy_f64"].1);
+    assert!(err < 1e-5, "burn deploy form: {err:e}");
+}

@@ -4,6 +4,7 @@ use rayon::prelude::*;
 use repvgg_arch::{ArchSpec, BlockSpec};
 use repvgg_fuse::{
     BatchNorm, ConvBias, Kernel, QaTrainBlock, TrainBlock, fuse_block, fuse_qa_block,
+    fuse_qa_branches,
 };
 
 use crate::layout::{
@@ -97,10 +98,12 @@ pub fn qa_train_block(
 /// `BN(rbr_reparam(x))`) into the conv, in place: the deploy form is then the plain one.
 /// Returns how many blocks had one.
 pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, String> {
+    // (Not where SE sits between the conv and the BN: QARepVGG with SE keeps it there.)
     let prefixes: Vec<String> = dict
         .keys()
         .filter_map(|k| k.strip_suffix(&format!("{REPARAM}weight")))
         .filter(|p| dict.contains_key(&format!("{p}{QA_POST_BN}weight")))
+        .filter(|p| !dict.contains_key(&format!("{p}se.down.weight")))
         .map(String::from)
         .collect();
     for p in &prefixes {
@@ -135,7 +138,9 @@ pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDi
         .blocks()
         .par_iter()
         .map(|block| {
-            let fused = if block.qa {
+            let fused = if block.qa && block.se_channels.is_some() {
+                fuse_qa_branches(&qa_train_block(train, block, eps)?)
+            } else if block.qa {
                 fuse_qa_block(&qa_train_block(train, block, eps)?)
             } else {
                 fuse_block(&train_block(train, block, eps)?)
@@ -156,7 +161,8 @@ pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDi
         .collect::<Result<Vec<_>, String>>()?;
     let mut deploy: StateDict = fused.into_iter().flatten().collect();
     for (key, tensor) in train {
-        if key.starts_with(HEAD) || key.contains(".se.") {
+        let kept_bn = spec.qa && spec.se && key.contains(&format!(".{QA_POST_BN}"));
+        if key.starts_with(HEAD) || key.contains(".se.") || kept_bn {
             deploy.insert(key.clone(), tensor.clone());
         }
     }

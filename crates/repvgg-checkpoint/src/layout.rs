@@ -62,6 +62,10 @@ pub fn expected_tensors(spec: &ArchSpec, form: Form) -> Vec<(String, Vec<usize>)
                 out.push((format!("{p}{ONE_CONV}weight"), vec![o, i, 1, 1]));
             }
             Form::Deploy => {
+                // QARepVGG with SE: the post-sum BN follows the SE gate, so it stays.
+                if block.qa && block.se_channels.is_some() {
+                    bn(QA_POST_BN, o);
+                }
                 out.push((format!("{p}{REPARAM}weight"), vec![o, i, 3, 3]));
                 out.push((format!("{p}{REPARAM}bias"), vec![o]));
             }
@@ -236,9 +240,13 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         groups,
         se: tensors.keys().any(|k| k.contains(".se.")),
         // QARepVGG: a bias-free 1x1 without BN (`rbr_1x1.weight`), and a BN after the sum.
-        qa: tensors
-            .keys()
-            .any(|k| k.ends_with(&format!(".{QA_ONE_CONV}weight"))),
+        // (Deployed, only a QARepVGG with SE keeps its block-level BN, after the gate.)
+        qa: tensors.keys().any(|k| {
+            k.ends_with(&format!(".{QA_ONE_CONV}weight"))
+                || Naming::Official
+                    .parse_block(k)
+                    .is_some_and(|(_, rest)| rest.starts_with(QA_POST_BN))
+        }),
         num_classes,
         in_channels: in_channels.ok_or("cannot tell the input channels of stage 0")?,
         strides: [2; 5],

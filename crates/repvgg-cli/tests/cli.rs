@@ -1603,8 +1603,36 @@ fn qarepvgg_blocks_train_convert_and_quantize() {
         err.contains("--custom-l2") && err.contains("QARepVGG"),
         "{err}"
     );
-    let err = fails(&["info", &format!("{TINY};qa;se")]);
-    assert!(err.contains("SE are not supported yet"), "{err}");
+    let text = ok(&["info", "depths=1,1,1,1;widths=16,16,32,32;stem=16;qa;se"]);
+    assert!(text.contains("SE yes, QA yes"), "{text}");
+    // With SE, the post-sum BN stays after the gate: in ONNX Runtime as in the engine.
+    if let Some(python) = repvgg_testing::python_with(&["onnx", "onnxruntime", "safetensors"]) {
+        let weights = fixture("qa_tiny_se/train_official.safetensors");
+        let input = fixture("qa_tiny_se/io.safetensors");
+        let logits = dir.path().join("se_logits.safetensors");
+        ok(&[
+            "forward",
+            "--weights",
+            &s(&weights),
+            "--input",
+            &s(&input),
+            "--output",
+            &s(&logits),
+        ]);
+        let onnx = dir.path().join("qa_se.onnx");
+        ok(&[
+            "export",
+            "--weights",
+            &s(&weights),
+            &s(&onnx),
+            "--size",
+            "32",
+            "--batch",
+            "2",
+        ]);
+        let result = repvgg_testing::check_onnx(&python, &onnx, &input, &logits);
+        eprintln!("QARepVGG with SE in ONNX Runtime: {result}");
+    }
     // Converted, they are plain RepVGG deploy weights: any naming.
     ok(&[
         "convert",

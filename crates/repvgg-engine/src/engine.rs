@@ -61,6 +61,23 @@ impl Engine {
                     down_bias: t(format!("{p}{SE_DOWN}bias")).data.clone(),
                     up: t(format!("{p}{SE_UP}weight")).data.clone(),
                     up_bias: t(format!("{p}{SE_UP}bias")).data.clone(),
+                    // QARepVGG with SE: its post-sum BN, `gamma / sigma`, `beta - mu gamma /
+                    // sigma`.
+                    post: b.qa.then(|| {
+                        let field = |f: &str| &t(format!("{p}bn.{f}")).data;
+                        let scale: Vec<f32> = field("weight")
+                            .iter()
+                            .zip(field("running_var"))
+                            .map(|(g, v)| (*g as f64 / (*v as f64 + bn_eps).sqrt()) as f32)
+                            .collect();
+                        let shift = field("bias")
+                            .iter()
+                            .zip(field("running_mean"))
+                            .zip(&scale)
+                            .map(|((b, m), s)| b - m * s)
+                            .collect();
+                        (scale, shift)
+                    }),
                 });
                 let geometry = Geometry {
                     in_channels: b.in_channels,

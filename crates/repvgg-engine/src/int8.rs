@@ -55,7 +55,8 @@ struct FloatLayer {
 
 enum Layer {
     Int8(Int8Layer),
-    Float(FloatLayer),
+    /// Boxed: the float layer's plan and packing dwarf the INT8 one.
+    Float(Box<FloatLayer>),
 }
 
 impl Layer {
@@ -159,10 +160,10 @@ impl Int8Engine {
                         stride: b.stride,
                         dilation: b.dilation,
                     };
-                    return Ok(Layer::Float(FloatLayer {
+                    return Ok(Layer::Float(Box::new(FloatLayer {
                         conv: ConvLayer::new(geometry, weight, conv.bias.clone(), None),
                         input,
-                    }));
+                    })));
                 }
                 let (cin_g, cout_g) = (b.in_channels / b.groups, b.out_channels / b.groups);
                 let k = 9 * cin_g;

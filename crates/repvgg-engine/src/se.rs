@@ -11,6 +11,8 @@ pub(crate) struct SqueezeExcite {
     /// `(C, hidden)` row-major.
     pub up: Vec<f32>,
     pub up_bias: Vec<f32>,
+    /// QARepVGG's post-sum BN after the gate, as per-channel (scale, shift).
+    pub post: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl SqueezeExcite {
@@ -31,12 +33,24 @@ impl SqueezeExcite {
             let z = self.up_bias[i] + dot(&self.up[i * self.hidden..(i + 1) * self.hidden], hidden);
             1.0 / (1.0 + (-z).exp())
         }));
-        // Scale, then the block's ReLU, in one pass.
-        for pixel in image.chunks_exact_mut(c) {
-            pixel
-                .iter_mut()
-                .zip(gate.iter())
-                .for_each(|(v, g)| *v = (*v * g).max(0.0));
+        // Scale (then QARepVGG's BN), then the block's ReLU, in one pass.
+        match &self.post {
+            None => {
+                for pixel in image.chunks_exact_mut(c) {
+                    pixel
+                        .iter_mut()
+                        .zip(gate.iter())
+                        .for_each(|(v, g)| *v = (*v * g).max(0.0));
+                }
+            }
+            Some((scale, shift)) => {
+                for pixel in image.chunks_exact_mut(c) {
+                    for (((v, g), s), t) in pixel.iter_mut().zip(gate.iter()).zip(scale).zip(shift)
+                    {
+                        *v = (*v * g * s + t).max(0.0);
+                    }
+                }
+            }
         }
     }
 }

@@ -222,8 +222,10 @@ pub struct QaTrainBlock<T> {
     pub groups: usize,
 }
 
-/// The whole QARepVGG block: `fold(post, fuse(3x3, bn) + pad(1x1) + identity)`.
-pub fn fuse_qa_block<T: Float>(block: &QaTrainBlock<T>) -> ConvBias<T> {
+/// The QARepVGG block's branches without the post-sum BN: `fuse(3x3, bn) + pad(1x1) +
+/// identity`. With SE the BN follows the SE gate and cannot be folded into the conv: the
+/// deploy form keeps it after SE.
+pub fn fuse_qa_branches<T: Float>(block: &QaTrainBlock<T>) -> ConvBias<T> {
     let (dense_kernel, dense_bn) = &block.dense;
     let mut sum = fuse_conv_bn(dense_kernel.clone(), dense_bn);
     let zero_bias = vec![T::zero(); dense_kernel.out_channels];
@@ -239,7 +241,12 @@ pub fn fuse_qa_block<T: Float>(block: &QaTrainBlock<T>) -> ConvBias<T> {
         };
         sum = add(sum, &identity);
     }
-    fold_bn_after(sum, &block.post)
+    sum
+}
+
+/// The whole QARepVGG block (no SE): `fold(post, fuse_qa_branches(block))`.
+pub fn fuse_qa_block<T: Float>(block: &QaTrainBlock<T>) -> ConvBias<T> {
+    fold_bn_after(fuse_qa_branches(block), &block.post)
 }
 
 #[cfg(test)]

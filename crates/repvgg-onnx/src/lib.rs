@@ -236,6 +236,23 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
             );
             let gate = b.node("Sigmoid", format!("{name}.se.gate"), &[&up], vec![]);
             y = b.node("Mul", format!("{name}.se.scale"), &[&y, &gate], vec![]);
+            if block.qa {
+                // QARepVGG with SE: its post-sum BN follows the gate.
+                let bn = |b: &mut Builder, field: &str| b.weight(&format!("{p}bn.{field}"));
+                let inputs =
+                    ["weight", "bias", "running_mean", "running_var"].map(|f| bn(&mut b, f));
+                y = b.node(
+                    "BatchNormalization",
+                    format!("{name}.post_bn"),
+                    &[&y, &inputs[0], &inputs[1], &inputs[2], &inputs[3]],
+                    vec![AttributeProto {
+                        name: "epsilon".into(),
+                        f: bn_eps as f32,
+                        r#type: ATTRIBUTE_FLOAT,
+                        ..Default::default()
+                    }],
+                );
+            }
         }
         x = b.node("Relu", format!("{name}.relu"), &[&y], vec![]);
     }

@@ -66,6 +66,7 @@ pub struct NodeProto {
 }
 
 /// `AttributeProto.AttributeType`.
+pub const ATTRIBUTE_FLOAT: i32 = 1;
 pub const ATTRIBUTE_INT: i32 = 2;
 pub const ATTRIBUTE_INTS: i32 = 7;
 
@@ -73,6 +74,8 @@ pub const ATTRIBUTE_INTS: i32 = 7;
 pub struct AttributeProto {
     #[prost(string, tag = "1")]
     pub name: String,
+    #[prost(float, tag = "2")]
+    pub f: f32,
     #[prost(int64, tag = "3")]
     pub i: i64,
     #[prost(int64, repeated, tag = "8")]
