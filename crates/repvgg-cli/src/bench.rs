@@ -261,11 +261,14 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();
             reset_peak_rss();
+            // The kernels the case runs on, as the JSON names them.
+            let mut kernels = isa.name().to_string();
             let times = pool.install(|| -> Result<Vec<f64>> {
                 let mut run: Box<dyn FnMut()> = match form {
                     Form::Deploy if int8 => {
                         let model = int8_model(&ckpt, &options, &input, batch, h, w)?;
                         let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
+                        kernels = engine.kernels().name().to_string();
                         let input = input.clone();
                         Box::new(move || {
                             std::hint::black_box(engine.forward(&input, batch, h, w));
@@ -328,7 +331,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                         "threads": threads, "median_ms": median * 1e3, "p90_ms": p90 * 1e3,
                         "images_per_s": images_per_s, "gflops": gflops, "peak_rss_mb": rss,
                         "iters": args.iters,
-                        "isa": (form == Form::Deploy).then(|| isa.name()),
+                        "isa": (form == Form::Deploy).then_some(kernels.as_str()),
                         "precision": if form == Form::Deploy && int8 { "int8" } else { "fp32" },
                     })
                 );
