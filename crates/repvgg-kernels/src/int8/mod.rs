@@ -417,6 +417,9 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
 /// The u8 epilogue of one sum, as every kernel computes it.
 #[inline(always)]
 fn requantize(sum: i32, scale: f32, zero: f32, low: f32) -> u8 {
-    let v = sum as f32 * scale + zero;
-    v.clamp(low, 255.0).round_ties_even() as u8
+    let v = (sum as f32 * scale + zero).clamp(low, 255.0);
+    // Adding and removing 2^23 rounds a value in [0, 255] to an integer, ties to even, in
+    // the default rounding mode: `round_ties_even` without its library call (no SSE4.1 in
+    // the build's baseline).
+    ((v + 8_388_608.0) - 8_388_608.0) as u8
 }
