@@ -364,6 +364,9 @@ impl Int8Engine {
         observer: &mut Int8Observer<'_>,
     ) -> (Activations, usize, usize) {
         let (mut h, mut w) = (h, w);
+        // The buffer each kind of layer writes next: the one its previous input came in,
+        // so that a forward allocates two maps' worth once, not a new map per layer.
+        let (mut spare_u8, mut spare_f32) = (Vec::new(), Vec::new());
         for (i, layer) in self.layers.iter().enumerate() {
             let (oh, ow) = layer.output_size(h, w);
             let len = n * oh * ow * layer.out_channels();
@@ -371,22 +374,34 @@ impl Int8Engine {
                 (Layer::Int8(l), a) => {
                     let input = match a {
                         Activations::U8(q) => q,
-                        Activations::F32(x) => x.iter().map(|&v| l.input.quantize(v)).collect(),
+                        Activations::F32(x) => {
+                            let q = x.iter().map(|&v| l.input.quantize(v)).collect();
+                            spare_f32 = x;
+                            q
+                        }
                     };
-                    let mut out = vec![0u8; len];
+                    let mut out = std::mem::take(&mut spare_u8);
+                    out.resize(len, 0);
                     l.forward(&input, n, h, w, &mut out, parallel);
                     observer(i, oh, ow, BlockOutput::U8(&out, l.output));
+                    spare_u8 = input;
                     Activations::U8(out)
                 }
                 (Layer::Float(l), a) => {
                     let input = match a {
                         Activations::F32(x) => x,
-                        Activations::U8(q) => q.iter().map(|&q| l.input.dequantize(q)).collect(),
+                        Activations::U8(q) => {
+                            let x = q.iter().map(|&q| l.input.dequantize(q)).collect();
+                            spare_u8 = q;
+                            x
+                        }
                     };
-                    let mut out = vec![0f32; len];
+                    let mut out = std::mem::take(&mut spare_f32);
+                    out.resize(len, 0.0);
                     l.conv
                         .forward(self.isa, &self.choices, &input, n, h, w, &mut out, parallel);
                     observer(i, oh, ow, BlockOutput::F32(&out));
+                    spare_f32 = input;
                     Activations::F32(out)
                 }
             };
