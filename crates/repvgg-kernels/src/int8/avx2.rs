@@ -47,28 +47,46 @@ pub(super) unsafe fn kernel(
         }
     }
     for (row, sums) in acc.iter().enumerate() {
-        let mut totals = [0i32; NR8];
-        for (half, sum) in sums.iter().enumerate() {
-            // SAFETY: `offset` holds 48 i32 and `totals` 16; each half is 8 of them.
-            unsafe {
-                let offset = _mm256_loadu_si256(offset.as_ptr().add(8 * half) as *const __m256i);
-                _mm256_storeu_si256(
-                    totals.as_mut_ptr().add(8 * half) as *mut __m256i,
-                    _mm256_add_epi32(*sum, offset),
-                );
+        // SAFETY: row `row` of C holds the panel's 16 elements (the contract); AVX2 runs here.
+        unsafe { super::avx2::finish_row(sums, offset, c, row * ldc, store) };
+    }
+}
+
+/// Adds the offsets to one row's sums (two half-panels) and stores them as the epilogue says:
+/// the finish the AVX2 and AVX-VNNI kernels share.
+///
+/// # Safety
+/// Element `at` of C (u8 or i32, as `store` says) starts 16 writable elements; AVX2 must run
+/// here.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn finish_row(
+    sums: &[__m256i; 2],
+    offset: &[i32; COLS_MAX],
+    c: *mut u8,
+    at: usize,
+    store: &Store,
+) {
+    let mut totals = [0i32; NR8];
+    for (half, sum) in sums.iter().enumerate() {
+        // SAFETY: `offset` holds 48 i32 and `totals` 16; each half is 8 of them.
+        unsafe {
+            let offset = _mm256_loadu_si256(offset.as_ptr().add(8 * half) as *const __m256i);
+            _mm256_storeu_si256(
+                totals.as_mut_ptr().add(8 * half) as *mut __m256i,
+                _mm256_add_epi32(*sum, offset),
+            );
+        }
+    }
+    match *store {
+        Store::U8 { scale, zero, low } => {
+            for (col, &sum) in totals.iter().enumerate() {
+                // SAFETY: C's elements `at..at + 16` are writable (the caller's contract).
+                unsafe { *c.add(at + col) = requantize(sum, scale[col], zero, low) };
             }
         }
-        match *store {
-            Store::U8 { scale, zero, low } => {
-                for (col, &sum) in totals.iter().enumerate() {
-                    // SAFETY: row `row` of C holds 16 bytes (the contract).
-                    unsafe { *c.add(row * ldc + col) = requantize(sum, scale[col], zero, low) };
-                }
-            }
-            // SAFETY: row `row` of C holds 16 i32 (the contract).
-            Store::I32 => unsafe {
-                std::ptr::copy_nonoverlapping(totals.as_ptr(), (c as *mut i32).add(row * ldc), NR8)
-            },
-        }
+        // SAFETY: as above, in i32 elements.
+        Store::I32 => unsafe {
+            std::ptr::copy_nonoverlapping(totals.as_ptr(), (c as *mut i32).add(at), NR8)
+        },
     }
 }

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{COLS_MAX, K_GROUP, MR_MAX, NR8, Store, requantize};
+use super::{COLS_MAX, K_GROUP, MR_MAX, NR8, Store};
 
 pub(super) const MR: usize = 6;
 
@@ -46,28 +46,7 @@ pub(super) unsafe fn kernel(
         }
     }
     for (row, sums) in acc.iter().enumerate() {
-        let mut totals = [0i32; NR8];
-        for (half, sum) in sums.iter().enumerate() {
-            // SAFETY: `offset` holds 48 i32 and `totals` 16; each half is 8 of them.
-            unsafe {
-                let offset = _mm256_loadu_si256(offset.as_ptr().add(8 * half) as *const __m256i);
-                _mm256_storeu_si256(
-                    totals.as_mut_ptr().add(8 * half) as *mut __m256i,
-                    _mm256_add_epi32(*sum, offset),
-                );
-            }
-        }
-        match *store {
-            Store::U8 { scale, zero, low } => {
-                for (col, &sum) in totals.iter().enumerate() {
-                    // SAFETY: row `row` of C holds 16 bytes (the contract).
-                    unsafe { *c.add(row * ldc + col) = requantize(sum, scale[col], zero, low) };
-                }
-            }
-            // SAFETY: row `row` of C holds 16 i32 (the contract).
-            Store::I32 => unsafe {
-                std::ptr::copy_nonoverlapping(totals.as_ptr(), (c as *mut i32).add(row * ldc), NR8)
-            },
-        }
+        // SAFETY: row `row` of C holds the panel's 16 elements (the contract); AVX2 runs here.
+        unsafe { super::avx2::finish_row(sums, offset, c, row * ldc, store) };
     }
 }
