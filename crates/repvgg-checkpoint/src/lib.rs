@@ -80,9 +80,9 @@ pub struct Checkpoint {
     /// The run state of a resumable training checkpoint (`repvgg-train`'s JSON: configuration,
     /// epoch, step); its optimizer tensors are not loaded.
     pub run_state: Option<serde_json::Value>,
-    /// For an INT8 file: how it was quantized (the tensors here are its dequantized weights;
-    /// [`quantized::QuantizedModel::load`] reads the integers).
-    pub quantization: Option<quantized::QuantizationInfo>,
+    /// For an INT8 file: the integer model itself, read once with the rest (the tensors here
+    /// are its dequantized weights, for float commands).
+    pub int8: Option<Box<quantized::QuantizedModel>>,
 }
 
 impl Checkpoint {
@@ -188,7 +188,7 @@ impl Checkpoint {
             preprocessing,
             labels,
             run_state,
-            quantization: None,
+            int8: None,
         })
     }
 
@@ -227,13 +227,13 @@ impl Checkpoint {
             naming: Naming::Official,
             form: Form::Deploy,
             tensors: model.dequantized(),
-            spec: model.spec,
+            spec: model.spec.clone(),
             source_dtype: DType::I8,
             file_tensor_count,
-            preprocessing: model.preprocessing,
-            labels: model.labels,
+            preprocessing: model.preprocessing.clone(),
+            labels: model.labels.clone(),
             run_state: None,
-            quantization: Some(model.info),
+            int8: Some(Box::new(model)),
         })
     }
 
@@ -268,8 +268,13 @@ impl Checkpoint {
             preprocessing: None,
             labels: None,
             run_state: None,
-            quantization: None,
+            int8: None,
         })
+    }
+
+    /// How an INT8 file was quantized; `None` for float weights.
+    pub fn quantization(&self) -> Option<&quantized::QuantizationInfo> {
+        self.int8.as_ref().map(|m| &m.info)
     }
 
     /// The deploy form to read from: this checkpoint itself when it is one (borrowed, not
@@ -300,7 +305,7 @@ impl Checkpoint {
             preprocessing: self.preprocessing.clone(),
             labels: self.labels.clone(),
             run_state: None,
-            quantization: None,
+            int8: None,
         })
     }
 

@@ -100,7 +100,7 @@ fn int8_files_round_trip_and_broken_ones_say_what_is_missing() {
     assert_eq!(back.info, model.info);
     // Float commands see scale x q: within half a step of the float weights.
     let float = Checkpoint::load(&path, None).unwrap();
-    assert!(float.quantization.is_some());
+    assert!(float.quantization().is_some());
     for (key, t) in &deploy.tensors {
         let ours = &float.tensors[key];
         let max = t.data.iter().fold(0f32, |m, v| m.max(v.abs()));

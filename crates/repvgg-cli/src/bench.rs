@@ -113,8 +113,8 @@ fn int8_model(
     w: usize,
 ) -> Result<repvgg_checkpoint::quantized::QuantizedModel> {
     use repvgg_checkpoint::quantized::QuantizedModel;
-    if ckpt.quantization.is_some() {
-        return Ok(QuantizedModel::load(&ckpt.path)?);
+    if let Some(model) = &ckpt.int8 {
+        return Ok((**model).clone());
     }
     let deploy = ckpt.to_deploy(DEFAULT_BN_EPS)?;
     let engine = Engine::with_options(&deploy, DEFAULT_BN_EPS, *options)?;
@@ -224,12 +224,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         .context("cannot start the thread pool")?;
     let spec = ckpt.spec.clone();
     // An INT8 file runs as INT8 whatever --precision says.
-    let int8 = args.precision == "int8" || ckpt.quantization.is_some();
-    if ckpt.quantization.is_some() && args.precision == "fp32" {
+    let int8 = args.precision == "int8" || ckpt.int8.is_some();
+    if ckpt.int8.is_some() && args.precision == "fp32" {
         eprintln!("note: {} is an INT8 model; it is timed in INT8", args.arch);
     }
     if args.layers {
-        let int8 = args.precision == "int8" || ckpt.quantization.is_some();
+        let int8 = args.precision == "int8" || ckpt.int8.is_some();
         return pool
             .install(|| layer_table(&ckpt, int8, options, &batches, h, w, threads, args.iters));
     }
@@ -339,9 +339,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 println!(
                     "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10.2} {:>10.2} {:>10.1} {:>9.1} {:>11.0}",
                     spec.name,
-                    if form == Form::Deploy
-                        && (args.precision == "int8" || ckpt.quantization.is_some())
-                    {
+                    if form == Form::Deploy && (args.precision == "int8" || ckpt.int8.is_some()) {
                         "int8".to_string()
                     } else {
                         form.to_string()

@@ -87,7 +87,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     let data = open_data(&args.data, args.val_fraction)?;
     let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
-    let mut runner = Runner::new(&args.weights, &ckpt, args.bn_eps, None)?;
+    let mut runner = Runner::new(&ckpt, args.bn_eps, None)?;
     let samples = if args.train_split {
         data.train.clone()
     } else {

@@ -122,14 +122,14 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
     let [n, _, h, w] = shape[..] else {
         unreachable!("checked above")
     };
-    if ckpt.quantization.is_some() {
+    if ckpt.int8.is_some() {
         if features || out_indices.is_some() {
             bail!(
                 "{}: --features and --out-indices run the float engine; this is an INT8 model (its logits only)",
                 weights.display()
             );
         }
-        let mut runner = crate::runner::Runner::new(weights, &ckpt, bn_eps, isa)?;
+        let mut runner = crate::runner::Runner::new(&ckpt, bn_eps, isa)?;
         let logits = runner.forward(&values, n, h, w);
         // A headless model ends with its pooled features instead of logits.
         let (key, width) = if spec.num_classes == 0 {

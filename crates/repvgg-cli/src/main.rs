@@ -437,9 +437,10 @@ fn export(
         height,
         width,
     };
-    let bytes = if ckpt.quantization.is_some() {
-        // An INT8 file exports as a QDQ graph of its integers, not of its dequantized weights.
-        let mut model = repvgg_checkpoint::quantized::QuantizedModel::load(weights)?;
+    let bytes = if let Some(model) = &ckpt.int8 {
+        // An INT8 file exports as a QDQ graph of its integers, not of its dequantized weights
+        // (with the preprocessing as resized above).
+        let mut model = (**model).clone();
         model.preprocessing = ckpt.preprocessing.clone();
         repvgg_onnx::export_qdq(&model, options)
     } else {
@@ -651,7 +652,7 @@ fn describe_file(
             "preprocessing": ckpt.preprocessing,
             "labels": ckpt.labels,
             "training_run": ckpt.run_state,
-            "quantization": ckpt.quantization,
+            "quantization": ckpt.quantization(),
         });
         value
             .as_object_mut()
@@ -665,7 +666,7 @@ fn describe_file(
         println!("training checkpoint: {run}");
     }
     println!("form: {}", ckpt.form);
-    if let Some(q) = &ckpt.quantization {
+    if let Some(q) = ckpt.quantization() {
         println!(
             "quantization: INT8 (s8 weights per output channel, u8 activations per tensor), {} over {} images; float: {}",
             q.method,

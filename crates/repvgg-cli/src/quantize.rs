@@ -80,7 +80,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let ckpt = crate::load_checkpoint(&args.weights, None)?;
-    if ckpt.quantization.is_some() {
+    if ckpt.int8.is_some() {
         bail!(
             "{}: already an INT8 model; quantize its float original",
             args.weights.display()

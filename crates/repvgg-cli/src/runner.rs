@@ -1,11 +1,8 @@
 //! The engine a weights file runs on: the float engine, or the INT8 one for a file that
 //! `repvgg quantize` wrote (recognised from its metadata).
 
-use std::path::Path;
-
 use anyhow::Result;
 use repvgg_checkpoint::Checkpoint;
-use repvgg_checkpoint::quantized::QuantizedModel;
 use repvgg_engine::{Engine, EngineOptions, Int8Engine, Isa, Workspace};
 
 pub enum Runner {
@@ -14,11 +11,11 @@ pub enum Runner {
 }
 
 impl Runner {
-    /// The engine for `ckpt` (loaded from `path`): INT8 when the file is, else float.
-    pub fn new(path: &Path, ckpt: &Checkpoint, bn_eps: f64, isa: Option<Isa>) -> Result<Runner> {
-        if ckpt.quantization.is_some() {
-            let model = QuantizedModel::load(path)?;
-            return Ok(Runner::Int8(Int8Engine::new(&model, isa)?));
+    /// The engine for `ckpt`: INT8 when the file is (its integers were read with it), else
+    /// float.
+    pub fn new(ckpt: &Checkpoint, bn_eps: f64, isa: Option<Isa>) -> Result<Runner> {
+        if let Some(model) = &ckpt.int8 {
+            return Ok(Runner::Int8(Int8Engine::new(model, isa)?));
         }
         let options = EngineOptions {
             isa,
