@@ -177,11 +177,16 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     model.save(&args.out)?;
     let int8 = Int8Engine::new(&model, None)?;
     eprintln!(
-        "{} -> {} (INT8: {}-bit weights per channel, u8 activations per tensor, {method_name} over {} images; the head stays float; runs here on {} kernels)",
+        "{} -> {} (INT8: {}-bit weights per channel, u8 activations per tensor, {method_name} over {} images; in float: {}; runs here on {} kernels)",
         args.weights.display(),
         args.out.display(),
         args.weight_bits,
         calibrator.images(),
+        if model.info.float_layers.is_empty() {
+            "nothing".to_string()
+        } else {
+            model.info.float_layers.join(", ")
+        },
         int8.kernels()
     );
     let vnni = Int8Kernels::Avx512Vnni.is_available() || Int8Kernels::AvxVnni.is_available();
