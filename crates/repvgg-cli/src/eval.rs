@@ -11,7 +11,7 @@ use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::metadata::{Interpolation, Resize};
 use repvgg_data::{DataKind, DataSplits, IMAGENET_MEAN, IMAGENET_STD, Pipeline};
 
-use crate::runner::Runner;
+use repvgg_engine::Runner;
 
 use crate::model_input::InputArgs;
 use crate::train::{NormalizeArg, open_data};

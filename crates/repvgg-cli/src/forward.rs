@@ -129,7 +129,7 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
                 weights.display()
             );
         }
-        let mut runner = crate::runner::Runner::new(&ckpt, bn_eps, isa)?;
+        let mut runner = repvgg_engine::Runner::new(&ckpt, bn_eps, isa)?;
         let logits = runner.forward(&values, n, h, w);
         // A headless model ends with its pooled features instead of logits.
         let (key, width) = if spec.num_classes == 0 {

@@ -19,7 +19,7 @@ mod forward;
 mod model_input;
 mod predict;
 mod quantize;
-mod runner;
+mod serve;
 mod train;
 
 use model_input::{InputArgs, imagenet_fallback, read_labels};
@@ -39,6 +39,7 @@ use model_input::{InputArgs, imagenet_fallback, read_labels};
         eval      accuracy on a data set's held-out split\n\
         predict   classify JPEG/PNG images\n\
         quantize  post-training INT8 from calibration images\n\
+        serve     an HTTP server: KServe V2 inference, image classification, metrics\n\
         export    write the deploy-form graph as ONNX\n\
         demo      the quick start: train, convert, verify and time on Fashion-MNIST\n\n\
         Weights files written here record how to feed the model and its class names; \
@@ -158,6 +159,11 @@ enum Command {
     /// The file it writes is read by every command: eval, predict and forward run it on the
     /// INT8 engine; the others see its dequantized weights.
     Quantize(quantize::QuantizeArgs),
+    /// Serve a model over HTTP: the Open Inference Protocol (KServe V2), /v1/classify for
+    /// JPEG/PNG bodies, dynamic batching, Prometheus metrics at /metrics.
+    ///
+    /// Stops on SIGTERM or Ctrl-C after answering every request it accepted.
+    Serve(serve::ServeArgs),
     /// Export the deploy-form graph as ONNX (weights in either form and any naming).
     ///
     /// Input `input`: float32 (N, 3, H, W), preprocessed as the weights file records (its
@@ -285,6 +291,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::Predict(args) => predict::run(args),
         Command::Quantize(args) => quantize::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Export {
             first,
             second,

@@ -64,7 +64,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     if !args.json {
         eprintln!("input: {} ({source})", preprocessing.describe());
     }
-    let mut runner = crate::runner::Runner::new(&ckpt, args.bn_eps, None)?;
+    let mut runner = repvgg_engine::Runner::new(&ckpt, args.bn_eps, None)?;
     let n = args.images.len();
     let [h, w] = preprocessing.size;
     let logits = runner.forward(&input, n, h, w);

@@ -113,16 +113,45 @@ impl Samples for ImageFolder {
 /// Decodes a JPEG or PNG file; a broken or truncated file is an error naming it.
 pub fn decode_image(path: &Path) -> Result<DynamicImage, DataError> {
     let bytes = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
-    let format = image::guess_format(&bytes)
-        .map_err(|_| fail(path, "not a JPEG or PNG image (unrecognised contents)"))?;
+    decode_image_bytes(&bytes).map_err(|problem| fail(path, problem))
+}
+
+/// The most pixels (width x height) an image may declare: 64 megapixels, a 256 MB RGBA
+/// buffer. Headers are checked against it before any pixel memory is committed, so a small
+/// file that claims 100k x 100k pixels is refused rather than allocated.
+pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
+
+/// Decodes a JPEG or PNG held in memory (a request body, a file's bytes); the error says what
+/// is wrong, for the caller to prefix with where the bytes came from.
+pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage, String> {
+    let format = image::guess_format(bytes)
+        .ok()
+        .filter(|f| matches!(f, image::ImageFormat::Jpeg | image::ImageFormat::Png))
+        .ok_or("not a JPEG or PNG image (unrecognised contents)")?;
     // The JPEG decoder fills a cut-off scan with grey rather than failing; a JPEG must end
     // with its end-of-image marker (trailing padding after it is tolerated).
     if format == image::ImageFormat::Jpeg {
         let tail = &bytes[bytes.len().saturating_sub(4096)..];
         if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-            return Err(fail(path, "truncated JPEG (no end-of-image marker)"));
+            return Err("truncated JPEG (no end-of-image marker)".into());
         }
     }
-    image::load_from_memory_with_format(&bytes, format)
-        .map_err(|e| fail(path, format!("not a readable image: {e}")))
+    let reader = || {
+        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4);
+        reader.limits(limits);
+        reader
+    };
+    let (width, height) = reader()
+        .into_dimensions()
+        .map_err(|e| format!("not a readable image: {e}"))?;
+    if width as u64 * height as u64 > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "{width}x{height} pixels is more than the {MAX_IMAGE_PIXELS} this reads"
+        ));
+    }
+    reader()
+        .decode()
+        .map_err(|e| format!("not a readable image: {e}"))
 }

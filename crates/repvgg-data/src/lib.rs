@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
-pub use folder::{ImageFolder, decode_image};
+pub use folder::{ImageFolder, MAX_IMAGE_PIXELS, decode_image, decode_image_bytes};
 pub use loader::Loader;
 pub use repvgg_checkpoint::metadata::{IMAGENET_MEAN, IMAGENET_STD};
 pub use transform::{Batch, Pipeline, Transform};

@@ -50,6 +50,7 @@ mod layout;
 mod options;
 mod plan;
 mod probe;
+mod runner;
 mod se;
 pub mod tuning;
 mod workspace;
@@ -61,6 +62,7 @@ pub use int8::{BlockOutput, Int8Engine};
 pub use layout::nhwc_to_nchw;
 pub use options::{EngineOptions, Lowering, Mode, Winograd};
 pub use repvgg_kernels::Isa;
+pub use runner::Runner;
 pub use workspace::Workspace;
 
 /// A raw pointer to a u8 output that parallel tasks write through, each to its own block of

@@ -1,9 +1,11 @@
 //! The engine a weights file runs on: the float engine, or the INT8 one for a file that
-//! `repvgg quantize` wrote (recognised from its metadata).
+//! `repvgg quantize` wrote (recognised from its metadata). Commands and the server hold one
+//! of these so that neither needs to know which form a file is.
 
-use anyhow::Result;
+use repvgg_arch::ArchSpec;
 use repvgg_checkpoint::Checkpoint;
-use repvgg_engine::{Engine, EngineOptions, Int8Engine, Isa, Workspace};
+
+use crate::{Engine, EngineError, EngineOptions, Int8Engine, Isa, Workspace};
 
 pub enum Runner {
     Float(Engine, Workspace),
@@ -13,7 +15,7 @@ pub enum Runner {
 impl Runner {
     /// The engine for `ckpt`: INT8 when the file is (its integers were read with it), else
     /// float.
-    pub fn new(ckpt: &Checkpoint, bn_eps: f64, isa: Option<Isa>) -> Result<Runner> {
+    pub fn new(ckpt: &Checkpoint, bn_eps: f64, isa: Option<Isa>) -> Result<Runner, EngineError> {
         if let Some(model) = &ckpt.int8 {
             return Ok(Runner::Int8(Int8Engine::new(model, isa)?));
         }
@@ -27,10 +29,19 @@ impl Runner {
         ))
     }
 
+    /// Logits `(n, classes)` for an NCHW batch of `spec().in_channels` channels on a non-empty
+    /// map (a caller's bug otherwise).
     pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
         match self {
             Runner::Float(engine, ws) => engine.forward(input, n, h, w, ws),
             Runner::Int8(engine) => engine.forward(input, n, h, w),
+        }
+    }
+
+    pub fn spec(&self) -> &ArchSpec {
+        match self {
+            Runner::Float(engine, _) => engine.spec(),
+            Runner::Int8(engine) => engine.spec(),
         }
     }
 

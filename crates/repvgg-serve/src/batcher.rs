@@ -1,0 +1,252 @@
+//! Dynamic batching: requests wait in a bounded queue and one engine thread packs those of the
+//! same image size into a single call, up to `max_batch` images or `max_wait` after the first
+//! arrived. The engine's own parallelism runs on a rayon pool of its own, so the async runtime
+//! only ever moves bytes.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use repvgg_engine::Runner;
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+
+/// How batches are formed.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    /// Requests that may wait; more are refused (503) rather than queued without bound.
+    pub queue: usize,
+}
+
+/// One request's images, `(n, c, h, w)` flattened, and where its logits go.
+pub struct Job {
+    pub input: Vec<f32>,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<Vec<f32>, JobError>>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    #[error("the request's deadline passed before the engine reached it")]
+    Expired,
+    #[error("the engine failed on this batch: {0}")]
+    Engine(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting)")]
+    Full(usize),
+    #[error("the server is shutting down")]
+    Closed,
+}
+
+/// The submitting side; cheap to share between request handlers.
+pub struct Batcher {
+    queue: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Batcher {
+    /// Starts the engine thread. It ends once every `Batcher` is dropped and the queue is
+    /// drained, which is how shutdown finishes the requests already accepted.
+    pub fn start(
+        runner: Runner,
+        threads: usize,
+        policy: BatchPolicy,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Batcher, JoinHandle<()>)> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("repvgg-engine-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let (queue, jobs) = sync_channel(policy.queue);
+        let depth = Arc::new(AtomicUsize::new(0));
+        let worker = EngineWorker {
+            runner,
+            pool,
+            policy,
+            jobs,
+            waiting: VecDeque::new(),
+            depth: depth.clone(),
+            metrics: metrics.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("repvgg-batcher".into())
+            .spawn(move || worker.run())?;
+        Ok((
+            Batcher {
+                queue,
+                depth,
+                metrics,
+            },
+            handle,
+        ))
+    }
+
+    /// Queues a job, or refuses it at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match self.queue.try_send(job) {
+            Ok(()) => {
+                self.metrics
+                    .queue_depth
+                    .set(self.depth.load(Ordering::SeqCst) as i64);
+                Ok(())
+            }
+            Err(e) => {
+                let waiting = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Full(waiting),
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
+            }
+        }
+    }
+}
+
+struct EngineWorker {
+    runner: Runner,
+    pool: rayon::ThreadPool,
+    policy: BatchPolicy,
+    jobs: Receiver<Job>,
+    /// Jobs taken from the queue that did not fit the batch being formed (another size, or
+    /// too many images): first in line for the next one.
+    waiting: VecDeque<Job>,
+    depth: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl EngineWorker {
+    fn take(&mut self, job: Option<Job>) -> Option<Job> {
+        if job.is_some() {
+            let left = self.depth.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.metrics.queue_depth.set(left as i64);
+        }
+        job
+    }
+
+    fn run(mut self) {
+        loop {
+            let first = match self.waiting.pop_front() {
+                Some(job) => job,
+                None => match self.jobs.recv() {
+                    Ok(job) => self.take(Some(job)).expect("a job"),
+                    Err(_) => return,
+                },
+            };
+            let Some(first) = live(first) else { continue };
+            let (h, w) = (first.h, first.w);
+            let mut images = first.n;
+            let mut batch = vec![first];
+            // Jobs set aside earlier that fit now.
+            let mut i = 0;
+            while i < self.waiting.len() && images < self.policy.max_batch {
+                let job = &self.waiting[i];
+                if (job.h, job.w) == (h, w) && images + job.n <= self.policy.max_batch {
+                    let job = self.waiting.remove(i).expect("index in range");
+                    if let Some(job) = live(job) {
+                        images += job.n;
+                        batch.push(job);
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+            let until = Instant::now() + self.policy.max_wait;
+            while images < self.policy.max_batch {
+                let left = until.saturating_duration_since(Instant::now());
+                let next = if left.is_zero() {
+                    self.jobs.try_recv().ok()
+                } else {
+                    match self.jobs.recv_timeout(left) {
+                        Ok(job) => Some(job),
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+                    }
+                };
+                let Some(job) = self.take(next) else { break };
+                let Some(job) = live(job) else { continue };
+                if (job.h, job.w) == (h, w) && images + job.n <= self.policy.max_batch {
+                    images += job.n;
+                    batch.push(job);
+                } else {
+                    self.waiting.push_back(job);
+                    break;
+                }
+            }
+            self.execute(batch, images, h, w);
+        }
+    }
+
+    fn execute(&mut self, batch: Vec<Job>, images: usize, h: usize, w: usize) {
+        let input: Vec<f32> = if batch.len() == 1 {
+            Vec::new()
+        } else {
+            batch.iter().flat_map(|j| j.input.iter().copied()).collect()
+        };
+        let input = if batch.len() == 1 {
+            &batch[0].input
+        } else {
+            &input
+        };
+        self.metrics.batch_size.observe(images as f64);
+        let started = Instant::now();
+        let runner = &mut self.runner;
+        let pool = &self.pool;
+        // The server answers even if the engine has a bug: the batch's requests get a 500
+        // and the thread goes on with the next batch.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            pool.install(|| runner.forward(input, images, h, w))
+        }));
+        self.metrics
+            .engine_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(logits) => {
+                let width = logits.len() / images;
+                let mut offset = 0;
+                for job in batch {
+                    let part = logits[offset * width..(offset + job.n) * width].to_vec();
+                    offset += job.n;
+                    // A client that went away no longer waits for its answer.
+                    let _ = job.reply.send(Ok(part));
+                }
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                for job in batch {
+                    let _ = job.reply.send(Err(JobError::Engine(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// The job if someone still waits for it: a client that disconnected or whose deadline
+/// passed costs no engine time.
+fn live(job: Job) -> Option<Job> {
+    if job.reply.is_closed() {
+        return None;
+    }
+    if Instant::now() >= job.deadline {
+        let _ = job.reply.send(Err(JobError::Expired));
+        return None;
+    }
+    Some(job)
+}
