@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -171,10 +171,7 @@ impl EngineWorker {
                 let next = if left.is_zero() {
                     self.jobs.try_recv().ok()
                 } else {
-                    match self.jobs.recv_timeout(left) {
-                        Ok(job) => Some(job),
-                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                    }
+                    self.jobs.recv_timeout(left).ok()
                 };
                 let Some(job) = self.take(next) else { break };
                 let Some(job) = live(job) else { continue };

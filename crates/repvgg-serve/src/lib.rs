@@ -263,7 +263,9 @@ async fn track(
 ) -> Response {
     let route = matched.map_or_else(|| "other".to_string(), |m| m.as_str().to_string());
     let started = Instant::now();
+    metrics.in_flight.inc();
     let response = next.run(request).await;
+    metrics.in_flight.dec();
     metrics
         .requests
         .get_or_create(&RouteStatus {

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub engine_seconds: Histogram,
     pub queue_depth: Gauge,
+    pub in_flight: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -72,7 +73,14 @@ impl Metrics {
             "Requests waiting for the engine",
             queue_depth.clone(),
         );
+        let in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "Requests received and not yet answered",
+            in_flight.clone(),
+        );
         Metrics {
+            in_flight,
             registry,
             requests,
             latency,

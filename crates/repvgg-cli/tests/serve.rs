@@ -1,0 +1,587 @@
+//! `repvgg serve` over loopback with a real HTTP client: every route, the V2 JSON and binary
+//! forms against `repvgg forward`, classify against `predict`, the 400/404/413/503/504
+//! answers, draining on SIGTERM, and 64 clients at once.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn fixture(rel: &str) -> PathBuf {
+    repvgg_testing::fixtures().join(rel)
+}
+
+fn repvgg_ok(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_repvgg"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "repvgg {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A `repvgg serve` process on a free loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(weights: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_repvgg"))
+            .args(["serve", "--weights", weights.to_str().unwrap()])
+            .args(["--addr", "127.0.0.1:0", "--threads", "2"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut base = None;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            log.lock().unwrap().push_str(&format!("{line}\n"));
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                base = Some(addr.to_string());
+                break;
+            }
+        }
+        let base = base.unwrap_or_else(|| panic!("serve did not start: {}", log.lock().unwrap()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        Server { child, base, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// (status, headers we look at, body)
+struct Reply {
+    status: u16,
+    retry_after: Option<String>,
+    header_length: Option<usize>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn reply(mut response: ureq::http::Response<ureq::Body>) -> Reply {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let retry_after = header("retry-after");
+    let header_length = header("inference-header-content-length").map(|v| v.parse().unwrap());
+    Reply {
+        status: response.status().as_u16(),
+        retry_after,
+        header_length,
+        body: response
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap(),
+    }
+}
+
+fn get(url: &str) -> Reply {
+    reply(agent().get(url).call().unwrap())
+}
+
+fn post(url: &str, content_type: &str, body: &[u8], headers: &[(&str, String)]) -> Reply {
+    let mut request = agent().post(url).header("content-type", content_type);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    reply(request.send(body).unwrap())
+}
+
+fn infer_json(url: &str, shape: [usize; 4], data: &[f32]) -> Reply {
+    let body = json!({"id": "t", "inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+        "data": data}]});
+    post(url, "application/json", body.to_string().as_bytes(), &[])
+}
+
+fn infer_binary(url: &str, shape: [usize; 4], data: &[f32]) -> Reply {
+    let header = json!({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+        "parameters": {"binary_data_size": data.len() * 4}}],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    for v in data {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    post(
+        url,
+        "application/octet-stream",
+        &body,
+        &[("inference-header-content-length", header.len().to_string())],
+    )
+}
+
+fn logits_of(reply: &Reply) -> Vec<f32> {
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    match reply.header_length {
+        Some(len) => reply.body[len..]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        None => reply.json()["outputs"][0]["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect(),
+    }
+}
+
+/// Writes `input` (N, 3, H, W) as a safetensors batch and returns `repvgg forward`'s logits.
+fn forward_logits(weights: &Path, dir: &Path, shape: [usize; 4], input: &[f32]) -> Vec<f32> {
+    let path = dir.join("batch.safetensors");
+    let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .unwrap();
+    safetensors::serialize_to_file([("input", view)], None, &path).unwrap();
+    let out = dir.join("logits.safetensors");
+    repvgg_ok(&[
+        "forward",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--input",
+        path.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let (_, logits) = &repvgg_testing::read_f64(&out)["logits"];
+    logits.iter().map(|&v| v as f32).collect()
+}
+
+/// Deterministic inputs that differ per `seed`.
+fn pattern(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+        .collect()
+}
+
+fn relative(ours: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    repvgg_testing::relative_error(
+        &repvgg_testing::widen(ours),
+        &repvgg_testing::widen(reference),
+    )
+}
+
+/// The V2 routes, JSON and binary infer against `repvgg forward` (the same engine: the
+/// tolerance, 1e-6 relative, only allows for a different split of the batch across threads),
+/// and the model's metadata.
+#[test]
+fn v2_routes_and_infer_match_forward() {
+    let weights = fixture("tiny/train_official.safetensors");
+    let server = Server::start(&weights, &["--name", "tiny"]);
+    assert_eq!(get(&server.url("/v2/health/live")).json()["live"], true);
+    assert_eq!(get(&server.url("/v2/health/ready")).json()["ready"], true);
+    assert_eq!(
+        get(&server.url("/v2/models/tiny/ready")).json()["ready"],
+        true
+    );
+    let meta = get(&server.url("/v2/models/tiny")).json();
+    assert_eq!(meta["inputs"][0]["shape"], json!([-1, 3, -1, -1]));
+    assert_eq!(meta["outputs"][0]["shape"], json!([-1, 10]));
+    assert_eq!(get(&server.url("/v2/models/tiny/versions/1")).json(), meta);
+    assert_eq!(get(&server.url("/v2/models/other")).status, 404);
+    assert_eq!(get(&server.url("/v2/models/tiny/versions/2")).status, 404);
+    assert!(
+        get(&server.url("/v2")).json()["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("binary_tensor_data"))
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    for shape in [[1, 3, 32, 32], [3, 3, 40, 24]] {
+        let input = pattern(shape.iter().product(), shape[0]);
+        let reference = forward_logits(&weights, dir.path(), shape, &input);
+        let json = infer_json(&server.url("/v2/models/tiny/infer"), shape, &input);
+        assert_eq!(json.json()["outputs"][0]["shape"], json!([shape[0], 10]));
+        assert_eq!(json.json()["id"], "t");
+        let binary = infer_binary(
+            &server.url("/v2/models/tiny/versions/1/infer"),
+            shape,
+            &input,
+        );
+        assert!(binary.header_length.is_some());
+        for (form, reply) in [("json", &json), ("binary", &binary)] {
+            let err = relative(&logits_of(reply), &reference);
+            assert!(err < 1e-6, "{form} {shape:?}: {err:e}");
+        }
+    }
+    let metrics = String::from_utf8(get(&server.url("/metrics")).body).unwrap();
+    for line in [
+        "repvgg_http_requests_total{route=\"/v2/models/{name}/infer\",status=\"200\"} 2",
+        "repvgg_http_requests_total{route=\"/v2/models/{name}/versions/{version}/infer\",status=\"200\"} 2",
+        "repvgg_batch_size_count 4",
+        "repvgg_queue_depth 0",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    assert!(metrics.contains("repvgg_http_request_duration_seconds_bucket"));
+}
+
+fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = "repvgg-test-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; \
+                 filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// /v1/classify answers as `predict --json` does, for one image in the body and for several
+/// as multipart; the probabilities agree to 1e-9 relative (the same logits, softmax in f64).
+#[test]
+fn classify_agrees_with_predict() {
+    let weights = fixture("photos/tiny1000_train_official.safetensors");
+    let photos = ["chelsea.png", "rocket.jpg"];
+    let paths: Vec<PathBuf> = photos
+        .iter()
+        .map(|p| fixture(&format!("photos/{p}")))
+        .collect();
+    let mut args = vec!["predict", "--weights", weights.to_str().unwrap(), "--json"];
+    args.extend(paths.iter().map(|p| p.to_str().unwrap()));
+    let predicted: Vec<Value> = repvgg_ok(&args)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let server = Server::start(&weights, &[]);
+    let same = |ours: &Value, theirs: &Value| {
+        let (ours, theirs) = (ours.as_array().unwrap(), theirs.as_array().unwrap());
+        assert_eq!(ours.len(), 5);
+        for (o, t) in ours.iter().zip(theirs) {
+            assert_eq!(o["index"], t["index"]);
+            assert_eq!(o["label"], t["label"]);
+            let (p, q) = (o["prob"].as_f64().unwrap(), t["prob"].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-9 * q, "{p} vs {q}");
+        }
+    };
+    let files: Vec<(&str, Vec<u8>)> = photos
+        .iter()
+        .zip(&paths)
+        .map(|(name, path)| (*name, std::fs::read(path).unwrap()))
+        .collect();
+    let (content_type, body) = multipart(&files);
+    let answer = post(&server.url("/v1/classify"), &content_type, &body, &[]).json();
+    for (k, photo) in photos.iter().enumerate() {
+        assert_eq!(answer[k]["file"], *photo);
+        same(&answer[k]["top"], &predicted[k]["top"]);
+    }
+    let one = post(
+        &server.url("/v1/classify?top=3"),
+        "image/jpeg",
+        &files[1].1,
+        &[],
+    )
+    .json();
+    assert_eq!(one["top"].as_array().unwrap().len(), 3);
+    let mut three = predicted[1]["top"].clone();
+    three.as_array_mut().unwrap().truncate(3);
+    let one_top = one["top"].as_array().unwrap();
+    for (o, t) in one_top.iter().zip(three.as_array().unwrap()) {
+        assert_eq!((&o["index"], &o["label"]), (&t["index"], &t["label"]));
+    }
+}
+
+/// Every malformed request gets its status and a message naming the problem.
+#[test]
+fn bad_requests_get_400_404_413() {
+    let weights = fixture("photos/tiny1000_train_official.safetensors");
+    let server = Server::start(&weights, &["--max-body-mb", "1", "--max-batch", "2"]);
+    let infer = server.url("/v2/models/repvgg/infer");
+    let cases: Vec<(Reply, u16, &str)> = vec![
+        (
+            post(&infer, "application/json", b"{\"inputs\": [", &[]),
+            400,
+            "malformed",
+        ),
+        (
+            infer_json(&infer, [1, 3, 2, 2], &[0.0; 11]),
+            400,
+            "11 values",
+        ),
+        (
+            infer_json(&infer, [1, 1, 2, 2], &[0.0; 4]),
+            400,
+            "1 channels",
+        ),
+        (
+            infer_json(&infer, [3, 3, 1, 1], &[0.0; 9]),
+            400,
+            "at most 2",
+        ),
+        (
+            post(
+                &infer,
+                "application/json",
+                json!({"inputs": [{"name": "input", "shape": [1, 3, 1, 1], "datatype": "FP64",
+                    "data": [1, 2, 3]}]})
+                .to_string()
+                .as_bytes(),
+                &[],
+            ),
+            400,
+            "FP64",
+        ),
+        (
+            post(
+                &infer,
+                "application/octet-stream",
+                b"{}",
+                &[("inference-header-content-length", "99".into())],
+            ),
+            400,
+            "only 2 bytes",
+        ),
+        (
+            infer_json(
+                &server.url("/v2/models/nope/infer"),
+                [1, 3, 1, 1],
+                &[0.0; 3],
+            ),
+            404,
+            "unknown model 'nope'",
+        ),
+        (
+            post(
+                &server.url("/v1/classify"),
+                "image/jpeg",
+                b"not an image",
+                &[],
+            ),
+            400,
+            "not a JPEG or PNG",
+        ),
+        (
+            post(
+                &server.url("/v1/classify"),
+                "image/jpeg",
+                &std::fs::read(fixture("photos/broken.jpg")).unwrap(),
+                &[],
+            ),
+            400,
+            "truncated JPEG",
+        ),
+        (
+            post(
+                &server.url("/v1/classify"),
+                "image/png",
+                &vec![7u8; 2 << 20],
+                &[],
+            ),
+            413,
+            "",
+        ),
+        (
+            infer_binary(&infer, [1, 3, 300, 300], &vec![0.5; 270_000]),
+            413,
+            "",
+        ),
+        (get(&server.url("/v3/nothing")), 404, "no route"),
+    ];
+    for (k, (reply, status, text)) in cases.iter().enumerate() {
+        let body = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, *status, "case {k}: {body}");
+        assert!(body.contains(text), "case {k}: {body}");
+    }
+    // The server is still there, and still right.
+    assert_eq!(get(&server.url("/v2/health/ready")).status, 200);
+}
+
+/// Sends `count` slow requests at once; returns their statuses (and Retry-After values).
+fn burst(url: &str, count: usize, side: usize) -> Vec<(u16, Option<String>)> {
+    let threads: Vec<_> = (0..count)
+        .map(|k| {
+            let url = url.to_string();
+            std::thread::spawn(move || {
+                let reply = infer_binary(&url, [1, 3, side, side], &pattern(3 * side * side, k));
+                (reply.status, reply.retry_after)
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// A full queue answers 503 with Retry-After at once instead of queueing without bound; a
+/// request past its deadline gets 504; nothing else goes wrong.
+#[test]
+fn overload_gets_503_and_deadline_504() {
+    let weights = fixture("photos/tiny1000_train_official.safetensors");
+    let server = Server::start(
+        &weights,
+        &["--queue", "1", "--max-batch", "1", "--max-side", "1024"],
+    );
+    let infer = server.url("/v2/models/repvgg/infer");
+    let statuses = burst(&infer, 16, 768);
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 503).collect();
+    assert_eq!(ok + refused.len(), 16, "{statuses:?}");
+    assert!(ok >= 2 && !refused.is_empty(), "{statuses:?}");
+    assert!(refused.iter().all(|(_, r)| r.as_deref() == Some("1")));
+    drop(server);
+
+    let server = Server::start(&weights, &["--timeout-ms", "1", "--max-side", "1024"]);
+    let reply = infer_binary(
+        &server.url("/v2/models/repvgg/infer"),
+        [1, 3, 1024, 1024],
+        &pattern(3 << 20, 1),
+    );
+    assert_eq!(
+        reply.status,
+        504,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(String::from_utf8_lossy(&reply.body).contains("deadline"));
+}
+
+/// SIGTERM while requests wait: every accepted request is answered, then the process exits 0.
+/// The requests wait in a batch that is held open for 2 s, so the signal comes while all of
+/// them are in flight.
+#[cfg(unix)]
+#[test]
+fn sigterm_drains_accepted_requests() {
+    let weights = fixture("photos/tiny1000_train_official.safetensors");
+    let mut server = Server::start(&weights, &["--max-batch", "8", "--max-wait-ms", "2000"]);
+    let infer = server.url("/v2/models/repvgg/infer");
+    let clients = std::thread::spawn(move || burst(&infer, 6, 64));
+    // Wait until the server holds all six (the /metrics request itself is the seventh).
+    let metrics = server.url("/metrics");
+    let started = Instant::now();
+    loop {
+        let text = String::from_utf8(get(&metrics).body).unwrap();
+        let in_flight: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("repvgg_http_requests_in_flight "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        if in_flight >= 7.0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{text}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = server.child.id() as i32;
+    // SAFETY: kill(2) on the child's pid, which this test owns and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let statuses = clients.join().unwrap();
+    assert!(statuses.iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    let status = server.child.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        server.log.lock().unwrap()
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(server.log.lock().unwrap().contains("stopped"));
+}
+
+/// 64 clients at once, each with its own input: each gets its own logits (checked against
+/// `repvgg forward` on all 64 as one batch, 1e-5 relative: the server batches them
+/// differently, so threads split the work differently), while batches of several form.
+#[test]
+fn sixty_four_clients_get_their_own_answers() {
+    let weights = fixture("tiny/train_official.safetensors");
+    let server = Server::start(&weights, &["--max-batch", "8", "--max-wait-ms", "20"]);
+    let shape = [1, 3, 24, 24];
+    let image = 3 * 24 * 24;
+    let inputs: Vec<Vec<f32>> = (0..64).map(|k| pattern(image, k)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let all: Vec<f32> = inputs.concat();
+    let reference = forward_logits(&weights, dir.path(), [64, 3, 24, 24], &all);
+    let barrier = Arc::new(std::sync::Barrier::new(64));
+    let threads: Vec<_> = inputs
+        .into_iter()
+        .enumerate()
+        .map(|(k, input)| {
+            let url = server.url("/v2/models/repvgg/infer");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let reply = if k % 2 == 0 {
+                    infer_json(&url, shape, &input)
+                } else {
+                    infer_binary(&url, shape, &input)
+                };
+                logits_of(&reply)
+            })
+        })
+        .collect();
+    for (k, thread) in threads.into_iter().enumerate() {
+        let logits = thread.join().unwrap();
+        let err = relative(&logits, &reference[k * 10..(k + 1) * 10]);
+        assert!(err < 1e-5, "client {k}: {err:e}");
+    }
+    let metrics = String::from_utf8(get(&server.url("/metrics")).body).unwrap();
+    let batches: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("repvgg_batch_size_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        batches < 64.0,
+        "no request was batched with another:\n{metrics}"
+    );
+}
