@@ -13,6 +13,7 @@ use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, Naming};
 
 mod bench;
+mod bench_serve;
 mod demo;
 mod eval;
 mod forward;
@@ -164,6 +165,9 @@ enum Command {
     ///
     /// Stops on SIGTERM or Ctrl-C after answering every request it accepted.
     Serve(serve::ServeArgs),
+    /// Load an inference server over loopback: throughput and p50/p99 latency at each
+    /// concurrency, closed loop or at a fixed arrival rate (bench/serve_compare.sh).
+    BenchServe(bench_serve::BenchServeArgs),
     /// Export the deploy-form graph as ONNX (weights in either form and any naming).
     ///
     /// Input `input`: float32 (N, 3, H, W), preprocessed as the weights file records (its
@@ -292,6 +296,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args),
         Command::Quantize(args) => quantize::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::BenchServe(args) => bench_serve::run(args),
         Command::Export {
             first,
             second,
@@ -392,6 +397,14 @@ enum Source {
     Random(String),
 }
 
+/// A variant or spec with seeded random weights (seed 0): the same model for `export
+/// --random`, `serve --random` and `bench --arch`, so timings of one can be set beside another.
+pub fn random_checkpoint(spec: &str) -> Result<Checkpoint> {
+    let spec = ArchSpec::parse(spec)?;
+    let tensors = repvgg_checkpoint::random::training_weights(&spec, 0);
+    Ok(Checkpoint::from_state_dict(spec, Form::Train, tensors)?)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn export(
     source: &Source,
@@ -409,12 +422,7 @@ fn export(
     }
     let (mut ckpt, weights) = match source {
         Source::File(path) => (load_checkpoint(path, arch)?, path.clone()),
-        Source::Random(spec) => {
-            let spec = ArchSpec::parse(spec)?;
-            let tensors = repvgg_checkpoint::random::training_weights(&spec, 0);
-            let ckpt = Checkpoint::from_state_dict(spec, Form::Train, tensors)?;
-            (ckpt, PathBuf::from("<random weights>"))
-        }
+        Source::Random(spec) => (random_checkpoint(spec)?, PathBuf::from("<random weights>")),
     };
     let weights = weights.as_path();
     let (height, width) = match (&size, &ckpt.preprocessing) {

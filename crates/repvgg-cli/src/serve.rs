@@ -16,8 +16,12 @@ use crate::model_input::{InputArgs, class_names, imagenet_fallback};
 pub struct ServeArgs {
     /// Weights in either form and any naming, .pth or .safetensors (an INT8 file runs on the
     /// INT8 engine).
-    #[arg(long)]
-    weights: PathBuf,
+    #[arg(long, required_unless_present = "random")]
+    weights: Option<PathBuf>,
+    /// Serve a variant or spec with seeded random weights instead (load tests:
+    /// bench/serve_compare.sh), the same model as `export --random`.
+    #[arg(long, conflicts_with = "weights")]
+    random: Option<String>,
     /// The model's name in the V2 routes: /v2/models/NAME/infer.
     #[arg(long, default_value = "repvgg")]
     name: String,
@@ -26,9 +30,10 @@ pub struct ServeArgs {
     addr: SocketAddr,
     /// The most images one engine call packs together (and one request may carry); 1 turns
     /// dynamic batching off.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     max_batch: u32,
-    /// How long the first request of a batch waits for others to join it.
+    /// How long a batch is held open for requests on their way (it runs at once when none
+    /// is).
     #[arg(long, default_value_t = 5)]
     max_wait_ms: u64,
     /// Engine threads [default: all cores].
@@ -74,12 +79,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             args.name
         );
     }
-    let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
+    let (ckpt, source_name) = match (&args.weights, &args.random) {
+        (Some(path), _) => (
+            crate::load_checkpoint(path, args.arch.clone())?,
+            path.display().to_string(),
+        ),
+        (None, Some(spec)) => (crate::random_checkpoint(spec)?, format!("random {spec}")),
+        (None, None) => bail!("give --weights (or --random SPEC)"),
+    };
     if ckpt.spec.num_classes == 0 {
-        bail!(
-            "{}: a headless model (no classifier) has no logits to serve",
-            args.weights.display()
-        );
+        bail!("{source_name}: a headless model (no classifier) has no logits to serve");
     }
     let labels = class_names(args.labels.as_deref(), &ckpt)?;
     let (preprocessing, source) = args.input.resolve(&ckpt, imagenet_fallback(&ckpt))?;

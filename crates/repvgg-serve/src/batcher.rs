@@ -55,7 +55,19 @@ pub enum SubmitError {
 pub struct Batcher {
     queue: SyncSender<Job>,
     depth: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
+}
+
+/// A request on its way to the queue (its body being read or parsed): while any is, the engine
+/// thread holds a batch open for it, up to `max_wait`; while none is, waiting gains nothing and
+/// the batch runs at once (a lone client pays no batching delay).
+pub struct Arrival(Arc<AtomicUsize>);
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Batcher {
@@ -74,7 +86,9 @@ impl Batcher {
             .map_err(std::io::Error::other)?;
         let (queue, jobs) = sync_channel(policy.queue);
         let depth = Arc::new(AtomicUsize::new(0));
+        let arriving = Arc::new(AtomicUsize::new(0));
         let worker = EngineWorker {
+            arriving: arriving.clone(),
             runner,
             pool,
             policy,
@@ -90,14 +104,23 @@ impl Batcher {
             Batcher {
                 queue,
                 depth,
+                arriving,
                 metrics,
             },
             handle,
         ))
     }
 
+    /// Marks a request as on its way; the mark ends when the returned value is dropped, which
+    /// [`Batcher::submit`] does once the job is queued.
+    pub fn arriving(&self) -> Arrival {
+        self.arriving.fetch_add(1, Ordering::SeqCst);
+        Arrival(self.arriving.clone())
+    }
+
     /// Queues a job, or refuses it at once when the queue is full.
-    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+    pub fn submit(&self, job: Job, arrival: Arrival) -> Result<(), SubmitError> {
+        let _arrived = arrival;
         self.depth.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(job) {
             Ok(()) => {
@@ -126,8 +149,12 @@ struct EngineWorker {
     /// too many images): first in line for the next one.
     waiting: VecDeque<Job>,
     depth: Arc<AtomicUsize>,
+    arriving: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
+
+/// How often the engine thread looks again while a batch is held open.
+const POLL: Duration = Duration::from_micros(200);
 
 impl EngineWorker {
     fn take(&mut self, job: Option<Job>) -> Option<Job> {
@@ -167,11 +194,19 @@ impl EngineWorker {
             }
             let until = Instant::now() + self.policy.max_wait;
             while images < self.policy.max_batch {
-                let left = until.saturating_duration_since(Instant::now());
-                let next = if left.is_zero() {
-                    self.jobs.try_recv().ok()
-                } else {
-                    self.jobs.recv_timeout(left).ok()
+                let next = match self.jobs.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() || self.arriving.load(Ordering::SeqCst) == 0 {
+                            None
+                        } else {
+                            match self.jobs.recv_timeout(left.min(POLL)) {
+                                Ok(job) => Some(job),
+                                Err(_) => continue,
+                            }
+                        }
+                    }
                 };
                 let Some(job) = self.take(next) else { break };
                 let Some(job) = live(job) else { continue };

@@ -244,6 +244,7 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v1/classify", post(classify))
         .route("/metrics", get(metrics_text))
+        .route_layer(middleware::from_fn_with_state(max_body, refuse_large_bodies))
         .route_layer(middleware::from_fn_with_state(metrics, track))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
@@ -278,6 +279,32 @@ async fn track(
         .get_or_create(&Route { route })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// A body whose Content-Length is over the limit is refused before any of it is read: a
+/// client that waits for `100 Continue` (curl does for large bodies) never sends it. Bodies of
+/// unannounced length are cut at the limit while read ([`DefaultBodyLimit`]).
+async fn refuse_large_bodies(
+    State(max_body): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(length) if length > max_body as u64 => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the body is {length} bytes, over this server's length limit of {max_body} \
+                 bytes (--max-body-mb)"
+            ),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -368,6 +395,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 /// Queues `n` images and waits for their logits, within the request's deadline.
 async fn run_batch(
     state: &AppState,
+    arrival: batcher::Arrival,
     input: Vec<f32>,
     n: usize,
     h: usize,
@@ -383,7 +411,7 @@ async fn run_batch(
         deadline,
         reply,
     };
-    state.batcher.submit(job).map_err(|e| match e {
+    state.batcher.submit(job, arrival).map_err(|e| match e {
         SubmitError::Full(_) => ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: format!("overloaded: {e}; retry later"),
@@ -419,6 +447,7 @@ async fn infer(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let deadline = Instant::now() + state.timeout;
+    let arrival = state.batcher.arriving();
     check_model(&state, &params)?;
     let body = body.map_err(rejected)?;
     let header_length = match headers.get("inference-header-content-length") {
@@ -444,7 +473,16 @@ async fn infer(
             })?
             .map_err(|e| ApiError::bad_request(e.0))?;
     let n = request.n;
-    let logits = run_batch(&state, request.data, n, request.h, request.w, deadline).await?;
+    let logits = run_batch(
+        &state,
+        arrival,
+        request.data,
+        n,
+        request.h,
+        request.w,
+        deadline,
+    )
+    .await?;
     let (body, header_length) = protocol::encode_infer_response(
         &state.name,
         request.id.as_deref(),
@@ -503,6 +541,7 @@ async fn classify(
     request: Request,
 ) -> Result<Response, ApiError> {
     let deadline = Instant::now() + state.timeout;
+    let arrival = state.batcher.arriving();
     let Query(query) = query.map_err(rejected)?;
     let top = query.top.unwrap_or(5);
     if top == 0 {
@@ -571,7 +610,7 @@ async fn classify(
     .await
     .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "image decoding failed"))??;
     let [h, w] = state.image_size;
-    let logits = run_batch(&state, input, n, h, w, deadline).await?;
+    let logits = run_batch(&state, arrival, input, n, h, w, deadline).await?;
     let k = top.min(state.classes);
     let answers: Vec<serde_json::Value> = logits
         .chunks_exact(state.classes)
