@@ -4,7 +4,8 @@
 # same machine and the same client (`repvgg bench-serve`, V2 binary tensors, one image per
 # request), loopback only, bounded in requests and time:
 #   1. closed loop at concurrency 1, 8, 64: ours with dynamic batching, ours without
-#      (--max-batch 1), the Python server;
+#      (--max-batch 1), the Python server, interleaved for ROUNDS rounds (this machine is
+#      noisy); each keeps its best round by throughput;
 #   2. overload: requests due at RATE per second (above capacity) for at most 15 s; ours
 #      (bounded queue) and the Python server, with peak memory.
 #
@@ -20,6 +21,7 @@ SIZE=${SIZE:-224}
 THREADS=${THREADS:-2}
 REQUESTS=${REQUESTS:-300}
 RATE=${RATE:-300}
+ROUNDS=${ROUNDS:-2}
 VENV=${VENV:-.venv-bench}
 OUT=${OUT:-bench/serve_results.jsonl}
 if ! "$VENV/bin/python" -c "import fastapi, uvicorn, onnxruntime, numpy" 2>/dev/null; then
@@ -65,21 +67,29 @@ python=("$VENV/bin/python" bench/serve_fastapi.py "$tmp/model.onnx" --threads "$
 closed=(--concurrency 1,8,64 --requests "$REQUESTS" --duration 60)
 overload=(--concurrency 256 --rate "$RATE" --requests $((RATE * 15)) --duration 15)
 
-run ours-batching 18080 "${closed[@]}" -- "${ours[@]}" --addr 127.0.0.1:18080
-run ours-no-batching 18081 "${closed[@]}" -- "${ours[@]}" --addr 127.0.0.1:18081 --max-batch 1
-run python-fastapi-ort 18082 "${closed[@]}" -- "${python[@]}" --port 18082
+for round in $(seq "$ROUNDS"); do
+  run ours-batching 18080 "${closed[@]}" -- "${ours[@]}" --addr 127.0.0.1:18080
+  run ours-no-batching 18081 "${closed[@]}" -- "${ours[@]}" --addr 127.0.0.1:18081 --max-batch 1
+  run python-fastapi-ort 18082 "${closed[@]}" -- "${python[@]}" --port 18082
+done
 run ours-overload 18083 "${overload[@]}" -- "${ours[@]}" --addr 127.0.0.1:18083 --queue 32
 run python-overload 18084 "${overload[@]}" -- "${python[@]}" --port 18084
 
 "$VENV/bin/python" - "$OUT" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+best = {}
+for r in rows:
+    key = (r["label"], r["concurrency"])
+    if key not in best or r["ok_per_s"] > best[key]["ok_per_s"]:
+        best[key] = r
+rows = list(best.values())
 print(f"{'server':20} {'clients':>7} {'rate':>6} {'ok/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'peak MB':>8}  statuses")
 for r in rows:
     rate = r["rate"] or "-"
     print(f"{r['label']:20} {r['concurrency']:>7} {rate:>6} {r['ok_per_s']:>7.1f} {r['p50_ms']:>8.1f} "
           f"{r['p99_ms']:>8.1f} {r['server_peak_rss_mb'] or 0:>8.0f}  {r['statuses']}")
-by = {(r["label"], r["concurrency"]): r for r in rows}
+by = best
 for c in (1, 8, 64):
     a, b = by.get(("ours-batching", c)), by.get(("python-fastapi-ort", c))
     if a and b:

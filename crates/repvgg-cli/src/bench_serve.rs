@@ -43,7 +43,10 @@ pub struct BenchServeArgs {
     /// in flight).
     #[arg(long)]
     rate: Option<f64>,
-    /// Requests per run (after a warm-up of one per client).
+    /// Requests sent before each run is timed (at least one per client).
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Requests per run (after the warm-up).
     #[arg(long, default_value_t = 200)]
     requests: usize,
     /// A run stops after this many seconds even if requests remain.
@@ -165,11 +168,16 @@ fn run_level(
     request: &Arc<Request>,
     concurrency: usize,
 ) -> Result<serde_json::Value> {
-    // Warm-up: one request per client, connections opened.
+    // Warm-up: every client's connection opened, the server's buffers grown.
     let agents: Vec<ureq::Agent> = (0..concurrency).map(|_| agent()).collect();
+    let rounds = args.warmup.div_ceil(concurrency).max(1);
     std::thread::scope(|s| {
         for agent in &agents {
-            s.spawn(|| send(agent, request));
+            s.spawn(|| {
+                for _ in 0..rounds {
+                    send(agent, request);
+                }
+            });
         }
     });
     let samples = Arc::new(Mutex::new(Vec::<Sample>::with_capacity(args.requests)));

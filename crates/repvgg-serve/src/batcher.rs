@@ -60,8 +60,8 @@ pub struct Batcher {
 }
 
 /// A request on its way to the queue (its body being read or parsed): while any is, the engine
-/// thread holds a batch open for it, up to `max_wait`; while none is, waiting gains nothing and
-/// the batch runs at once (a lone client pays no batching delay).
+/// thread holds a batch open for it, up to `max_wait`. While none is and the batch is as large
+/// as the last one, waiting gains nothing and it runs at once (a lone client pays no delay).
 pub struct Arrival(Arc<AtomicUsize>);
 
 impl Drop for Arrival {
@@ -89,6 +89,7 @@ impl Batcher {
         let arriving = Arc::new(AtomicUsize::new(0));
         let worker = EngineWorker {
             arriving: arriving.clone(),
+            last_batch: 1,
             runner,
             pool,
             policy,
@@ -150,6 +151,9 @@ struct EngineWorker {
     waiting: VecDeque<Job>,
     depth: Arc<AtomicUsize>,
     arriving: Arc<AtomicUsize>,
+    /// Images in the last batch: under steady load about as many come again, so a batch is
+    /// held open (up to `max_wait`) until it has as many.
+    last_batch: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -198,7 +202,9 @@ impl EngineWorker {
                     Ok(job) => Some(job),
                     Err(_) => {
                         let left = until.saturating_duration_since(Instant::now());
-                        if left.is_zero() || self.arriving.load(Ordering::SeqCst) == 0 {
+                        let expected =
+                            self.arriving.load(Ordering::SeqCst) > 0 || images < self.last_batch;
+                        if left.is_zero() || !expected {
                             None
                         } else {
                             match self.jobs.recv_timeout(left.min(POLL)) {
@@ -218,6 +224,7 @@ impl EngineWorker {
                     break;
                 }
             }
+            self.last_batch = images;
             self.execute(batch, images, h, w);
         }
     }

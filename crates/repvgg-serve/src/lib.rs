@@ -244,7 +244,10 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v1/classify", post(classify))
         .route("/metrics", get(metrics_text))
-        .route_layer(middleware::from_fn_with_state(max_body, refuse_large_bodies))
+        .route_layer(middleware::from_fn_with_state(
+            max_body,
+            refuse_large_bodies,
+        ))
         .route_layer(middleware::from_fn_with_state(metrics, track))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
