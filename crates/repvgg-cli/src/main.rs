@@ -41,6 +41,7 @@ use model_input::{InputArgs, imagenet_fallback, read_labels};
         predict   classify JPEG/PNG images\n\
         quantize  post-training INT8 from calibration images\n\
         serve     an HTTP server: KServe V2 inference, image classification, metrics\n\
+        bench-serve  load a server over loopback: throughput, p50/p99 latency\n\
         export    write the deploy-form graph as ONNX\n\
         demo      the quick start: train, convert, verify and time on Fashion-MNIST\n\n\
         Weights files written here record how to feed the model and its class names; \

@@ -1,5 +1,6 @@
 //! `repvgg serve`: the model behind HTTP (see the repvgg-serve crate for the routes).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -127,24 +128,36 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let classes = ckpt.spec.num_classes;
     repvgg_serve::serve(model, options.clone(), move |addr| {
-        eprintln!("listening on http://{addr}");
-        eprintln!(
+        // A closed stderr must not take the server down: these lines are best effort.
+        let mut log = std::io::stderr().lock();
+        let _ = writeln!(log, "listening on http://{addr}");
+        let _ = writeln!(
+            log,
             "  model '{name}': {classes} classes, {describe}, {threads} engine threads; \
              infer input FP32 [N, 3, H, W] at {size}"
         );
-        eprintln!("  classify input: {} ({source})", preprocessing.describe());
-        eprintln!(
+        let _ = writeln!(
+            log,
+            "  classify input: {} ({source})",
+            preprocessing.describe()
+        );
+        let _ = writeln!(
+            log,
             "  batching: up to {} images, {} ms wait; queue {} requests; deadline {} ms",
             options.batch.max_batch,
             options.batch.max_wait.as_millis(),
             options.batch.queue,
             options.timeout.as_millis()
         );
-        eprintln!(
+        let _ = writeln!(
+            log,
             "  routes: POST /v2/models/{name}/infer, POST /v1/classify, GET /v2/models/{name}, \
              /v2/health/live, /v2/health/ready, /metrics"
         );
     })?;
-    eprintln!("stopped: every accepted request was answered");
+    let _ = writeln!(
+        std::io::stderr(),
+        "stopped: every accepted request was answered"
+    );
     Ok(())
 }

@@ -45,7 +45,8 @@ fn serve_and_probe(args: &[String], paths: &[&str]) -> Vec<u16> {
         .unwrap();
     let mut log = String::new();
     let mut base = None;
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
         let line = line.unwrap();
         log.push_str(&line);
         log.push('\n');
@@ -54,6 +55,8 @@ fn serve_and_probe(args: &[String], paths: &[&str]) -> Vec<u16> {
             break;
         }
     }
+    // Keep reading what the server prints, as a terminal or a log collector would.
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
     let Some(base) = base else {
         let _ = child.kill();
         panic!("repvgg {fixed:?} did not start:\n{log}");
