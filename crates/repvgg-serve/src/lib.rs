@@ -250,6 +250,7 @@ fn router(state: Arc<AppState>, max_body: usize) -> Router {
         ))
         .route_layer(middleware::from_fn_with_state(metrics, track))
         .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -308,6 +309,17 @@ async fn refuse_large_bodies(
         .into_response(),
         _ => next.run(request).await,
     }
+}
+
+async fn wrong_method(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} does not take {}",
+            request.uri().path(),
+            request.method()
+        ),
+    )
 }
 
 async fn not_found(request: Request) -> ApiError {
