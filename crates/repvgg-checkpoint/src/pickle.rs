@@ -100,46 +100,124 @@ pub fn read_pickle(bytes: &[u8]) -> Result<(Value, usize), String> {
     Machine {
         bytes,
         pos: 0,
+        nodes: Vec::new(),
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
-        recall_budget: RECALL_BUDGET,
     }
     .run()
+}
+
+/// An index into the machine's arena of values.
+type NodeId = usize;
+
+/// A value as the machine holds it: containers refer to their items by arena index, so that
+/// the memo, the stack and other containers share one container, as Python's references do. A
+/// container memoized while empty and filled afterwards reads filled wherever it is recalled.
+enum Node {
+    Leaf(Value),
+    List(Vec<NodeId>),
+    Tuple(Vec<NodeId>),
+    Dict(Vec<(NodeId, NodeId)>),
+}
+
+impl Node {
+    fn kind(&self) -> &'static str {
+        match self {
+            Node::Leaf(v) => v.kind(),
+            Node::List(_) => "list",
+            Node::Tuple(_) => "tuple",
+            Node::Dict(_) => "dict",
+        }
+    }
 }
 
 struct Machine<'a> {
     bytes: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
+    nodes: Vec<Node>,
+    stack: Vec<NodeId>,
     /// Stack heights at each MARK.
     marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
-    recall_budget: usize,
+    memo: HashMap<u32, NodeId>,
 }
 
-/// Values a pickle may copy out of its memo in all: far above any state dict's needs.
-const RECALL_BUDGET: usize = 10_000_000;
+/// Values a pickle's result may expand to, shared references counted once per place they
+/// appear: far above any state dict's needs, and a bound on what a pickle that refers to one
+/// large container many times (or nests references to references) can make us build.
+const EXPANSION_BUDGET: usize = 10_000_000;
 
-/// Nodes in `value`, counted without recursion; stops once past `limit`.
-fn node_count(value: &Value, limit: usize) -> usize {
-    let mut pending = vec![value];
-    let mut count = 0;
-    while let Some(v) = pending.pop() {
-        count += 1;
-        if count > limit {
-            return count;
-        }
-        match v {
-            Value::List(items) | Value::Tuple(items) => pending.extend(items),
-            Value::Dict(items) => items.iter().for_each(|(k, v)| pending.extend([k, v])),
-            _ => {}
-        }
-    }
-    count
-}
+/// How deeply containers may nest: a state dict needs a handful of levels; the bound keeps the
+/// expansion's recursion (and a value that contains itself) from running away.
+const MAX_DEPTH: usize = 512;
 
 impl Machine<'_> {
+    fn node(&mut self, node: Node) -> NodeId {
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    fn push(&mut self, node: Node) {
+        let id = self.node(node);
+        self.stack.push(id);
+    }
+
+    /// Puts a value built outside the machine (a call's result) into the arena.
+    fn intern(&mut self, value: Value) -> NodeId {
+        let node = match value {
+            Value::List(items) => Node::List(items.into_iter().map(|v| self.intern(v)).collect()),
+            Value::Tuple(items) => Node::Tuple(items.into_iter().map(|v| self.intern(v)).collect()),
+            Value::Dict(items) => Node::Dict(
+                items
+                    .into_iter()
+                    .map(|(k, v)| (self.intern(k), self.intern(v)))
+                    .collect(),
+            ),
+            leaf => Node::Leaf(leaf),
+        };
+        self.node(node)
+    }
+
+    /// The value at `id` as a tree, shared containers copied into each place they appear.
+    fn expand(&self, id: NodeId, budget: &mut usize, depth: usize) -> Result<Value, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!(
+                "pickle nests containers more than {MAX_DEPTH} deep (or a container holds \
+                 itself); a state dict needs a few levels"
+            ));
+        }
+        *budget = budget.checked_sub(1).ok_or(
+            "pickle expands to more values than any state dict holds (refusing to expand it)",
+        )?;
+        let items = |ids: &[NodeId], budget: &mut usize| {
+            ids.iter()
+                .map(|&i| self.expand(i, budget, depth + 1))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(match &self.nodes[id] {
+            Node::Leaf(v) => v.clone(),
+            Node::List(ids) => Value::List(items(ids, budget)?),
+            Node::Tuple(ids) => Value::Tuple(items(ids, budget)?),
+            Node::Dict(pairs) => Value::Dict(
+                pairs
+                    .iter()
+                    .map(|&(k, v)| {
+                        Ok((
+                            self.expand(k, budget, depth + 1)?,
+                            self.expand(v, budget, depth + 1)?,
+                        ))
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+        })
+    }
+
+    /// The value at `id` as a tree, for the few places that read one (a call's arguments, a
+    /// persistent id, the result).
+    fn value(&self, id: NodeId) -> Result<Value, String> {
+        self.expand(id, &mut EXPANSION_BUDGET.clone(), 0)
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
         let end = self
             .pos
@@ -189,19 +267,22 @@ impl Machine<'_> {
             .map_err(|_| "pickle holds a string that is not UTF-8".to_string())
     }
 
-    fn pop(&mut self) -> Result<Value, String> {
+    fn pop(&mut self) -> Result<NodeId, String> {
         self.stack
             .pop()
             .ok_or_else(|| "pickle pops an empty stack".to_string())
     }
 
-    fn top(&mut self) -> Result<&mut Value, String> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| "pickle reads an empty stack".to_string())
+    /// The container on top of the stack, to be filled in place.
+    fn top(&mut self) -> Result<&mut Node, String> {
+        let id = *self
+            .stack
+            .last()
+            .ok_or_else(|| "pickle reads an empty stack".to_string())?;
+        Ok(&mut self.nodes[id])
     }
 
-    fn pop_to_mark(&mut self) -> Result<Vec<Value>, String> {
+    fn pop_to_mark(&mut self) -> Result<Vec<NodeId>, String> {
         let mark = self.marks.pop().ok_or("pickle has no MARK to pop to")?;
         if mark > self.stack.len() {
             return Err("pickle MARK lies above the stack".into());
@@ -210,25 +291,19 @@ impl Machine<'_> {
     }
 
     fn memoize(&mut self, index: u32) -> Result<(), String> {
-        let value = self.top()?.clone();
-        self.memo.insert(index, value);
+        let id = *self
+            .stack
+            .last()
+            .ok_or("pickle memoizes from an empty stack")?;
+        self.memo.insert(index, id);
         Ok(())
     }
 
     fn recall(&mut self, index: u32) -> Result<(), String> {
-        // Recalls copy; a hostile pickle could recall a large value over and over until memory
-        // runs out, so the copies share one budget.
-        let cost = self
-            .memo
-            .get(&index)
-            .map_or(0, |v| node_count(v, self.recall_budget));
-        self.recall_budget = self.recall_budget.checked_sub(cost).ok_or(
-            "pickle copies its own values more than any state dict needs (refusing to expand it)",
-        )?;
-        let value = self.memo.get(&index).cloned().ok_or_else(|| {
+        let id = *self.memo.get(&index).ok_or_else(|| {
             format!("pickle refers to memo entry {index}, which was never stored")
         })?;
-        self.stack.push(value);
+        self.stack.push(id);
         Ok(())
     }
 
@@ -243,21 +318,22 @@ impl Machine<'_> {
                     self.u64()?; // FRAME: a length hint only
                 }
                 b'.' => {
-                    let value = self.pop()?;
-                    return Ok((value, self.pos));
+                    let id = self.pop()?;
+                    return Ok((self.value(id)?, self.pos));
                 }
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack
-                        .push(Value::Global(allowed_global(&module, &name)?));
+                    let global = allowed_global(&module, &name)?;
+                    self.push(Node::Leaf(Value::Global(global)));
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
-                    match (module, name) {
-                        (Value::Str(m), Value::Str(n)) => {
-                            self.stack.push(Value::Global(allowed_global(&m, &n)?))
+                    match (&self.nodes[module], &self.nodes[name]) {
+                        (Node::Leaf(Value::Str(m)), Node::Leaf(Value::Str(n))) => {
+                            let global = allowed_global(m, n)?;
+                            self.push(Node::Leaf(Value::Global(global)))
                         }
                         _ => return Err("STACK_GLOBAL without module and name strings".into()),
                     }
@@ -282,14 +358,14 @@ impl Machine<'_> {
                     let i = self.u32()?;
                     self.recall(i)?
                 }
-                b'}' => self.stack.push(Value::Dict(Vec::new())),
-                b']' => self.stack.push(Value::List(Vec::new())),
-                b')' => self.stack.push(Value::Tuple(Vec::new())),
-                0x8f => self.stack.push(Value::List(Vec::new())), // EMPTY_SET
+                b'}' => self.push(Node::Dict(Vec::new())),
+                b']' => self.push(Node::List(Vec::new())),
+                b')' => self.push(Node::Tuple(Vec::new())),
+                0x8f => self.push(Node::List(Vec::new())), // EMPTY_SET
                 b'(' => self.marks.push(self.stack.len()),
                 b't' => {
                     let items = self.pop_to_mark()?;
-                    self.stack.push(Value::Tuple(items));
+                    self.push(Node::Tuple(items));
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -297,28 +373,28 @@ impl Machine<'_> {
                         return Err("pickle builds a tuple from too few items".into());
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Value::Tuple(items));
+                    self.push(Node::Tuple(items));
                 }
                 b'l' | 0x91 => {
                     let items = self.pop_to_mark()?;
-                    self.stack.push(Value::List(items));
+                    self.push(Node::List(items));
                 }
                 b'd' => {
                     let items = self.pop_to_mark()?;
                     let pairs = pairs(items)?;
-                    self.stack.push(Value::Dict(pairs));
+                    self.push(Node::Dict(pairs));
                 }
                 b'a' => {
                     let item = self.pop()?;
                     match self.top()? {
-                        Value::List(list) => list.push(item),
+                        Node::List(list) => list.push(item),
                         other => return Err(format!("pickle appends to a {}", other.kind())),
                     }
                 }
                 b'e' | 0x90 => {
                     let items = self.pop_to_mark()?;
                     match self.top()? {
-                        Value::List(list) => list.extend(items),
+                        Node::List(list) => list.extend(items),
                         other => return Err(format!("pickle appends to a {}", other.kind())),
                     }
                 }
@@ -326,7 +402,7 @@ impl Machine<'_> {
                     let value = self.pop()?;
                     let key = self.pop()?;
                     match self.top()? {
-                        Value::Dict(dict) => dict.push((key, value)),
+                        Node::Dict(dict) => dict.push((key, value)),
                         other => return Err(format!("pickle sets an item on a {}", other.kind())),
                     }
                 }
@@ -334,31 +410,31 @@ impl Machine<'_> {
                     let items = self.pop_to_mark()?;
                     let new_pairs = pairs(items)?;
                     match self.top()? {
-                        Value::Dict(dict) => dict.extend(new_pairs),
+                        Node::Dict(dict) => dict.extend(new_pairs),
                         other => return Err(format!("pickle sets items on a {}", other.kind())),
                     }
                 }
                 b'J' => {
                     let v = self.u32()? as i32;
-                    self.stack.push(Value::Int(v as i128))
+                    self.push(Node::Leaf(Value::Int(v as i128)))
                 }
                 b'K' => {
                     let v = self.u8()?;
-                    self.stack.push(Value::Int(v as i128))
+                    self.push(Node::Leaf(Value::Int(v as i128)))
                 }
                 b'M' => {
                     let v = self.u16()?;
-                    self.stack.push(Value::Int(v as i128))
+                    self.push(Node::Leaf(Value::Int(v as i128)))
                 }
                 0x8a => {
                     let n = self.u8()? as usize;
                     let v = self.long(n)?;
-                    self.stack.push(v)
+                    self.push(Node::Leaf(v))
                 }
                 0x8b => {
                     let n = self.u32()? as usize;
                     let v = self.long(n)?;
-                    self.stack.push(v)
+                    self.push(Node::Leaf(v))
                 }
                 b'I' => {
                     let text = self.line()?;
@@ -367,39 +443,39 @@ impl Machine<'_> {
                         "01" => Value::Bool(true),
                         t => Value::Int(t.parse().map_err(|_| format!("bad INT '{t}' in pickle"))?),
                     };
-                    self.stack.push(v)
+                    self.push(Node::Leaf(v))
                 }
                 b'L' => {
                     let text = self.line()?;
                     let t = text.trim_end_matches('L');
                     let v = t.parse().map_err(|_| format!("bad LONG '{t}' in pickle"))?;
-                    self.stack.push(Value::Int(v))
+                    self.push(Node::Leaf(Value::Int(v)))
                 }
                 b'F' => {
                     let text = self.line()?;
                     let v = text
                         .parse()
                         .map_err(|_| format!("bad FLOAT '{text}' in pickle"))?;
-                    self.stack.push(Value::Float(v))
+                    self.push(Node::Leaf(Value::Float(v)))
                 }
                 b'G' => {
                     let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(Value::Float(v))
+                    self.push(Node::Leaf(Value::Float(v)))
                 }
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s))
+                    self.push(Node::Leaf(Value::Str(s)))
                 }
                 0x8c => {
                     let n = self.u8()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s))
+                    self.push(Node::Leaf(Value::Str(s)))
                 }
                 0x8d => {
                     let n = self.u64()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s))
+                    self.push(Node::Leaf(Value::Str(s)))
                 }
                 b'T' | b'U' => {
                     // Python 2 byte strings: latin-1 text as torch's legacy files store them.
@@ -409,7 +485,7 @@ impl Machine<'_> {
                         self.u8()? as usize
                     };
                     let s = self.take(n)?.iter().map(|&b| b as char).collect();
-                    self.stack.push(Value::Str(s))
+                    self.push(Node::Leaf(Value::Str(s)))
                 }
                 b'B' | b'C' | 0x8e | 0x96 => {
                     // BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8
@@ -419,11 +495,11 @@ impl Machine<'_> {
                         _ => self.u64()? as usize,
                     };
                     let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b))
+                    self.push(Node::Leaf(Value::Bytes(b)))
                 }
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'N' => self.stack.push(Value::None),
+                0x88 => self.push(Node::Leaf(Value::Bool(true))),
+                0x89 => self.push(Node::Leaf(Value::Bool(false))),
+                b'N' => self.push(Node::Leaf(Value::None)),
                 b'0' => {
                     // POP drops the top item, or the topmost mark if nothing lies above it.
                     if self.marks.last() == Some(&self.stack.len()) {
@@ -436,24 +512,31 @@ impl Machine<'_> {
                     self.pop_to_mark()?;
                 }
                 b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v)
+                    // DUP pushes the same object again.
+                    let id = *self
+                        .stack
+                        .last()
+                        .ok_or("pickle duplicates an empty stack")?;
+                    self.stack.push(id)
                 }
                 b'Q' => {
                     let pid = self.pop()?;
-                    self.stack.push(persistent_load(pid)?)
+                    let storage = persistent_load(self.value(pid)?)?;
+                    self.push(Node::Leaf(storage))
                 }
                 b'R' | 0x81 => {
                     let args = self.pop()?;
                     let callable = self.pop()?;
-                    self.stack.push(call(callable, args)?)
+                    let result = call(self.value(callable)?, self.value(args)?)?;
+                    let id = self.intern(result);
+                    self.stack.push(id)
                 }
                 b'b' => {
                     // BUILD sets attributes (an OrderedDict's `_metadata`, a tensor's hooks).
                     // Neither matters to the weights, so the state is dropped.
                     self.pop()?;
                     match self.top()? {
-                        Value::Dict(_) | Value::Tensor(_) => {}
+                        Node::Dict(_) | Node::Leaf(Value::Tensor(_)) => {}
                         other => return Err(format!("pickle sets state on a {}", other.kind())),
                     }
                 }
@@ -485,7 +568,7 @@ impl Machine<'_> {
     }
 }
 
-fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>, String> {
+fn pairs<T>(items: Vec<T>) -> Result<Vec<(T, T)>, String> {
     if !items.len().is_multiple_of(2) {
         return Err("pickle builds a dict from an odd number of items".into());
     }
@@ -667,6 +750,40 @@ mod tests {
         bytes.push(b'.');
         let err = read_pickle(&bytes).unwrap_err();
         assert!(err.contains("refusing to expand"), "{err}");
+    }
+
+    #[test]
+    fn memo_entries_are_shared_references() {
+        // a = []; pickle.dumps({'x': a, 'y': a}, protocol=2) after a.append(1): the list is
+        // memoized while empty, filled, then recalled for 'y'.
+        let bytes =
+            b"\x80\x02}q\x00(X\x01\x00\x00\x00xq\x01]q\x02K\x01aX\x01\x00\x00\x00yq\x03h\x02u.";
+        let (value, _) = read_pickle(bytes).unwrap();
+        let one = Value::List(vec![Value::Int(1)]);
+        assert_eq!(
+            value,
+            Value::Dict(vec![
+                (Value::Str("x".into()), one.clone()),
+                (Value::Str("y".into()), one),
+            ])
+        );
+        // DUP shares too: `[] DUP 1 APPEND POP` leaves the filled list.
+        let (value, _) = read_pickle(b"\x80\x02]2K\x01a0.").unwrap();
+        assert_eq!(value, Value::List(vec![Value::Int(1)]));
+    }
+
+    #[test]
+    fn deep_nesting_and_self_reference_are_refused_without_recursing_away() {
+        // A million nested lists: refused by depth, not by overflowing the stack.
+        let mut bytes = b"\x80\x02".to_vec();
+        bytes.extend(std::iter::repeat_n(b']', 1_000_000));
+        bytes.extend(std::iter::repeat_n(b'a', 999_999));
+        bytes.push(b'.');
+        let err = read_pickle(&bytes).unwrap_err();
+        assert!(err.contains("more than 512 deep"), "{err}");
+        // A list appended to itself.
+        let err = read_pickle(b"\x80\x02]q\x00h\x00a.").unwrap_err();
+        assert!(err.contains("holds itself"), "{err}");
     }
 
     #[test]
