@@ -210,6 +210,27 @@ impl BlockSpec {
     }
 }
 
+/// Bytes a spec implies at a batch and input size ([`ArchSpec::memory_estimate`]): estimates
+/// meant to say "this cannot fit" before trying, not to account for every allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The training-form weights in f32: what seeded random weights or a training-form file
+    /// take.
+    pub train_weights: u64,
+    /// The deploy engine's weights with their packed and transformed copies.
+    pub engine_weights: u64,
+    /// A forward pass's feature maps and workspace.
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.train_weights
+            .saturating_add(self.engine_weights)
+            .saturating_add(self.activations)
+    }
+}
+
 /// One published variant: (name, depths, a, b, groups, se).
 type VariantRow = (&'static str, [usize; 4], f64, f64, usize, bool);
 
@@ -618,6 +639,32 @@ impl ArchSpec {
             (h, w) = block.output_size(h, w);
         }
         total + (self.feature_width() * self.num_classes) as u64
+    }
+
+    /// The memory running this spec implies, worked out from the spec alone so that a spec
+    /// that cannot fit is refused before anything is allocated.
+    pub fn memory_estimate(&self, batch: usize, h: usize, w: usize) -> MemoryEstimate {
+        const F32: u64 = 4;
+        let train_weights = (self.params(Form::Train) as u64).saturating_mul(F32);
+        let deploy = (self.params(Form::Deploy) as u64).saturating_mul(F32);
+        let (mut h, mut w) = (h, w);
+        let mut largest = 0u64;
+        for block in self.blocks() {
+            let (oh, ow) = block.output_size(h, w);
+            let maps = ((block.in_channels * h * w) as u64)
+                .saturating_add((block.out_channels * oh * ow) as u64);
+            largest = largest.max(maps);
+            (h, w) = (oh, ow);
+        }
+        MemoryEstimate {
+            train_weights,
+            // The fused kernels, their packed copy, and Winograd F(4x4)'s transformed filters
+            // (36 values per 9).
+            engine_weights: deploy.saturating_mul(6),
+            // The largest block's input and output maps, and as much again for its workspace
+            // (im2col rows or Winograd tiles).
+            activations: largest.saturating_mul(batch as u64).saturating_mul(2 * F32),
+        }
     }
 
     /// Spatial size of the last feature map (the input shrinks by 32 overall, rounding up).

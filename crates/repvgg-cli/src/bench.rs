@@ -136,7 +136,28 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // A value given as --weights is a file, whatever it looks like.
     let ckpt = match &args.weights {
         Some(path) => Checkpoint::load(path, None)?,
-        None => weights(&args.arch)?,
+        None => {
+            if !crate::is_checkpoint_path(&args.arch) {
+                // Random weights for a spec: what it needs is known before any is made.
+                let spec = ArchSpec::parse(&args.arch)?;
+                let size = args
+                    .size
+                    .as_deref()
+                    .unwrap_or(if args.train { "64" } else { "224" });
+                let (h, w) = crate::parse_size(size)?;
+                let batches = args
+                    .batch
+                    .as_deref()
+                    .unwrap_or(if args.train { "32" } else { "8" });
+                let batch = batches
+                    .split(',')
+                    .filter_map(|b| b.trim().parse::<usize>().ok())
+                    .max()
+                    .unwrap_or(1);
+                crate::check_memory(&spec, batch, h, w, true, &args.arch)?;
+            }
+            weights(&args.arch)?
+        }
     };
     if let Some(path) = &args.weights {
         // What messages name.
@@ -157,6 +178,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| if args.train { "32" } else { "1,8" }.into());
     let (h, w) = crate::parse_size(&size)?;
+    let largest_batch = batch
+        .split(',')
+        .filter_map(|b| b.trim().parse::<usize>().ok())
+        .max()
+        .unwrap_or(1);
+    crate::check_memory(&ckpt.spec, largest_batch, h, w, false, &args.arch)?;
     if let Some(form) = &args.form {
         if args.layers {
             bail!("--layers times the deploy form's blocks only; --form {form} does not apply");

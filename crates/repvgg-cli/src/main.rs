@@ -398,10 +398,55 @@ enum Source {
     Random(String),
 }
 
+/// Refuses `spec` at `batch` x `h` x `w` when the memory it implies
+/// ([`ArchSpec::memory_estimate`]) is over what this machine has available, before anything
+/// is built: an oversized custom spec otherwise aborts the process partway through allocating.
+/// `with_train_weights`: the training-form weights are still to be made (random weights).
+pub fn check_memory(
+    spec: &ArchSpec,
+    batch: usize,
+    h: usize,
+    w: usize,
+    with_train_weights: bool,
+    what: &str,
+) -> Result<()> {
+    let estimate = spec.memory_estimate(batch, h, w);
+    let train = if with_train_weights {
+        estimate.train_weights
+    } else {
+        0
+    };
+    let need = train
+        .saturating_add(estimate.engine_weights)
+        .saturating_add(estimate.activations);
+    let Some(available) = repvgg_engine::available_memory() else {
+        return Ok(());
+    };
+    if need > available {
+        let gb = |bytes: u64| bytes as f64 / 1e9;
+        bail!(
+            "{what}: batch {batch} at {h}x{w} needs about {:.1} GB ({}engine weights {:.1} GB, \
+             activations {:.1} GB); this machine has {:.1} GB available",
+            gb(need),
+            if with_train_weights {
+                format!("training-form weights {:.1} GB, ", gb(train))
+            } else {
+                String::new()
+            },
+            gb(estimate.engine_weights),
+            gb(estimate.activations),
+            gb(available)
+        );
+    }
+    Ok(())
+}
+
 /// A variant or spec with seeded random weights (seed 0): the same model for `export
 /// --random`, `serve --random` and `bench --arch`, so timings of one can be set beside another.
 pub fn random_checkpoint(spec: &str) -> Result<Checkpoint> {
+    let text = spec;
     let spec = ArchSpec::parse(spec)?;
+    check_memory(&spec, 1, 224, 224, true, text)?;
     let tensors = repvgg_checkpoint::random::training_weights(&spec, 0);
     Ok(Checkpoint::from_state_dict(spec, Form::Train, tensors)?)
 }

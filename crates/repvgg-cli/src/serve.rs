@@ -96,6 +96,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // The size is part of the model when its file records one, or the flags set it.
     let fixed_size =
         (ckpt.preprocessing.is_some() || args.input.size.is_some()).then_some(preprocessing.size);
+    // The largest batch the server may be handed, before the engine is built.
+    let [h, w] = fixed_size.unwrap_or([args.max_side as usize; 2]);
+    crate::check_memory(
+        &ckpt.spec,
+        args.max_batch as usize,
+        h,
+        w,
+        false,
+        &source_name,
+    )?;
     let runner = repvgg_engine::Runner::new(&ckpt, args.bn_eps, None)?;
     let threads = args.threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),

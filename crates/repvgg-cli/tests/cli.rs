@@ -1802,3 +1802,29 @@ fn predict_over_a_folder_resumes() {
     );
     assert_eq!(rows.count(), 13);
 }
+
+/// A spec, batch or size that cannot fit is refused before anything is allocated, with the
+/// memory it needs and the memory the machine has (36 TB of weights fit nowhere; a batch of a
+/// million A0 images at 224 needs 6 TB of activations).
+#[test]
+fn specs_that_cannot_fit_are_refused_before_allocating() {
+    let err = fails(&[
+        "bench",
+        "--arch",
+        "depths=1,1,1,1;widths=8,8,1000000,1000000;stem=8;classes=10",
+    ]);
+    assert!(err.contains("needs about"), "{err}");
+    assert!(err.contains("training-form weights"), "{err}");
+    assert!(err.contains("GB available"), "{err}");
+    let err = fails(&["bench", "--arch", "A0", "--batch", "1000000"]);
+    assert!(
+        err.contains("batch 1000000 at 224x224 needs about"),
+        "{err}"
+    );
+    let err = fails(&[
+        "serve",
+        "--random",
+        "depths=1,1,1,1;widths=8,8,1000000,1000000;stem=8",
+    ]);
+    assert!(err.contains("needs about"), "{err}");
+}

@@ -61,6 +61,7 @@ pub use error::EngineError;
 pub use int8::{BlockOutput, Int8Engine};
 pub use layout::nhwc_to_nchw;
 pub use options::{EngineOptions, Lowering, Mode, Winograd};
+pub use probe::available_memory;
 pub use repvgg_kernels::Isa;
 pub use runner::Runner;
 pub use workspace::Workspace;
