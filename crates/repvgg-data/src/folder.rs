@@ -155,3 +155,36 @@ pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage, String> {
         .decode()
         .map_err(|e| format!("not a readable image: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PNG whose header declares `width` x `height` RGB pixels and whose data is empty: a
+    /// few dozen bytes, as a hostile upload would send.
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = width.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
+        for (kind, data) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &[]), (b"IEND", &[])] {
+            png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            png.extend_from_slice(kind);
+            png.extend_from_slice(data);
+            png.extend_from_slice(&crc.sum().to_be_bytes());
+        }
+        png
+    }
+
+    #[test]
+    fn a_header_claiming_huge_dimensions_is_refused_before_decoding() {
+        let err = decode_image_bytes(&png_header(100_000, 100_000)).unwrap_err();
+        assert!(err.contains("100000x100000 pixels"), "{err}");
+        // A small header passes the check and fails later, for want of pixel data.
+        let err = decode_image_bytes(&png_header(4, 4)).unwrap_err();
+        assert!(err.contains("not a readable image"), "{err}");
+    }
+}
