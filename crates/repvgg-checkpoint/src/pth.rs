@@ -96,11 +96,18 @@ fn read_entry(
     let mut entry = archive
         .by_name(name)
         .map_err(|e| format!("zip entry '{name}' is missing or unreadable: {e}"))?;
-    // The declared size is untrusted: never reserve more than the whole file.
+    // The declared size is untrusted: never reserve, nor read, more than the whole file
+    // (torch.save stores entries uncompressed, so no honest entry is larger).
     let mut data = Vec::with_capacity((entry.size() as usize).min(archive_len));
-    entry
+    (&mut entry)
+        .take(archive_len as u64 + 1)
         .read_to_end(&mut data)
         .map_err(|e| format!("zip entry '{name}' is corrupt: {e}"))?;
+    if data.len() > archive_len {
+        return Err(format!(
+            "zip entry '{name}' expands past the size of the whole file (refusing it)"
+        ));
+    }
     Ok(data)
 }
 
