@@ -361,14 +361,22 @@ impl ArchSpec {
             problem,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let mut spec: ArchSpec = serde_json::from_str(&text)
-            .map_err(|e| file_error(format!("not a valid architecture spec: {e}")))?;
+        ArchSpec::from_json(&text).map_err(|e| match e {
+            ArchError::File { problem, .. } => file_error(problem),
+            other => file_error(other.to_string()),
+        })
+    }
+
+    /// A spec from the text of a `.json` spec file.
+    pub fn from_json(text: &str) -> Result<ArchSpec, ArchError> {
+        let mut spec: ArchSpec = serde_json::from_str(text).map_err(|e| ArchError::File {
+            path: "JSON".into(),
+            problem: format!("not a valid architecture spec: {e}"),
+        })?;
         if spec.stem_width == 0 {
             spec.stem_width = 64.min(spec.widths[0]);
         }
-        spec.validate()
-            .map_err(|e| file_error(e.to_string()))
-            .map(|()| spec)
+        spec.validate().map(|()| spec)
     }
 
     fn parse_custom(text: &str) -> Result<ArchSpec, ArchError> {

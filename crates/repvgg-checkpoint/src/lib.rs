@@ -89,11 +89,22 @@ impl Checkpoint {
     /// Reads, normalises and checks a checkpoint. With `arch`, the file must match that
     /// architecture exactly, and every mismatching key is reported.
     pub fn load(path: &Path, arch: Option<&ArchSpec>) -> Result<Checkpoint, CheckpointError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| CheckpointError::new(path, format!("cannot read: {e}")))?;
+        Checkpoint::from_bytes(path, &bytes, arch)
+    }
+
+    /// As [`Checkpoint::load`], on a file's contents already in memory; `path` names them in
+    /// errors.
+    pub fn from_bytes(
+        path: &Path,
+        bytes: &[u8],
+        arch: Option<&ArchSpec>,
+    ) -> Result<Checkpoint, CheckpointError> {
         let fail = |problem: String| CheckpointError::new(path, problem);
-        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        let (mut raw, metadata) = read_raw(&bytes).map_err(fail)?;
+        let (mut raw, metadata) = read_raw(bytes).map_err(fail)?;
         if quantized::is_quantized(metadata.as_ref()) {
-            return Checkpoint::from_quantized(path, &bytes, arch, raw.len());
+            return Checkpoint::from_quantized(path, bytes, arch, raw.len());
         }
         let file_tensor_count = raw.len();
         let meta = |key: &str| metadata.as_ref().and_then(|m| m.get(key));
