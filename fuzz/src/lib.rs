@@ -20,11 +20,20 @@ pub const TARGETS: &[(&str, fn(&[u8]), &[&str])] = &[
     (
         "checkpoint_bytes",
         checkpoint_bytes,
-        &["fixtures/tiny", "fixtures/pth", "fixtures/qa_tiny", "fixtures/tiny_se"],
+        &[
+            "fixtures/tiny",
+            "fixtures/pth",
+            "fixtures/qa_tiny",
+            "fixtures/tiny_se",
+        ],
     ),
     ("pickle", pickle, &[]),
     ("spec_string", spec_string, &[]),
-    ("spec_json", spec_json, &["fixtures/tiny", "fixtures/tiny_g2", "fixtures/tiny_se"]),
+    (
+        "spec_json",
+        spec_json,
+        &["fixtures/tiny", "fixtures/tiny_g2", "fixtures/tiny_se"],
+    ),
     ("idx_reader", idx_reader, &["fixtures/fashion-mnist-subset"]),
     ("cifar_reader", cifar_reader, &[]),
     ("image_preprocess", image_preprocess, &["fixtures/photos"]),

@@ -31,8 +31,15 @@ fn every_target_survives_its_corpus() {
         }
         for input in &inputs {
             let data = std::fs::read(input).unwrap();
+            let started = std::time::Instant::now();
             if std::panic::catch_unwind(|| target(&data)).is_err() {
-                failures.push(format!("{name}: {}", input.display()));
+                failures.push(format!("{name}: {} panicked", input.display()));
+            }
+            // A hang detector, not a speed test: libFuzzer's limit is 1 s per input in an
+            // optimised build; ten times that allows for this build and a loaded machine.
+            let seconds = started.elapsed().as_secs_f64();
+            if seconds > 10.0 {
+                failures.push(format!("{name}: {} took {seconds:.1} s", input.display()));
             }
         }
         counts.push(format!("{name} {}", inputs.len()));

@@ -104,6 +104,7 @@ pub fn read_pickle(bytes: &[u8]) -> Result<(Value, usize), String> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        expansion_budget: EXPANSION_BUDGET,
     }
     .run()
 }
@@ -140,12 +141,16 @@ struct Machine<'a> {
     /// Stack heights at each MARK.
     marks: Vec<usize>,
     memo: HashMap<u32, NodeId>,
+    /// What is left of [`EXPANSION_BUDGET`]: every expansion (a call's arguments, the result)
+    /// draws on it.
+    expansion_budget: usize,
 }
 
-/// Values a pickle's result may expand to, shared references counted once per place they
-/// appear: far above any state dict's needs, and a bound on what a pickle that refers to one
-/// large container many times (or nests references to references) can make us build.
-const EXPANSION_BUDGET: usize = 10_000_000;
+/// Values a pickle may expand to in all (its calls' arguments and its result), shared
+/// references counted once per place they appear: far above any state dict's needs (a few
+/// values per tensor), and a bound on the time and memory a pickle that refers to one
+/// container many times (or nests references to references) can make us spend.
+const EXPANSION_BUDGET: usize = 2_000_000;
 
 /// How deeply containers may nest: a state dict needs a handful of levels; the bound keeps the
 /// expansion's recursion (and a value that contains itself) from running away.
@@ -214,8 +219,11 @@ impl Machine<'_> {
 
     /// The value at `id` as a tree, for the few places that read one (a call's arguments, a
     /// persistent id, the result).
-    fn value(&self, id: NodeId) -> Result<Value, String> {
-        self.expand(id, &mut EXPANSION_BUDGET.clone(), 0)
+    fn value(&mut self, id: NodeId) -> Result<Value, String> {
+        let mut budget = self.expansion_budget;
+        let value = self.expand(id, &mut budget, 0);
+        self.expansion_budget = budget;
+        value
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
@@ -784,6 +792,18 @@ mod tests {
         // A list appended to itself.
         let err = read_pickle(b"\x80\x02]q\x00h\x00a.").unwrap_err();
         assert!(err.contains("holds itself"), "{err}");
+    }
+
+    #[test]
+    fn references_to_references_are_refused_not_expanded() {
+        // List i holds list i-1 twice, forty times over: 2^40 values once expanded.
+        let mut bytes = b"\x80\x02]q\x00".to_vec();
+        for i in 1..=40u8 {
+            bytes.extend_from_slice(&[b'(', b'h', i - 1, b'h', i - 1, b'l', b'q', i]);
+        }
+        bytes.push(b'.');
+        let err = read_pickle(&bytes).unwrap_err();
+        assert!(err.contains("refusing to expand"), "{err}");
     }
 
     #[test]
