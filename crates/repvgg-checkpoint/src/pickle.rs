@@ -150,7 +150,7 @@ struct Machine<'a> {
 /// references counted once per place they appear: far above any state dict's needs (a few
 /// values per tensor), and a bound on the time and memory a pickle that refers to one
 /// container many times (or nests references to references) can make us spend.
-const EXPANSION_BUDGET: usize = 2_000_000;
+const EXPANSION_BUDGET: usize = 500_000;
 
 /// How deeply containers may nest: a state dict needs a handful of levels; the bound keeps the
 /// expansion's recursion (and a value that contains itself) from running away.
