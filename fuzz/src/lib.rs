@@ -14,9 +14,11 @@ use std::path::Path;
 use repvgg_arch::{ArchSpec, Form};
 use repvgg_checkpoint::{Checkpoint, ImageNetPreset};
 
-/// Every target with the folders its seeds come from (relative to the repository root,
-/// besides its own `fuzz/corpus/NAME`, where findings are kept).
-pub const TARGETS: &[(&str, fn(&[u8]), &[&str])] = &[
+/// A target: its name, its function, and the folders its seeds come from (relative to the
+/// repository root, besides its own `fuzz/corpus/NAME`, where findings are kept).
+pub type Target = (&'static str, fn(&[u8]), &'static [&'static str]);
+
+pub const TARGETS: &[Target] = &[
     (
         "checkpoint_bytes",
         checkpoint_bytes,

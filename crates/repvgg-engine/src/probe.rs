@@ -36,20 +36,6 @@ fn parse_cache_size(text: &str) -> Option<usize> {
     digits.parse::<usize>().ok().map(|n| n * scale)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_sizes_parse_in_sysfs_units() {
-        assert_eq!(parse_cache_size("2048K\n"), Some(2 << 20));
-        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
-        assert_eq!(parse_cache_size("65536"), Some(65536));
-        assert_eq!(parse_cache_size("lots"), None);
-        assert!(l2_bytes() >= 64 << 10);
-    }
-}
-
 /// Memory this process can still take, in bytes: the kernel's MemAvailable, lowered to what a
 /// cgroup (a container's limit) leaves; `None` where neither can be read.
 pub fn available_memory() -> Option<u64> {
@@ -77,5 +63,19 @@ pub fn available_memory() -> Option<u64> {
     match (available, cgroup) {
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_sizes_parse_in_sysfs_units() {
+        assert_eq!(parse_cache_size("2048K\n"), Some(2 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("65536"), Some(65536));
+        assert_eq!(parse_cache_size("lots"), None);
+        assert!(l2_bytes() >= 64 << 10);
     }
 }
