@@ -520,7 +520,33 @@ fn overload_gets_503_and_deadline_504() {
 fn sigterm_drains_accepted_requests() {
     let mut server = Server::start_with(&["--random", "A0", "--max-batch", "1"]);
     let infer = server.url("/v2/models/repvgg/infer");
-    let clients = std::thread::spawn(move || burst(&infer, 16, 224));
+    // Each client's outcome: the status, or the connection error of a request the server
+    // never accepted (one that had not connected when the listener closed).
+    let clients = std::thread::spawn(move || {
+        let threads: Vec<_> = (0..16)
+            .map(|k| {
+                let url = infer.clone();
+                std::thread::spawn(move || {
+                    let data = pattern(3 * 224 * 224, k);
+                    let header = json!({"inputs": [{"name": "input", "shape": [1, 3, 224, 224],
+                        "datatype": "FP32", "parameters": {"binary_data_size": data.len() * 4}}]})
+                    .to_string();
+                    let mut body = header.clone().into_bytes();
+                    body.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+                    agent()
+                        .post(&url)
+                        .header("inference-header-content-length", header.len().to_string())
+                        .send(&body[..])
+                        .map(|r| r.status().as_u16())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    });
     // Wait until the server holds at least twelve of them (the /metrics request is one more).
     let metrics = server.url("/metrics");
     let started = Instant::now();
@@ -541,8 +567,18 @@ fn sigterm_drains_accepted_requests() {
     let pid = server.child.id() as i32;
     // SAFETY: kill(2) on the child's pid, which this test owns and has not reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let statuses = clients.join().unwrap();
-    assert!(statuses.iter().all(|(s, _)| *s == 200), "{statuses:?}");
+    let outcomes = clients.join().unwrap();
+    let answered = outcomes.iter().filter(|o| **o == Ok(200)).count();
+    // The twelve or more the server held were all answered; any other was refused at connect,
+    // never half-served.
+    assert!(answered >= 12, "{outcomes:?}");
+    for outcome in &outcomes {
+        match outcome {
+            Ok(200) => {}
+            Err(e) if e.contains("refused") || e.contains("reset") => {}
+            other => panic!("a request was lost or failed: {other:?} in {outcomes:?}"),
+        }
+    }
     let status = server.child.wait().unwrap();
     assert!(
         status.success(),
