@@ -484,12 +484,11 @@ fn burst(url: &str, count: usize, side: usize) -> Vec<(u16, Option<String>)> {
 #[test]
 fn overload_gets_503_and_deadline_504() {
     let weights = fixture("photos/tiny1000_train_official.safetensors");
-    let server = Server::start(
-        &weights,
-        &["--queue", "1", "--max-batch", "1", "--max-side", "1024"],
-    );
+    // A0 at 448, one image at a time (about 50 ms each here): sixteen at once cannot all fit
+    // in one running and one waiting.
+    let server = Server::start_with(&["--random", "A0", "--queue", "1", "--max-batch", "1"]);
     let infer = server.url("/v2/models/repvgg/infer");
-    let statuses = burst(&infer, 16, 768);
+    let statuses = burst(&infer, 16, 448);
     let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
     let refused: Vec<_> = statuses.iter().filter(|(s, _)| *s == 503).collect();
     assert_eq!(ok + refused.len(), 16, "{statuses:?}");
