@@ -453,7 +453,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
         let mut file = std::fs::File::create(&tmp).map_err(|e| fail("cannot create", e))?;
         file.write_all(bytes).map_err(|e| fail("cannot write", e))?;
         file.sync_all().map_err(|e| fail("cannot sync", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| fail("cannot rename into place", e))
+        std::fs::rename(&tmp, path).map_err(|e| fail("cannot rename into place", e))?;
+        // The rename lives in the directory: synced too, so that after a crash the name
+        // points at the new file, not at nothing.
+        #[cfg(unix)]
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail("cannot sync its directory", e))?;
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -1828,3 +1828,50 @@ fn specs_that_cannot_fit_are_refused_before_allocating() {
     ]);
     assert!(err.contains("needs about"), "{err}");
 }
+
+/// A write that fails partway (the disk full: here the file-size limit, RLIMIT_FSIZE, set
+/// below the output's size, which makes write(2) fail with EFBIG) fails the command with an
+/// error naming the file, and leaves the previous file intact and no temporary file behind.
+#[cfg(unix)]
+#[test]
+fn a_failed_write_keeps_the_previous_file() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deploy.safetensors");
+    let out_s = out.to_str().unwrap();
+    let small = fixture("tiny/train_official.safetensors");
+    ok(&["convert", small.to_str().unwrap(), out_s]);
+    let before = std::fs::read(&out).unwrap();
+    let big = fixture("tiny_se/train_official.safetensors");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_repvgg"));
+    command.args(["convert", big.to_str().unwrap(), out_s]);
+    // SAFETY: between fork and exec only async-signal-safe calls (signal, setrlimit) run.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 16 * 1024,
+                rlim_max: 16 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let result = command.output().unwrap();
+    assert!(!result.status.success());
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(out_s) && err.contains("cannot write"), "{err}");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "the previous file changed"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("deploy.safetensors")]);
+}
