@@ -1875,3 +1875,96 @@ fn a_failed_write_keeps_the_previous_file() {
         .collect();
     assert_eq!(left, [std::ffi::OsString::from("deploy.safetensors")]);
 }
+
+/// Training killed with SIGKILL at three moments drawn (seeded) over an uninterrupted run's
+/// duration, resumed each time from its last checkpoint, ends with training weights identical
+/// bit for bit to the uninterrupted run's.
+#[cfg(unix)]
+#[test]
+fn training_killed_at_random_moments_resumes_to_the_same_weights() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture("fashion-mnist-subset");
+    let train = |out: &Path, extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_repvgg"));
+        command
+            .args(["train", "--arch", "depths=1,1,1,1;widths=8,8,16,16;stem=8"])
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--epochs",
+                "2",
+                "--batch",
+                "100",
+                "--checkpoint-every",
+                "3",
+                "--quiet",
+            ])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let reference = dir.path().join("reference");
+    let started = std::time::Instant::now();
+    let out = train(&reference, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let duration = started.elapsed();
+
+    let killed = dir.path().join("killed");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let again = |out: &Path| -> Vec<&str> {
+        if out.join("checkpoint.safetensors").is_file() {
+            vec!["--resume"]
+        } else if out.exists() {
+            vec!["--overwrite"]
+        } else {
+            vec![]
+        }
+    };
+    for _ in 0..3 {
+        let at = duration.mul_f64(rng.random_range(0.1..0.9));
+        let how = again(&killed);
+        eprintln!(
+            "run after {:?}: {how:?}, killed at {at:?} of {duration:?}",
+            started.elapsed()
+        );
+        let mut child = train(&killed, &how).spawn().unwrap();
+        std::thread::sleep(at);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+    }
+    let last = train(&killed, &again(&killed)).output().unwrap();
+    assert!(
+        last.status.success(),
+        "{}",
+        String::from_utf8_lossy(&last.stderr)
+    );
+    let tensors = |path: PathBuf| -> Vec<(String, Vec<u8>)> {
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut named: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.data().to_vec()))
+            .collect();
+        named.sort();
+        named
+    };
+    let (a, b) = (
+        tensors(reference.join("train.safetensors")),
+        tensors(killed.join("train.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{name} differs after kills and resumes");
+    }
+}
