@@ -41,6 +41,7 @@ pub const TARGETS: &[Target] = &[
     ("image_preprocess", image_preprocess, &["fixtures/photos"]),
     ("engine_small", engine_small, &[]),
     ("v2_infer_request", v2_infer_request, &[]),
+    ("image_folder", image_folder, &[]),
 ];
 
 /// A weights file's bytes: safetensors or `.pth` (zip or legacy), then naming, form and
@@ -192,5 +193,57 @@ pub fn v2_infer_request(data: &[u8]) {
             ..contract
         };
         let _ = parse_infer(&data[2..], Some(header), &fixed);
+    }
+}
+
+/// The data-set folder walk (`open_dir`: ImageFolder trees, IDX and CIFAR folders) over a tree
+/// the bytes describe: each entry is a kind byte (a folder to enter, a folder to leave, or a
+/// file, whose contents follow as a length byte and bytes) and a name.
+pub fn image_folder(data: &[u8]) {
+    let Ok(root) = tempfile::tempdir() else {
+        return;
+    };
+    let mut dir = root.path().to_path_buf();
+    let mut bytes = data.iter().copied();
+    let mut entries = 0;
+    while let Some(kind) = bytes.next() {
+        entries += 1;
+        if entries > 64 {
+            break;
+        }
+        let name: String = bytes
+            .by_ref()
+            .take(1 + (kind as usize >> 4) % 8)
+            .map(|b| ['a', 'b', '0', '.', '_', 'x', 'g', 'p'][b as usize % 8])
+            .collect();
+        let name = match kind % 4 {
+            0 | 1 => name,
+            2 => format!("{name}.png"),
+            _ => format!("{name}.jpg"),
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        match kind % 4 {
+            0 => {
+                dir = dir.join(&name);
+                if std::fs::create_dir_all(&dir).is_err() {
+                    return;
+                }
+            }
+            1 => {
+                if dir != root.path() {
+                    dir.pop();
+                }
+            }
+            _ => {
+                let len = bytes.next().unwrap_or(0) as usize;
+                let contents: Vec<u8> = bytes.by_ref().take(len).collect();
+                let _ = std::fs::write(dir.join(&name), contents);
+            }
+        }
+    }
+    if let Ok(splits) = repvgg_data::open_dir(root.path(), 0.2) {
+        let _ = splits;
     }
 }
