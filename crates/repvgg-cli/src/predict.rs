@@ -180,19 +180,6 @@ fn already_written(path: &Path, format: Format) -> Result<std::collections::Hash
 /// One image's outcome: its top classes, or why it could not be read.
 type Outcome = Result<Vec<(usize, f64)>, String>;
 
-fn softmax_top(logits: &[f32], k: usize) -> Vec<(usize, f64)> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exp: Vec<f64> = logits.iter().map(|&v| (v as f64 - max).exp()).collect();
-    let sum: f64 = exp.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
-    order
-        .into_iter()
-        .take(k)
-        .map(|i| (i, exp[i] / sum))
-        .collect()
-}
-
 struct Writer {
     format: Format,
     out: Box<dyn Write>,
@@ -400,7 +387,10 @@ pub fn run(args: PredictArgs) -> Result<()> {
         let mut rows = logits.chunks_exact(classes);
         for (path, pixels) in paths.iter().zip(decoded) {
             let outcome: Outcome = match pixels {
-                Ok(_) => Ok(softmax_top(rows.next().expect("a row per image"), args.top)),
+                Ok(_) => Ok(repvgg_engine::top_classes(
+                    rows.next().expect("a row per image"),
+                    args.top,
+                )),
                 Err(e) => {
                     unreadable += 1;
                     Err(e)

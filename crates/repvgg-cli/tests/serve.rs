@@ -484,8 +484,8 @@ fn burst(url: &str, count: usize, side: usize) -> Vec<(u16, Option<String>)> {
 #[test]
 fn overload_gets_503_and_deadline_504() {
     let weights = fixture("photos/tiny1000_train_official.safetensors");
-    // A0 at 448, one image at a time (about 50 ms each here): sixteen at once cannot all fit
-    // in one running and one waiting.
+    // A0 at 448, one image at a time: sixteen at once cannot all fit in one running and one
+    // waiting.
     let server = Server::start_with(&["--random", "A0", "--queue", "1", "--max-batch", "1"]);
     let infer = server.url("/v2/models/repvgg/infer");
     let statuses = burst(&infer, 16, 448);
@@ -512,8 +512,7 @@ fn overload_gets_503_and_deadline_504() {
 }
 
 /// SIGTERM while requests wait: every accepted request is answered, then the process exits 0.
-/// Sixteen A0 requests one at a time (--max-batch 1) keep the engine busy for about 0.2 s
-/// after the signal.
+/// Sixteen A0 requests one at a time (--max-batch 1) keep the engine busy after the signal.
 #[cfg(unix)]
 #[test]
 fn sigterm_drains_accepted_requests() {

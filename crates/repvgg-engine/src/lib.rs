@@ -63,7 +63,7 @@ pub use layout::nhwc_to_nchw;
 pub use options::{EngineOptions, Lowering, Mode, Winograd};
 pub use probe::available_memory;
 pub use repvgg_kernels::Isa;
-pub use runner::Runner;
+pub use runner::{Runner, top_classes};
 pub use workspace::Workspace;
 
 /// A raw pointer to a u8 output that parallel tasks write through, each to its own block of

@@ -53,3 +53,19 @@ impl Runner {
         }
     }
 }
+
+/// The `k` most probable classes of softmax(`logits`), as (index, probability), most probable
+/// first (ties by index). Softmax in f64, shifted by the maximum: what `predict` prints and the
+/// server answers.
+pub fn top_classes(logits: &[f32], k: usize) -> Vec<(usize, f64)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let exp: Vec<f64> = logits.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| (i, exp[i] / sum))
+        .collect()
+}

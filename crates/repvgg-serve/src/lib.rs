@@ -536,17 +536,11 @@ struct ClassifyQuery {
     top: Option<usize>,
 }
 
-/// Top-k classes of softmax(logits), as `predict --json` prints them.
+/// Top-k classes of softmax(logits) with their labels, as `predict --json` prints them.
 pub fn top_classes(logits: &[f32], k: usize, labels: &[String]) -> serde_json::Value {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exp: Vec<f64> = logits.iter().map(|&v| (v as f64 - max).exp()).collect();
-    let sum: f64 = exp.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
-    order
-        .iter()
-        .take(k)
-        .map(|&i| json!({"index": i, "label": labels[i], "prob": exp[i] / sum}))
+    repvgg_engine::top_classes(logits, k)
+        .into_iter()
+        .map(|(i, p)| json!({"index": i, "label": labels[i], "prob": p}))
         .collect()
 }
 
