@@ -35,7 +35,7 @@ pub struct PredictArgs {
     batch: u32,
     /// Write one line per image to this file, .jsonl or .csv, instead of printing; a re-run
     /// with the same file skips the images it already holds (resume after a kill).
-    #[arg(long, short)]
+    #[arg(long, short, visible_alias = "out")]
     output: Option<PathBuf>,
     /// How many classes to give per image.
     #[arg(long, default_value_t = 5)]
@@ -280,6 +280,13 @@ pub fn run(args: PredictArgs) -> Result<()> {
             let done = already_written(path, format)?;
             if !done.is_empty() {
                 images.retain(|p| !done.contains(p.to_string_lossy().as_ref()));
+                if images.is_empty() {
+                    eprintln!(
+                        "{}: all {total} images are already there; nothing to classify",
+                        path.display()
+                    );
+                    return Ok(());
+                }
                 eprintln!(
                     "{}: {} of the {total} images are already there; classifying the other {}",
                     path.display(),

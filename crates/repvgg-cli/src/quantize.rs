@@ -34,7 +34,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     calib: PathBuf,
     /// Output INT8 .safetensors file (written atomically).
-    #[arg(long)]
+    #[arg(long, visible_alias = "output")]
     out: PathBuf,
     /// Calibration images, spread evenly over the split.
     #[arg(long, default_value_t = 512)]
