@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let input: Vec<f32> = (0..n * 3 * h * w)
         .map(|i| (i % 17) as f32 / 17.0 - 0.5)
         .collect();
-    let logits = engine.forward(&input, n, h, w, &mut Workspace::default());
+    let logits = engine.forward(&input, n, h, w, &mut Workspace::default())?;
     let classes = deploy.spec.num_classes;
     for (i, row) in logits.chunks_exact(classes).enumerate() {
         let best = (0..classes)
@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         h,
         w,
         &mut Workspace::default(),
-    );
+    )?;
     let diff = logits
         .iter()
         .zip(&again)

@@ -44,9 +44,9 @@ fn main() {
             let flops = 2.0 * shape.output_len() as f64 * (cin * k * k) as f64;
             let mut best = [f64::MAX; 3];
             for _ in 0..5 {
-                let t = Instant::now(); std::hint::black_box(conv::forward(isa, &shape, &x, &w)); best[0] = best[0].min(t.elapsed().as_secs_f64());
-                let t = Instant::now(); std::hint::black_box(conv::input_grad(isa, &shape, &w, &dy)); best[1] = best[1].min(t.elapsed().as_secs_f64());
-                let t = Instant::now(); std::hint::black_box(conv::weight_grad(isa, &shape, &x, &dy)); best[2] = best[2].min(t.elapsed().as_secs_f64());
+                let t = Instant::now(); std::hint::black_box(conv::forward(isa, &shape, &x, &w).unwrap()); best[0] = best[0].min(t.elapsed().as_secs_f64());
+                let t = Instant::now(); std::hint::black_box(conv::input_grad(isa, &shape, &w, &dy).unwrap()); best[1] = best[1].min(t.elapsed().as_secs_f64());
+                let t = Instant::now(); std::hint::black_box(conv::weight_grad(isa, &shape, &x, &dy).unwrap()); best[2] = best[2].min(t.elapsed().as_secs_f64());
             }
             for i in 0..3 { totals[i] += best[i] * count as f64; }
             println!("{cin:>4}->{cout:<5} {h:>2}px k{k} s{s} x{count:<2}  fwd {:6.2} ms {:5.0} GF/s | dx {:6.2} ms {:5.0} | dw {:6.2} ms {:5.0}",

@@ -108,7 +108,8 @@ pub fn cifar_reader(data: &[u8]) {
 /// Image decoding and every preset's evaluation pipeline.
 pub fn image_preprocess(data: &[u8]) {
     use rand::SeedableRng;
-    let Ok(image) = repvgg_data::decode_image_bytes(data) else {
+    let Ok(image) = repvgg_data::decode_image_bytes(data, std::path::Path::new("fuzz input"))
+    else {
         return;
     };
     for preset in [ImageNetPreset::Official, ImageNetPreset::Timm] {

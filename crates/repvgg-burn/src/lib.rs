@@ -45,16 +45,23 @@ pub enum Backend {
     Wgpu,
 }
 
+/// Why the framework side cannot run as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum BurnError {
+    /// A backend this binary was built without.
+    #[error(
+        "this build has no {0:?} backend; rebuild with `cargo build --release -p repvgg-cli --features wgpu`"
+    )]
+    BackendNotBuilt(Backend),
+}
+
 /// The device of a backend, or why this build cannot provide it.
-pub fn device(backend: Backend) -> Result<Device, String> {
+pub fn device(backend: Backend) -> Result<Device, BurnError> {
     match backend {
         Backend::Cpu => Ok(default_device()),
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
         #[cfg(not(feature = "wgpu"))]
-        Backend::Wgpu => Err(
-            "this build has no GPU backend; rebuild with `cargo build --release -p repvgg-cli --features wgpu`"
-                .into(),
-        ),
+        Backend::Wgpu => Err(BurnError::BackendNotBuilt(backend)),
     }
 }

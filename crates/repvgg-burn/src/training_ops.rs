@@ -29,6 +29,11 @@ use repvgg_kernels::Isa;
 use repvgg_kernels::training::batch_norm;
 use repvgg_kernels::training::conv::{self, ConvShape};
 
+/// Why the kernels' shape errors cannot happen inside these operations: burn's operation
+/// signatures have no error path, so [`conv2d`] and [`batch_norm_train`] check shapes before
+/// dispatching here and leave anything inconsistent to burn's own operations.
+const CHECKED: &str = "shapes checked before dispatch";
+
 /// `conv.forward(x)`, on the kernels where it applies (see the module docs).
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     match fast_geometry(conv, &x) {
@@ -61,7 +66,24 @@ fn fast_geometry(conv: &Conv2d, x: &Tensor<4>) -> Option<(usize, usize)> {
         PaddingConfig2d::Valid => 0,
         _ => return None,
     };
+    // Shapes the kernels would refuse go to burn's own operation, which reports them its way:
+    // past this check the kernels' shape errors cannot happen.
+    let [batch, in_channels, height, width] = x.dims();
+    let weight = conv.weight.dims();
+    let shape = ConvShape {
+        batch,
+        in_channels,
+        height,
+        width,
+        out_channels: weight[0],
+        kernel: kh,
+        stride: sh,
+        padding,
+        groups: conv.groups,
+    };
+    let consistent = shape.check().is_ok() && weight == shape.weight_dims();
     (on_flex
+        && consistent
         && x.dtype() == DType::F32
         && conv.bias.is_none()
         && kh == kw
@@ -79,10 +101,15 @@ pub fn batch_norm_train(
     beta: Tensor<1>,
     eps: f64,
 ) -> Option<(Tensor<4>, Tensor<1>, Tensor<1>)> {
-    if !on_flex(&x.device()) || x.dtype() != DType::F32 {
+    let channels = x.dims()[1];
+    // Mismatched parameters go to burn's own batch norm, which reports them its way.
+    if !on_flex(&x.device())
+        || x.dtype() != DType::F32
+        || gamma.dims() != [channels]
+        || beta.dims() != [channels]
+    {
         return None;
     }
-    let channels = x.dims()[1];
     let stats: Tensor<2> = Tensor::from_dispatch(<Dispatch as TrainingOps>::channel_stats(
         x.clone().detach().into_dispatch(),
     ));
@@ -138,13 +165,13 @@ impl TrainingOps for Flex {
         groups: usize,
     ) -> FlexTensor {
         let shape = conv_shape(&x, &weight, stride, padding, groups);
-        let y = conv::forward(Isa::best(), &shape, &values(&x), &values(&weight));
+        let y = conv::forward(Isa::best(), &shape, &values(&x), &values(&weight)).expect(CHECKED);
         flex_tensor(y, &shape.output_dims())
     }
 
     fn channel_stats(x: FlexTensor) -> FlexTensor {
         let [batch, channels, _, _] = x.shape().dims();
-        let stats = batch_norm::channel_stats(&values(&x), batch, channels);
+        let stats = batch_norm::channel_stats(&values(&x), batch, channels).expect(CHECKED);
         flex_tensor(stats, &[2, channels])
     }
 
@@ -163,7 +190,8 @@ impl TrainingOps for Flex {
             &values(&gamma),
             &values(&beta),
             eps,
-        );
+        )
+        .expect(CHECKED);
         flex_tensor(y, &dims)
     }
 }
@@ -194,12 +222,14 @@ impl<C: CheckpointStrategy> TrainingOps for Autodiff<Flex, C> {
                 let out_grad = values(&out_grad);
                 if let Some(node) = node_x {
                     let weight = checkpointer.retrieve_node_output::<FlexTensor>(weight_state);
-                    let grad = conv::input_grad(Isa::best(), &shape, &values(&weight), &out_grad);
+                    let grad = conv::input_grad(Isa::best(), &shape, &values(&weight), &out_grad)
+                        .expect(CHECKED);
                     grads.register::<Flex>(node.id, flex_tensor(grad, &shape.input_dims()));
                 }
                 if let Some(node) = node_weight {
                     let x = checkpointer.retrieve_node_output::<FlexTensor>(x_state);
-                    let grad = conv::weight_grad(Isa::best(), &shape, &values(&x), &out_grad);
+                    let grad = conv::weight_grad(Isa::best(), &shape, &values(&x), &out_grad)
+                        .expect(CHECKED);
                     grads.register::<Flex>(node.id, flex_tensor(grad, &shape.weight_dims()));
                 }
             }
@@ -268,7 +298,8 @@ impl<C: CheckpointStrategy> TrainingOps for Autodiff<Flex, C> {
                     &values(&gamma),
                     eps,
                     &values(&out_grad),
-                );
+                )
+                .expect(CHECKED);
                 let channels = [dims[1]];
                 for (node, grad, shape) in [
                     (node_x, dx, &dims[..]),

@@ -74,7 +74,9 @@ fn qa_blocks_are_read_run_and_converted_exactly() {
         assert!(err < 1e-6, "{key}: {err:e}");
     }
     let engine = Engine::from_checkpoint(&deploy, DEFAULT_BN_EPS).unwrap();
-    let logits = engine.forward(&input32, n, h, w, &mut Workspace::default());
+    let logits = engine
+        .forward(&input32, n, h, w, &mut Workspace::default())
+        .unwrap();
     let logits: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
     let err = relative_error(&logits, &reference["logits_deploy_f64"].1);
     println!("deploy form (engine): {err:.2e}");
@@ -152,6 +154,7 @@ fn qa_blocks_with_se_keep_their_post_bn_after_the_gate() {
     let engine = Engine::from_checkpoint(&deploy, DEFAULT_BN_EPS).unwrap();
     let logits: Vec<f64> = engine
         .forward(&input32, n, h, w, &mut Workspace::default())
+        .unwrap()
         .iter()
         .map(|&v| v as f64)
         .collect();

@@ -178,6 +178,7 @@ fn every_named_variant_converts_exactly_at_a_small_input() {
             let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options).unwrap();
             let engine_logits: Vec<f64> = engine
                 .forward(&pixels, 1, h, w, &mut Workspace::default())
+                .unwrap()
                 .iter()
                 .map(|&v| v as f64)
                 .collect();
@@ -257,7 +258,7 @@ fn a_dilated_headless_backbone_converts_exactly() {
     let deploy = RepVggDeploy::from_state_dict(&spec, &deploy_dict, &device);
     let ckpt = Checkpoint::from_state_dict(spec.clone(), Form::Deploy, deploy_dict).unwrap();
     let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
-    let engine_out = engine.forward_stages(&pixels, 1, h, w, &stages);
+    let engine_out = engine.forward_stages(&pixels, 1, h, w, &stages).unwrap();
     for (form, outputs) in [
         ("train", train.forward_stages(input.clone(), &stages)),
         ("deploy", deploy.forward_stages(input.clone(), &stages)),
@@ -292,6 +293,7 @@ fn a_dilated_headless_backbone_converts_exactly() {
     assert!(relative_error(&pooled, &pooled_ref) < TOLERANCE);
     let engine_pooled: Vec<f64> = engine
         .forward(&pixels, 1, h, w, &mut Workspace::default())
+        .unwrap()
         .iter()
         .map(|&v| v as f64)
         .collect();

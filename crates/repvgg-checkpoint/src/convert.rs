@@ -7,6 +7,7 @@ use repvgg_fuse::{
     fuse_qa_branches,
 };
 
+use crate::error::{ErrorKind, Problem};
 use crate::layout::{
     self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, QA_ONE_CONV,
     QA_POST_BN, REPARAM,
@@ -17,16 +18,18 @@ use crate::tensor::{StateDict, Tensor};
 /// dicts do not record eps, so models trained with another (YOLOv7's RepConv: 1e-3) must say so.
 pub const DEFAULT_BN_EPS: f64 = 1e-5;
 
-fn get<'a>(dict: &'a StateDict, key: &str) -> Result<&'a Tensor, String> {
-    dict.get(key).ok_or_else(|| format!("missing key '{key}'"))
+fn get<'a>(dict: &'a StateDict, key: &str) -> Result<&'a Tensor, Problem> {
+    dict.get(key).ok_or_else(|| {
+        Problem::new(ErrorKind::MissingKey, format!("missing key '{key}'")).about(key)
+    })
 }
 
-fn kernel(dict: &StateDict, key: &str) -> Result<Kernel<f64>, String> {
+fn kernel(dict: &StateDict, key: &str) -> Result<Kernel<f64>, Problem> {
     let t = get(dict, key)?;
     let [o, i, h, w] = t.shape[..] else {
-        return Err(format!(
-            "'{key}' has shape {:?}, expected a 4-d kernel",
-            t.shape
+        return Err(Problem::new(
+            ErrorKind::ShapeMismatch,
+            format!("'{key}' has shape {:?}, expected a 4-d kernel", t.shape),
         ));
     };
     Ok(Kernel {
@@ -38,7 +41,7 @@ fn kernel(dict: &StateDict, key: &str) -> Result<Kernel<f64>, String> {
     })
 }
 
-fn batch_norm(dict: &StateDict, prefix: &str, eps: f64) -> Result<BatchNorm<f64>, String> {
+fn batch_norm(dict: &StateDict, prefix: &str, eps: f64) -> Result<BatchNorm<f64>, Problem> {
     let [gamma, beta, running_mean, running_var] =
         BN_FIELDS.map(|field| get(dict, &format!("{prefix}{field}")).map(Tensor::to_f64));
     Ok(BatchNorm {
@@ -55,7 +58,7 @@ pub fn train_block(
     dict: &StateDict,
     block: &BlockSpec,
     eps: f64,
-) -> Result<TrainBlock<f64>, String> {
+) -> Result<TrainBlock<f64>, Problem> {
     let p = layout::prefix(block);
     Ok(TrainBlock {
         dense: (
@@ -80,7 +83,7 @@ pub fn qa_train_block(
     dict: &StateDict,
     block: &BlockSpec,
     eps: f64,
-) -> Result<QaTrainBlock<f64>, String> {
+) -> Result<QaTrainBlock<f64>, Problem> {
     let p = layout::prefix(block);
     Ok(QaTrainBlock {
         dense: (
@@ -97,7 +100,7 @@ pub fn qa_train_block(
 /// Folds a BN kept beside a deployed block's conv (YOLOv6's QARepVGG blocks deploy as
 /// `BN(rbr_reparam(x))`) into the conv, in place: the deploy form is then the plain one.
 /// Returns how many blocks had one.
-pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, String> {
+pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, Problem> {
     // (Not where SE sits between the conv and the BN: QARepVGG with SE keeps it there.)
     let prefixes: Vec<String> = dict
         .keys()
@@ -112,6 +115,31 @@ pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, St
             bias: get(dict, &format!("{p}{REPARAM}bias"))?.to_f64(),
         };
         let bn = batch_norm(dict, &format!("{p}{QA_POST_BN}"), eps)?;
+        // This runs before the shapes are checked against an architecture: the fold's own
+        // preconditions are checked here.
+        let k = &conv.kernel;
+        let outputs = k.out_channels;
+        let lengths = [
+            conv.bias.len(),
+            bn.gamma.len(),
+            bn.beta.len(),
+            bn.running_mean.len(),
+            bn.running_var.len(),
+        ];
+        if k.in_per_group == 0
+            || k.height == 0
+            || k.width == 0
+            || lengths.iter().any(|&l| l != outputs)
+        {
+            return Err(Problem::new(
+                ErrorKind::ShapeMismatch,
+                format!(
+                    "'{p}{REPARAM}weight' has shape {:?}, but its bias and the BN after it have {lengths:?} values",
+                    k.shape()
+                ),
+            )
+            .about(format!("{p}{REPARAM}weight")));
+        }
         let folded = repvgg_fuse::fold_bn_after(conv, &bn);
         let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();
         dict.insert(
@@ -131,7 +159,7 @@ pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, St
 
 /// Fuses every block; SE and the head carry over unchanged. Expects official naming and a
 /// state dict already checked against `spec`.
-pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDict, String> {
+pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDict, Problem> {
     // Blocks are independent: fused side by side (B3's whole conversion took 3.7 s on one
     // core in the test profile).
     let fused = spec
@@ -158,7 +186,7 @@ pub fn to_deploy(train: &StateDict, spec: &ArchSpec, eps: f64) -> Result<StateDi
                 ),
             ])
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, Problem>>()?;
     let mut deploy: StateDict = fused.into_iter().flatten().collect();
     for (key, tensor) in train {
         let kept_bn = spec.qa && spec.se && key.contains(&format!(".{QA_POST_BN}"));

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use repvgg_arch::{ArchSpec, BlockSpec, Form, VARIANT_NAMES};
 
+use crate::error::{ErrorKind, Problem};
 use crate::naming::{BlockId, Naming};
 use crate::tensor::StateDict;
 
@@ -119,21 +120,25 @@ pub fn mismatches(tensors: &StateDict, spec: &ArchSpec, form: Form, naming: Nami
 }
 
 /// Detects the form from the keys.
-pub fn detect_form(tensors: &StateDict) -> Result<Form, String> {
+pub fn detect_form(tensors: &StateDict) -> Result<Form, Problem> {
     let has = |part: &str| tensors.keys().any(|k| k.contains(&format!(".{part}")));
     match (has(REPARAM), has(DENSE_CONV) || has(DENSE_BN)) {
         (true, false) => Ok(Form::Deploy),
         (false, true) => Ok(Form::Train),
-        (true, true) => {
-            Err("mixes training-form (rbr_dense) and deploy-form (rbr_reparam) blocks".into())
-        }
-        (false, false) => Err("has neither training-form nor deploy-form block weights".into()),
+        (true, true) => Err(Problem::new(
+            ErrorKind::ArchMismatch,
+            "mixes training-form (rbr_dense) and deploy-form (rbr_reparam) blocks",
+        )),
+        (false, false) => Err(Problem::new(
+            ErrorKind::ArchMismatch,
+            "has neither training-form nor deploy-form block weights",
+        )),
     }
 }
 
 /// Reads the architecture back from tensor shapes. Tolerates missing tensors where another
 /// one tells the same thing, so that [`mismatches`] can then name what is missing.
-pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
+pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> {
     let mut blocks: BTreeMap<BlockId, ()> = BTreeMap::new();
     for key in tensors.keys() {
         if let Some((id, _)) = Naming::Official.parse_block(key) {
@@ -145,10 +150,16 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
         depths[id.stage - 1] = depths[id.stage - 1].max(id.index.saturating_add(1));
     }
     if !blocks.contains_key(&BlockId { stage: 0, index: 0 }) {
-        return Err("has no stage 0 (stem) weights".into());
+        return Err(Problem::new(
+            ErrorKind::ArchMismatch,
+            "has no stage 0 (stem) weights",
+        ));
     }
     if let Some(stage) = depths.iter().position(|&d| d == 0) {
-        return Err(format!("has no weights for stage {}", stage + 1));
+        return Err(Problem::new(
+            ErrorKind::ArchMismatch,
+            format!("has no weights for stage {}", stage + 1),
+        ));
     }
     let shape_of = |id: BlockId, parts: &[&str]| {
         parts.iter().find_map(|part| {
@@ -189,14 +200,20 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
             let width = shape_of(id, width_parts)
                 .and_then(|s| s.first().copied())
                 .ok_or_else(|| {
-                    format!(
-                        "cannot tell the width of block {}",
-                        name.trim_end_matches('.')
+                    Problem::new(
+                        ErrorKind::ArchMismatch,
+                        format!(
+                            "cannot tell the width of block {}",
+                            name.trim_end_matches('.')
+                        ),
                     )
                 })?;
             if let Some(kernel) = shape_of(id, kernel_parts) {
                 if kernel.len() != 4 || kernel[1] == 0 {
-                    return Err(format!("{name}: kernel has shape {kernel:?}"));
+                    return Err(Problem::new(
+                        ErrorKind::ArchMismatch,
+                        format!("{name}: kernel has shape {kernel:?}"),
+                    ));
                 }
                 match previous_width {
                     None => in_channels = Some(kernel[1]),
@@ -206,9 +223,12 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
                         }
                     }
                     Some(prev) => {
-                        return Err(format!(
-                            "{name}: kernel takes {} input channels per group, but the previous block gives {prev}",
-                            kernel[1]
+                        return Err(Problem::new(
+                            ErrorKind::ArchMismatch,
+                            format!(
+                                "{name}: kernel takes {} input channels per group, but the previous block gives {prev}",
+                                kernel[1]
+                            ),
                         ));
                     }
                 }
@@ -248,13 +268,22 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, String> {
                     .is_some_and(|(_, rest)| rest.starts_with(QA_POST_BN))
         }),
         num_classes,
-        in_channels: in_channels.ok_or("cannot tell the input channels of stage 0")?,
+        in_channels: in_channels.ok_or_else(|| {
+            Problem::new(
+                ErrorKind::ArchMismatch,
+                "cannot tell the input channels of stage 0",
+            )
+        })?,
         strides: [2; 5],
         dilations: [1; 5],
     };
     spec.name = variant_name(&spec).unwrap_or_else(|| "custom".into());
-    spec.validate()
-        .map_err(|e| format!("describes an impossible network: {e}"))?;
+    spec.validate().map_err(|e| {
+        Problem::new(
+            ErrorKind::ArchMismatch,
+            format!("describes an impossible network: {e}"),
+        )
+    })?;
     Ok(spec)
 }
 

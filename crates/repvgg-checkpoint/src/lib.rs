@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use repvgg_arch::{ArchSpec, Form};
 
 pub mod convert;
+mod error;
 pub mod layout;
 pub mod metadata;
 pub mod naming;
@@ -30,32 +31,12 @@ pub mod quantized;
 pub mod random;
 pub mod tensor;
 
+pub use error::{CheckpointError, ErrorKind, Problem};
 pub use metadata::{ImageNetPreset, Preprocessing};
 pub use naming::Naming;
 pub use tensor::{DType, StateDict, Tensor};
 
 use pth::RawTensor;
-
-/// Every failure names the file and says what is wrong with it, in one line a person can
-/// read; when that line had to summarise (a long list of mismatching keys), `details` holds
-/// the whole list.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {problem}")]
-pub struct CheckpointError {
-    pub path: PathBuf,
-    pub problem: String,
-    pub details: Vec<String>,
-}
-
-impl CheckpointError {
-    pub fn new(path: &Path, problem: impl Into<String>) -> Self {
-        CheckpointError {
-            path: path.to_path_buf(),
-            problem: problem.into(),
-            details: Vec::new(),
-        }
-    }
-}
 
 /// A loaded, checked checkpoint.
 #[derive(Clone, Debug)]
@@ -90,7 +71,7 @@ impl Checkpoint {
     /// architecture exactly, and every mismatching key is reported.
     pub fn load(path: &Path, arch: Option<&ArchSpec>) -> Result<Checkpoint, CheckpointError> {
         let bytes = std::fs::read(path)
-            .map_err(|e| CheckpointError::new(path, format!("cannot read: {e}")))?;
+            .map_err(|e| CheckpointError::new(path, Problem::io("cannot read", &e)))?;
         Checkpoint::from_bytes(path, &bytes, arch)
     }
 
@@ -101,7 +82,7 @@ impl Checkpoint {
         bytes: &[u8],
         arch: Option<&ArchSpec>,
     ) -> Result<Checkpoint, CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(path, problem);
+        let fail = |problem: Problem| CheckpointError::new(path, problem);
         let (mut raw, metadata) = read_raw(bytes).map_err(fail)?;
         if quantized::is_quantized(metadata.as_ref()) {
             return Checkpoint::from_quantized(path, bytes, arch, raw.len());
@@ -111,21 +92,49 @@ impl Checkpoint {
         let run_state = meta(metadata::RUN_STATE_KEY)
             .map(|json| serde_json::from_str::<serde_json::Value>(json))
             .transpose()
-            .map_err(|e| fail(format!("unreadable training run state: {e}")))?;
+            .map_err(|e| {
+                fail(
+                    Problem::new(
+                        ErrorKind::BadMetadata,
+                        format!("unreadable training run state: {e}"),
+                    )
+                    .about(metadata::RUN_STATE_KEY),
+                )
+            })?;
         if run_state.is_some() {
             // A resumable training checkpoint: the model's weights plus the optimizer's.
             raw.retain(|(key, _)| !key.starts_with(metadata::OPTIMIZER_PREFIX));
         }
         let recorded_arch = meta("repvgg.arch")
-            .map(|json| serde_json::from_str::<ArchSpec>(json))
+            .map(|json| {
+                // Shapes cannot show a stride or a dilation, so a recorded spec is trusted
+                // for them: it must at least be a network that can exist.
+                serde_json::from_str::<ArchSpec>(json).and_then(|spec| {
+                    spec.validate()
+                        .map(|()| spec)
+                        .map_err(serde::de::Error::custom)
+                })
+            })
             .transpose()
-            .map_err(|e| fail(format!("unreadable architecture in the metadata: {e}")))?;
+            .map_err(|e| {
+                fail(
+                    Problem::new(
+                        ErrorKind::BadMetadata,
+                        format!("unreadable architecture in the metadata: {e}"),
+                    )
+                    .about("repvgg.arch"),
+                )
+            })?;
         let preprocessing = meta(metadata::PREPROCESSING_KEY)
             .map(|json| {
-                let p: Preprocessing = serde_json::from_str(json)
-                    .map_err(|e| format!("unreadable preprocessing in the metadata: {e}"))?;
+                let p: Preprocessing = serde_json::from_str(json).map_err(|e| {
+                    Problem::new(
+                        ErrorKind::BadMetadata,
+                        format!("unreadable preprocessing in the metadata: {e}"),
+                    )
+                })?;
                 p.validate()
-                    .map_err(|e| format!("bad preprocessing in the metadata: {e}"))?;
+                    .map_err(|e| e.within("bad preprocessing in the metadata"))?;
                 Ok(p)
             })
             .transpose()
@@ -133,7 +142,15 @@ impl Checkpoint {
         let labels = meta(metadata::LABELS_KEY)
             .map(|json| serde_json::from_str::<Vec<String>>(json))
             .transpose()
-            .map_err(|e| fail(format!("unreadable class names in the metadata: {e}")))?;
+            .map_err(|e| {
+                fail(
+                    Problem::new(
+                        ErrorKind::BadMetadata,
+                        format!("unreadable class names in the metadata: {e}"),
+                    )
+                    .about(metadata::LABELS_KEY),
+                )
+            })?;
         let (tensors, naming, source_dtype) =
             normalise(raw).map_err(|(problem, details)| CheckpointError {
                 path: path.to_path_buf(),
@@ -148,6 +165,14 @@ impl Checkpoint {
         }
         // Asked for, or recorded by whoever wrote the file (it knows strides and dilations,
         // which shapes cannot tell), or read back from the shapes.
+        if let Some(spec) = arch {
+            spec.validate().map_err(|e| {
+                fail(Problem::new(
+                    ErrorKind::InvalidArgument,
+                    format!("the architecture asked for: {e}"),
+                ))
+            })?;
+        }
         let (spec, source) = match (arch, recorded_arch) {
             (Some(spec), _) => (spec.clone(), ArchSource::Requested),
             (None, Some(spec)) => (spec, ArchSource::Recorded),
@@ -179,13 +204,16 @@ impl Checkpoint {
             };
             return Err(CheckpointError {
                 path: path.to_path_buf(),
-                problem: format!("{what}: {}", summarise_mismatches(&problems)),
+                problem: Problem::new(
+                    ErrorKind::ArchMismatch,
+                    format!("{what}: {}", summarise_mismatches(&problems)),
+                ),
                 details: problems,
             });
         }
         if let Some(labels) = &labels {
             metadata::validate_labels(labels, spec.num_classes)
-                .map_err(|e| fail(format!("the metadata's class names do not fit: {e}")))?;
+                .map_err(|e| fail(e.within("the metadata's class names do not fit")))?;
         }
         check_values(&tensors).map_err(fail)?;
         Ok(Checkpoint {
@@ -210,11 +238,17 @@ impl Checkpoint {
         arch: Option<&ArchSpec>,
         file_tensor_count: usize,
     ) -> Result<Checkpoint, CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(path, problem);
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| fail(format!("not a valid safetensors file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| fail(format!("unreadable safetensors header ({e})")))?;
+        let fail = |problem: Problem| CheckpointError::new(path, problem);
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+            fail(Problem::corrupt(format!(
+                "not a valid safetensors file ({e})"
+            )))
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+            fail(Problem::corrupt(format!(
+                "unreadable safetensors header ({e})"
+            )))
+        })?;
         let meta = header.metadata().clone().unwrap_or_default();
         let model = quantized::from_parts(&st, &meta).map_err(fail)?;
         if let Some(spec) = arch {
@@ -223,11 +257,14 @@ impl Checkpoint {
             if !problems.is_empty() {
                 return Err(CheckpointError {
                     path: path.to_path_buf(),
-                    problem: format!(
-                        "holds {} (INT8), not the requested {}: {}",
-                        describe_briefly(&model.spec),
-                        describe_briefly(spec),
-                        summarise_mismatches(&problems)
+                    problem: Problem::new(
+                        ErrorKind::ArchMismatch,
+                        format!(
+                            "holds {} (INT8), not the requested {}: {}",
+                            describe_briefly(&model.spec),
+                            describe_briefly(spec),
+                            summarise_mismatches(&problems)
+                        ),
                     ),
                     details: problems,
                 });
@@ -254,15 +291,18 @@ impl Checkpoint {
         form: Form,
         tensors: StateDict,
     ) -> Result<Checkpoint, CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(Path::new("<memory>"), problem);
+        let fail = |problem: Problem| CheckpointError::new(Path::new("<memory>"), problem);
         let problems = layout::mismatches(&tensors, &spec, form, Naming::Official);
         if !problems.is_empty() {
             return Err(CheckpointError {
                 path: PathBuf::from("<memory>"),
-                problem: format!(
-                    "does not match {}: {}",
-                    describe_briefly(&spec),
-                    summarise_mismatches(&problems)
+                problem: Problem::new(
+                    ErrorKind::ArchMismatch,
+                    format!(
+                        "does not match {}: {}",
+                        describe_briefly(&spec),
+                        summarise_mismatches(&problems)
+                    ),
                 ),
                 details: problems,
             });
@@ -350,7 +390,7 @@ impl Checkpoint {
     /// Writes `f32` safetensors in the chosen naming, atomically (temp file + rename), with
     /// [`Checkpoint::metadata`].
     pub fn save_safetensors(&self, path: &Path, naming: Naming) -> Result<(), CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(path, problem);
+        let fail = |problem: Problem| CheckpointError::new(path, problem);
         let renamed = naming::rename(&self.tensors, Naming::Official, naming).map_err(fail)?;
         write_safetensors(path, &renamed, Some(self.metadata(naming)))
     }
@@ -363,7 +403,7 @@ pub fn write_safetensors(
     tensors: &StateDict,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), CheckpointError> {
-    let fail = |problem: String| CheckpointError::new(path, problem);
+    let fail = |problem: Problem| CheckpointError::new(path, problem);
     let views: Vec<(&String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(key, t)| {
@@ -373,10 +413,17 @@ pub fn write_safetensors(
                 bytemuck::cast_slice(&t.data),
             )
             .map(|view| (key, view))
-            .map_err(|e| fail(format!("{key}: {e}")))
+            .map_err(|e| {
+                fail(Problem::new(ErrorKind::ShapeMismatch, format!("{key}: {e}")).about(key))
+            })
         })
         .collect::<Result<_, _>>()?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| fail(e.to_string()))?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| {
+        fail(Problem::new(
+            ErrorKind::Io,
+            format!("cannot serialise: {e}"),
+        ))
+    })?;
     write_atomically(path, &bytes)
 }
 
@@ -439,7 +486,7 @@ fn summarise_mismatches(problems: &[String]) -> String {
 /// Writes to a temporary file beside `path`, syncs, then renames over it: a crash or a full
 /// disk leaves either the old file or the new one, never half of one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let fail = |what: &str, e: std::io::Error| CheckpointError::new(path, format!("{what}: {e}"));
+    let fail = |what: &str, e: std::io::Error| CheckpointError::new(path, Problem::io(what, &e));
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -472,7 +519,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
 /// metadata (a `.pth` has none).
 type RawFile = (Vec<(String, RawTensor)>, Option<HashMap<String, String>>);
 
-fn read_raw(bytes: &[u8]) -> Result<RawFile, String> {
+fn read_raw(bytes: &[u8]) -> Result<RawFile, Problem> {
     // A safetensors file opens with its JSON header's length (u64, little-endian) and then the
     // header itself. That length can begin with any byte, 0x80 (a pickle's PROTO) included, so
     // it is recognised by its structure rather than by a magic byte.
@@ -484,17 +531,25 @@ fn read_raw(bytes: &[u8]) -> Result<RawFile, String> {
     if !looks_like_safetensors && (bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"\x80")) {
         return Ok((pth::read_pth(bytes)?, None));
     }
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| format!("neither a PyTorch checkpoint nor valid safetensors ({e})"))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        Problem::corrupt(format!(
+            "neither a PyTorch checkpoint nor valid safetensors ({e})"
+        ))
+    })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| format!("unreadable safetensors header ({e})"))?;
+        .map_err(|e| Problem::corrupt(format!("unreadable safetensors header ({e})")))?;
     let metadata = header.metadata().clone();
     let tensors = st
         .tensors()
         .into_iter()
         .map(|(key, view)| {
-            let dtype = DType::from_safetensors(view.dtype())
-                .ok_or_else(|| format!("'{key}' has unsupported dtype {:?}", view.dtype()))?;
+            let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
+                Problem::new(
+                    ErrorKind::ShapeMismatch,
+                    format!("'{key}' has unsupported dtype {:?}", view.dtype()),
+                )
+                .about(&key)
+            })?;
             Ok((
                 key,
                 RawTensor {
@@ -504,7 +559,7 @@ fn read_raw(bytes: &[u8]) -> Result<RawFile, String> {
                 },
             ))
         })
-        .collect::<Result<_, String>>()?;
+        .collect::<Result<_, Problem>>()?;
     Ok((tensors, metadata))
 }
 
@@ -512,8 +567,8 @@ fn read_raw(bytes: &[u8]) -> Result<RawFile, String> {
 /// An error comes as a line and, for a list of keys, the whole list.
 fn normalise(
     raw: Vec<(String, RawTensor)>,
-) -> Result<(StateDict, Naming, DType), (String, Vec<String>)> {
-    let one = |problem: String| (problem, Vec::new());
+) -> Result<(StateDict, Naming, DType), (Problem, Vec<String>)> {
+    let one = |problem: Problem| (problem, Vec::new());
     let mut floats = Vec::new();
     let mut widest: Option<DType> = None;
     for (key, tensor) in raw {
@@ -530,10 +585,14 @@ fn normalise(
             continue;
         }
         let converted = tensor.to_f32().ok_or_else(|| {
-            one(format!(
-                "'{key}' has dtype {:?}; RepVGG weights must be floating point",
-                tensor.dtype
-            ))
+            one(Problem::new(
+                ErrorKind::ShapeMismatch,
+                format!(
+                    "'{key}' has dtype {:?}; RepVGG weights must be floating point",
+                    tensor.dtype
+                ),
+            )
+            .about(&key))
         })?;
         if widest.is_none_or(|w| tensor.dtype.size() > w.size()) {
             widest = Some(tensor.dtype);
@@ -541,7 +600,10 @@ fn normalise(
         floats.push((key, converted));
     }
     let naming = Naming::detect(floats.iter().map(|(k, _)| k.as_str())).ok_or_else(|| {
-        one("no RepVGG weights found (no keys in official, timm or mmpretrain naming)".into())
+        one(Problem::new(
+            ErrorKind::ArchMismatch,
+            "no RepVGG weights found (no keys in official, timm or mmpretrain naming)",
+        ))
     })?;
     let mut unexpected = Vec::new();
     let mut dict = StateDict::new();
@@ -555,21 +617,24 @@ fn normalise(
     }
     if !unexpected.is_empty() {
         let line = format!("{naming} naming, but {}", summarise_mismatches(&unexpected));
-        return Err((line, unexpected));
+        return Err((Problem::new(ErrorKind::UnexpectedKey, line), unexpected));
     }
     Ok((dict, naming, widest.unwrap_or(DType::F32)))
 }
 
 /// Rejects NaN/infinite values and negative BN variances, which would silently poison every
 /// output downstream.
-fn check_values(tensors: &StateDict) -> Result<(), String> {
+fn check_values(tensors: &StateDict) -> Result<(), Problem> {
     let bad: Vec<String> = tensors
         .iter()
         .filter(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
         .map(|(k, _)| format!("'{k}'"))
         .collect();
     if !bad.is_empty() {
-        return Err(format!("NaN or infinite values in {}", summarise(&bad)));
+        return Err(Problem::new(
+            ErrorKind::BadValue,
+            format!("NaN or infinite values in {}", summarise(&bad)),
+        ));
     }
     let negative: Vec<String> = tensors
         .iter()
@@ -577,9 +642,9 @@ fn check_values(tensors: &StateDict) -> Result<(), String> {
         .map(|(k, _)| format!("'{k}'"))
         .collect();
     if !negative.is_empty() {
-        return Err(format!(
-            "negative BN running variance in {}",
-            summarise(&negative)
+        return Err(Problem::new(
+            ErrorKind::BadValue,
+            format!("negative BN running variance in {}", summarise(&negative)),
         ));
     }
     Ok(())

@@ -9,7 +9,13 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{ErrorKind, Problem};
+
 pub const PREPROCESSING_KEY: &str = "repvgg.preprocessing";
+
+/// The longest input side any command or file may ask for: 16,384 pixels, where one image's
+/// stem output alone is 50 GB; a file that records more is refused, not allocated.
+pub const MAX_INPUT_SIDE: usize = 16_384;
 pub const LABELS_KEY: &str = "repvgg.labels";
 /// The run state `repvgg-train` stores in its resumable checkpoints (JSON).
 pub const RUN_STATE_KEY: &str = "repvgg_train_state";
@@ -97,26 +103,50 @@ impl Preprocessing {
     }
 
     /// Whether the values make sense; the problem in words if not.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Problem> {
         if self.size.contains(&0) {
-            return Err(format!("input size {:?} has a zero side", self.size));
+            return Err(Problem::new(
+                ErrorKind::BadMetadata,
+                format!("input size {:?} has a zero side", self.size),
+            ));
+        }
+        if self.size.iter().any(|&side| side > MAX_INPUT_SIDE) {
+            return Err(Problem::new(
+                ErrorKind::BadMetadata,
+                format!(
+                    "input size {:?} has a side over {MAX_INPUT_SIDE} pixels",
+                    self.size
+                ),
+            ));
         }
         if let Resize::CenterCrop { crop_pct } = self.resize {
             if !(crop_pct > 0.0 && crop_pct <= 1.0) {
-                return Err(format!("crop_pct {crop_pct} is not in (0, 1]"));
+                return Err(Problem::new(
+                    ErrorKind::BadMetadata,
+                    format!("crop_pct {crop_pct} is not in (0, 1]"),
+                ));
             }
             if self.size[0] != self.size[1] {
-                return Err(format!(
-                    "a centre crop is square, but the input size is {}x{}",
-                    self.size[0], self.size[1]
+                return Err(Problem::new(
+                    ErrorKind::BadMetadata,
+                    format!(
+                        "a centre crop is square, but the input size is {}x{}",
+                        self.size[0], self.size[1]
+                    ),
                 ));
             }
         }
         if self.mean.iter().any(|m| !m.is_finite()) {
-            return Err(format!("mean {:?} is not finite", self.mean));
+            return Err(Problem::new(
+                ErrorKind::BadMetadata,
+                format!("mean {:?} is not finite", self.mean),
+            ));
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(format!("std {:?} must be positive", self.std));
+            return Err(Problem::new(
+                ErrorKind::BadMetadata,
+                format!("std {:?} must be positive", self.std),
+            ));
         }
         Ok(())
     }
@@ -147,11 +177,14 @@ impl Preprocessing {
 }
 
 /// Checks class names against the model's class count.
-pub fn validate_labels(labels: &[String], classes: usize) -> Result<(), String> {
+pub fn validate_labels(labels: &[String], classes: usize) -> Result<(), Problem> {
     if labels.len() != classes {
-        return Err(format!(
-            "{} class names for a model with {classes} classes",
-            labels.len()
+        return Err(Problem::new(
+            ErrorKind::BadMetadata,
+            format!(
+                "{} class names for a model with {classes} classes",
+                labels.len()
+            ),
         ));
     }
     Ok(())
@@ -187,10 +220,10 @@ mod tests {
     fn validation_names_the_bad_value() {
         let mut p = ImageNetPreset::Official.preprocessing();
         p.std[1] = 0.0;
-        assert!(p.validate().unwrap_err().contains("std"));
+        assert!(p.validate().unwrap_err().message.contains("std"));
         let mut p = ImageNetPreset::Official.preprocessing();
         p.size = [224, 200];
-        assert!(p.validate().unwrap_err().contains("square"));
+        assert!(p.validate().unwrap_err().message.contains("square"));
         assert!(validate_labels(&["a".into()], 2).is_err());
     }
 }

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::error::{ErrorKind, Problem};
 use crate::tensor::StateDict;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -31,14 +32,15 @@ impl fmt::Display for Naming {
 }
 
 impl FromStr for Naming {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Problem;
+    fn from_str(s: &str) -> Result<Self, Problem> {
         match s.to_ascii_lowercase().as_str() {
             "official" => Ok(Naming::Official),
             "timm" => Ok(Naming::Timm),
             "mmpretrain" | "mmcls" | "mm" => Ok(Naming::MmPretrain),
-            _ => Err(format!(
-                "unknown naming '{s}' (expected official, timm or mmpretrain)"
+            _ => Err(Problem::new(
+                ErrorKind::Unsupported,
+                format!("unknown naming '{s}' (expected official, timm or mmpretrain)"),
             )),
         }
     }
@@ -176,7 +178,7 @@ impl Naming {
 }
 
 /// Renames a whole state dict; fails on the first key that has no counterpart.
-pub fn rename(dict: &StateDict, from: Naming, to: Naming) -> Result<StateDict, String> {
+pub fn rename(dict: &StateDict, from: Naming, to: Naming) -> Result<StateDict, Problem> {
     dict.iter()
         .map(|(key, tensor)| {
             from.rename_key(key, to)
@@ -186,13 +188,14 @@ pub fn rename(dict: &StateDict, from: Naming, to: Naming) -> Result<StateDict, S
                         && from
                             .parse_block(key)
                             .is_some_and(|(_, rest)| QA_PARTS.iter().any(|p| rest.starts_with(p)));
-                    if qa {
+                    let message = if qa {
                         format!(
                             "'{key}' is a QARepVGG part, which only the authors' official naming has; write QARepVGG training weights in official naming"
                         )
                     } else {
                         format!("unexpected key '{key}' for {from} naming")
-                    }
+                    };
+                    Problem::new(ErrorKind::UnexpectedKey, message).about(key)
                 })
         })
         .collect()

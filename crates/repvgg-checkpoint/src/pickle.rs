@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use crate::error::{ErrorKind, Problem};
 use crate::tensor::DType;
 
 /// A storage blob referenced from the pickle by persistent id.
@@ -71,7 +72,7 @@ impl Value {
     }
 }
 
-fn allowed_global(module: &str, name: &str) -> Result<Global, String> {
+fn allowed_global(module: &str, name: &str) -> Result<Global, Problem> {
     let storage = |dtype| Ok(Global::StorageType(dtype));
     match (module, name) {
         ("collections", "OrderedDict") => Ok(Global::OrderedDict),
@@ -88,15 +89,18 @@ fn allowed_global(module: &str, name: &str) -> Result<Global, String> {
         ("torch", "CharStorage") => storage(DType::I8),
         ("torch", "ByteStorage") => storage(DType::U8),
         ("torch", "BoolStorage") => storage(DType::Bool),
-        _ => Err(format!(
-            "refusing the pickled global '{module}.{name}': a state dict needs only tensors, \
+        _ => Err(Problem::new(
+            ErrorKind::RefusedGlobal,
+            format!(
+                "refusing the pickled global '{module}.{name}': a state dict needs only tensors, \
              numbers, strings and containers (nothing was imported or executed)"
+            ),
         )),
     }
 }
 
 /// Reads one pickle from the start of `bytes`; returns the value and the bytes consumed.
-pub fn read_pickle(bytes: &[u8]) -> Result<(Value, usize), String> {
+pub fn read_pickle(bytes: &[u8]) -> Result<(Value, usize), Problem> {
     Machine {
         bytes,
         pos: 0,
@@ -184,16 +188,22 @@ impl Machine<'_> {
     }
 
     /// The value at `id` as a tree, shared containers copied into each place they appear.
-    fn expand(&self, id: NodeId, budget: &mut usize, depth: usize) -> Result<Value, String> {
+    fn expand(&self, id: NodeId, budget: &mut usize, depth: usize) -> Result<Value, Problem> {
         if depth > MAX_DEPTH {
-            return Err(format!(
-                "pickle nests containers more than {MAX_DEPTH} deep (or a container holds \
+            return Err(Problem::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "pickle nests containers more than {MAX_DEPTH} deep (or a container holds \
                  itself); a state dict needs a few levels"
+                ),
             ));
         }
-        *budget = budget.checked_sub(1).ok_or(
-            "pickle expands to more values than any state dict holds (refusing to expand it)",
-        )?;
+        *budget = budget.checked_sub(1).ok_or_else(|| {
+            Problem::new(
+                ErrorKind::TooLarge,
+                "pickle expands to more values than any state dict holds (refusing to expand it)",
+            )
+        })?;
         let items = |ids: &[NodeId], budget: &mut usize| {
             ids.iter()
                 .map(|&i| self.expand(i, budget, depth + 1))
@@ -212,110 +222,115 @@ impl Machine<'_> {
                             self.expand(v, budget, depth + 1)?,
                         ))
                     })
-                    .collect::<Result<_, String>>()?,
+                    .collect::<Result<_, Problem>>()?,
             ),
         })
     }
 
     /// The value at `id` as a tree, for the few places that read one (a call's arguments, a
     /// persistent id, the result).
-    fn value(&mut self, id: NodeId) -> Result<Value, String> {
+    fn value(&mut self, id: NodeId) -> Result<Value, Problem> {
         let mut budget = self.expansion_budget;
         let value = self.expand(id, &mut budget, 0);
         self.expansion_budget = budget;
         value
     }
 
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+    fn take(&mut self, n: usize) -> Result<&[u8], Problem> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&end| end <= self.bytes.len())
             .ok_or_else(|| {
-                format!(
+                Problem::corrupt(format!(
                     "pickle ends early (wanted {n} bytes at offset {})",
                     self.pos
-                )
+                ))
             })?;
         let slice = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(slice)
     }
 
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Result<u8, Problem> {
         Ok(self.take(1)?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Result<u16, Problem> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, Problem> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, Problem> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
 
-    fn line(&mut self) -> Result<String, String> {
+    fn line(&mut self) -> Result<String, Problem> {
         let rest = &self.bytes[self.pos..];
         let end = rest
             .iter()
             .position(|&b| b == b'\n')
-            .ok_or("pickle ends inside a text line")?;
+            .ok_or_else(|| Problem::corrupt("pickle ends inside a text line"))?;
         let text = String::from_utf8_lossy(&rest[..end]).into_owned();
         self.pos += end + 1;
         Ok(text)
     }
 
-    fn string(&mut self, len: usize) -> Result<String, String> {
+    fn string(&mut self, len: usize) -> Result<String, Problem> {
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec())
-            .map_err(|_| "pickle holds a string that is not UTF-8".to_string())
+            .map_err(|_| Problem::corrupt("pickle holds a string that is not UTF-8"))
     }
 
-    fn pop(&mut self) -> Result<NodeId, String> {
+    fn pop(&mut self) -> Result<NodeId, Problem> {
         self.stack
             .pop()
-            .ok_or_else(|| "pickle pops an empty stack".to_string())
+            .ok_or_else(|| Problem::corrupt("pickle pops an empty stack"))
     }
 
     /// The container on top of the stack, to be filled in place.
-    fn top(&mut self) -> Result<&mut Node, String> {
+    fn top(&mut self) -> Result<&mut Node, Problem> {
         let id = *self
             .stack
             .last()
-            .ok_or_else(|| "pickle reads an empty stack".to_string())?;
+            .ok_or_else(|| Problem::corrupt("pickle reads an empty stack"))?;
         Ok(&mut self.nodes[id])
     }
 
-    fn pop_to_mark(&mut self) -> Result<Vec<NodeId>, String> {
-        let mark = self.marks.pop().ok_or("pickle has no MARK to pop to")?;
+    fn pop_to_mark(&mut self) -> Result<Vec<NodeId>, Problem> {
+        let mark = self
+            .marks
+            .pop()
+            .ok_or_else(|| Problem::corrupt("pickle has no MARK to pop to"))?;
         if mark > self.stack.len() {
-            return Err("pickle MARK lies above the stack".into());
+            return Err(Problem::corrupt("pickle MARK lies above the stack"));
         }
         Ok(self.stack.split_off(mark))
     }
 
-    fn memoize(&mut self, index: u32) -> Result<(), String> {
+    fn memoize(&mut self, index: u32) -> Result<(), Problem> {
         let id = *self
             .stack
             .last()
-            .ok_or("pickle memoizes from an empty stack")?;
+            .ok_or_else(|| Problem::corrupt("pickle memoizes from an empty stack"))?;
         self.memo.insert(index, id);
         Ok(())
     }
 
-    fn recall(&mut self, index: u32) -> Result<(), String> {
+    fn recall(&mut self, index: u32) -> Result<(), Problem> {
         let id = *self.memo.get(&index).ok_or_else(|| {
-            format!("pickle refers to memo entry {index}, which was never stored")
+            Problem::corrupt(format!(
+                "pickle refers to memo entry {index}, which was never stored"
+            ))
         })?;
         self.stack.push(id);
         Ok(())
     }
 
-    fn run(mut self) -> Result<(Value, usize), String> {
+    fn run(mut self) -> Result<(Value, usize), Problem> {
         loop {
             let op = self.u8()?;
             match op {
@@ -343,7 +358,11 @@ impl Machine<'_> {
                             let global = allowed_global(m, n)?;
                             self.push(Node::Leaf(Value::Global(global)))
                         }
-                        _ => return Err("STACK_GLOBAL without module and name strings".into()),
+                        _ => {
+                            return Err(Problem::corrupt(
+                                "STACK_GLOBAL without module and name strings",
+                            ));
+                        }
                     }
                 }
                 b'q' => {
@@ -378,7 +397,7 @@ impl Machine<'_> {
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n {
-                        return Err("pickle builds a tuple from too few items".into());
+                        return Err(Problem::corrupt("pickle builds a tuple from too few items"));
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.push(Node::Tuple(items));
@@ -396,14 +415,24 @@ impl Machine<'_> {
                     let item = self.pop()?;
                     match self.top()? {
                         Node::List(list) => list.push(item),
-                        other => return Err(format!("pickle appends to a {}", other.kind())),
+                        other => {
+                            return Err(Problem::corrupt(format!(
+                                "pickle appends to a {}",
+                                other.kind()
+                            )));
+                        }
                     }
                 }
                 b'e' | 0x90 => {
                     let items = self.pop_to_mark()?;
                     match self.top()? {
                         Node::List(list) => list.extend(items),
-                        other => return Err(format!("pickle appends to a {}", other.kind())),
+                        other => {
+                            return Err(Problem::corrupt(format!(
+                                "pickle appends to a {}",
+                                other.kind()
+                            )));
+                        }
                     }
                 }
                 b's' => {
@@ -411,7 +440,12 @@ impl Machine<'_> {
                     let key = self.pop()?;
                     match self.top()? {
                         Node::Dict(dict) => dict.push((key, value)),
-                        other => return Err(format!("pickle sets an item on a {}", other.kind())),
+                        other => {
+                            return Err(Problem::corrupt(format!(
+                                "pickle sets an item on a {}",
+                                other.kind()
+                            )));
+                        }
                     }
                 }
                 b'u' => {
@@ -419,7 +453,12 @@ impl Machine<'_> {
                     let new_pairs = pairs(items)?;
                     match self.top()? {
                         Node::Dict(dict) => dict.extend(new_pairs),
-                        other => return Err(format!("pickle sets items on a {}", other.kind())),
+                        other => {
+                            return Err(Problem::corrupt(format!(
+                                "pickle sets items on a {}",
+                                other.kind()
+                            )));
+                        }
                     }
                 }
                 b'J' => {
@@ -446,24 +485,29 @@ impl Machine<'_> {
                 }
                 b'I' => {
                     let text = self.line()?;
-                    let v = match text.as_str() {
-                        "00" => Value::Bool(false),
-                        "01" => Value::Bool(true),
-                        t => Value::Int(t.parse().map_err(|_| format!("bad INT '{t}' in pickle"))?),
-                    };
+                    let v =
+                        match text.as_str() {
+                            "00" => Value::Bool(false),
+                            "01" => Value::Bool(true),
+                            t => Value::Int(t.parse().map_err(|_| {
+                                Problem::corrupt(format!("bad INT '{t}' in pickle"))
+                            })?),
+                        };
                     self.push(Node::Leaf(v))
                 }
                 b'L' => {
                     let text = self.line()?;
                     let t = text.trim_end_matches('L');
-                    let v = t.parse().map_err(|_| format!("bad LONG '{t}' in pickle"))?;
+                    let v = t
+                        .parse()
+                        .map_err(|_| Problem::corrupt(format!("bad LONG '{t}' in pickle")))?;
                     self.push(Node::Leaf(Value::Int(v)))
                 }
                 b'F' => {
                     let text = self.line()?;
                     let v = text
                         .parse()
-                        .map_err(|_| format!("bad FLOAT '{text}' in pickle"))?;
+                        .map_err(|_| Problem::corrupt(format!("bad FLOAT '{text}' in pickle")))?;
                     self.push(Node::Leaf(Value::Float(v)))
                 }
                 b'G' => {
@@ -524,7 +568,7 @@ impl Machine<'_> {
                     let id = *self
                         .stack
                         .last()
-                        .ok_or("pickle duplicates an empty stack")?;
+                        .ok_or_else(|| Problem::corrupt("pickle duplicates an empty stack"))?;
                     self.stack.push(id)
                 }
                 b'Q' => {
@@ -545,25 +589,30 @@ impl Machine<'_> {
                     self.pop()?;
                     match self.top()? {
                         Node::Dict(_) | Node::Leaf(Value::Tensor(_)) => {}
-                        other => return Err(format!("pickle sets state on a {}", other.kind())),
+                        other => {
+                            return Err(Problem::corrupt(format!(
+                                "pickle sets state on a {}",
+                                other.kind()
+                            )));
+                        }
                     }
                 }
                 other => {
-                    return Err(format!(
+                    return Err(Problem::corrupt(format!(
                         "unsupported pickle opcode 0x{other:02x} at offset {}",
                         self.pos - 1
-                    ));
+                    )));
                 }
             }
         }
     }
 
     /// A little-endian two's-complement integer of `n` bytes.
-    fn long(&mut self, n: usize) -> Result<Value, String> {
+    fn long(&mut self, n: usize) -> Result<Value, Problem> {
         if n > 16 {
-            return Err(format!(
+            return Err(Problem::corrupt(format!(
                 "pickle holds a {n}-byte integer; at most 16 are supported"
-            ));
+            )));
         }
         let bytes = self.take(n)?;
         let mut buf = if bytes.last().is_some_and(|&b| b & 0x80 != 0) {
@@ -576,9 +625,11 @@ impl Machine<'_> {
     }
 }
 
-fn pairs<T>(items: Vec<T>) -> Result<Vec<(T, T)>, String> {
+fn pairs<T>(items: Vec<T>) -> Result<Vec<(T, T)>, Problem> {
     if !items.len().is_multiple_of(2) {
-        return Err("pickle builds a dict from an odd number of items".into());
+        return Err(Problem::corrupt(
+            "pickle builds a dict from an odd number of items",
+        ));
     }
     let mut it = items.into_iter();
     let mut out = Vec::new();
@@ -588,32 +639,36 @@ fn pairs<T>(items: Vec<T>) -> Result<Vec<(T, T)>, String> {
     Ok(out)
 }
 
-fn as_usize(v: &Value, what: &str) -> Result<usize, String> {
+fn as_usize(v: &Value, what: &str) -> Result<usize, Problem> {
     match v {
-        Value::Int(i) if *i >= 0 => usize::try_from(*i).map_err(|_| format!("{what} too large")),
-        other => Err(format!(
+        Value::Int(i) if *i >= 0 => usize::try_from(*i)
+            .map_err(|_| Problem::new(ErrorKind::TooLarge, format!("{what} too large"))),
+        other => Err(Problem::corrupt(format!(
             "{what} should be a non-negative int, found {}",
             other.kind()
-        )),
+        ))),
     }
 }
 
-fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, String> {
+fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>, Problem> {
     match v {
         Value::Tuple(items) | Value::List(items) => {
             items.iter().map(|i| as_usize(i, what)).collect()
         }
-        other => Err(format!("{what} should be a tuple, found {}", other.kind())),
+        other => Err(Problem::corrupt(format!(
+            "{what} should be a tuple, found {}",
+            other.kind()
+        ))),
     }
 }
 
 /// torch's persistent id: `('storage', StorageType, key, location, numel[, view_metadata])`.
-fn persistent_load(pid: Value) -> Result<Value, String> {
+fn persistent_load(pid: Value) -> Result<Value, Problem> {
     let Value::Tuple(items) = pid else {
-        return Err(format!(
+        return Err(Problem::corrupt(format!(
             "persistent id should be a tuple, found {}",
             pid.kind()
-        ));
+        )));
     };
     match items.as_slice() {
         [
@@ -626,33 +681,38 @@ fn persistent_load(pid: Value) -> Result<Value, String> {
                 Value::Str(s) => s.clone(),
                 Value::Int(i) => i.to_string(),
                 other => {
-                    return Err(format!(
+                    return Err(Problem::corrupt(format!(
                         "storage key should be a string, found {}",
                         other.kind()
-                    ));
+                    )));
                 }
             };
             if items.get(5).is_some_and(|v| *v != Value::None) {
-                return Err("legacy storage views are not supported".into());
+                return Err(Problem::new(
+                    ErrorKind::Unsupported,
+                    "legacy storage views are not supported",
+                ));
             }
             Ok(Value::Storage(StorageRef { key, dtype: *dtype }))
         }
-        _ => Err("unrecognised persistent id (not a torch storage)".into()),
+        _ => Err(Problem::corrupt(
+            "unrecognised persistent id (not a torch storage)",
+        )),
     }
 }
 
-fn call(callable: Value, args: Value) -> Result<Value, String> {
+fn call(callable: Value, args: Value) -> Result<Value, Problem> {
     let Value::Global(global) = callable else {
-        return Err(format!(
+        return Err(Problem::corrupt(format!(
             "pickle calls a {}, which is not an allowed function",
             callable.kind()
-        ));
+        )));
     };
     let Value::Tuple(args) = args else {
-        return Err(format!(
+        return Err(Problem::corrupt(format!(
             "pickle call arguments should be a tuple, found {}",
             args.kind()
-        ));
+        )));
     };
     match global {
         Global::OrderedDict => match args.as_slice() {
@@ -664,26 +724,30 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
                         Value::Tuple(kv) | Value::List(kv) if kv.len() == 2 => {
                             Ok((kv[0].clone(), kv[1].clone()))
                         }
-                        _ => Err("OrderedDict items should be pairs".to_string()),
+                        _ => Err(Problem::corrupt("OrderedDict items should be pairs")),
                     })
                     .collect::<Result<_, _>>()?,
             )),
-            _ => Err("OrderedDict called with unexpected arguments".into()),
+            _ => Err(Problem::corrupt(
+                "OrderedDict called with unexpected arguments",
+            )),
         },
         Global::RebuildTensorV2 => {
             let [storage, offset, shape, stride, ..] = args.as_slice() else {
-                return Err("_rebuild_tensor_v2 called with too few arguments".into());
+                return Err(Problem::corrupt(
+                    "_rebuild_tensor_v2 called with too few arguments",
+                ));
             };
             let Value::Storage(storage) = storage else {
-                return Err(format!(
+                return Err(Problem::corrupt(format!(
                     "_rebuild_tensor_v2 expects a storage, found {}",
                     storage.kind()
-                ));
+                )));
             };
             let shape = as_usizes(shape, "tensor size")?;
             let stride = as_usizes(stride, "tensor stride")?;
             if shape.len() != stride.len() {
-                return Err("tensor size and stride differ in length".into());
+                return Err(Problem::corrupt("tensor size and stride differ in length"));
             }
             Ok(Value::Tensor(TensorRef {
                 storage: storage.clone(),
@@ -694,9 +758,11 @@ fn call(callable: Value, args: Value) -> Result<Value, String> {
         }
         Global::RebuildParameter | Global::RebuildParameterWithState => match args.first() {
             Some(tensor @ Value::Tensor(_)) => Ok(tensor.clone()),
-            _ => Err("_rebuild_parameter expects a tensor".into()),
+            _ => Err(Problem::corrupt("_rebuild_parameter expects a tensor")),
         },
-        Global::StorageType(_) => Err("pickle instantiates a storage class directly".into()),
+        Global::StorageType(_) => Err(Problem::corrupt(
+            "pickle instantiates a storage class directly",
+        )),
     }
 }
 
@@ -731,8 +797,10 @@ mod tests {
     fn refuses_unknown_globals_before_calling_them() {
         let bytes = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.";
         let err = read_pickle(bytes).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::RefusedGlobal);
         assert!(
-            err.contains("refusing the pickled global 'posix.system'"),
+            err.message
+                .contains("refusing the pickled global 'posix.system'"),
             "{err}"
         );
     }
@@ -740,7 +808,12 @@ mod tests {
     #[test]
     fn truncated_pickle_is_an_error_not_a_panic() {
         let bytes = b"\x80\x02}q\x00(X\x05\x00\x00\x00ab";
-        assert!(read_pickle(bytes).unwrap_err().contains("ends early"));
+        assert!(
+            read_pickle(bytes)
+                .unwrap_err()
+                .message
+                .contains("ends early")
+        );
         assert!(read_pickle(b"").is_err());
     }
 
@@ -757,7 +830,8 @@ mod tests {
         }
         bytes.push(b'.');
         let err = read_pickle(&bytes).unwrap_err();
-        assert!(err.contains("refusing to expand"), "{err}");
+        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert!(err.message.contains("refusing to expand"), "{err}");
     }
 
     #[test]
@@ -788,10 +862,10 @@ mod tests {
         bytes.extend(std::iter::repeat_n(b'a', 999_999));
         bytes.push(b'.');
         let err = read_pickle(&bytes).unwrap_err();
-        assert!(err.contains("more than 512 deep"), "{err}");
+        assert!(err.message.contains("more than 512 deep"), "{err}");
         // A list appended to itself.
         let err = read_pickle(b"\x80\x02]q\x00h\x00a.").unwrap_err();
-        assert!(err.contains("holds itself"), "{err}");
+        assert!(err.message.contains("holds itself"), "{err}");
     }
 
     #[test]
@@ -803,7 +877,8 @@ mod tests {
         }
         bytes.push(b'.');
         let err = read_pickle(&bytes).unwrap_err();
-        assert!(err.contains("refusing to expand"), "{err}");
+        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert!(err.message.contains("refusing to expand"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
 
+use crate::error::{ErrorKind, Problem};
 use crate::pickle::{TensorRef, Value, read_pickle};
 use crate::tensor::{DType, Tensor};
 
@@ -13,14 +14,16 @@ const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 
 /// Parses `.pth` bytes into raw tensors (any dtype) keyed as in the file, after unwrapping
 /// `state_dict`/`model` wrappers. Integer tensors are returned too: the caller decides.
-pub fn read_pth(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+pub fn read_pth(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, Problem> {
     let parse = || {
         if bytes.starts_with(b"PK\x03\x04") {
             read_zip(bytes)
         } else if bytes.starts_with(b"\x80") {
             read_legacy(bytes)
         } else {
-            Err("not a PyTorch checkpoint (neither a zip archive nor a pickle stream)".into())
+            Err(Problem::corrupt(
+                "not a PyTorch checkpoint (neither a zip archive nor a pickle stream)",
+            ))
         }
     };
     // Pickled containers can nest as deep as the file is long (two bytes a level), and
@@ -32,9 +35,9 @@ pub fn read_pth(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
         std::thread::Builder::new()
             .stack_size(stack)
             .spawn_scoped(scope, parse)
-            .map_err(|e| format!("cannot start the parser thread: {e}"))?
+            .map_err(|e| Problem::io("cannot start the parser thread", &e))?
             .join()
-            .map_err(|_| "the pickle parser failed unexpectedly".to_string())?
+            .map_err(|_| Problem::corrupt("the pickle parser failed unexpectedly"))?
     })
 }
 
@@ -55,23 +58,24 @@ impl RawTensor {
     }
 }
 
-fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, Problem> {
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| format!("corrupt zip archive: {e}"))?;
+        .map_err(|e| Problem::corrupt(format!("corrupt zip archive: {e}")))?;
     let pickle_name = archive
         .file_names()
         .find(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
         .map(str::to_owned)
-        .ok_or("zip archive has no data.pkl: not a torch.save file")?;
+        .ok_or_else(|| Problem::corrupt("zip archive has no data.pkl: not a torch.save file"))?;
     let prefix = pickle_name.trim_end_matches("data.pkl").to_owned();
     if let Ok(mut entry) = archive.by_name(&format!("{prefix}byteorder")) {
         let mut order = String::new();
         entry
             .read_to_string(&mut order)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Problem::corrupt(format!("zip entry '{prefix}byteorder': {e}")))?;
         if order.trim() != "little" {
-            return Err(format!(
-                "storages are {order}-endian; only little-endian is supported"
+            return Err(Problem::new(
+                ErrorKind::Unsupported,
+                format!("storages are {order}-endian; only little-endian is supported"),
             ));
         }
     }
@@ -92,41 +96,46 @@ fn read_entry(
     archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
     name: &str,
     archive_len: usize,
-) -> Result<Vec<u8>, String> {
-    let mut entry = archive
-        .by_name(name)
-        .map_err(|e| format!("zip entry '{name}' is missing or unreadable: {e}"))?;
+) -> Result<Vec<u8>, Problem> {
+    let mut entry = archive.by_name(name).map_err(|e| {
+        Problem::corrupt(format!("zip entry '{name}' is missing or unreadable: {e}"))
+    })?;
     // The declared size is untrusted: never reserve, nor read, more than the whole file
     // (torch.save stores entries uncompressed, so no honest entry is larger).
     let mut data = Vec::with_capacity((entry.size() as usize).min(archive_len));
     (&mut entry)
         .take(archive_len as u64 + 1)
         .read_to_end(&mut data)
-        .map_err(|e| format!("zip entry '{name}' is corrupt: {e}"))?;
+        .map_err(|e| Problem::corrupt(format!("zip entry '{name}' is corrupt: {e}")))?;
     if data.len() > archive_len {
-        return Err(format!(
-            "zip entry '{name}' expands past the size of the whole file (refusing it)"
+        return Err(Problem::new(
+            ErrorKind::TooLarge,
+            format!("zip entry '{name}' expands past the size of the whole file (refusing it)"),
         ));
     }
     Ok(data)
 }
 
-fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
+fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, Problem> {
     let mut pos = 0;
-    let mut next = |what: &str| -> Result<Value, String> {
+    let mut next = |what: &str| -> Result<Value, Problem> {
         let (value, used) =
-            read_pickle(&bytes[pos..]).map_err(|e| format!("legacy .pth, {what}: {e}"))?;
+            read_pickle(&bytes[pos..]).map_err(|e| e.within(&format!("legacy .pth, {what}")))?;
         pos += used;
         Ok(value)
     };
     if next("magic number")? != Value::Int(LEGACY_MAGIC) {
-        return Err("a pickle stream, but not a torch.save file (wrong magic number)".into());
+        return Err(Problem::corrupt(
+            "a pickle stream, but not a torch.save file (wrong magic number)",
+        ));
     }
     next("protocol version")?;
     next("system info")?;
     let root = next("state dict")?;
     let Value::List(keys) = next("storage keys")? else {
-        return Err("legacy .pth: storage key list is not a list".into());
+        return Err(Problem::corrupt(
+            "legacy .pth: storage key list is not a list",
+        ));
     };
     // Each storage follows as an 8-byte element count and its raw elements, in key order.
     let mut element_sizes = HashMap::new();
@@ -134,21 +143,27 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, String> {
     let mut storages = HashMap::new();
     for key in keys {
         let Value::Str(key) = key else {
-            return Err("legacy .pth: a storage key is not a string".into());
+            return Err(Problem::corrupt(
+                "legacy .pth: a storage key is not a string",
+            ));
         };
-        let size = *element_sizes
-            .get(&key)
-            .ok_or_else(|| format!("legacy .pth: storage '{key}' is not used by any tensor"))?;
-        let count_bytes = bytes
-            .get(pos..pos + 8)
-            .ok_or_else(|| format!("legacy .pth: file ends before storage '{key}'"))?;
+        let size = *element_sizes.get(&key).ok_or_else(|| {
+            Problem::corrupt(format!(
+                "legacy .pth: storage '{key}' is not used by any tensor"
+            ))
+        })?;
+        let count_bytes = bytes.get(pos..pos + 8).ok_or_else(|| {
+            Problem::corrupt(format!("legacy .pth: file ends before storage '{key}'"))
+        })?;
         let count = u64::from_le_bytes(count_bytes.try_into().unwrap()) as usize;
         let start = pos + 8;
         let end = count
             .checked_mul(size)
             .and_then(|n| start.checked_add(n))
             .filter(|&end| end <= bytes.len())
-            .ok_or_else(|| format!("legacy .pth: file ends inside storage '{key}'"))?;
+            .ok_or_else(|| {
+                Problem::corrupt(format!("legacy .pth: file ends inside storage '{key}'"))
+            })?;
         storages.insert(key, bytes[start..end].to_vec());
         pos = end;
     }
@@ -170,12 +185,12 @@ fn collect_dtypes(value: &Value, out: &mut HashMap<String, usize>) {
 
 fn collect_tensors(
     value: &Value,
-    mut visit: impl FnMut(&str) -> Result<(), String>,
-) -> Result<(), String> {
+    mut visit: impl FnMut(&str) -> Result<(), Problem>,
+) -> Result<(), Problem> {
     fn walk(
         value: &Value,
-        visit: &mut dyn FnMut(&str) -> Result<(), String>,
-    ) -> Result<(), String> {
+        visit: &mut dyn FnMut(&str) -> Result<(), Problem>,
+    ) -> Result<(), Problem> {
         match value {
             Value::Tensor(t) => visit(&t.storage.key),
             Value::List(items) | Value::Tuple(items) => {
@@ -190,12 +205,12 @@ fn collect_tensors(
 
 /// Finds the state dict inside the pickled object: the object itself, or its `state_dict`
 /// or `model` entry (training scripts wrap weights with epoch counters and optimizer state).
-fn state_dict_of(root: Value) -> Result<Vec<(Value, Value)>, String> {
+fn state_dict_of(root: Value) -> Result<Vec<(Value, Value)>, Problem> {
     let Value::Dict(items) = root else {
-        return Err(format!(
+        return Err(Problem::corrupt(format!(
             "the file holds a {}, not a state dict",
             root.kind()
-        ));
+        )));
     };
     for wrapper in ["state_dict", "model", "model_state_dict", "module"] {
         let inner = items
@@ -211,27 +226,31 @@ fn state_dict_of(root: Value) -> Result<Vec<(Value, Value)>, String> {
 fn materialize(
     root: Value,
     storages: &HashMap<String, Vec<u8>>,
-) -> Result<Vec<(String, RawTensor)>, String> {
+) -> Result<Vec<(String, RawTensor)>, Problem> {
     let mut out = Vec::new();
     for (key, value) in state_dict_of(root)? {
         let Value::Str(key) = key else {
-            return Err(format!("state dict key is a {}, not a string", key.kind()));
+            return Err(Problem::corrupt(format!(
+                "state dict key is a {}, not a string",
+                key.kind()
+            )));
         };
         match value {
             Value::Tensor(t) => {
-                let storage = storages
-                    .get(&t.storage.key)
-                    .ok_or_else(|| format!("{key}: storage '{}' is missing", t.storage.key))?;
+                let storage = storages.get(&t.storage.key).ok_or_else(|| {
+                    Problem::corrupt(format!("{key}: storage '{}' is missing", t.storage.key))
+                        .about(&key)
+                })?;
                 out.push((
                     key.clone(),
-                    gather(&t, storage).map_err(|e| format!("{key}: {e}"))?,
+                    gather(&t, storage).map_err(|e| e.within(&key).about(&key))?,
                 ));
             }
             other => {
-                return Err(format!(
+                return Err(Problem::corrupt(format!(
                     "state dict entry '{key}' holds a {}, not a tensor",
                     other.kind()
-                ));
+                )));
             }
         }
     }
@@ -239,9 +258,14 @@ fn materialize(
 }
 
 /// Copies a strided view out of its storage into contiguous bytes.
-fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, String> {
+fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, Problem> {
     let size = t.storage.dtype.size();
-    let too_large = || format!("tensor of shape {:?} is impossibly large", t.shape);
+    let too_large = || {
+        Problem::new(
+            ErrorKind::TooLarge,
+            format!("tensor of shape {:?} is impossibly large", t.shape),
+        )
+    };
     let numel = t
         .shape
         .iter()
@@ -268,11 +292,11 @@ fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, String> {
             .and_then(|n| n.checked_mul(size))
             .is_none_or(|end| end > storage.len())
         {
-            return Err(format!(
+            return Err(Problem::corrupt(format!(
                 "tensor of shape {:?} reaches element {last}, but its storage has {} (truncated file?)",
                 t.shape,
                 storage.len() / size
-            ));
+            )));
         }
         // Every index below is bounded by `last`, checked above.
         let mut index = vec![0usize; t.shape.len()];

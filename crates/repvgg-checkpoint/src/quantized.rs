@@ -16,6 +16,7 @@ use std::path::Path;
 use repvgg_arch::{ArchSpec, Form};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{ErrorKind, Problem};
 use crate::layout::{HEAD, REPARAM, prefix};
 use crate::{CheckpointError, Preprocessing, StateDict, Tensor, metadata};
 
@@ -112,31 +113,43 @@ impl QuantizedModel {
         samples: usize,
         limit: i8,
         float_blocks: &[usize],
-    ) -> Result<QuantizedModel, String> {
+    ) -> Result<QuantizedModel, Problem> {
         if deploy.form != Form::Deploy {
-            return Err("quantization takes deploy-form weights".into());
+            return Err(Problem::new(
+                ErrorKind::Unsupported,
+                "quantization takes deploy-form weights",
+            ));
         }
         if deploy.spec.se {
-            return Err("INT8 for SE models (D2se) is not supported yet".into());
+            return Err(Problem::new(
+                ErrorKind::Unsupported,
+                "INT8 for SE models (D2se) is not supported yet",
+            ));
         }
         if activations
             .iter()
             .any(|a| !(a.scale.is_finite() && a.scale > 0.0))
         {
-            return Err("an activation range is not finite".into());
+            return Err(Problem::new(
+                ErrorKind::BadValue,
+                "an activation range is not finite",
+            ));
         }
         let blocks = deploy.spec.blocks();
         if activations.len() != blocks.len() + 1 {
-            return Err(format!(
-                "{} activation ranges for {} blocks (one per block input, one for the output)",
-                activations.len(),
-                blocks.len()
+            return Err(Problem::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} activation ranges for {} blocks (one per block input, one for the output)",
+                    activations.len(),
+                    blocks.len()
+                ),
             ));
         }
         if let Some(bad) = float_blocks.iter().find(|&&i| i >= blocks.len()) {
-            return Err(format!(
-                "block {bad} does not exist ({} blocks)",
-                blocks.len()
+            return Err(Problem::new(
+                ErrorKind::InvalidArgument,
+                format!("block {bad} does not exist ({} blocks)", blocks.len()),
             ));
         }
         let convs = blocks
@@ -252,7 +265,7 @@ impl QuantizedModel {
 
     /// Writes the model as safetensors, atomically.
     pub fn save(&self, path: &Path) -> Result<(), CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(path, problem);
+        let fail = |problem: Problem| CheckpointError::new(path, problem);
         let mut floats = StateDict::new();
         let mut ints: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (b, conv) in self.spec.blocks().iter().zip(&self.convs) {
@@ -287,13 +300,20 @@ impl QuantizedModel {
                 t.shape.clone(),
                 bytemuck::cast_slice(&t.data),
             )
-            .map_err(|e| fail(format!("{key}: {e}")))?;
+            .map_err(|e| {
+                fail(Problem::new(ErrorKind::ShapeMismatch, format!("{key}: {e}")).about(key))
+            })?;
             views.push((key.clone(), view));
         }
         for (key, shape, bytes) in &ints {
             let view =
                 safetensors::tensor::TensorView::new(safetensors::Dtype::I8, shape.clone(), bytes)
-                    .map_err(|e| fail(format!("{key}: {e}")))?;
+                    .map_err(|e| {
+                        fail(
+                            Problem::new(ErrorKind::ShapeMismatch, format!("{key}: {e}"))
+                                .about(key),
+                        )
+                    })?;
             views.push((key.clone(), view));
         }
         let mut meta = HashMap::from([
@@ -322,18 +342,29 @@ impl QuantizedModel {
                 serde_json::to_string(l).expect("serialises"),
             );
         }
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| fail(e.to_string()))?;
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| {
+            fail(Problem::new(
+                ErrorKind::Io,
+                format!("cannot serialise: {e}"),
+            ))
+        })?;
         crate::write_atomically(path, &bytes)
     }
 
     /// Reads an INT8 file; an error names the file and what is missing or wrong.
     pub fn load(path: &Path) -> Result<QuantizedModel, CheckpointError> {
-        let fail = |problem: String| CheckpointError::new(path, problem);
-        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| fail(format!("not a valid safetensors file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| fail(format!("unreadable safetensors header ({e})")))?;
+        let fail = |problem: Problem| CheckpointError::new(path, problem);
+        let bytes = std::fs::read(path).map_err(|e| fail(Problem::io("cannot read", &e)))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            fail(Problem::corrupt(format!(
+                "not a valid safetensors file ({e})"
+            )))
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            fail(Problem::corrupt(format!(
+                "unreadable safetensors header ({e})"
+            )))
+        })?;
         let meta = header.metadata().clone().unwrap_or_default();
         from_parts(&st, &meta).map_err(fail)
     }
@@ -348,21 +379,38 @@ pub fn is_quantized(metadata: Option<&HashMap<String, String>>) -> bool {
 pub(crate) fn from_parts(
     st: &safetensors::SafeTensors<'_>,
     meta: &HashMap<String, String>,
-) -> Result<QuantizedModel, String> {
+) -> Result<QuantizedModel, Problem> {
     let get = |key: &str| {
-        meta.get(key)
-            .ok_or_else(|| format!("not an INT8 model file: no '{key}' in its metadata"))
+        meta.get(key).ok_or_else(|| {
+            Problem::new(
+                ErrorKind::BadMetadata,
+                format!("not an INT8 model file: no '{key}' in its metadata"),
+            )
+        })
     };
-    let info: QuantizationInfo = serde_json::from_str(get(QUANTIZATION_KEY)?)
-        .map_err(|e| format!("unreadable quantization metadata: {e}"))?;
-    let spec: ArchSpec = serde_json::from_str(get("repvgg.arch")?)
-        .map_err(|e| format!("unreadable architecture in the metadata: {e}"))?;
-    spec.validate()
-        .map_err(|e| format!("the metadata's architecture is impossible: {e}"))?;
+    let info: QuantizationInfo = serde_json::from_str(get(QUANTIZATION_KEY)?).map_err(|e| {
+        Problem::new(
+            ErrorKind::BadMetadata,
+            format!("unreadable quantization metadata: {e}"),
+        )
+    })?;
+    let spec: ArchSpec = serde_json::from_str(get("repvgg.arch")?).map_err(|e| {
+        Problem::new(
+            ErrorKind::BadMetadata,
+            format!("unreadable architecture in the metadata: {e}"),
+        )
+    })?;
+    spec.validate().map_err(|e| {
+        Problem::new(
+            ErrorKind::BadMetadata,
+            format!("the metadata's architecture is impossible: {e}"),
+        )
+    })?;
     if spec.se {
-        return Err(
-            "an INT8 model with SE blocks: not something this version writes or runs".into(),
-        );
+        return Err(Problem::new(
+            ErrorKind::Unsupported,
+            "an INT8 model with SE blocks: not something this version writes or runs",
+        ));
     }
     let blocks = spec.blocks();
     let names: Vec<String> = blocks.iter().map(|b| b.name()).collect();
@@ -371,16 +419,22 @@ pub(crate) fn from_parts(
         .iter()
         .find(|l| l.as_str() != "linear" && !names.contains(l))
     {
-        return Err(format!(
-            "the metadata keeps layer '{other}' in float, which is neither a block nor the head"
+        return Err(Problem::new(
+            ErrorKind::BadMetadata,
+            format!(
+                "the metadata keeps layer '{other}' in float, which is neither a block nor the head"
+            ),
         ));
     }
     if info.activations.len() != blocks.len() + 1 {
-        return Err(format!(
-            "the quantization metadata has {} activation scales for {} blocks (needs {})",
-            info.activations.len(),
-            blocks.len(),
-            blocks.len() + 1
+        return Err(Problem::new(
+            ErrorKind::BadMetadata,
+            format!(
+                "the quantization metadata has {} activation scales for {} blocks (needs {})",
+                info.activations.len(),
+                blocks.len(),
+                blocks.len() + 1
+            ),
         ));
     }
     if let Some(bad) = info
@@ -388,21 +442,28 @@ pub(crate) fn from_parts(
         .iter()
         .position(|a| !(a.scale.is_finite() && a.scale > 0.0))
     {
-        return Err(format!(
-            "activation scale {bad} is {}; scales must be positive",
-            info.activations[bad].scale
+        return Err(Problem::new(
+            ErrorKind::BadMetadata,
+            format!(
+                "activation scale {bad} is {}; scales must be positive",
+                info.activations[bad].scale
+            ),
         ));
     }
     let tensor = |key: &str, dtype: safetensors::Dtype, shape: &[usize]| {
-        let view = st
-            .tensor(key)
-            .map_err(|_| format!("missing tensor '{key}'"))?;
+        let view = st.tensor(key).map_err(|_| {
+            Problem::new(ErrorKind::MissingKey, format!("missing tensor '{key}'")).about(key)
+        })?;
         if view.dtype() != dtype || view.shape() != shape {
-            return Err(format!(
-                "'{key}' is {:?} {:?}; expected {dtype:?} {shape:?}",
-                view.dtype(),
-                view.shape()
-            ));
+            return Err(Problem::new(
+                ErrorKind::ShapeMismatch,
+                format!(
+                    "'{key}' is {:?} {:?}; expected {dtype:?} {shape:?}",
+                    view.dtype(),
+                    view.shape()
+                ),
+            )
+            .about(key));
         }
         Ok(view.data().to_vec())
     };
@@ -425,7 +486,10 @@ pub(crate) fn from_parts(
                 &[b.out_channels],
             )?);
             if weight.iter().chain(&bias).any(|v| !v.is_finite()) {
-                return Err(format!("'{p}{REPARAM}' holds NaN or infinite values"));
+                return Err(Problem::new(
+                    ErrorKind::BadValue,
+                    format!("'{p}{REPARAM}' holds NaN or infinite values"),
+                ));
             }
             convs.push(QuantizedConv {
                 weight: Vec::new(),
@@ -445,8 +509,9 @@ pub(crate) fn from_parts(
             &[b.out_channels],
         )?);
         if weight_scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(format!(
-                "'{p}{REPARAM}{WEIGHT_SCALE}' holds a scale that is not positive"
+            return Err(Problem::new(
+                ErrorKind::BadValue,
+                format!("'{p}{REPARAM}{WEIGHT_SCALE}' holds a scale that is not positive"),
             ));
         }
         let bias = floats(tensor(
@@ -455,7 +520,10 @@ pub(crate) fn from_parts(
             &[b.out_channels],
         )?);
         if bias.iter().any(|v| !v.is_finite()) {
-            return Err(format!("'{p}{REPARAM}bias' holds NaN or infinite values"));
+            return Err(Problem::new(
+                ErrorKind::BadValue,
+                format!("'{p}{REPARAM}bias' holds NaN or infinite values"),
+            ));
         }
         convs.push(QuantizedConv {
             weight,
@@ -487,12 +555,29 @@ pub(crate) fn from_parts(
         .get(metadata::PREPROCESSING_KEY)
         .map(|j| serde_json::from_str(j))
         .transpose()
-        .map_err(|e| format!("unreadable preprocessing in the metadata: {e}"))?;
-    let labels = meta
+        .map_err(|e| {
+            Problem::new(
+                ErrorKind::BadMetadata,
+                format!("unreadable preprocessing in the metadata: {e}"),
+            )
+        })?;
+    let labels: Option<Vec<String>> = meta
         .get(metadata::LABELS_KEY)
         .map(|j| serde_json::from_str(j))
         .transpose()
-        .map_err(|e| format!("unreadable class names in the metadata: {e}"))?;
+        .map_err(|e| {
+            Problem::new(
+                ErrorKind::BadMetadata,
+                format!("unreadable class names in the metadata: {e}"),
+            )
+        })?;
+    if let Some(p) = &preprocessing {
+        Preprocessing::validate(p).map_err(|e| e.within("bad preprocessing in the metadata"))?;
+    }
+    if let Some(labels) = &labels {
+        metadata::validate_labels(labels, spec.num_classes)
+            .map_err(|e| e.within("the metadata's class names do not fit"))?;
+    }
     Ok(QuantizedModel {
         spec,
         info,

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use repvgg_arch::ArchSpec;
-use repvgg_checkpoint::Checkpoint;
+use repvgg_checkpoint::{Checkpoint, ErrorKind};
 use safetensors::{Dtype, tensor::TensorView};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -37,8 +37,11 @@ fn write(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
     path
 }
 
-fn error_for(path: &Path, arch: Option<&ArchSpec>) -> String {
-    let err = Checkpoint::load(path, arch).unwrap_err().to_string();
+/// The error's line, after checking that it names the file and is of the expected kind.
+fn error_for(path: &Path, arch: Option<&ArchSpec>, kind: ErrorKind) -> String {
+    let err = Checkpoint::load(path, arch).unwrap_err();
+    assert_eq!(err.kind(), kind, "{err}");
+    let err = err.to_string();
     let name = path.file_name().unwrap().to_string_lossy();
     assert!(
         err.contains(name.as_ref()),
@@ -61,15 +64,14 @@ fn truncated_files() {
                 .path()
                 .join(format!("cut_{keep}_{}", rel.replace('/', "_")));
             std::fs::write(&path, &bytes[..keep]).unwrap();
-            let err = error_for(&path, None);
-            assert!(!err.is_empty());
+            error_for(&path, None, ErrorKind::Corrupt);
         }
     }
     let empty = dir.path().join("empty.pth");
     std::fs::write(&empty, b"").unwrap();
-    error_for(&empty, None);
+    error_for(&empty, None, ErrorKind::Corrupt);
     let missing = dir.path().join("no_such_file.pth");
-    assert!(error_for(&missing, None).contains("cannot read"));
+    assert!(error_for(&missing, None, ErrorKind::Io).contains("cannot read"));
 }
 
 #[test]
@@ -79,7 +81,7 @@ fn wrong_dtype() {
     let target = e.iter_mut().find(|x| x.0 == "linear.bias").unwrap();
     target.1 = Dtype::I32;
     let path = write(dir.path(), "int_bias.safetensors", &e);
-    let err = error_for(&path, None);
+    let err = error_for(&path, None, ErrorKind::ShapeMismatch);
     assert!(err.contains("'linear.bias' has dtype I32"), "{err}");
 }
 
@@ -95,7 +97,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
         .unwrap();
     t.2 = vec![4, 2];
     let path = write(dir.path(), "bad_shape.safetensors", &e);
-    let err = error_for(&path, Some(&spec));
+    let err = error_for(&path, Some(&spec), ErrorKind::ArchMismatch);
     assert!(
         err.contains("'stage1.1.rbr_reparam.bias' has shape [4, 2], expected [8]"),
         "{err}"
@@ -105,7 +107,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
     e.retain(|x| x.0 != "stage2.1.rbr_identity.running_var");
     let path = write(dir.path(), "missing.safetensors", &e);
     for arch in [None, Some(&spec)] {
-        let err = error_for(&path, arch);
+        let err = error_for(&path, arch, ErrorKind::ArchMismatch);
         assert!(
             err.contains("missing key 'stage2.1.rbr_identity.running_var'"),
             "{err}"
@@ -131,7 +133,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
         vec![0; 4],
     ));
     let path = write(dir.path(), "extra.safetensors", &e);
-    let err = error_for(&path, Some(&spec));
+    let err = error_for(&path, Some(&spec), ErrorKind::ArchMismatch);
     assert!(
         err.contains("unexpected key 'stage1.0.rbr_identity.weight'"),
         "{err}"
@@ -145,13 +147,16 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
     let mut e2 = e.clone();
     e2.push(("fc.weight".into(), Dtype::F32, vec![1], vec![0; 4]));
     let path = write(dir.path(), "foreign_key.safetensors", &e2);
-    assert!(error_for(&path, None).contains("unexpected key 'fc.weight'"));
+    assert!(
+        error_for(&path, None, ErrorKind::UnexpectedKey).contains("unexpected key 'fc.weight'")
+    );
 }
 
 #[test]
 fn a_file_for_another_architecture_is_summarised_in_a_few_readable_lines() {
     let a0 = ArchSpec::named("A0").unwrap();
     let err = Checkpoint::load(&fixture("tiny_g2/train_timm.pth"), Some(&a0)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ArchMismatch);
     let line = err.to_string();
     // First what the file holds against what was asked for, then counts and a few keys.
     assert!(
@@ -198,7 +203,7 @@ fn nan_and_negative_variance() {
         .unwrap();
     t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     let path = write(dir.path(), "nan.safetensors", &e);
-    let err = error_for(&path, None);
+    let err = error_for(&path, None, ErrorKind::BadValue);
     assert!(
         err.contains("NaN") && err.contains("stage3.0.rbr_dense.conv.weight"),
         "{err}"
@@ -211,7 +216,7 @@ fn nan_and_negative_variance() {
         .unwrap();
     t.3[0..4].copy_from_slice(&(-1.0f32).to_le_bytes());
     let path = write(dir.path(), "negvar.safetensors", &e);
-    assert!(error_for(&path, None).contains("negative BN running variance"));
+    assert!(error_for(&path, None, ErrorKind::BadValue).contains("negative BN running variance"));
 }
 
 #[test]
@@ -219,7 +224,10 @@ fn not_a_checkpoint_at_all() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("photo.safetensors");
     std::fs::write(&path, b"\xff\xd8\xff\xe0 this is a jpeg").unwrap();
-    assert!(error_for(&path, None).contains("neither a PyTorch checkpoint nor valid safetensors"));
+    assert!(
+        error_for(&path, None, ErrorKind::Corrupt)
+            .contains("neither a PyTorch checkpoint nor valid safetensors")
+    );
 }
 
 #[test]
@@ -254,7 +262,7 @@ fn zero_dimensional_tensors_are_errors_not_panics() {
         t.2 = vec![];
         t.3 = vec![0; 4];
         let path = write(dir.path(), &format!("scalar_{key}.safetensors"), &e);
-        error_for(&path, None);
+        error_for(&path, None, ErrorKind::ArchMismatch);
     }
 }
 
@@ -273,6 +281,6 @@ fn deeply_nested_pickles_do_not_overflow_the_stack() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested.pth");
     std::fs::write(&path, &bytes).unwrap();
-    let err = error_for(&path, None);
+    let err = error_for(&path, None, ErrorKind::TooLarge);
     assert!(err.contains("legacy .pth"), "{err}");
 }

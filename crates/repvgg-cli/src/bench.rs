@@ -297,16 +297,19 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                         let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
                         kernels = engine.kernels().name().to_string();
                         let input = input.clone();
+                        engine.forward(&input, batch, h, w)?;
                         Box::new(move || {
-                            std::hint::black_box(engine.forward(&input, batch, h, w));
+                            let _ = std::hint::black_box(engine.forward(&input, batch, h, w));
                         })
                     }
                     Form::Deploy => {
                         let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options)?;
                         let mut ws = Workspace::default();
                         let input = input.clone();
+                        engine.infer(&input, batch, h, w, &mut ws)?;
                         Box::new(move || {
-                            std::hint::black_box(engine.infer(&input, batch, h, w, &mut ws));
+                            let _ =
+                                std::hint::black_box(engine.infer(&input, batch, h, w, &mut ws));
                         })
                     }
                     Form::Train => {
@@ -402,6 +405,12 @@ fn train_steps(
     if ckpt.form != Form::Train {
         bail!("{}: training needs training-form weights", args.arch);
     }
+    if ckpt.spec.num_classes == 0 {
+        bail!(
+            "{}: a headless model (0 classes) has no loss to train on",
+            args.arch
+        );
+    }
     let spec = &ckpt.spec;
     let device = default_device().autodiff();
     for &batch in batches {
@@ -492,12 +501,12 @@ fn layer_table(
             let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
             let runs = (0..iters.max(1))
                 .map(|_| engine.profile(&input, batch, h, w))
-                .collect();
+                .collect::<Result<_, _>>()?;
             (runs, format!("int8, {}", engine.kernels()))
         } else {
             let runs = (0..iters.max(1))
                 .map(|_| engine.profile(&input, batch, h, w, &mut ws))
-                .collect();
+                .collect::<Result<_, _>>()?;
             (runs, format!("fp32, {}", engine.isa()))
         };
         println!("batch {batch}, {threads} threads, {h}x{w}, {kernels} kernels");

@@ -212,7 +212,10 @@ fn run_level(
                         // Open loop: request k is due at k / rate.
                         let due = match args.rate {
                             Some(rate) => {
-                                let due = started + Duration::from_secs_f64(k as f64 / rate);
+                                // Checked at the start: rate is finite and positive.
+                                let after = Duration::try_from_secs_f64(k as f64 / rate)
+                                    .unwrap_or(Duration::MAX);
+                                let due = started.checked_add(after).unwrap_or(started + limit);
                                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                                     std::thread::sleep(wait);
                                 }
@@ -279,8 +282,17 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
     if args.concurrency.contains(&0) || args.requests == 0 || args.images == 0 {
         bail!("--concurrency, --requests and --images must be at least 1");
     }
-    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        bail!("--rate must be a positive number of requests per second");
+    // Past a day, or under one request a day, a run measures nothing: both also keep the
+    // due times below in `Duration`'s range.
+    const DAY: f64 = 86_400.0;
+    if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= DAY) {
+        bail!("--duration must be a number of seconds in (0, {DAY}]");
+    }
+    if args
+        .rate
+        .is_some_and(|r| !(r.is_finite() && r >= 1.0 / DAY))
+    {
+        bail!("--rate must be a positive number of requests per second (at least one a day)");
     }
     let request = Arc::new(build_request(&args)?);
     for &concurrency in &args.concurrency {

@@ -201,7 +201,7 @@ fn int8_line(out: &Path, data: &repvgg_data::DataSplits) -> Result<Int8Result> {
     let classes = model.spec.num_classes;
     let run = repvgg_train::evaluate_with(data.test.clone(), pipeline, 500, classes, |batch| {
         let [n, _, h, w] = batch.shape;
-        int8.forward(&batch.images, n, h, w)
+        Ok(int8.forward(&batch.images, n, h, w)?)
     })?;
     Ok(Int8Result {
         top1: run.evaluation.top1,

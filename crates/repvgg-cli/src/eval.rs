@@ -134,7 +134,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let start = Instant::now();
     let run = repvgg_train::evaluate_with(samples, pipeline, args.batch, classes, |batch| {
         let [n, _, h, w] = batch.shape;
-        runner.forward(&batch.images, n, h, w)
+        Ok(runner.forward(&batch.images, n, h, w)?)
     })?;
     let e = &run.evaluation;
     if args.json {

@@ -130,7 +130,7 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
             );
         }
         let mut runner = repvgg_engine::Runner::new(&ckpt, bn_eps, isa)?;
-        let logits = runner.forward(&values, n, h, w);
+        let logits = runner.forward(&values, n, h, w)?;
         // A headless model ends with its pooled features instead of logits.
         let (key, width) = if spec.num_classes == 0 {
             ("pooled", spec.feature_width())
@@ -176,7 +176,7 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
                 CkptTensor::new(vec![n, c, fh, fw], nhwc_to_nchw(nhwc, n, fh, fw)),
             );
         }
-    });
+    })?;
     // A headless model ends with its pooled features instead of logits.
     let (key, width) = if spec.num_classes == 0 {
         ("pooled", spec.feature_width())

@@ -507,7 +507,10 @@ fn export(
     } else {
         repvgg_onnx::export(&ckpt, bn_eps, options)
     }
-    .map_err(|e| anyhow::anyhow!("{}: {e}", weights.display()))?;
+    .map_err(|e| match e {
+        repvgg_onnx::ExportError::Checkpoint(e) => anyhow::Error::from(e),
+        e => anyhow::anyhow!("{}: {e}", weights.display()),
+    })?;
     repvgg_checkpoint::write_atomically(output, &bytes)?;
     eprintln!(
         "wrote {} ({}, opset {opset}, input (N, {}, {height}, {width}) with N {})",
@@ -535,12 +538,22 @@ pub fn load_checkpoint(path: &Path, arch: Option<String>) -> Result<Checkpoint> 
 }
 
 pub fn parse_size(size: &str) -> Result<(usize, usize)> {
-    let parse = |s: &str| s.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    let max = repvgg_checkpoint::metadata::MAX_INPUT_SIDE;
+    let parse = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n > 0 && n <= max)
+    };
     match size.split_once(['x', 'X']) {
         Some((h, w)) => parse(h).zip(parse(w)),
         None => parse(size).map(|s| (s, s)),
     }
-    .with_context(|| format!("--size '{size}': expected a positive size such as 224 or 256x320"))
+    .with_context(|| {
+        format!(
+            "--size '{size}': expected a positive size such as 224 or 256x320, at most {max} a side"
+        )
+    })
 }
 
 /// A count in the unit that keeps it readable: 9.109M, 1.361G, 48.128K (never 0.001G).

@@ -387,7 +387,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         }
         let n = input.len() / image_len;
         let logits = if n > 0 {
-            runner.forward(&input, n, h, w)
+            runner.forward(&input, n, h, w)?
         } else {
             Vec::new()
         };

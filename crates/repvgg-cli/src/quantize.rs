@@ -198,7 +198,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     if args.report
         && let Some((images, shape)) = first_batch
     {
-        report(&engine, &int8, &model, &images, shape);
+        report(&engine, &int8, &model, &images, shape)?;
     }
     Ok(())
 }
@@ -210,12 +210,12 @@ fn report(
     model: &QuantizedModel,
     images: &[f32],
     [n, _, h, w]: [usize; 4],
-) {
+) -> Result<()> {
     let mut float_outputs: Vec<Vec<f32>> = Vec::new();
     let mut scales = Vec::new();
     engine.forward_with(images, n, h, w, &mut Workspace::default(), |_, _, _, x| {
         float_outputs.push(x.to_vec())
-    });
+    })?;
     let mut errors = Vec::new();
     int8.forward_with(images, n, h, w, |i, _, _, out| {
         let float = &float_outputs[i];
@@ -230,11 +230,12 @@ fn report(
             repvgg_engine::BlockOutput::U8(_, quant) => format!("{:.6}", quant.scale),
             repvgg_engine::BlockOutput::F32(_) => "float".to_string(),
         });
-    });
+    })?;
     println!("block          rel. RMS error   output scale");
     for ((b, error), scale) in model.spec.blocks().iter().zip(errors).zip(scales) {
         println!("{:<14} {:>14.4} {:>14}", b.name(), error, scale);
     }
+    Ok(())
 }
 
 /// Where calibration images come from: a data set `train` reads (its training split), or any

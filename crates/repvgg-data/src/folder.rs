@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use image::DynamicImage;
 
-use crate::{DataError, Samples, fail};
+use crate::{DataError, DataErrorKind, Samples, fail};
 
 /// Image files of a class-per-folder tree, decoded on demand.
 #[derive(Clone, Debug)]
@@ -22,11 +22,12 @@ fn is_image(path: &Path) -> bool {
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| fail(dir, format!("cannot list: {e}")))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| fail(dir, DataErrorKind::Io, format!("cannot list: {e}")))?;
     let mut paths = entries
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(dir, format!("cannot list: {e}")))?;
+        .map_err(|e| fail(dir, DataErrorKind::Io, format!("cannot list: {e}")))?;
     paths.sort();
     Ok(paths)
 }
@@ -46,13 +47,18 @@ impl ImageFolder {
                 }
             }
             if files.len() == before {
-                return Err(fail(&dir, "class folder holds no .jpg/.jpeg/.png images"));
+                return Err(fail(
+                    &dir,
+                    DataErrorKind::Layout,
+                    "class folder holds no .jpg/.jpeg/.png images",
+                ));
             }
             class_names.push(dir.file_name().unwrap().to_string_lossy().into_owned());
         }
         if class_names.is_empty() {
             return Err(fail(
                 root,
+                DataErrorKind::Layout,
                 "no class folders (expected one sub-folder of images per class)",
             ));
         }
@@ -112,8 +118,9 @@ impl Samples for ImageFolder {
 
 /// Decodes a JPEG or PNG file; a broken or truncated file is an error naming it.
 pub fn decode_image(path: &Path) -> Result<DynamicImage, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
-    decode_image_bytes(&bytes).map_err(|problem| fail(path, problem))
+    let bytes = std::fs::read(path)
+        .map_err(|e| fail(path, DataErrorKind::Io, format!("cannot read: {e}")))?;
+    decode_image_bytes(&bytes, path)
 }
 
 /// The most pixels (width x height) an image may declare: 64 megapixels, a 256 MB RGBA
@@ -121,19 +128,31 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage, DataError> {
 /// file that claims 100k x 100k pixels is refused rather than allocated.
 pub const MAX_IMAGE_PIXELS: u64 = 1 << 26;
 
-/// Decodes a JPEG or PNG held in memory (a request body, a file's bytes); the error says what
-/// is wrong, for the caller to prefix with where the bytes came from.
-pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage, String> {
+/// The most one side of an image may exceed the other. Resizing keeps the aspect ratio, so a
+/// 1 x 65,000 strip (a few KB as a JPEG) resized to a 256-pixel short side would need a 13 GB
+/// buffer; no photograph is anywhere near this thin.
+pub const MAX_ASPECT_RATIO: u32 = 64;
+
+/// Decodes a JPEG or PNG held in memory (a request body, a file's bytes); `origin` names
+/// where the bytes came from in the error.
+pub fn decode_image_bytes(bytes: &[u8], origin: &Path) -> Result<DynamicImage, DataError> {
+    let corrupt = |problem: String| fail(origin, DataErrorKind::Corrupt, problem);
     let format = image::guess_format(bytes)
         .ok()
         .filter(|f| matches!(f, image::ImageFormat::Jpeg | image::ImageFormat::Png))
-        .ok_or("not a JPEG or PNG image (unrecognised contents)")?;
+        .ok_or_else(|| {
+            fail(
+                origin,
+                DataErrorKind::Unsupported,
+                "not a JPEG or PNG image (unrecognised contents)",
+            )
+        })?;
     // The JPEG decoder fills a cut-off scan with grey rather than failing; a JPEG must end
     // with its end-of-image marker (trailing padding after it is tolerated).
     if format == image::ImageFormat::Jpeg {
         let tail = &bytes[bytes.len().saturating_sub(4096)..];
         if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-            return Err("truncated JPEG (no end-of-image marker)".into());
+            return Err(corrupt("truncated JPEG (no end-of-image marker)".into()));
         }
     }
     let reader = || {
@@ -145,15 +164,22 @@ pub fn decode_image_bytes(bytes: &[u8]) -> Result<DynamicImage, String> {
     };
     let (width, height) = reader()
         .into_dimensions()
-        .map_err(|e| format!("not a readable image: {e}"))?;
+        .map_err(|e| corrupt(format!("not a readable image: {e}")))?;
+    let too_large = |problem: String| fail(origin, DataErrorKind::TooLarge, problem);
     if width as u64 * height as u64 > MAX_IMAGE_PIXELS {
-        return Err(format!(
+        return Err(too_large(format!(
             "{width}x{height} pixels is more than the {MAX_IMAGE_PIXELS} this reads"
-        ));
+        )));
+    }
+    if width.max(height) > width.min(height).saturating_mul(MAX_ASPECT_RATIO) {
+        return Err(too_large(format!(
+            "{width}x{height} pixels is more than {MAX_ASPECT_RATIO} times longer than wide \
+             (resizing it would need an outsized buffer)"
+        )));
     }
     reader()
         .decode()
-        .map_err(|e| format!("not a readable image: {e}"))
+        .map_err(|e| corrupt(format!("not a readable image: {e}")))
 }
 
 #[cfg(test)]
@@ -181,10 +207,18 @@ mod tests {
 
     #[test]
     fn a_header_claiming_huge_dimensions_is_refused_before_decoding() {
-        let err = decode_image_bytes(&png_header(100_000, 100_000)).unwrap_err();
-        assert!(err.contains("100000x100000 pixels"), "{err}");
-        // A small header passes the check and fails later, for want of pixel data.
-        let err = decode_image_bytes(&png_header(4, 4)).unwrap_err();
-        assert!(err.contains("not a readable image"), "{err}");
+        let origin = Path::new("upload.png");
+        let err = decode_image_bytes(&png_header(100_000, 100_000), origin).unwrap_err();
+        assert_eq!(err.kind, DataErrorKind::TooLarge);
+        assert!(err.problem.contains("100000x100000 pixels"), "{err}");
+        assert!(err.to_string().starts_with("upload.png: "), "{err}");
+        // 65,000 pixels of a 1-pixel strip: few pixels, but a resize would need gigabytes.
+        let err = decode_image_bytes(&png_header(1, 65_000), origin).unwrap_err();
+        assert_eq!(err.kind, DataErrorKind::TooLarge);
+        assert!(err.problem.contains("longer than wide"), "{err}");
+        // A small header passes the checks and fails later, for want of pixel data.
+        let err = decode_image_bytes(&png_header(4, 4), origin).unwrap_err();
+        assert_eq!(err.kind, DataErrorKind::Corrupt);
+        assert!(err.problem.contains("not a readable image"), "{err}");
     }
 }

@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
-pub use folder::{ImageFolder, MAX_IMAGE_PIXELS, decode_image, decode_image_bytes};
+pub use folder::{
+    ImageFolder, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, decode_image, decode_image_bytes,
+};
 pub use loader::Loader;
 pub use repvgg_checkpoint::metadata::{IMAGENET_MEAN, IMAGENET_STD};
 pub use transform::{Batch, Pipeline, Transform};
@@ -57,17 +59,41 @@ pub trait Samples: Sync + Send {
     }
 }
 
+/// What is wrong, by kind, for callers that act on it (a server answers 400 for an image it
+/// cannot decode, a training run stops on a missing file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DataErrorKind {
+    /// Reading failed: a missing file or folder, permissions.
+    Io,
+    /// The bytes break their format: a truncated IDX or CIFAR file, a broken image.
+    Corrupt,
+    /// More than this reads, refused before allocating: an image's pixel count or aspect
+    /// ratio, a gzip stream that expands without end.
+    TooLarge,
+    /// A valid file of a kind this does not read (an IDX of floats, a GIF).
+    Unsupported,
+    /// A data set laid out in a way that cannot be trained on: an empty class folder, train
+    /// and val with different classes, too few images to hold some out.
+    Layout,
+    /// The loader's worker stopped without a batch or an error (a bug, reported rather than
+    /// ending an epoch early in silence).
+    Loader,
+}
+
 /// Every failure names the file and says what is wrong with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {problem}")]
 pub struct DataError {
     pub path: PathBuf,
+    pub kind: DataErrorKind,
     pub problem: String,
 }
 
-fn fail(path: &Path, problem: impl Into<String>) -> DataError {
+fn fail(path: &Path, kind: DataErrorKind, problem: impl Into<String>) -> DataError {
     DataError {
         path: path.to_path_buf(),
+        kind,
         problem: problem.into(),
     }
 }
@@ -163,14 +189,33 @@ pub enum Split {
     Test,
 }
 
+/// The most a gzipped data file may expand to: 1 GiB, twice EMNIST's largest images file,
+/// so that a small gzip bomb is refused instead of filling memory.
+const MAX_GUNZIPPED_BYTES: u64 = 1 << 30;
+
 /// Reads a file, gunzipping it if it starts with the gzip magic.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
+    let raw = std::fs::read(path)
+        .map_err(|e| fail(path, DataErrorKind::Io, format!("cannot read: {e}")))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(raw.as_slice())
+            .take(MAX_GUNZIPPED_BYTES + 1)
             .read_to_end(&mut out)
-            .map_err(|e| fail(path, format!("corrupt gzip data: {e}")))?;
+            .map_err(|e| {
+                fail(
+                    path,
+                    DataErrorKind::Corrupt,
+                    format!("corrupt gzip data: {e}"),
+                )
+            })?;
+        if out.len() as u64 > MAX_GUNZIPPED_BYTES {
+            return Err(fail(
+                path,
+                DataErrorKind::TooLarge,
+                format!("expands past {MAX_GUNZIPPED_BYTES} bytes when gunzipped (refusing it)"),
+            ));
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -188,11 +233,16 @@ pub struct IdxArray {
 pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
     let bytes = read_maybe_gz(path)?;
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
-        return Err(fail(path, "not an IDX file (bad magic number)"));
+        return Err(fail(
+            path,
+            DataErrorKind::Corrupt,
+            "not an IDX file (bad magic number)",
+        ));
     }
     if bytes[2] != 0x08 {
         return Err(fail(
             path,
+            DataErrorKind::Unsupported,
             format!(
                 "IDX element type 0x{:02x}; only unsigned bytes (0x08) are supported",
                 bytes[2]
@@ -202,7 +252,11 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
     let rank = bytes[3] as usize;
     let header = 4 + 4 * rank;
     if rank == 0 || bytes.len() < header {
-        return Err(fail(path, "IDX header is truncated"));
+        return Err(fail(
+            path,
+            DataErrorKind::Corrupt,
+            "IDX header is truncated",
+        ));
     }
     let dims: Vec<usize> = bytes[4..header]
         .chunks_exact(4)
@@ -214,6 +268,7 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
         .ok_or_else(|| {
             fail(
                 path,
+                DataErrorKind::TooLarge,
                 format!("IDX dimensions {dims:?} are impossibly large"),
             )
         })?;
@@ -221,6 +276,7 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
     if body.len() != count {
         return Err(fail(
             path,
+            DataErrorKind::Corrupt,
             format!(
                 "IDX header promises {dims:?} = {count} bytes, file has {} (truncated?)",
                 body.len()
@@ -240,7 +296,13 @@ fn idx_file(dir: &Path, prefix: &str, kind: &str) -> Result<PathBuf, DataError> 
     [gz, plain.clone()]
         .into_iter()
         .find(|p| p.is_file())
-        .ok_or_else(|| fail(&plain, "missing (neither it nor its .gz exists)"))
+        .ok_or_else(|| {
+            fail(
+                &plain,
+                DataErrorKind::Io,
+                "missing (neither it nor its .gz exists)",
+            )
+        })
 }
 
 /// An MNIST-style directory: `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`.
@@ -257,12 +319,14 @@ pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset, DataError> {
     let [n, height, width] = images.dims[..] else {
         return Err(fail(
             &images_path,
+            DataErrorKind::Corrupt,
             format!("expected 3 dimensions (N, H, W), found {:?}", images.dims),
         ));
     };
     if labels.dims != [n] {
         return Err(fail(
             &labels_path,
+            DataErrorKind::Corrupt,
             format!(
                 "has {:?} labels, but the images file has {n} images",
                 labels.dims
@@ -270,7 +334,18 @@ pub fn load_idx_dir(dir: &Path, split: Split) -> Result<Dataset, DataError> {
         ));
     }
     if n == 0 {
-        return Err(fail(&images_path, "holds no images"));
+        return Err(fail(
+            &images_path,
+            DataErrorKind::Corrupt,
+            "holds no images",
+        ));
+    }
+    if height == 0 || width == 0 {
+        return Err(fail(
+            &images_path,
+            DataErrorKind::Corrupt,
+            format!("images of {height}x{width} pixels hold nothing to learn from"),
+        ));
     }
     let labels: Vec<u16> = labels.data.iter().map(|&l| l as u16).collect();
     let classes = *labels.iter().max().unwrap() as usize + 1;
@@ -303,10 +378,12 @@ pub fn load_cifar(files: &[PathBuf], kind: Cifar) -> Result<Dataset, DataError> 
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for path in files {
-        let bytes = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| fail(path, DataErrorKind::Io, format!("cannot read: {e}")))?;
         if bytes.is_empty() || bytes.len() % record != 0 {
             return Err(fail(
                 path,
+                DataErrorKind::Corrupt,
                 format!(
                     "{} bytes is not a whole number of {record}-byte CIFAR records (truncated?)",
                     bytes.len()
@@ -319,6 +396,7 @@ pub fn load_cifar(files: &[PathBuf], kind: Cifar) -> Result<Dataset, DataError> 
             if label >= limit {
                 return Err(fail(
                     path,
+                    DataErrorKind::Corrupt,
                     format!("label {label} out of range for {limit} classes"),
                 ));
             }
@@ -454,7 +532,7 @@ pub fn known_class_names(dir: &Path, kind: DataKind) -> Option<Vec<String>> {
 ///   `1/val_fraction`-th image per class is held out.
 pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> {
     if !dir.is_dir() {
-        return Err(fail(dir, "not a directory"));
+        return Err(fail(dir, DataErrorKind::Io, "not a directory"));
     }
     let has = |d: &Path, name: &str| d.join(name).is_file();
     if has(dir, "train-images-idx3-ubyte.gz") || has(dir, "train-images-idx3-ubyte") {
@@ -497,6 +575,7 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
         if !(val_fraction > 0.0 && val_fraction < 1.0) {
             return Err(fail(
                 dir,
+                DataErrorKind::Layout,
                 format!(
                     "--val-fraction {val_fraction}: an image folder without train/ and val/ \
                      sub-folders needs a held-out share in (0, 1), such as 0.1, to validate and \
@@ -510,6 +589,7 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
         if train.files.is_empty() || val.files.is_empty() {
             return Err(fail(
                 dir,
+                DataErrorKind::Layout,
                 format!(
                     "{total} images are too few to hold out a share of {val_fraction} per class \
                      for validation and train on the rest; add images or change --val-fraction"
@@ -519,7 +599,11 @@ pub fn open_dir(dir: &Path, val_fraction: f64) -> Result<DataSplits, DataError> 
         (train, val)
     };
     if train.class_names != test.class_names {
-        return Err(fail(dir, "train and val class folders differ"));
+        return Err(fail(
+            dir,
+            DataErrorKind::Layout,
+            "train and val class folders differ",
+        ));
     }
     Ok(DataSplits {
         kind: DataKind::ImageFolder,

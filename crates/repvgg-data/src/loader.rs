@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::transform::{Batch, Pipeline, epoch_order, mix_seed};
-use crate::{DataError, Samples};
+use crate::{DataError, DataErrorKind, Samples};
 
 /// One epoch's batches, in a fixed order determined by (seed, epoch).
 pub struct Loader {
@@ -74,6 +74,22 @@ impl Iterator for Loader {
         let start = Instant::now();
         let next = self.batches.recv().ok();
         self.waited += start.elapsed();
+        if next.is_none() {
+            // The worker is done: after its last batch, or because it panicked, which must
+            // not pass for the end of the epoch.
+            if let Some(Err(panic)) = self.worker.take().map(JoinHandle::join) {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                return Some(Err(DataError {
+                    path: "data loader".into(),
+                    kind: DataErrorKind::Loader,
+                    problem: format!("preparing a batch failed unexpectedly: {message}"),
+                }));
+            }
+        }
         next
     }
 }

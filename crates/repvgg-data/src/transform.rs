@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use repvgg_checkpoint::Preprocessing;
 use repvgg_checkpoint::metadata::Resize;
 
-use crate::{DataError, Samples};
+use crate::{DataError, DataErrorKind, Samples};
 
 /// The geometric part of a pipeline.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -104,6 +104,9 @@ fn random_resized_box(width: u32, height: u32, rng: &mut impl Rng) -> (u32, u32,
 /// the long side is truncated).
 pub fn resize_short_side(img: &DynamicImage, short: u32) -> DynamicImage {
     let (w, h) = img.dimensions();
+    if w == 0 || h == 0 {
+        return img.clone();
+    }
     let (nw, nh) = if w <= h {
         (short, (short as u64 * h as u64 / w as u64) as u32)
     } else {
@@ -367,13 +370,20 @@ impl Pipeline {
                 samples.image(i).map(|img| self.apply(&img, &mut rng))
             })
             .collect::<Result<_, _>>()?;
-        let (_, h, w) = images[0];
+        let Some(&(_, h, w)) = images.first() else {
+            return Ok(Batch {
+                images: Vec::new(),
+                labels: Vec::new(),
+                shape: [0, 3, 0, 0],
+            });
+        };
         let mut flat = Vec::with_capacity(3 * h * w * images.len());
         for (k, (img, ih, iw)) in images.iter().enumerate() {
             if (*ih, *iw) != (h, w) {
                 let i = indices[k];
                 return Err(DataError {
                     path: samples.describe(i).into(),
+                    kind: DataErrorKind::Layout,
                     problem: format!(
                         "image size differs from the batch's {h}x{w}; use a resizing transform"
                     ),

@@ -95,6 +95,37 @@ fn broken_idx_files_name_the_file_and_the_problem() {
     );
 }
 
+/// IDX files describe themselves: one that declares images of zero rows (and so holds no
+/// pixels) is refused at load, not divided by later in a resize.
+#[test]
+fn idx_images_without_pixels_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let idx = |dims: &[u32], body: &[u8]| {
+        let mut bytes = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            bytes.extend_from_slice(&d.to_be_bytes());
+        }
+        bytes.extend_from_slice(body);
+        bytes
+    };
+    std::fs::write(
+        dir.path().join("t10k-images-idx3-ubyte"),
+        idx(&[3, 0, 28], &[]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("t10k-labels-idx1-ubyte"),
+        idx(&[3], &[0, 1, 2]),
+    )
+    .unwrap();
+    let err = load_idx_dir(dir.path(), Split::Test).unwrap_err();
+    assert_eq!(err.kind, repvgg_data::DataErrorKind::Corrupt);
+    assert!(
+        err.to_string().contains("t10k-images-idx3-ubyte") && err.problem.contains("0x28"),
+        "{err}"
+    );
+}
+
 /// A CIFAR-10 batch made here from real Fashion-MNIST pixels (grey, padded to 32x32, three
 /// equal channels), and a CIFAR-100 one with coarse + fine labels.
 #[test]

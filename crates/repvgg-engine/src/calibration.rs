@@ -5,7 +5,7 @@
 
 use repvgg_checkpoint::quantized::ActivationQuant;
 
-use crate::{Engine, Workspace};
+use crate::{Engine, EngineError, Workspace};
 
 /// How a range is chosen from the values observed.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -163,9 +163,11 @@ impl Calibrator {
         n: usize,
         h: usize,
         w: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), EngineError> {
         if batch.iter().any(|v| !v.is_finite()) {
-            return Err("the calibration images hold NaN or infinite values".into());
+            return Err(EngineError::NonFinite(
+                "the calibration images hold NaN or infinite values".into(),
+            ));
         }
         let (lo, hi) = batch
             .iter()
@@ -186,12 +188,12 @@ impl Calibrator {
                     outputs[i].add(nhwc)
                 }
             },
-        );
+        )?;
         if let Some(i) = broken {
             let name = engine.spec().blocks()[i].name();
-            return Err(format!(
+            return Err(EngineError::NonFinite(format!(
                 "block {name} produces NaN or infinite values on the calibration images: the float model itself is broken there"
-            ));
+            )));
         }
         self.images += n;
         Ok(())

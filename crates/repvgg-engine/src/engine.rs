@@ -8,7 +8,7 @@ use repvgg_checkpoint::layout::{HEAD, REPARAM, SE_DOWN, SE_UP, prefix};
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
 use repvgg_kernels::{Isa, OutPtr};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, check_input};
 use crate::layer::{ConvLayer, run_tasks};
 use crate::layout::{channel_means_into, nchw_to_nhwc, nhwc_to_nchw};
 use crate::options::{EngineOptions, Mode};
@@ -130,8 +130,8 @@ impl Engine {
         h: usize,
         w: usize,
         ws: &mut Workspace,
-    ) -> Vec<f32> {
-        self.infer(input, n, h, w, ws).to_vec()
+    ) -> Result<Vec<f32>, EngineError> {
+        Ok(self.infer(input, n, h, w, ws)?.to_vec())
     }
 
     /// As [`Engine::forward`], with the logits left in the workspace: once a workspace has
@@ -143,7 +143,8 @@ impl Engine {
         h: usize,
         w: usize,
         ws: &'w mut Workspace,
-    ) -> &'w [f32] {
+    ) -> Result<&'w [f32], EngineError> {
+        check_input(input, n, self.spec.in_channels, h, w)?;
         let threads = rayon::current_num_threads();
         let by_image = match self.options.mode {
             Mode::Latency => false,
@@ -151,11 +152,10 @@ impl Engine {
             Mode::Auto => threads > 1 && n >= threads,
         };
         if !by_image {
-            return self.run(input, n, h, w, ws, true, None);
+            return Ok(self.run(input, n, h, w, ws, true, None));
         }
         // Throughput mode: each thread runs whole images through every layer, with no
         // synchronisation between layers, and writes their logits into its share of ours.
-        self.check_input(input, n, h, w);
         let image = self.spec.in_channels * h * w;
         let per_thread = n.div_ceil(threads);
         let width = self.output_width();
@@ -169,19 +169,7 @@ impl Engine {
                     logits.copy_from_slice(self.run(part, images, h, w, tws, false, None));
                 })
             });
-        &ws.logits
-    }
-
-    /// The input must be `(n, in_channels, h, w)` on a non-empty map: a caller's bug
-    /// otherwise (the CLI checks shapes and reports them with the file's name first).
-    fn check_input(&self, input: &[f32], n: usize, h: usize, w: usize) {
-        let c = self.spec.in_channels;
-        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
-        assert_eq!(
-            input.len(),
-            n * c * h * w,
-            "input is not ({n}, {c}, {h}, {w})"
-        );
+        Ok(&ws.logits)
     }
 
     /// Values per image of the output: classes, or a headless model's feature width.
@@ -201,7 +189,7 @@ impl Engine {
         h: usize,
         w: usize,
         out_indices: &[usize],
-    ) -> Vec<StageFeatures> {
+    ) -> Result<Vec<StageFeatures>, EngineError> {
         let blocks = self.spec.blocks();
         let mut out = Vec::with_capacity(out_indices.len());
         let mut ws = Workspace::default();
@@ -216,8 +204,8 @@ impl Engine {
                     data: nhwc_to_nchw(nhwc, n, oh, ow),
                 });
             }
-        });
-        out
+        })?;
+        Ok(out)
     }
 
     /// Like [`Engine::forward`], calling `observer(block_index, h, w, nhwc)` after every
@@ -230,12 +218,15 @@ impl Engine {
         w: usize,
         ws: &mut Workspace,
         mut observer: impl FnMut(usize, usize, usize, &[f32]),
-    ) -> Vec<f32> {
-        self.run(input, n, h, w, ws, true, Some(&mut observer))
-            .to_vec()
+    ) -> Result<Vec<f32>, EngineError> {
+        check_input(input, n, self.spec.in_channels, h, w)?;
+        Ok(self
+            .run(input, n, h, w, ws, true, Some(&mut observer))
+            .to_vec())
     }
 
     /// All layers and the head; `observer`, when given, sees every layer's whole-batch output.
+    /// The input has passed [`check_input`].
     #[allow(clippy::too_many_arguments)]
     fn run<'w>(
         &self,
@@ -247,7 +238,6 @@ impl Engine {
         parallel: bool,
         mut observer: Option<&mut BlockObserver<'_>>,
     ) -> &'w [f32] {
-        self.check_input(input, n, h, w);
         let c = self.spec.in_channels;
         // The leading layers whose maps are big (A0 at 224: the stem's output, 2.4 MB an
         // image) run image by image, so that one image's maps pass through the caches rather
@@ -370,7 +360,8 @@ impl Engine {
         h: usize,
         w: usize,
         ws: &mut Workspace,
-    ) -> Vec<LayerTiming> {
+    ) -> Result<Vec<LayerTiming>, EngineError> {
+        check_input(input, n, self.spec.in_channels, h, w)?;
         // Warm up exactly what is timed below: this workspace, latency mode.
         self.run(input, n, h, w, ws, true, Some(&mut |_, _, _, _| {}));
         let blocks = self.spec.blocks();
@@ -391,7 +382,7 @@ impl Engine {
             last = std::time::Instant::now();
         };
         self.run(input, n, h, w, ws, true, Some(&mut observe));
-        timings
+        Ok(timings)
     }
 
     /// Logits, or for a headless model (0 classes) the pooled features `(n, channels)`, in

@@ -14,7 +14,7 @@ use repvgg_kernels::Isa;
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
 use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
 
-use crate::error::EngineError;
+use crate::error::{EngineError, check_input};
 use crate::layer::ConvLayer;
 use crate::layout::{channel_means_into, nchw_to_nhwc};
 use crate::options::{Lowering, Winograd};
@@ -269,9 +269,16 @@ impl Int8Engine {
     /// A batch with an image per thread runs in throughput mode, as the float engine's auto
     /// mode does: each thread takes whole images through every layer, so no layer waits for
     /// the others' threads and each image's maps stay in its core's caches.
-    pub fn forward(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+    pub fn forward(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f32>, EngineError> {
+        check_input(input, n, self.spec.in_channels, h, w)?;
         if n == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let threads = rayon::current_num_threads();
         if threads < 2 || n < threads {
@@ -310,7 +317,7 @@ impl Int8Engine {
                     .collect(),
             ),
         };
-        self.head(&features, n, oh * ow)
+        Ok(self.head(&features, n, oh * ow))
     }
 
     /// The input as the first block takes it: u8 for an INT8 block, f32 for a float one.
@@ -325,15 +332,10 @@ impl Int8Engine {
         }
     }
 
-    /// NCHW float to NHWC u8, a row of an image per task.
+    /// NCHW float to NHWC u8, a row of an image per task; the input has passed
+    /// [`check_input`].
     fn quantize_input(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<u8> {
         let c = self.spec.in_channels;
-        assert!(h > 0 && w > 0, "input map is empty ({h}x{w})");
-        assert_eq!(
-            input.len(),
-            n * c * h * w,
-            "input is not ({n}, {c}, {h}, {w})"
-        );
         let mut a = vec![0u8; n * h * w * c];
         let plane = h * w;
         let quant = self.input;
@@ -419,19 +421,26 @@ impl Int8Engine {
         h: usize,
         w: usize,
         mut observer: impl FnMut(usize, usize, usize, BlockOutput<'_>),
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, EngineError> {
+        check_input(input, n, self.spec.in_channels, h, w)?;
         if n == 0 {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let a = self.input_activations(input, n, h, w);
         let (features, oh, ow) = self.run_layers(a, n, h, w, true, &mut observer);
-        self.head(&features, n, oh * ow)
+        Ok(self.head(&features, n, oh * ow))
     }
 
     /// Seconds in each block for one forward (after a warm-up), with its MACs; the first
     /// block's includes quantizing the input.
-    pub fn profile(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<crate::LayerTiming> {
-        self.forward(input, n, h, w);
+    pub fn profile(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<crate::LayerTiming>, EngineError> {
+        self.forward(input, n, h, w)?;
         let blocks = self.spec.blocks();
         let mut timings = Vec::with_capacity(blocks.len());
         let (mut in_h, mut in_w) = (h, w);
@@ -448,8 +457,8 @@ impl Int8Engine {
             });
             (in_h, in_w) = (oh, ow);
             last = std::time::Instant::now();
-        });
-        timings
+        })?;
+        Ok(timings)
     }
 
     fn head(&self, features: &Activations, n: usize, positions: usize) -> Vec<f32> {

@@ -30,8 +30,14 @@ impl Runner {
     }
 
     /// Logits `(n, classes)` for an NCHW batch of `spec().in_channels` channels on a non-empty
-    /// map (a caller's bug otherwise).
-    pub fn forward(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+    /// map.
+    pub fn forward(
+        &mut self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f32>, EngineError> {
         match self {
             Runner::Float(engine, ws) => engine.forward(input, n, h, w, ws),
             Runner::Int8(engine) => engine.forward(input, n, h, w),

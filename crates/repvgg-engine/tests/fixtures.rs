@@ -92,12 +92,14 @@ fn check_fixture(config: &str, isa: Isa) {
             let mut checked = 0;
             let mut logits = Vec::new();
             pool.install(|| {
-                logits = engine.forward_with(&input, n, h, w, &mut ws, |i, fh, fw, nhwc| {
-                    let (_, want) = &reference[&format!("features.{}", names[i])];
-                    let err = relative_error(&nhwc_to_nchw(nhwc, n, fh, fw), want);
-                    assert!(err < 1e-5, "{config} {file} {label} {}: {err:e}", names[i]);
-                    checked += 1;
-                });
+                logits = engine
+                    .forward_with(&input, n, h, w, &mut ws, |i, fh, fw, nhwc| {
+                        let (_, want) = &reference[&format!("features.{}", names[i])];
+                        let err = relative_error(&nhwc_to_nchw(nhwc, n, fh, fw), want);
+                        assert!(err < 1e-5, "{config} {file} {label} {}: {err:e}", names[i]);
+                        checked += 1;
+                    })
+                    .unwrap();
             });
             assert_eq!(checked, names.len());
             let key = if file.starts_with("train") {
@@ -113,7 +115,7 @@ fn check_fixture(config: &str, isa: Isa) {
             assert!(err < 1e-5, "{config} {file}: {err:e}");
             // A second call reuses the workspace.
             let mut again = Vec::new();
-            pool.install(|| again = engine.forward(&input, n, h, w, &mut ws));
+            pool.install(|| again = engine.forward(&input, n, h, w, &mut ws).unwrap());
             // forward() may take the throughput path (whole images per thread): same numbers
             // up to rounding.
             let err_again = relative_error(&again, &reference[key].1);
@@ -128,9 +130,11 @@ fn check_fixture(config: &str, isa: Isa) {
 fn an_empty_batch_gives_empty_outputs() {
     let ckpt = Checkpoint::load(&fixture("tiny", "deploy_timm.safetensors"), None).unwrap();
     let engine = Engine::from_checkpoint(&ckpt, DEFAULT_BN_EPS).unwrap();
-    let logits = engine.forward(&[], 0, 16, 16, &mut Workspace::default());
+    let logits = engine
+        .forward(&[], 0, 16, 16, &mut Workspace::default())
+        .unwrap();
     assert!(logits.is_empty());
-    let stages = engine.forward_stages(&[], 0, 16, 16, &[1, 4]);
+    let stages = engine.forward_stages(&[], 0, 16, 16, &[1, 4]).unwrap();
     assert_eq!(stages.len(), 2);
     assert!(stages.iter().all(|s| s.data.is_empty()));
 }
@@ -156,7 +160,11 @@ fn throughput_mode_matches_latency_mode_on_an_uneven_batch() {
             ..Default::default()
         };
         let engine = Engine::with_options(&ckpt, DEFAULT_BN_EPS, options).unwrap();
-        pool.install(|| engine.forward(&input, n, h, w, &mut Workspace::default()))
+        pool.install(|| {
+            engine
+                .forward(&input, n, h, w, &mut Workspace::default())
+                .unwrap()
+        })
     };
     let (latency, throughput) = (logits(Mode::Latency), logits(Mode::Throughput));
     assert_eq!(throughput.len(), latency.len());

@@ -123,7 +123,9 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
         let (input, n, h, w) = fixture_batch(config);
         let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
         calibrator.observe(&float, &input, n, h, w).unwrap();
-        let float_logits = float.forward(&input, n, h, w, &mut Workspace::default());
+        let float_logits = float
+            .forward(&input, n, h, w, &mut Workspace::default())
+            .unwrap();
         // 8-bit weights, and the 7-bit ones the AVX2 kernel takes (so that it runs too); every
         // kernel set the machine has, forced, and every instruction-set cap.
         for limit in [127, 63] {
@@ -149,10 +151,12 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
                 ));
             }
             for (isa, engine) in engines {
-                let ours = engine.forward(&input, n, h, w);
+                let ours = engine.forward(&input, n, h, w).unwrap();
                 // The same batch with every layer split across the threads (forward takes whole
                 // images per thread when the batch has one for each).
-                let split = engine.forward_with(&input, n, h, w, |_, _, _, _| {});
+                let split = engine
+                    .forward_with(&input, n, h, w, |_, _, _, _| {})
+                    .unwrap();
                 assert_eq!(split, ours, "{config} {isa}: the two threadings differ");
                 let diff = ours
                     .iter()
@@ -222,9 +226,11 @@ fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
         let reference = integer_reference(&model, &input, n, h, w);
         for isa in Isa::available() {
             let engine = Int8Engine::new(&model, Some(isa)).unwrap();
-            let ours = engine.forward(&input, n, h, w);
+            let ours = engine.forward(&input, n, h, w).unwrap();
             // Layers split across threads, by rows and (the wide last stage) by columns.
-            let split = engine.forward_with(&input, n, h, w, |_, _, _, _| {});
+            let split = engine
+                .forward_with(&input, n, h, w, |_, _, _, _| {})
+                .unwrap();
             assert_eq!(split, ours, "{isa}: the two threadings differ");
             let diff = ours
                 .iter()
@@ -250,7 +256,9 @@ fn float_first_and_last_blocks_run_beside_int8_ones() {
         let (input, n, h, w) = fixture_batch(config);
         let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
         calibrator.observe(&float, &input, n, h, w).unwrap();
-        let float_logits = float.forward(&input, n, h, w, &mut Workspace::default());
+        let float_logits = float
+            .forward(&input, n, h, w, &mut Workspace::default())
+            .unwrap();
         let last = ckpt.spec.blocks().len() - 1;
         let drift = |float_blocks: &[usize]| {
             let model = QuantizedModel::quantize(
@@ -263,8 +271,10 @@ fn float_first_and_last_blocks_run_beside_int8_ones() {
             )
             .unwrap();
             let engine = Int8Engine::new(&model, None).unwrap();
-            let ours = engine.forward(&input, n, h, w);
-            let split = engine.forward_with(&input, n, h, w, |_, _, _, _| {});
+            let ours = engine.forward(&input, n, h, w).unwrap();
+            let split = engine
+                .forward_with(&input, n, h, w, |_, _, _, _| {})
+                .unwrap();
             // Float layers plan by threading (their sums run in another order), so a float
             // block's output moves by float rounding, and an INT8 block after it may round an
             // input one step the other way: close, not equal.
@@ -290,5 +300,45 @@ fn float_first_and_last_blocks_run_beside_int8_ones() {
         assert!(mixed <= 0.05, "{config}: {mixed}");
         // Every block in float is the float model (the same float engine layers): f32 rounding.
         assert!(only_float <= 1e-5, "{config}: {only_float}");
+    }
+}
+
+/// A batch that is not the shape the call describes is an error from both engines, never a
+/// panic or a read past the input: too few or too many values, the wrong channel count, an
+/// empty map, dimensions whose product overflows.
+#[test]
+fn wrong_input_shapes_are_errors() {
+    let ckpt = Checkpoint::load(
+        &repvgg_testing::fixture("tiny", "deploy_official.safetensors"),
+        None,
+    )
+    .unwrap();
+    let float = Engine::from_checkpoint(&ckpt, 1e-5).unwrap();
+    let (input, n, h, w) = fixture_batch("tiny");
+    let mut calibrator = Calibrator::new(Calibration::MinMax, &float);
+    calibrator.observe(&float, &input, n, h, w).unwrap();
+    let model =
+        QuantizedModel::quantize(&ckpt, calibrator.activations(), "minmax", n, 127, &[]).unwrap();
+    let int8 = Int8Engine::new(&model, None).unwrap();
+    let one = 3 * h * w;
+    let cases: [(&[f32], usize, usize, usize); 5] = [
+        (&input[..input.len() - 1], n, h, w),
+        (&input, n + 1, h, w),
+        (&input[..one], 1, h * 3, w / 3 + 1),
+        (&[], 1, 0, 0),
+        (&input, usize::MAX / 2, h, w),
+    ];
+    for (values, n, h, w) in cases {
+        let mut ws = Workspace::default();
+        for err in [
+            float.forward(values, n, h, w, &mut ws).unwrap_err(),
+            int8.forward(values, n, h, w).unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, repvgg_engine::EngineError::Input { .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("is not a batch of"), "{err}");
+        }
     }
 }

@@ -93,7 +93,9 @@ fn steady_state_inference_does_not_allocate() {
                             for _ in 0..40 {
                                 let before = ALLOCATIONS.load(Ordering::Relaxed);
                                 for _ in 0..5 {
-                                    std::hint::black_box(engine.infer(&input, n, h, w, &mut ws));
+                                    std::hint::black_box(
+                                        engine.infer(&input, n, h, w, &mut ws).unwrap(),
+                                    );
                                 }
                                 let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
                                 clean_windows = if allocations == 0 {

@@ -28,8 +28,12 @@ fn leading_layers_image_by_image_match_the_whole_batch() {
         .unwrap();
     pool.install(|| {
         let mut ws = Workspace::default();
-        let whole = engine.forward_with(&input, n, h, w, &mut ws, |_, _, _, _| {});
-        let by_image = engine.forward(&input, n, h, w, &mut Workspace::default());
+        let whole = engine
+            .forward_with(&input, n, h, w, &mut ws, |_, _, _, _| {})
+            .unwrap();
+        let by_image = engine
+            .forward(&input, n, h, w, &mut Workspace::default())
+            .unwrap();
         let scale = whole.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let err = whole
             .iter()

@@ -165,18 +165,31 @@ impl Builder<'_> {
     }
 }
 
+/// Why a model cannot be exported as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// An opset outside the range the graph is written for.
+    #[error("opset {opset} is not supported{}", needs)]
+    Opset { opset: i64, needs: String },
+    /// The weights could not be converted to the deploy form.
+    #[error(transparent)]
+    Checkpoint(#[from] repvgg_checkpoint::CheckpointError),
+}
+
 /// The ONNX model bytes of a checkpoint's deploy form (training-form checkpoints are converted
 /// with `bn_eps` first).
-pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<Vec<u8>, String> {
+pub fn export(
+    ckpt: &Checkpoint,
+    bn_eps: f64,
+    options: ExportOptions,
+) -> Result<Vec<u8>, ExportError> {
     if !OPSETS.contains(&options.opset) {
-        return Err(format!(
-            "opset {} is not supported (use {} to {})",
-            options.opset,
-            OPSETS.start(),
-            OPSETS.end()
-        ));
+        return Err(ExportError::Opset {
+            opset: options.opset,
+            needs: format!(" (use {} to {})", OPSETS.start(), OPSETS.end()),
+        });
     }
-    let deploy = ckpt.as_deploy(bn_eps).map_err(|e| e.to_string())?;
+    let deploy = ckpt.as_deploy(bn_eps)?;
     debug_assert_eq!(deploy.form, Form::Deploy);
     let spec = &deploy.spec;
     let mut b = Builder {
@@ -333,13 +346,15 @@ pub fn export(ckpt: &Checkpoint, bn_eps: f64, options: ExportOptions) -> Result<
 pub fn export_qdq(
     model: &repvgg_checkpoint::quantized::QuantizedModel,
     options: ExportOptions,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, ExportError> {
     if !(13..=*OPSETS.end()).contains(&options.opset) {
-        return Err(format!(
-            "opset {}: an INT8 (QDQ) graph needs per-channel DequantizeLinear, opset 13 to {}",
-            options.opset,
-            OPSETS.end()
-        ));
+        return Err(ExportError::Opset {
+            opset: options.opset,
+            needs: format!(
+                ": an INT8 (QDQ) graph needs per-channel DequantizeLinear, opset 13 to {}",
+                OPSETS.end()
+            ),
+        });
     }
     let spec = &model.spec;
     let acts = &model.info.activations;

@@ -53,7 +53,9 @@ fn every_named_variant_exports_and_agrees_in_onnxruntime() {
         let model = dir.path().join("model.onnx");
         std::fs::write(&model, export(&deploy, 1e-5, options).unwrap()).unwrap();
         let engine = Engine::from_checkpoint(&deploy, 1e-5).unwrap();
-        let logits = engine.forward(&input, n, h, w, &mut Workspace::default());
+        let logits = engine
+            .forward(&input, n, h, w, &mut Workspace::default())
+            .unwrap();
         let expected = dir.path().join("expected.safetensors");
         // check_onnx.py compares the graph's first output with tensor `logits`; a headless
         // graph's output is the pooled features.

@@ -49,11 +49,22 @@ pub enum SubmitError {
     Full(usize),
     #[error("the server is shutting down")]
     Closed,
+    /// Checked here so that one malformed job cannot fail the batch it would join.
+    #[error("{len} input values are not {n} images of {channels}x{h}x{w}")]
+    Input {
+        len: usize,
+        n: usize,
+        channels: usize,
+        h: usize,
+        w: usize,
+    },
 }
 
 /// The submitting side; cheap to share between request handlers.
 pub struct Batcher {
     queue: SyncSender<Job>,
+    /// The model's input channels.
+    channels: usize,
     depth: Arc<AtomicUsize>,
     arriving: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -85,6 +96,7 @@ impl Batcher {
             .build()
             .map_err(std::io::Error::other)?;
         let (queue, jobs) = sync_channel(policy.queue);
+        let channels = runner.spec().in_channels;
         let depth = Arc::new(AtomicUsize::new(0));
         let arriving = Arc::new(AtomicUsize::new(0));
         let worker = EngineWorker {
@@ -104,6 +116,7 @@ impl Batcher {
         Ok((
             Batcher {
                 queue,
+                channels,
                 depth,
                 arriving,
                 metrics,
@@ -122,6 +135,18 @@ impl Batcher {
     /// Queues a job, or refuses it at once when the queue is full.
     pub fn submit(&self, job: Job, arrival: Arrival) -> Result<(), SubmitError> {
         let _arrived = arrival;
+        let expected = [job.n, self.channels, job.h, job.w]
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if job.h == 0 || job.w == 0 || expected != Some(job.input.len()) {
+            return Err(SubmitError::Input {
+                len: job.input.len(),
+                n: job.n,
+                channels: self.channels,
+                h: job.h,
+                w: job.w,
+            });
+        }
         self.depth.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(job) {
             Ok(()) => {
@@ -244,11 +269,19 @@ impl EngineWorker {
         let started = Instant::now();
         let runner = &mut self.runner;
         let pool = &self.pool;
-        // The server answers even if the engine has a bug: the batch's requests get a 500
-        // and the thread goes on with the next batch.
+        // The server answers even if the engine fails or has a bug: the batch's requests get
+        // a 500 and the thread goes on with the next batch.
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             pool.install(|| runner.forward(input, images, h, w))
-        }));
+        }))
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into())
+        })
+        .and_then(|logits| logits.map_err(|e| e.to_string()));
         self.metrics
             .engine_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -263,12 +296,7 @@ impl EngineWorker {
                     let _ = job.reply.send(Ok(part));
                 }
             }
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
+            Err(message) => {
                 for job in batch {
                     let _ = job.reply.send(Err(JobError::Engine(message.clone())));
                 }

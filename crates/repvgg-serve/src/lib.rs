@@ -433,6 +433,7 @@ async fn run_batch(
             retry_after: Some(1),
         },
         SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        SubmitError::Input { .. } => ApiError::bad_request(e.to_string()),
     })?;
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, answer).await {
@@ -540,7 +541,7 @@ struct ClassifyQuery {
 pub fn top_classes(logits: &[f32], k: usize, labels: &[String]) -> serde_json::Value {
     repvgg_engine::top_classes(logits, k)
         .into_iter()
-        .map(|(i, p)| json!({"index": i, "label": labels[i], "prob": p}))
+        .map(|(i, p)| json!({"index": i, "label": labels.get(i), "prob": p}))
         .collect()
 }
 
@@ -555,6 +556,13 @@ async fn classify(
     let top = query.top.unwrap_or(5);
     if top == 0 {
         return Err(ApiError::bad_request("top must be at least 1"));
+    }
+    if state.contract.channels != 3 {
+        return Err(ApiError::bad_request(format!(
+            "this model takes {} input channels and /v1/classify makes RGB images; send \
+             tensors to /v2/models/{}/infer",
+            state.contract.channels, state.name
+        )));
     }
     let multipart = request
         .headers()
@@ -602,12 +610,12 @@ async fn classify(
         use rand::SeedableRng;
         let mut input = Vec::new();
         for (name, bytes) in &images {
-            let image = repvgg_data::decode_image_bytes(bytes).map_err(|problem| {
-                ApiError::bad_request(match name {
-                    Some(name) => format!("image '{name}': {problem}"),
-                    None => format!("the body: {problem}"),
-                })
-            })?;
+            let origin = match name {
+                Some(name) => format!("image '{name}'"),
+                None => "the body".to_string(),
+            };
+            let image = repvgg_data::decode_image_bytes(bytes, std::path::Path::new(&origin))
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
             // Evaluation transforms draw no random numbers.
             let (pixels, _, _) = worker_state
                 .pipeline

@@ -43,6 +43,8 @@ pub enum TrainError {
     Checkpoint(#[from] repvgg_checkpoint::CheckpointError),
     #[error(transparent)]
     Engine(#[from] repvgg_engine::EngineError),
+    #[error(transparent)]
+    Backend(#[from] repvgg_burn::BurnError),
     #[error("{path}: {problem}")]
     File {
         path: std::path::PathBuf,

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::EpochRecord;
+use crate::{EpochRecord, TrainError};
 
 /// Finds a TrueType font on this machine for plotters' `ab_glyph` text. Without one the
 /// curves are still drawn, unlabelled.
@@ -46,8 +46,8 @@ fn panel(
     series: &[Series],
     epochs: f64,
     text: bool,
-) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<(), DrawingError> {
+    let err = |e: &dyn std::fmt::Display| DrawingError(e.to_string());
     let points = series.iter().flat_map(|s| s.2.iter().map(|p| p.1));
     let (lo, hi) = points.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
@@ -102,22 +102,31 @@ fn panel(
 }
 
 /// Loss (left) and accuracy (right) per epoch, train and validation, written atomically.
-pub fn draw_curves(path: &Path, history: &[EpochRecord]) -> Result<(), String> {
+pub fn draw_curves(path: &Path, history: &[EpochRecord]) -> Result<(), TrainError> {
+    let fail = |problem: String| TrainError::File {
+        path: path.to_path_buf(),
+        problem,
+    };
     const SIZE: (u32, u32) = (1100, 450);
     let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
-    draw(&mut pixels, SIZE, history)?;
+    draw(&mut pixels, SIZE, history).map_err(|e| fail(e.to_string()))?;
     let mut png = Vec::new();
     image::RgbImage::from_raw(SIZE.0, SIZE.1, pixels)
         .expect("buffer matches the size")
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?;
-    repvgg_checkpoint::write_atomically(path, &png).map_err(|e| e.problem)
+        .map_err(|e| fail(format!("cannot encode the plot: {e}")))?;
+    Ok(repvgg_checkpoint::write_atomically(path, &png)?)
 }
 
-fn draw(pixels: &mut [u8], size: (u32, u32), history: &[EpochRecord]) -> Result<(), String> {
+/// What plotters reports, as text: its error types are generic over the backend.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot draw the plot: {0}")]
+struct DrawingError(String);
+
+fn draw(pixels: &mut [u8], size: (u32, u32), history: &[EpochRecord]) -> Result<(), DrawingError> {
     let text = register_font();
     let root = BitMapBackend::with_buffer(pixels, size).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE).map_err(|e| DrawingError(e.to_string()))?;
     let (left, right) = root.split_horizontally(size.0 / 2);
     let at = |f: fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
         history.iter().map(|r| (r.epoch as f64, f(r))).collect()
@@ -143,7 +152,7 @@ fn draw(pixels: &mut [u8], size: (u32, u32), history: &[EpochRecord]) -> Result<
         epochs,
         text,
     )?;
-    root.present().map_err(|e| e.to_string())
+    root.present().map_err(|e| DrawingError(e.to_string()))
 }
 
 #[cfg(test)]

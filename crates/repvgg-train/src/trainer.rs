@@ -221,9 +221,7 @@ impl<'a> Trainer<'a> {
         let preprocessing = config.preprocessing(data);
         let labels = data.class_names.clone();
         let (train_pipeline, eval_pipeline) = config.pipelines(data);
-        let device = repvgg_burn::device(options.backend)
-            .map_err(TrainError::Config)?
-            .autodiff();
+        let device = repvgg_burn::device(options.backend)?.autodiff();
         let mut trainer = Trainer {
             sgd: Sgd::new(
                 config.momentum,
@@ -516,7 +514,6 @@ impl<'a> Trainer<'a> {
         repvgg_checkpoint::write_atomically(&csv_path, &bytes)?;
         let png = self.out.join("curves.png");
         crate::plot::draw_curves(&png, &self.position.history)
-            .map_err(|problem| file_error(&png, problem))
     }
 
     /// The model's weights as a checkpoint that knows how it is fed.
@@ -594,7 +591,7 @@ impl<'a> Trainer<'a> {
             }
         }
         let checked = Checkpoint::from_state_dict(self.config.arch.clone(), Form::Train, weights)
-            .map_err(|e| fail(e.problem))?;
+            .map_err(|e| fail(e.problem.message))?;
         self.model = Some(RepVggTrain::from_state_dict(
             &self.config.arch,
             &checked.tensors,
@@ -731,7 +728,7 @@ pub fn evaluate_with(
     pipeline: Pipeline,
     batch_size: usize,
     classes: usize,
-    mut forward: impl FnMut(&Batch) -> Vec<f32>,
+    mut forward: impl FnMut(&Batch) -> Result<Vec<f32>, TrainError>,
 ) -> Result<EvalRun, TrainError> {
     let plan = EpochPlan {
         batch_size,
@@ -746,7 +743,7 @@ pub fn evaluate_with(
     for batch in Loader::new(samples.clone(), pipeline, plan) {
         let batch = batch?;
         let start = Instant::now();
-        logits.extend(forward(&batch));
+        logits.extend(forward(&batch)?);
         seconds += start.elapsed().as_secs_f64();
         labels.extend_from_slice(&batch.labels);
     }
@@ -775,11 +772,11 @@ pub fn evaluate_train_form(
     evaluate_with(samples, pipeline, batch_size, classes, |batch| {
         let x: Tensor<4> =
             Tensor::from_data(TensorData::new(batch.images.clone(), batch.shape), &device);
-        model
+        Ok(model
             .forward(x)
             .into_data()
             .try_into_vec::<f32>()
-            .expect("logits are f32")
+            .expect("logits are f32"))
     })
 }
 
@@ -794,6 +791,6 @@ pub fn evaluate_engine(
     let classes = engine.spec().num_classes;
     evaluate_with(samples, pipeline, batch_size, classes, |batch| {
         let [n, _, h, w] = batch.shape;
-        engine.forward(&batch.images, n, h, w, &mut workspace)
+        Ok(engine.forward(&batch.images, n, h, w, &mut workspace)?)
     })
 }

@@ -4,11 +4,13 @@
 
 use rayon::prelude::*;
 
+use super::{ShapeError, check_len};
+
 /// Per channel of an NCHW batch: mean and biased variance over (image, pixel), as
 /// `[means..., variances...]`. Sums run in f64, so `E[x^2] - mean^2` loses nothing that
 /// matters at f32.
-pub fn channel_stats(input: &[f32], batch: usize, channels: usize) -> Vec<f32> {
-    let plane = plane_len(input.len(), batch, channels);
+pub fn channel_stats(input: &[f32], batch: usize, channels: usize) -> Result<Vec<f32>, ShapeError> {
+    let plane = plane_len(input.len(), batch, channels)?;
     let count = (batch * plane) as f64;
     let sums: Vec<(f64, f64, f64)> = (0..channels)
         .into_par_iter()
@@ -31,8 +33,11 @@ pub fn channel_stats(input: &[f32], batch: usize, channels: usize) -> Vec<f32> {
     let var = sums
         .iter()
         .map(|&(_, s, q)| (q / count - (s / count).powi(2)).max(0.0));
-    mean.chain(var).map(|v| v as f32).collect()
+    Ok(mean.chain(var).map(|v| v as f32).collect())
 }
+
+/// The gradients of a batch norm with respect to its input, gamma and beta.
+pub type Gradients = (Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// Batch norm with given batch statistics (from [`channel_stats`]):
 /// `y = (x - mean) / sqrt(var + eps) * gamma + beta`, per channel.
@@ -43,12 +48,14 @@ pub fn batch_norm(
     gamma: &[f32],
     beta: &[f32],
     eps: f64,
-) -> Vec<f32> {
+) -> Result<Vec<f32>, ShapeError> {
     let channels = gamma.len();
-    let plane = plane_len(input.len(), batch, channels);
+    let plane = plane_len(input.len(), batch, channels)?;
+    check_len("batch statistics", stats.len(), 2 * channels)?;
+    check_len("beta", beta.len(), channels)?;
     let mut out = vec![0.0f32; input.len()];
     if plane == 0 {
-        return out;
+        return Ok(out);
     }
     out.par_chunks_mut(plane)
         .zip(input.par_chunks(plane))
@@ -62,7 +69,7 @@ pub fn batch_norm(
                 .zip(x)
                 .for_each(|(o, &v)| *o = v * scale + shift);
         });
-    out
+    Ok(out)
 }
 
 /// The gradients of [`batch_norm`] with respect to x, gamma and beta, the batch statistics'
@@ -76,9 +83,11 @@ pub fn batch_norm_grad(
     gamma: &[f32],
     eps: f64,
     out_grad: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> Result<Gradients, ShapeError> {
     let channels = gamma.len();
-    let plane = plane_len(input.len(), batch, channels);
+    let plane = plane_len(input.len(), batch, channels)?;
+    check_len("batch statistics", stats.len(), 2 * channels)?;
+    check_len("output gradient", out_grad.len(), input.len())?;
     let count = (batch * plane) as f64;
     let planes = |c: usize| {
         (0..batch).map(move |n| (n * channels + c) * plane..(n * channels + c + 1) * plane)
@@ -125,7 +134,7 @@ pub fn batch_norm_grad(
     }
     let dgamma = sums.iter().map(|&(_, g)| g as f32).collect();
     let dbeta = sums.iter().map(|&(b, _)| b as f32).collect();
-    (dx, dgamma, dbeta)
+    Ok((dx, dgamma, dbeta))
 }
 
 /// `1 / sqrt(var + eps)` of channel c, from [`channel_stats`]' `[means..., variances...]`.
@@ -134,16 +143,18 @@ fn inv_std(stats: &[f32], channels: usize, c: usize, eps: f64) -> f64 {
 }
 
 /// Values per (image, channel) plane; 0 for an empty batch.
-fn plane_len(len: usize, batch: usize, channels: usize) -> usize {
-    if batch * channels == 0 {
-        assert_eq!(len, 0, "{len} values for an empty batch");
-        return 0;
+fn plane_len(len: usize, batch: usize, channels: usize) -> Result<usize, ShapeError> {
+    let planes = batch.saturating_mul(channels);
+    if planes == 0 {
+        check_len("an empty batch", len, 0)?;
+        return Ok(0);
     }
-    assert!(
-        len.is_multiple_of(batch * channels),
-        "{len} values do not make {batch} images of {channels} channels"
-    );
-    len / (batch * channels)
+    if !len.is_multiple_of(planes) {
+        return Err(ShapeError(format!(
+            "{len} values do not make {batch} images of {channels} channels"
+        )));
+    }
+    Ok(len / planes)
 }
 
 /// `(sum f(a, b), sum g(a, b))` over two equal-length slices, in 8 f32 lanes (so it
@@ -188,9 +199,9 @@ mod tests {
         let gamma = [0.5f32, -1.25, 2.0, 1.0];
         let beta = [0.1f32, 0.0, -0.3, 2.0];
         let eps = 1e-5;
-        let stats = channel_stats(&x, batch, channels);
-        let y = batch_norm(&x, batch, &stats, &gamma, &beta, eps);
-        let (dx, dgamma, dbeta) = batch_norm_grad(&x, batch, &stats, &gamma, eps, &dy);
+        let stats = channel_stats(&x, batch, channels).unwrap();
+        let y = batch_norm(&x, batch, &stats, &gamma, &beta, eps).unwrap();
+        let (dx, dgamma, dbeta) = batch_norm_grad(&x, batch, &stats, &gamma, eps, &dy).unwrap();
         let m = (batch * plane) as f64;
         for c in 0..channels {
             let at = |n: usize, p: usize| (n * channels + c) * plane + p;
@@ -226,10 +237,14 @@ mod tests {
 
     #[test]
     fn an_empty_batch_gives_no_outputs_and_zero_parameter_gradients() {
-        let stats = channel_stats(&[], 0, 4);
+        let stats = channel_stats(&[], 0, 4).unwrap();
         let (gamma, beta) = (vec![1.0; 4], vec![0.0; 4]);
-        assert!(batch_norm(&[], 0, &stats, &gamma, &beta, 1e-5).is_empty());
-        let (dx, dgamma, dbeta) = batch_norm_grad(&[], 0, &stats, &gamma, 1e-5, &[]);
+        assert!(
+            batch_norm(&[], 0, &stats, &gamma, &beta, 1e-5)
+                .unwrap()
+                .is_empty()
+        );
+        let (dx, dgamma, dbeta) = batch_norm_grad(&[], 0, &stats, &gamma, 1e-5, &[]).unwrap();
         assert!(dx.is_empty());
         assert_eq!((dgamma, dbeta), (vec![0.0; 4], vec![0.0; 4]));
     }

@@ -23,6 +23,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::{ShapeError, check_len};
 use crate::gemm::{self, Init, NR, PackedB, Product, row_block};
 use crate::partition::{round_up, split};
 use crate::{Isa, OutPtr};
@@ -45,20 +46,22 @@ pub struct ConvShape {
 
 impl ConvShape {
     /// Why this shape cannot be convolved, if it cannot.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ShapeError> {
         let s = self;
         if s.kernel == 0 || s.stride == 0 || s.groups == 0 || s.in_channels == 0 {
-            return Err(format!(
+            return Err(ShapeError(format!(
                 "{s:?}: kernel, stride, groups and input channels must be positive"
-            ));
+            )));
         }
         if !s.in_channels.is_multiple_of(s.groups) || !s.out_channels.is_multiple_of(s.groups) {
-            return Err(format!("{s:?}: channels must divide into the groups"));
+            return Err(ShapeError(format!(
+                "{s:?}: channels must divide into the groups"
+            )));
         }
         if s.height + 2 * s.padding < s.kernel || s.width + 2 * s.padding < s.kernel {
-            return Err(format!(
+            return Err(ShapeError(format!(
                 "{s:?}: the padded input is smaller than the kernel"
-            ));
+            )));
         }
         Ok(())
     }
@@ -106,10 +109,15 @@ impl ConvShape {
 }
 
 /// `Y = conv(x, W)`: NCHW input, `(out, in / groups, k, k)` weight, NCHW output.
-pub fn forward(isa: Isa, shape: &ConvShape, input: &[f32], weight: &[f32]) -> Vec<f32> {
-    let plan = Plan::new(isa, shape);
-    assert_eq!(input.len(), shape.input_len(), "input length");
-    assert_eq!(weight.len(), shape.weight_len(), "weight length");
+pub fn forward(
+    isa: Isa,
+    shape: &ConvShape,
+    input: &[f32],
+    weight: &[f32],
+) -> Result<Vec<f32>, ShapeError> {
+    let plan = Plan::new(isa, shape)?;
+    check_len("input", input.len(), shape.input_len())?;
+    check_len("weight", weight.len(), shape.weight_len())?;
     let padded = plan.pad(input);
     let mut y = vec![0.0f32; shape.out_channels * plan.columns];
     let out = OutPtr(y.as_mut_ptr());
@@ -144,17 +152,20 @@ pub fn forward(isa: Isa, shape: &ConvShape, input: &[f32], weight: &[f32]) -> Ve
             unsafe { gemm::gemm(plan.isa, &product) }
         },
     );
-    if plan.direct { y } else { plan.to_nchw(&y) }
+    Ok(if plan.direct { y } else { plan.to_nchw(&y) })
 }
 
 /// `dL/dx` from `dL/dY`: each output gradient, times the weights, added back onto the input
 /// pixels it was computed from.
-pub fn input_grad(isa: Isa, shape: &ConvShape, weight: &[f32], out_grad: &[f32]) -> Vec<f32> {
-    if let Err(e) = shape.check() {
-        panic!("{e}");
-    }
-    assert_eq!(weight.len(), shape.weight_len(), "weight length");
-    assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
+pub fn input_grad(
+    isa: Isa,
+    shape: &ConvShape,
+    weight: &[f32],
+    out_grad: &[f32],
+) -> Result<Vec<f32>, ShapeError> {
+    shape.check()?;
+    check_len("weight", weight.len(), shape.weight_len())?;
+    check_len("output gradient", out_grad.len(), shape.output_len())?;
     if shape.stride == 1 && shape.padding < shape.kernel {
         // A stride-1 convolution's input gradient is itself a convolution: of dY, by the
         // kernel flipped and with its channel axes swapped, padded by k - 1 - p. That runs as
@@ -188,7 +199,7 @@ pub fn input_grad(isa: Isa, shape: &ConvShape, weight: &[f32], out_grad: &[f32])
         };
         return forward(isa, &transposed_shape, out_grad, &flipped);
     }
-    let plan = Plan::new(isa, shape);
+    let plan = Plan::new(isa, shape)?;
     let dy = plan.arrange(out_grad);
     let (out_g, reduction) = (plan.out_per_group, plan.reduction);
     let transposed = transpose_per_group(weight, out_g, reduction);
@@ -257,7 +268,7 @@ pub fn input_grad(isa: Isa, shape: &ConvShape, weight: &[f32], out_grad: &[f32])
             }
         },
     );
-    plan.unpad(padded_grad)
+    Ok(plan.unpad(padded_grad))
 }
 
 /// Per group, a `(rows, cols)` matrix transposed, in 32x32 tiles so both sides move by lines.
@@ -289,13 +300,18 @@ fn transpose_per_group(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// `dL/dW` from the input and `dL/dY`: the sum over every output position of its gradient
 /// times the input pixels it read.
-pub fn weight_grad(isa: Isa, shape: &ConvShape, input: &[f32], out_grad: &[f32]) -> Vec<f32> {
-    let plan = Plan::new(isa, shape);
-    assert_eq!(input.len(), shape.input_len(), "input length");
-    assert_eq!(out_grad.len(), shape.output_len(), "output gradient length");
+pub fn weight_grad(
+    isa: Isa,
+    shape: &ConvShape,
+    input: &[f32],
+    out_grad: &[f32],
+) -> Result<Vec<f32>, ShapeError> {
+    let plan = Plan::new(isa, shape)?;
+    check_len("input", input.len(), shape.input_len())?;
+    check_len("output gradient", out_grad.len(), shape.output_len())?;
     let mut grad = vec![0.0f32; shape.weight_len()];
     if plan.columns == 0 {
-        return grad;
+        return Ok(grad);
     }
     let padded = plan.pad(input);
     let dy = plan.arrange(out_grad);
@@ -353,7 +369,7 @@ pub fn weight_grad(isa: Isa, shape: &ConvShape, input: &[f32], out_grad: &[f32])
     for partial in &partials {
         grad.iter_mut().zip(partial).for_each(|(g, p)| *g += p);
     }
-    grad
+    Ok(grad)
 }
 
 /// Positions summed per packed block of the weight gradient.
@@ -384,10 +400,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(isa: Isa, shape: &ConvShape) -> Plan {
-        if let Err(e) = shape.check() {
-            panic!("{e}");
-        }
+    fn new(isa: Isa, shape: &ConvShape) -> Result<Plan, ShapeError> {
+        shape.check()?;
         let s = *shape;
         let (oh, ow) = (s.out_height(), s.out_width());
         let (ph, pw) = (s.height + 2 * s.padding, s.width + 2 * s.padding);
@@ -406,7 +420,7 @@ impl Plan {
                     .flat_map(move |dy| (0..s.kernel).map(move |dx| c * ph * pw + dy * pw + dx))
             })
             .collect();
-        Plan {
+        Ok(Plan {
             shape: s,
             in_per_group,
             out_per_group: s.out_channels / s.groups,
@@ -420,7 +434,7 @@ impl Plan {
             tap_offset,
             isa,
             row_block: row_block(isa),
-        }
+        })
     }
 
     /// Where value (output channel k, column j) of an output-shaped buffer is.
@@ -726,9 +740,17 @@ mod tests {
             // f32 products summed over at most a few hundred terms: a few 1e-7 of the scale.
             for isa in Isa::available() {
                 for (name, got, want) in [
-                    ("forward", forward(isa, &s, &x, &wt), &y_ref),
-                    ("input grad", input_grad(isa, &s, &wt, &dy), &dx_ref),
-                    ("weight grad", weight_grad(isa, &s, &x, &dy), &dw_ref),
+                    ("forward", forward(isa, &s, &x, &wt).unwrap(), &y_ref),
+                    (
+                        "input grad",
+                        input_grad(isa, &s, &wt, &dy).unwrap(),
+                        &dx_ref,
+                    ),
+                    (
+                        "weight grad",
+                        weight_grad(isa, &s, &x, &dy).unwrap(),
+                        &dw_ref,
+                    ),
                 ] {
                     let err = relative_error(&got, want);
                     assert!(err < 1e-5, "{isa} {name} {s:?}: relative error {err:e}");
@@ -752,9 +774,50 @@ mod tests {
         };
         let w = vec![1.0; s.weight_len()];
         for isa in Isa::available() {
-            assert!(forward(isa, &s, &[], &w).is_empty());
-            assert!(input_grad(isa, &s, &w, &[]).is_empty());
-            assert_eq!(weight_grad(isa, &s, &[], &[]), vec![0.0; s.weight_len()]);
+            assert!(forward(isa, &s, &[], &w).unwrap().is_empty());
+            assert!(input_grad(isa, &s, &w, &[]).unwrap().is_empty());
+            assert_eq!(
+                weight_grad(isa, &s, &[], &[]).unwrap(),
+                vec![0.0; s.weight_len()]
+            );
+        }
+    }
+
+    #[test]
+    fn buffers_of_the_wrong_length_and_impossible_shapes_are_errors() {
+        let s = ConvShape {
+            batch: 2,
+            in_channels: 4,
+            height: 5,
+            width: 5,
+            out_channels: 8,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            groups: 2,
+        };
+        let (x, w, dy) = (
+            vec![1.0; s.input_len()],
+            vec![1.0; s.weight_len()],
+            vec![1.0; s.output_len()],
+        );
+        let isa = Isa::Portable;
+        let err = forward(isa, &s, &x[1..], &w).unwrap_err();
+        assert!(err.0.contains("input has"), "{err}");
+        assert!(forward(isa, &s, &x, &w[1..]).is_err());
+        assert!(input_grad(isa, &s, &w, &dy[1..]).is_err());
+        assert!(weight_grad(isa, &s, &x, &dy[1..]).is_err());
+        for bad in [
+            ConvShape { groups: 3, ..s },
+            ConvShape { stride: 0, ..s },
+            ConvShape {
+                height: 0,
+                padding: 0,
+                ..s
+            },
+        ] {
+            let err = forward(isa, &bad, &x, &w).unwrap_err();
+            assert!(err.0.contains("ConvShape"), "{err}");
         }
     }
 }
