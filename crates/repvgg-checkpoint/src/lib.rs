@@ -486,6 +486,29 @@ fn summarise_mismatches(problems: &[String]) -> String {
 /// Writes to a temporary file beside `path`, syncs, then renames over it: a crash or a full
 /// disk leaves either the old file or the new one, never half of one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    write_atomically_observed(path, bytes, &mut |_| {})
+}
+
+/// The steps of [`write_atomically`], each reported once it has succeeded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteStep {
+    /// The bytes are in the temporary file.
+    Written,
+    /// The temporary file is on the disk (fsync).
+    FileSynced,
+    /// The temporary file has the destination's name.
+    Renamed,
+    /// The directory, and so the new name, is on the disk (fsync; Unix).
+    DirectorySynced,
+}
+
+/// [`write_atomically`], calling `observe` after each step: how a test sees that the data is
+/// synced before the rename and the directory after it.
+pub fn write_atomically_observed(
+    path: &Path,
+    bytes: &[u8],
+    observe: &mut dyn FnMut(WriteStep),
+) -> Result<(), CheckpointError> {
     let fail = |what: &str, e: std::io::Error| CheckpointError::new(path, Problem::io(what, &e));
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -499,14 +522,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError
     let result = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(|e| fail("cannot create", e))?;
         file.write_all(bytes).map_err(|e| fail("cannot write", e))?;
+        observe(WriteStep::Written);
         file.sync_all().map_err(|e| fail("cannot sync", e))?;
+        observe(WriteStep::FileSynced);
         std::fs::rename(&tmp, path).map_err(|e| fail("cannot rename into place", e))?;
+        observe(WriteStep::Renamed);
         // The rename lives in the directory: synced too, so that after a crash the name
         // points at the new file, not at nothing.
         #[cfg(unix)]
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| fail("cannot sync its directory", e))?;
+        {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| fail("cannot sync its directory", e))?;
+            observe(WriteStep::DirectorySynced);
+        }
         Ok(())
     })();
     if result.is_err() {

@@ -140,3 +140,30 @@ fn an_input_size_no_machine_can_hold_is_refused() {
     assert_eq!(kind, ErrorKind::BadMetadata, "{line}");
     assert!(line.contains("over 16384 pixels"), "{line}");
 }
+
+/// A checkpoint reaches the disk before it takes the destination's name, and the name before
+/// the write returns: the file is synced before the rename, the directory after it, and until
+/// the rename the destination still holds the previous file.
+#[test]
+fn checkpoints_are_synced_before_the_rename_and_the_directory_after() {
+    use repvgg_checkpoint::WriteStep;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.safetensors");
+    std::fs::write(&path, b"previous").unwrap();
+    let mut seen = Vec::new();
+    repvgg_checkpoint::write_atomically_observed(&path, b"new contents", &mut |step| {
+        seen.push((step, std::fs::read(&path).unwrap()));
+    })
+    .unwrap();
+    let previous = b"previous".to_vec();
+    let new = b"new contents".to_vec();
+    let mut expected = vec![
+        (WriteStep::Written, previous.clone()),
+        (WriteStep::FileSynced, previous),
+        (WriteStep::Renamed, new.clone()),
+    ];
+    if cfg!(unix) {
+        expected.push((WriteStep::DirectorySynced, new));
+    }
+    assert_eq!(seen, expected);
+}

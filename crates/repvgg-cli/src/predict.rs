@@ -379,6 +379,10 @@ pub fn run(args: PredictArgs) -> Result<()> {
             Ok(())
         })
     };
+    let cannot_write = || match &args.output {
+        Some(p) => format!("{}: cannot write", p.display()),
+        None => "cannot write to standard output".into(),
+    };
     let mut input = Vec::with_capacity(batch * image_len);
     for (paths, decoded) in batches {
         input.clear();
@@ -403,12 +407,9 @@ pub fn run(args: PredictArgs) -> Result<()> {
                     Err(e)
                 }
             };
-            writer.line(path, &outcome)?;
+            writer.line(path, &outcome).with_context(cannot_write)?;
         }
-        writer.flush().with_context(|| match &args.output {
-            Some(p) => format!("{}: cannot write", p.display()),
-            None => "cannot write to standard output".into(),
-        })?;
+        writer.flush().with_context(cannot_write)?;
         bar.inc(paths.len() as u64);
     }
     decoder

@@ -1791,6 +1791,44 @@ fn predict_over_a_folder_resumes() {
         }
     }
 
+    // The disk fills after about two lines: the run fails naming the output, and a run with
+    // room again completes it from what was written.
+    #[cfg(unix)]
+    {
+        std::fs::remove_file(&out).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_repvgg"));
+        command.args([
+            "predict",
+            "--weights",
+            w,
+            "--recursive",
+            "--batch",
+            "5",
+            r,
+            "--output",
+            o,
+        ]);
+        let room = full
+            .lines()
+            .take(2)
+            .map(|l| l.len() as u64 + 1)
+            .sum::<u64>()
+            + 20;
+        limit_file_size(&mut command, room);
+        let failed = command.output().unwrap();
+        assert!(!failed.status.success());
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(err.contains(o) && err.contains("cannot write"), "{err}");
+        assert!(std::fs::metadata(&out).unwrap().len() <= room);
+        run(&["--output", o]);
+        let after = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            by_file(&after).keys().collect::<Vec<_>>(),
+            b.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(after.lines().count(), 13);
+    }
+
     // CSV: a header, then one row per image.
     let csv_out = dir.path().join("preds.csv");
     run(&["--output", csv_out.to_str().unwrap(), "--top", "2"]);
@@ -1829,13 +1867,33 @@ fn specs_that_cannot_fit_are_refused_before_allocating() {
     assert!(err.contains("needs about"), "{err}");
 }
 
-/// A write that fails partway (the disk full: here the file-size limit, RLIMIT_FSIZE, set
-/// below the output's size, which makes write(2) fail with EFBIG) fails the command with an
-/// error naming the file, and leaves the previous file intact and no temporary file behind.
+/// The disk filling up, as far as `command` can tell: no file it writes may grow past
+/// `bytes` (RLIMIT_FSIZE), and write(2) past it fails with EFBIG instead of raising SIGXFSZ.
+#[cfg(unix)]
+fn limit_file_size(command: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls (signal, setrlimit) run.
+    unsafe {
+        command.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A write that fails partway (the disk full: here the file-size limit set below the
+/// output's size) fails the command with an error naming the file, and leaves the previous
+/// file intact and no temporary file behind.
 #[cfg(unix)]
 #[test]
 fn a_failed_write_keeps_the_previous_file() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("deploy.safetensors");
     let out_s = out.to_str().unwrap();
@@ -1845,20 +1903,7 @@ fn a_failed_write_keeps_the_previous_file() {
     let big = fixture("tiny_se/train_official.safetensors");
     let mut command = Command::new(env!("CARGO_BIN_EXE_repvgg"));
     command.args(["convert", big.to_str().unwrap(), out_s]);
-    // SAFETY: between fork and exec only async-signal-safe calls (signal, setrlimit) run.
-    unsafe {
-        command.pre_exec(|| {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            let limit = libc::rlimit {
-                rlim_cur: 16 * 1024,
-                rlim_max: 16 * 1024,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut command, 16 * 1024);
     let result = command.output().unwrap();
     assert!(!result.status.success());
     let err = String::from_utf8_lossy(&result.stderr);
@@ -1874,6 +1919,70 @@ fn a_failed_write_keeps_the_previous_file() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(left, [std::ffi::OsString::from("deploy.safetensors")]);
+}
+
+/// The disk filling up while training writes a checkpoint: the run stops with an error naming
+/// the checkpoint, the previous checkpoint is intact, no temporary file is left, and the run
+/// resumes from it once there is room.
+#[cfg(unix)]
+#[test]
+fn training_that_runs_out_of_disk_keeps_its_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = fixture("fashion-mnist-subset");
+    let out = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_repvgg"));
+        command
+            .args(["train", "--arch", "depths=1,1,1,1;widths=8,8,16,16;stem=8"])
+            .args(["--data", data.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap()])
+            .args(["--epochs", "2", "--batch", "100", "--checkpoint-every", "3"])
+            .arg("--quiet")
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    // A first run stopped once its first checkpoint is on disk.
+    let checkpoint = out.join("checkpoint.safetensors");
+    let mut child = train(&[]).spawn().unwrap();
+    let started = std::time::Instant::now();
+    while !checkpoint.is_file() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(120));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let before = std::fs::read(&checkpoint).unwrap();
+    // Resumed with no file allowed to reach the checkpoint's size: its next write fails.
+    let mut resumed = train(&["--resume"]);
+    limit_file_size(&mut resumed, before.len() as u64 / 2);
+    let failed = resumed.output().unwrap();
+    assert!(!failed.status.success());
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(err.contains("error: "), "{err:?}");
+    assert!(
+        err.contains("checkpoint.safetensors") && err.contains("cannot write"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&checkpoint).unwrap(),
+        before,
+        "the checkpoint changed"
+    );
+    let temporary: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains(".tmp"))
+        .collect();
+    assert!(temporary.is_empty(), "{temporary:?}");
+    let done = train(&["--resume"]).output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(out.join("train.safetensors").is_file());
 }
 
 /// Training killed with SIGKILL at three moments drawn (seeded) over an uninterrupted run's
