@@ -221,6 +221,10 @@ pub struct MemoryEstimate {
     pub engine_weights: u64,
     /// A forward pass's feature maps and workspace.
     pub activations: u64,
+    /// A training step's saved feature maps (every block's input, three branch outputs and
+    /// their batch norms, the sum and the ReLU, kept for the backward pass) and as much again
+    /// for gradients, plus the momentum buffers.
+    pub training: u64,
 }
 
 impl MemoryEstimate {
@@ -657,11 +661,21 @@ impl ArchSpec {
         let deploy = (self.params(Form::Deploy) as u64).saturating_mul(F32);
         let (mut h, mut w) = (h, w);
         let mut largest = 0u64;
+        let mut saved = 0u64;
+        // Products in u64, saturating: a size no machine holds must still give a number.
+        let map = |channels: usize, h: usize, w: usize| {
+            (channels as u64)
+                .saturating_mul(h as u64)
+                .saturating_mul(w as u64)
+        };
         for block in self.blocks() {
             let (oh, ow) = block.output_size(h, w);
-            let maps = ((block.in_channels * h * w) as u64)
-                .saturating_add((block.out_channels * oh * ow) as u64);
-            largest = largest.max(maps);
+            let (input, output) = (
+                map(block.in_channels, h, w),
+                map(block.out_channels, oh, ow),
+            );
+            largest = largest.max(input.saturating_add(output));
+            saved = saved.saturating_add(input.saturating_add(output.saturating_mul(8)));
             (h, w) = (oh, ow);
         }
         MemoryEstimate {
@@ -672,6 +686,10 @@ impl ArchSpec {
             // The largest block's input and output maps, and as much again for its workspace
             // (im2col rows or Winograd tiles).
             activations: largest.saturating_mul(batch as u64).saturating_mul(2 * F32),
+            training: saved
+                .saturating_mul(batch as u64)
+                .saturating_mul(2 * F32)
+                .saturating_add(train_weights.saturating_mul(2)),
         }
     }
 

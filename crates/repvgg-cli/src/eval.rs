@@ -126,6 +126,15 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         (None, _) => {}
     }
+    let [h, w] = preprocessing.size;
+    crate::check_memory(
+        &ckpt.spec,
+        args.batch,
+        h,
+        w,
+        false,
+        &args.weights.display().to_string(),
+    )?;
     if !args.json {
         eprintln!("input: {} ({source})", preprocessing.describe());
         eprintln!("model: {}", runner.describe());

@@ -441,6 +441,32 @@ pub fn check_memory(
     Ok(())
 }
 
+/// As [`check_memory`], for a training step: the feature maps kept for the backward pass,
+/// their gradients, the weights and the momentum.
+pub fn check_training_memory(
+    spec: &ArchSpec,
+    batch: usize,
+    h: usize,
+    w: usize,
+    what: &str,
+) -> Result<()> {
+    let need = spec.memory_estimate(batch, h, w).training;
+    let Some(available) = repvgg_engine::available_memory() else {
+        return Ok(());
+    };
+    if need > available {
+        let gb = |bytes: u64| bytes as f64 / 1e9;
+        bail!(
+            "{what}: training batches of {batch} at {h}x{w} need about {:.1} GB (saved feature \
+             maps, their gradients, weights and momentum); this machine has {:.1} GB available: \
+             lower --batch",
+            gb(need),
+            gb(available)
+        );
+    }
+    Ok(())
+}
+
 /// A variant or spec with seeded random weights (seed 0): the same model for `export
 /// --random`, `serve --random` and `bench --arch`, so timings of one can be set beside another.
 pub fn random_checkpoint(spec: &str) -> Result<Checkpoint> {

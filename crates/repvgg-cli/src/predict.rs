@@ -269,6 +269,16 @@ pub fn run(args: PredictArgs) -> Result<()> {
     }
     let names = class_names(args.labels.as_deref(), &ckpt)?;
     let (preprocessing, source) = args.input.resolve(&ckpt, imagenet_fallback(&ckpt))?;
+    let [h, w] = preprocessing.size;
+    let batch = args.batch as usize;
+    crate::check_memory(
+        &ckpt.spec,
+        batch,
+        h,
+        w,
+        false,
+        &args.weights.display().to_string(),
+    )?;
     let quiet = format != Format::Text && args.output.is_none();
     if !quiet {
         eprintln!("input: {} ({source})", preprocessing.describe());
@@ -332,9 +342,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     }
 
     let mut runner = repvgg_engine::Runner::new(&ckpt, args.bn_eps, None)?;
-    let [h, w] = preprocessing.size;
     let image_len = 3 * h * w;
-    let batch = args.batch as usize;
     let pipeline = Pipeline::for_model(&preprocessing);
     let bar = if args.output.is_some() {
         let bar = indicatif::ProgressBar::new(images.len() as u64);

@@ -329,6 +329,14 @@ pub(crate) fn train_and_finish(
     options: RunOptions,
 ) -> Result<Option<serde_json::Value>> {
     let quiet = !options.progress;
+    let [h, w] = config.preprocessing(data).size;
+    crate::check_training_memory(
+        &config.arch,
+        config.batch_size,
+        h,
+        w,
+        &out.display().to_string(),
+    )?;
     let mut trainer = Trainer::new(config, data, out, options)?;
     if let Some((epoch, step, global)) = trainer.resumed_at() {
         let epochs = trainer.config().epochs;

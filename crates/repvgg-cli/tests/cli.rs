@@ -1865,6 +1865,65 @@ fn specs_that_cannot_fit_are_refused_before_allocating() {
         "depths=1,1,1,1;widths=8,8,1000000,1000000;stem=8",
     ]);
     assert!(err.contains("needs about"), "{err}");
+    // Batches whose activations fit nowhere, for each command that runs them: refused
+    // before any image is read or any weight packed.
+    let weights = fixture("tiny/deploy_official.safetensors");
+    let w = weights.to_str().unwrap();
+    let photo = fixture("photos/rocket.jpg");
+    let p = photo.to_str().unwrap();
+    let err = fails(&[
+        "predict",
+        "--weights",
+        w,
+        "--size",
+        "16384",
+        "--batch",
+        "64",
+        p,
+    ]);
+    assert!(err.contains("batch 64 at 16384x16384 needs about"), "{err}");
+    let data = fixture("fashion-mnist-subset");
+    let d = data.to_str().unwrap();
+    let err = fails(&[
+        "eval",
+        "--weights",
+        w,
+        "--data",
+        d,
+        "--size",
+        "16384",
+        "--batch",
+        "64",
+    ]);
+    assert!(err.contains("batch 64 at 16384x16384 needs about"), "{err}");
+    // Training keeps every block's maps for the backward pass: far more than a forward.
+    let dir = tempfile::tempdir().unwrap();
+    for split in ["train", "val"] {
+        for class in ["a", "b"] {
+            let folder = dir.path().join("photos").join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..2 {
+                std::fs::copy(&photo, folder.join(format!("{i}.jpg"))).unwrap();
+            }
+        }
+    }
+    let photos = dir.path().join("photos");
+    let out = dir.path().join("run");
+    let err = fails(&[
+        "train",
+        "--arch",
+        "A0",
+        "--data",
+        photos.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--size",
+        "8192",
+        "--batch",
+        "4",
+    ]);
+    assert!(err.contains("training batches of 4 at 8192x8192"), "{err}");
+    assert!(err.contains("lower --batch"), "{err}");
 }
 
 /// The disk filling up, as far as `command` can tell: no file it writes may grow past
