@@ -89,18 +89,13 @@ impl Checkpoint {
         }
         let file_tensor_count = raw.len();
         let meta = |key: &str| metadata.as_ref().and_then(|m| m.get(key));
+        let unreadable = |key: &str, what: &str, e: serde_json::Error| {
+            fail(Problem::new(ErrorKind::BadMetadata, format!("unreadable {what}: {e}")).about(key))
+        };
         let run_state = meta(metadata::RUN_STATE_KEY)
             .map(|json| serde_json::from_str::<serde_json::Value>(json))
             .transpose()
-            .map_err(|e| {
-                fail(
-                    Problem::new(
-                        ErrorKind::BadMetadata,
-                        format!("unreadable training run state: {e}"),
-                    )
-                    .about(metadata::RUN_STATE_KEY),
-                )
-            })?;
+            .map_err(|e| unreadable(metadata::RUN_STATE_KEY, "training run state", e))?;
         if run_state.is_some() {
             // A resumable training checkpoint: the model's weights plus the optimizer's.
             raw.retain(|(key, _)| !key.starts_with(metadata::OPTIMIZER_PREFIX));
@@ -116,41 +111,25 @@ impl Checkpoint {
                 })
             })
             .transpose()
+            .map_err(|e| unreadable("repvgg.arch", "architecture in the metadata", e))?;
+        let preprocessing = meta(metadata::PREPROCESSING_KEY)
+            .map(|json| serde_json::from_str::<Preprocessing>(json))
+            .transpose()
             .map_err(|e| {
-                fail(
-                    Problem::new(
-                        ErrorKind::BadMetadata,
-                        format!("unreadable architecture in the metadata: {e}"),
-                    )
-                    .about("repvgg.arch"),
+                unreadable(
+                    metadata::PREPROCESSING_KEY,
+                    "preprocessing in the metadata",
+                    e,
                 )
             })?;
-        let preprocessing = meta(metadata::PREPROCESSING_KEY)
-            .map(|json| {
-                let p: Preprocessing = serde_json::from_str(json).map_err(|e| {
-                    Problem::new(
-                        ErrorKind::BadMetadata,
-                        format!("unreadable preprocessing in the metadata: {e}"),
-                    )
-                })?;
-                p.validate()
-                    .map_err(|e| e.within("bad preprocessing in the metadata"))?;
-                Ok(p)
-            })
-            .transpose()
-            .map_err(fail)?;
+        if let Some(p) = &preprocessing {
+            p.validate()
+                .map_err(|e| fail(e.within("bad preprocessing in the metadata")))?;
+        }
         let labels = meta(metadata::LABELS_KEY)
             .map(|json| serde_json::from_str::<Vec<String>>(json))
             .transpose()
-            .map_err(|e| {
-                fail(
-                    Problem::new(
-                        ErrorKind::BadMetadata,
-                        format!("unreadable class names in the metadata: {e}"),
-                    )
-                    .about(metadata::LABELS_KEY),
-                )
-            })?;
+            .map_err(|e| unreadable(metadata::LABELS_KEY, "class names in the metadata", e))?;
         let (tensors, naming, source_dtype) =
             normalise(raw).map_err(|(problem, details)| CheckpointError {
                 path: path.to_path_buf(),
@@ -163,8 +142,6 @@ impl Checkpoint {
             // YOLOv6's QARepVGG blocks deploy with their post-sum BN beside the conv.
             convert::fold_deployed_post_bn(&mut tensors, convert::DEFAULT_BN_EPS).map_err(fail)?;
         }
-        // Asked for, or recorded by whoever wrote the file (it knows strides and dilations,
-        // which shapes cannot tell), or read back from the shapes.
         if let Some(spec) = arch {
             spec.validate().map_err(|e| {
                 fail(Problem::new(
@@ -173,6 +150,8 @@ impl Checkpoint {
                 ))
             })?;
         }
+        // Asked for, or recorded by whoever wrote the file (it knows strides and dilations,
+        // which shapes cannot tell), or read back from the shapes.
         let (spec, source) = match (arch, recorded_arch) {
             (Some(spec), _) => (spec.clone(), ArchSource::Requested),
             (None, Some(spec)) => (spec, ArchSource::Recorded),

@@ -152,6 +152,11 @@ impl QuantizedModel {
                 format!("block {bad} does not exist ({} blocks)", blocks.len()),
             ));
         }
+        for (i, b) in blocks.iter().enumerate() {
+            if !float_blocks.contains(&i) {
+                fits_i32_sums(b)?;
+            }
+        }
         let convs = blocks
             .iter()
             .enumerate()
@@ -375,6 +380,27 @@ pub fn is_quantized(metadata: Option<&HashMap<String, String>>) -> bool {
     metadata.is_some_and(|m| m.contains_key(QUANTIZATION_KEY))
 }
 
+/// The most input channels per group an INT8 block may take. The engine's sums are i32: a
+/// bias (clamped within 2^30), the zero-point correction and the products (at most 255 x 127
+/// each, nine a channel) must stay inside it. The widest published layer takes 768.
+pub const MAX_INT8_INPUT_CHANNELS_PER_GROUP: usize =
+    (i32::MAX as usize - (1 << 30)) / (2 * 255 * 127 * 9);
+
+fn fits_i32_sums(block: &repvgg_arch::BlockSpec) -> Result<(), Problem> {
+    let per_group = block.in_channels / block.groups;
+    if per_group > MAX_INT8_INPUT_CHANNELS_PER_GROUP {
+        return Err(Problem::new(
+            ErrorKind::Unsupported,
+            format!(
+                "block {} takes {per_group} input channels per group; INT8's 32-bit sums hold \
+                 at most {MAX_INT8_INPUT_CHANNELS_PER_GROUP} (keep it in float with --fp32-layers)",
+                block.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the model from a parsed file.
 pub(crate) fn from_parts(
     st: &safetensors::SafeTensors<'_>,
@@ -478,6 +504,9 @@ pub(crate) fn from_parts(
     for b in &blocks {
         let p = prefix(b);
         let shape = [b.out_channels, b.in_channels / b.groups, 3, 3];
+        if !info.float_layers.contains(&b.name()) {
+            fits_i32_sums(b)?;
+        }
         if info.float_layers.contains(&b.name()) {
             let weight = floats(tensor(&format!("{p}{REPARAM}weight"), Dtype::F32, &shape)?);
             let bias = floats(tensor(

@@ -167,3 +167,29 @@ fn checkpoints_are_synced_before_the_rename_and_the_directory_after() {
     }
     assert_eq!(seen, expected);
 }
+
+/// INT8 sums are 32-bit: a block wider than they hold is refused, naming it and the way out,
+/// rather than quantized into sums that wrap.
+#[test]
+fn int8_refuses_blocks_too_wide_for_its_sums() {
+    use repvgg_checkpoint::quantized::MAX_INT8_INPUT_CHANNELS_PER_GROUP;
+    let wide = MAX_INT8_INPUT_CHANNELS_PER_GROUP + 1;
+    let spec = repvgg_arch::ArchSpec::parse(&format!("depths=1,1,1,1;widths=8,8,{wide},8;stem=8"))
+        .unwrap();
+    let tensors = repvgg_checkpoint::random::training_weights(&spec, 0);
+    let deploy = Checkpoint::from_state_dict(spec, repvgg_arch::Form::Train, tensors)
+        .unwrap()
+        .to_deploy(1e-5)
+        .unwrap();
+    let blocks = deploy.spec.blocks().len();
+    let acts = vec![ActivationQuant::covering(-2.0, 3.0); blocks + 1];
+    let err = QuantizedModel::quantize(&deploy, acts.clone(), "minmax", 1, 127, &[]).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unsupported);
+    assert!(
+        err.message
+            .contains(&format!("stage4.0 takes {wide} input channels")),
+        "{err}"
+    );
+    // Kept in float, the block is no longer a problem.
+    QuantizedModel::quantize(&deploy, acts, "minmax", 1, 127, &[blocks - 1]).unwrap();
+}
