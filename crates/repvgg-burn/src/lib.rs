@@ -47,10 +47,11 @@ pub enum Backend {
 
 /// Why the framework side cannot run as asked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BurnError {
     /// A backend this binary was built without.
     #[error(
-        "this build has no {0:?} backend; rebuild with `cargo build --release -p repvgg-cli --features wgpu`"
+        "this build has no GPU backend ({0:?}); rebuild with `cargo build --release -p repvgg-cli --features wgpu`"
     )]
     BackendNotBuilt(Backend),
 }

@@ -7,7 +7,7 @@ use repvgg_fuse::{
     fuse_qa_branches,
 };
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 use crate::layout::{
     self, BN_FIELDS, DENSE_BN, DENSE_CONV, HEAD, IDENTITY_BN, ONE_BN, ONE_CONV, QA_ONE_CONV,
     QA_POST_BN, REPARAM,
@@ -20,7 +20,11 @@ pub const DEFAULT_BN_EPS: f64 = 1e-5;
 
 fn get<'a>(dict: &'a StateDict, key: &str) -> Result<&'a Tensor, Problem> {
     dict.get(key).ok_or_else(|| {
-        Problem::new(ErrorKind::MissingKey, format!("missing key '{key}'")).about(key)
+        Problem::new(
+            CheckpointErrorKind::MissingKey,
+            format!("missing key '{key}'"),
+        )
+        .about(key)
     })
 }
 
@@ -28,7 +32,7 @@ fn kernel(dict: &StateDict, key: &str) -> Result<Kernel<f64>, Problem> {
     let t = get(dict, key)?;
     let [o, i, h, w] = t.shape[..] else {
         return Err(Problem::new(
-            ErrorKind::ShapeMismatch,
+            CheckpointErrorKind::ShapeMismatch,
             format!("'{key}' has shape {:?}, expected a 4-d kernel", t.shape),
         ));
     };
@@ -126,13 +130,19 @@ pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, Pr
             bn.running_mean.len(),
             bn.running_var.len(),
         ];
-        if k.in_per_group == 0
-            || k.height == 0
-            || k.width == 0
-            || lengths.iter().any(|&l| l != outputs)
-        {
+        if k.in_per_group == 0 || k.height == 0 || k.width == 0 {
             return Err(Problem::new(
-                ErrorKind::ShapeMismatch,
+                CheckpointErrorKind::ShapeMismatch,
+                format!(
+                    "'{p}{REPARAM}weight' has shape {:?}, with no values",
+                    k.shape()
+                ),
+            )
+            .about(format!("{p}{REPARAM}weight")));
+        }
+        if lengths.iter().any(|&l| l != outputs) {
+            return Err(Problem::new(
+                CheckpointErrorKind::ShapeMismatch,
                 format!(
                     "'{p}{REPARAM}weight' has shape {:?}, but its bias and the BN after it have {lengths:?} values",
                     k.shape()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// What is wrong, by kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum ErrorKind {
+pub enum CheckpointErrorKind {
     /// Reading or writing failed: a missing file, permissions, a full disk.
     Io,
     /// The bytes break their own format: a truncated zip, a malformed header or pickle.
@@ -36,6 +36,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// Valid, but not something this toolkit does: an unknown naming, INT8 with SE blocks.
     Unsupported,
+    /// A bug in the reader itself, reported instead of a panic: not the file's fault.
+    Internal,
 }
 
 /// A problem before it is tied to a file: the readers and converters return these, and
@@ -43,7 +45,7 @@ pub enum ErrorKind {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Problem {
-    pub kind: ErrorKind,
+    pub kind: CheckpointErrorKind,
     /// The tensor or metadata key concerned, when there is one.
     pub key: Option<String>,
     /// One line a person can read.
@@ -51,7 +53,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Problem {
+    pub fn new(kind: CheckpointErrorKind, message: impl Into<String>) -> Problem {
         Problem {
             kind,
             key: None,
@@ -72,11 +74,11 @@ impl Problem {
     }
 
     pub(crate) fn corrupt(message: impl Into<String>) -> Problem {
-        Problem::new(ErrorKind::Corrupt, message)
+        Problem::new(CheckpointErrorKind::Corrupt, message)
     }
 
     pub(crate) fn io(action: &str, e: &std::io::Error) -> Problem {
-        Problem::new(ErrorKind::Io, format!("{action}: {e}"))
+        Problem::new(CheckpointErrorKind::Io, format!("{action}: {e}"))
     }
 }
 
@@ -100,7 +102,7 @@ impl CheckpointError {
         }
     }
 
-    pub fn kind(&self) -> ErrorKind {
+    pub fn kind(&self) -> CheckpointErrorKind {
         self.problem.kind
     }
 

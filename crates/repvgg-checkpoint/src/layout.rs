@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use repvgg_arch::{ArchSpec, BlockSpec, Form, VARIANT_NAMES};
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 use crate::naming::{BlockId, Naming};
 use crate::tensor::StateDict;
 
@@ -126,11 +126,11 @@ pub fn detect_form(tensors: &StateDict) -> Result<Form, Problem> {
         (true, false) => Ok(Form::Deploy),
         (false, true) => Ok(Form::Train),
         (true, true) => Err(Problem::new(
-            ErrorKind::ArchMismatch,
+            CheckpointErrorKind::ArchMismatch,
             "mixes training-form (rbr_dense) and deploy-form (rbr_reparam) blocks",
         )),
         (false, false) => Err(Problem::new(
-            ErrorKind::ArchMismatch,
+            CheckpointErrorKind::ArchMismatch,
             "has neither training-form nor deploy-form block weights",
         )),
     }
@@ -151,13 +151,13 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> 
     }
     if !blocks.contains_key(&BlockId { stage: 0, index: 0 }) {
         return Err(Problem::new(
-            ErrorKind::ArchMismatch,
+            CheckpointErrorKind::ArchMismatch,
             "has no stage 0 (stem) weights",
         ));
     }
     if let Some(stage) = depths.iter().position(|&d| d == 0) {
         return Err(Problem::new(
-            ErrorKind::ArchMismatch,
+            CheckpointErrorKind::ArchMismatch,
             format!("has no weights for stage {}", stage + 1),
         ));
     }
@@ -201,7 +201,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> 
                 .and_then(|s| s.first().copied())
                 .ok_or_else(|| {
                     Problem::new(
-                        ErrorKind::ArchMismatch,
+                        CheckpointErrorKind::ArchMismatch,
                         format!(
                             "cannot tell the width of block {}",
                             name.trim_end_matches('.')
@@ -211,7 +211,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> 
             if let Some(kernel) = shape_of(id, kernel_parts) {
                 if kernel.len() != 4 || kernel[1] == 0 {
                     return Err(Problem::new(
-                        ErrorKind::ArchMismatch,
+                        CheckpointErrorKind::ArchMismatch,
                         format!("{name}: kernel has shape {kernel:?}"),
                     ));
                 }
@@ -224,7 +224,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> 
                     }
                     Some(prev) => {
                         return Err(Problem::new(
-                            ErrorKind::ArchMismatch,
+                            CheckpointErrorKind::ArchMismatch,
                             format!(
                                 "{name}: kernel takes {} input channels per group, but the previous block gives {prev}",
                                 kernel[1]
@@ -270,7 +270,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> 
         num_classes,
         in_channels: in_channels.ok_or_else(|| {
             Problem::new(
-                ErrorKind::ArchMismatch,
+                CheckpointErrorKind::ArchMismatch,
                 "cannot tell the input channels of stage 0",
             )
         })?,
@@ -280,7 +280,7 @@ pub fn infer_spec(tensors: &StateDict, form: Form) -> Result<ArchSpec, Problem> 
     spec.name = variant_name(&spec).unwrap_or_else(|| "custom".into());
     spec.validate().map_err(|e| {
         Problem::new(
-            ErrorKind::ArchMismatch,
+            CheckpointErrorKind::ArchMismatch,
             format!("describes an impossible network: {e}"),
         )
     })?;

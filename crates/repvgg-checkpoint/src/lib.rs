@@ -31,7 +31,7 @@ pub mod quantized;
 pub mod random;
 pub mod tensor;
 
-pub use error::{CheckpointError, ErrorKind, Problem};
+pub use error::{CheckpointError, CheckpointErrorKind, Problem};
 pub use metadata::{ImageNetPreset, Preprocessing};
 pub use naming::Naming;
 pub use tensor::{DType, StateDict, Tensor};
@@ -83,6 +83,14 @@ impl Checkpoint {
         arch: Option<&ArchSpec>,
     ) -> Result<Checkpoint, CheckpointError> {
         let fail = |problem: Problem| CheckpointError::new(path, problem);
+        if let Some(spec) = arch {
+            spec.validate().map_err(|e| {
+                fail(Problem::new(
+                    CheckpointErrorKind::InvalidArgument,
+                    format!("the architecture asked for: {e}"),
+                ))
+            })?;
+        }
         let (mut raw, metadata) = read_raw(bytes).map_err(fail)?;
         if quantized::is_quantized(metadata.as_ref()) {
             return Checkpoint::from_quantized(path, bytes, arch, raw.len());
@@ -90,7 +98,13 @@ impl Checkpoint {
         let file_tensor_count = raw.len();
         let meta = |key: &str| metadata.as_ref().and_then(|m| m.get(key));
         let unreadable = |key: &str, what: &str, e: serde_json::Error| {
-            fail(Problem::new(ErrorKind::BadMetadata, format!("unreadable {what}: {e}")).about(key))
+            fail(
+                Problem::new(
+                    CheckpointErrorKind::BadMetadata,
+                    format!("unreadable {what}: {e}"),
+                )
+                .about(key),
+            )
         };
         let run_state = meta(metadata::RUN_STATE_KEY)
             .map(|json| serde_json::from_str::<serde_json::Value>(json))
@@ -123,8 +137,12 @@ impl Checkpoint {
                 )
             })?;
         if let Some(p) = &preprocessing {
-            p.validate()
-                .map_err(|e| fail(e.within("bad preprocessing in the metadata")))?;
+            p.validate().map_err(|e| {
+                fail(
+                    e.within("bad preprocessing in the metadata")
+                        .about(metadata::PREPROCESSING_KEY),
+                )
+            })?;
         }
         let labels = meta(metadata::LABELS_KEY)
             .map(|json| serde_json::from_str::<Vec<String>>(json))
@@ -141,14 +159,6 @@ impl Checkpoint {
         if form == Form::Deploy {
             // YOLOv6's QARepVGG blocks deploy with their post-sum BN beside the conv.
             convert::fold_deployed_post_bn(&mut tensors, convert::DEFAULT_BN_EPS).map_err(fail)?;
-        }
-        if let Some(spec) = arch {
-            spec.validate().map_err(|e| {
-                fail(Problem::new(
-                    ErrorKind::InvalidArgument,
-                    format!("the architecture asked for: {e}"),
-                ))
-            })?;
         }
         // Asked for, or recorded by whoever wrote the file (it knows strides and dilations,
         // which shapes cannot tell), or read back from the shapes.
@@ -184,15 +194,19 @@ impl Checkpoint {
             return Err(CheckpointError {
                 path: path.to_path_buf(),
                 problem: Problem::new(
-                    ErrorKind::ArchMismatch,
+                    CheckpointErrorKind::ArchMismatch,
                     format!("{what}: {}", summarise_mismatches(&problems)),
                 ),
                 details: problems,
             });
         }
         if let Some(labels) = &labels {
-            metadata::validate_labels(labels, spec.num_classes)
-                .map_err(|e| fail(e.within("the metadata's class names do not fit")))?;
+            metadata::validate_labels(labels, spec.num_classes).map_err(|e| {
+                fail(
+                    e.within("the metadata's class names do not fit")
+                        .about(metadata::LABELS_KEY),
+                )
+            })?;
         }
         check_values(&tensors).map_err(fail)?;
         Ok(Checkpoint {
@@ -237,7 +251,7 @@ impl Checkpoint {
                 return Err(CheckpointError {
                     path: path.to_path_buf(),
                     problem: Problem::new(
-                        ErrorKind::ArchMismatch,
+                        CheckpointErrorKind::ArchMismatch,
                         format!(
                             "holds {} (INT8), not the requested {}: {}",
                             describe_briefly(&model.spec),
@@ -276,7 +290,7 @@ impl Checkpoint {
             return Err(CheckpointError {
                 path: PathBuf::from("<memory>"),
                 problem: Problem::new(
-                    ErrorKind::ArchMismatch,
+                    CheckpointErrorKind::ArchMismatch,
                     format!(
                         "does not match {}: {}",
                         describe_briefly(&spec),
@@ -393,13 +407,16 @@ pub fn write_safetensors(
             )
             .map(|view| (key, view))
             .map_err(|e| {
-                fail(Problem::new(ErrorKind::ShapeMismatch, format!("{key}: {e}")).about(key))
+                fail(
+                    Problem::new(CheckpointErrorKind::ShapeMismatch, format!("{key}: {e}"))
+                        .about(key),
+                )
             })
         })
         .collect::<Result<_, _>>()?;
     let bytes = safetensors::serialize(views, metadata).map_err(|e| {
         fail(Problem::new(
-            ErrorKind::Io,
+            CheckpointErrorKind::InvalidArgument,
             format!("cannot serialise: {e}"),
         ))
     })?;
@@ -553,7 +570,7 @@ fn read_raw(bytes: &[u8]) -> Result<RawFile, Problem> {
         .map(|(key, view)| {
             let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
                 Problem::new(
-                    ErrorKind::ShapeMismatch,
+                    CheckpointErrorKind::ShapeMismatch,
                     format!("'{key}' has unsupported dtype {:?}", view.dtype()),
                 )
                 .about(&key)
@@ -594,7 +611,7 @@ fn normalise(
         }
         let converted = tensor.to_f32().ok_or_else(|| {
             one(Problem::new(
-                ErrorKind::ShapeMismatch,
+                CheckpointErrorKind::ShapeMismatch,
                 format!(
                     "'{key}' has dtype {:?}; RepVGG weights must be floating point",
                     tensor.dtype
@@ -609,7 +626,7 @@ fn normalise(
     }
     let naming = Naming::detect(floats.iter().map(|(k, _)| k.as_str())).ok_or_else(|| {
         one(Problem::new(
-            ErrorKind::ArchMismatch,
+            CheckpointErrorKind::ArchMismatch,
             "no RepVGG weights found (no keys in official, timm or mmpretrain naming)",
         ))
     })?;
@@ -625,7 +642,10 @@ fn normalise(
     }
     if !unexpected.is_empty() {
         let line = format!("{naming} naming, but {}", summarise_mismatches(&unexpected));
-        return Err((Problem::new(ErrorKind::UnexpectedKey, line), unexpected));
+        return Err((
+            Problem::new(CheckpointErrorKind::UnexpectedKey, line),
+            unexpected,
+        ));
     }
     Ok((dict, naming, widest.unwrap_or(DType::F32)))
 }
@@ -640,7 +660,7 @@ fn check_values(tensors: &StateDict) -> Result<(), Problem> {
         .collect();
     if !bad.is_empty() {
         return Err(Problem::new(
-            ErrorKind::BadValue,
+            CheckpointErrorKind::BadValue,
             format!("NaN or infinite values in {}", summarise(&bad)),
         ));
     }
@@ -651,7 +671,7 @@ fn check_values(tensors: &StateDict) -> Result<(), Problem> {
         .collect();
     if !negative.is_empty() {
         return Err(Problem::new(
-            ErrorKind::BadValue,
+            CheckpointErrorKind::BadValue,
             format!("negative BN running variance in {}", summarise(&negative)),
         ));
     }

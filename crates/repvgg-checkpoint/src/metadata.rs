@@ -9,14 +9,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 
 pub const PREPROCESSING_KEY: &str = "repvgg.preprocessing";
+pub const LABELS_KEY: &str = "repvgg.labels";
 
 /// The longest input side any command or file may ask for: 16,384 pixels, where one image's
-/// stem output alone is 50 GB; a file that records more is refused, not allocated.
+/// stem output (A0: 48 channels at half the side) is already 13 GB; a file that records more
+/// is refused before anything is allocated.
 pub const MAX_INPUT_SIDE: usize = 16_384;
-pub const LABELS_KEY: &str = "repvgg.labels";
 /// The run state `repvgg-train` stores in its resumable checkpoints (JSON).
 pub const RUN_STATE_KEY: &str = "repvgg_train_state";
 /// Prefix of the optimizer's tensors in a training checkpoint: not model weights.
@@ -106,13 +107,13 @@ impl Preprocessing {
     pub fn validate(&self) -> Result<(), Problem> {
         if self.size.contains(&0) {
             return Err(Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!("input size {:?} has a zero side", self.size),
             ));
         }
         if self.size.iter().any(|&side| side > MAX_INPUT_SIDE) {
             return Err(Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!(
                     "input size {:?} has a side over {MAX_INPUT_SIDE} pixels",
                     self.size
@@ -122,13 +123,13 @@ impl Preprocessing {
         if let Resize::CenterCrop { crop_pct } = self.resize {
             if !(crop_pct > 0.0 && crop_pct <= 1.0) {
                 return Err(Problem::new(
-                    ErrorKind::BadMetadata,
+                    CheckpointErrorKind::BadMetadata,
                     format!("crop_pct {crop_pct} is not in (0, 1]"),
                 ));
             }
             if self.size[0] != self.size[1] {
                 return Err(Problem::new(
-                    ErrorKind::BadMetadata,
+                    CheckpointErrorKind::BadMetadata,
                     format!(
                         "a centre crop is square, but the input size is {}x{}",
                         self.size[0], self.size[1]
@@ -138,13 +139,13 @@ impl Preprocessing {
         }
         if self.mean.iter().any(|m| !m.is_finite()) {
             return Err(Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!("mean {:?} is not finite", self.mean),
             ));
         }
         if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!("std {:?} must be positive", self.std),
             ));
         }
@@ -180,7 +181,7 @@ impl Preprocessing {
 pub fn validate_labels(labels: &[String], classes: usize) -> Result<(), Problem> {
     if labels.len() != classes {
         return Err(Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!(
                 "{} class names for a model with {classes} classes",
                 labels.len()

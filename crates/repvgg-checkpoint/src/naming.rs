@@ -6,7 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 use crate::tensor::StateDict;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,7 +39,7 @@ impl FromStr for Naming {
             "timm" => Ok(Naming::Timm),
             "mmpretrain" | "mmcls" | "mm" => Ok(Naming::MmPretrain),
             _ => Err(Problem::new(
-                ErrorKind::Unsupported,
+                CheckpointErrorKind::Unsupported,
                 format!("unknown naming '{s}' (expected official, timm or mmpretrain)"),
             )),
         }
@@ -195,7 +195,7 @@ pub fn rename(dict: &StateDict, from: Naming, to: Naming) -> Result<StateDict, P
                     } else {
                         format!("unexpected key '{key}' for {from} naming")
                     };
-                    Problem::new(ErrorKind::UnexpectedKey, message).about(key)
+                    Problem::new(CheckpointErrorKind::UnexpectedKey, message).about(key)
                 })
         })
         .collect()

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 use crate::tensor::DType;
 
 /// A storage blob referenced from the pickle by persistent id.
@@ -90,7 +90,7 @@ fn allowed_global(module: &str, name: &str) -> Result<Global, Problem> {
         ("torch", "ByteStorage") => storage(DType::U8),
         ("torch", "BoolStorage") => storage(DType::Bool),
         _ => Err(Problem::new(
-            ErrorKind::RefusedGlobal,
+            CheckpointErrorKind::RefusedGlobal,
             format!(
                 "refusing the pickled global '{module}.{name}': a state dict needs only tensors, \
              numbers, strings and containers (nothing was imported or executed)"
@@ -191,7 +191,7 @@ impl Machine<'_> {
     fn expand(&self, id: NodeId, budget: &mut usize, depth: usize) -> Result<Value, Problem> {
         if depth > MAX_DEPTH {
             return Err(Problem::new(
-                ErrorKind::TooLarge,
+                CheckpointErrorKind::TooLarge,
                 format!(
                     "pickle nests containers more than {MAX_DEPTH} deep (or a container holds \
                  itself); a state dict needs a few levels"
@@ -200,7 +200,7 @@ impl Machine<'_> {
         }
         *budget = budget.checked_sub(1).ok_or_else(|| {
             Problem::new(
-                ErrorKind::TooLarge,
+                CheckpointErrorKind::TooLarge,
                 "pickle expands to more values than any state dict holds (refusing to expand it)",
             )
         })?;
@@ -642,7 +642,7 @@ fn pairs<T>(items: Vec<T>) -> Result<Vec<(T, T)>, Problem> {
 fn as_usize(v: &Value, what: &str) -> Result<usize, Problem> {
     match v {
         Value::Int(i) if *i >= 0 => usize::try_from(*i)
-            .map_err(|_| Problem::new(ErrorKind::TooLarge, format!("{what} too large"))),
+            .map_err(|_| Problem::new(CheckpointErrorKind::TooLarge, format!("{what} too large"))),
         other => Err(Problem::corrupt(format!(
             "{what} should be a non-negative int, found {}",
             other.kind()
@@ -689,7 +689,7 @@ fn persistent_load(pid: Value) -> Result<Value, Problem> {
             };
             if items.get(5).is_some_and(|v| *v != Value::None) {
                 return Err(Problem::new(
-                    ErrorKind::Unsupported,
+                    CheckpointErrorKind::Unsupported,
                     "legacy storage views are not supported",
                 ));
             }
@@ -797,7 +797,7 @@ mod tests {
     fn refuses_unknown_globals_before_calling_them() {
         let bytes = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.";
         let err = read_pickle(bytes).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::RefusedGlobal);
+        assert_eq!(err.kind, CheckpointErrorKind::RefusedGlobal);
         assert!(
             err.message
                 .contains("refusing the pickled global 'posix.system'"),
@@ -830,7 +830,7 @@ mod tests {
         }
         bytes.push(b'.');
         let err = read_pickle(&bytes).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert_eq!(err.kind, CheckpointErrorKind::TooLarge, "{err}");
         assert!(err.message.contains("refusing to expand"), "{err}");
     }
 
@@ -877,7 +877,7 @@ mod tests {
         }
         bytes.push(b'.');
         let err = read_pickle(&bytes).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert_eq!(err.kind, CheckpointErrorKind::TooLarge, "{err}");
         assert!(err.message.contains("refusing to expand"), "{err}");
     }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 use crate::pickle::{TensorRef, Value, read_pickle};
 use crate::tensor::{DType, Tensor};
 
@@ -37,7 +37,12 @@ pub fn read_pth(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, Problem> {
             .spawn_scoped(scope, parse)
             .map_err(|e| Problem::io("cannot start the parser thread", &e))?
             .join()
-            .map_err(|_| Problem::corrupt("the pickle parser failed unexpectedly"))?
+            .map_err(|_| {
+                Problem::new(
+                    CheckpointErrorKind::Internal,
+                    "the pickle parser failed unexpectedly",
+                )
+            })?
     })
 }
 
@@ -74,7 +79,7 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, RawTensor)>, Problem> {
             .map_err(|e| Problem::corrupt(format!("zip entry '{prefix}byteorder': {e}")))?;
         if order.trim() != "little" {
             return Err(Problem::new(
-                ErrorKind::Unsupported,
+                CheckpointErrorKind::Unsupported,
                 format!("storages are {order}-endian; only little-endian is supported"),
             ));
         }
@@ -109,7 +114,7 @@ fn read_entry(
         .map_err(|e| Problem::corrupt(format!("zip entry '{name}' is corrupt: {e}")))?;
     if data.len() > archive_len {
         return Err(Problem::new(
-            ErrorKind::TooLarge,
+            CheckpointErrorKind::TooLarge,
             format!("zip entry '{name}' expands past the size of the whole file (refusing it)"),
         ));
     }
@@ -262,7 +267,7 @@ fn gather(t: &TensorRef, storage: &[u8]) -> Result<RawTensor, Problem> {
     let size = t.storage.dtype.size();
     let too_large = || {
         Problem::new(
-            ErrorKind::TooLarge,
+            CheckpointErrorKind::TooLarge,
             format!("tensor of shape {:?} is impossibly large", t.shape),
         )
     };

@@ -16,7 +16,7 @@ use std::path::Path;
 use repvgg_arch::{ArchSpec, Form};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ErrorKind, Problem};
+use crate::error::{CheckpointErrorKind, Problem};
 use crate::layout::{HEAD, REPARAM, prefix};
 use crate::{CheckpointError, Preprocessing, StateDict, Tensor, metadata};
 
@@ -116,13 +116,13 @@ impl QuantizedModel {
     ) -> Result<QuantizedModel, Problem> {
         if deploy.form != Form::Deploy {
             return Err(Problem::new(
-                ErrorKind::Unsupported,
+                CheckpointErrorKind::Unsupported,
                 "quantization takes deploy-form weights",
             ));
         }
         if deploy.spec.se {
             return Err(Problem::new(
-                ErrorKind::Unsupported,
+                CheckpointErrorKind::Unsupported,
                 "INT8 for SE models (D2se) is not supported yet",
             ));
         }
@@ -131,14 +131,14 @@ impl QuantizedModel {
             .any(|a| !(a.scale.is_finite() && a.scale > 0.0))
         {
             return Err(Problem::new(
-                ErrorKind::BadValue,
+                CheckpointErrorKind::InvalidArgument,
                 "an activation range is not finite",
             ));
         }
         let blocks = deploy.spec.blocks();
         if activations.len() != blocks.len() + 1 {
             return Err(Problem::new(
-                ErrorKind::InvalidArgument,
+                CheckpointErrorKind::InvalidArgument,
                 format!(
                     "{} activation ranges for {} blocks (one per block input, one for the output)",
                     activations.len(),
@@ -148,15 +148,11 @@ impl QuantizedModel {
         }
         if let Some(bad) = float_blocks.iter().find(|&&i| i >= blocks.len()) {
             return Err(Problem::new(
-                ErrorKind::InvalidArgument,
+                CheckpointErrorKind::InvalidArgument,
                 format!("block {bad} does not exist ({} blocks)", blocks.len()),
             ));
         }
-        for (i, b) in blocks.iter().enumerate() {
-            if !float_blocks.contains(&i) {
-                fits_i32_sums(b)?;
-            }
-        }
+        check_int8_widths(&deploy.spec, float_blocks)?;
         let convs = blocks
             .iter()
             .enumerate()
@@ -306,7 +302,10 @@ impl QuantizedModel {
                 bytemuck::cast_slice(&t.data),
             )
             .map_err(|e| {
-                fail(Problem::new(ErrorKind::ShapeMismatch, format!("{key}: {e}")).about(key))
+                fail(
+                    Problem::new(CheckpointErrorKind::ShapeMismatch, format!("{key}: {e}"))
+                        .about(key),
+                )
             })?;
             views.push((key.clone(), view));
         }
@@ -315,7 +314,7 @@ impl QuantizedModel {
                 safetensors::tensor::TensorView::new(safetensors::Dtype::I8, shape.clone(), bytes)
                     .map_err(|e| {
                         fail(
-                            Problem::new(ErrorKind::ShapeMismatch, format!("{key}: {e}"))
+                            Problem::new(CheckpointErrorKind::ShapeMismatch, format!("{key}: {e}"))
                                 .about(key),
                         )
                     })?;
@@ -349,7 +348,7 @@ impl QuantizedModel {
         }
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| {
             fail(Problem::new(
-                ErrorKind::Io,
+                CheckpointErrorKind::InvalidArgument,
                 format!("cannot serialise: {e}"),
             ))
         })?;
@@ -386,14 +385,25 @@ pub fn is_quantized(metadata: Option<&HashMap<String, String>>) -> bool {
 pub const MAX_INT8_INPUT_CHANNELS_PER_GROUP: usize =
     (i32::MAX as usize - (1 << 30)) / (2 * 255 * 127 * 9);
 
+/// Whether every block but `float_blocks` fits INT8's sums: callers check it before minutes of
+/// calibration.
+pub fn check_int8_widths(spec: &ArchSpec, float_blocks: &[usize]) -> Result<(), Problem> {
+    for (i, block) in spec.blocks().iter().enumerate() {
+        if !float_blocks.contains(&i) {
+            fits_i32_sums(block)?;
+        }
+    }
+    Ok(())
+}
+
 fn fits_i32_sums(block: &repvgg_arch::BlockSpec) -> Result<(), Problem> {
     let per_group = block.in_channels / block.groups;
     if per_group > MAX_INT8_INPUT_CHANNELS_PER_GROUP {
         return Err(Problem::new(
-            ErrorKind::Unsupported,
+            CheckpointErrorKind::Unsupported,
             format!(
                 "block {} takes {per_group} input channels per group; INT8's 32-bit sums hold \
-                 at most {MAX_INT8_INPUT_CHANNELS_PER_GROUP} (keep it in float with --fp32-layers)",
+                 at most {MAX_INT8_INPUT_CHANNELS_PER_GROUP} (keep it in float)",
                 block.name()
             ),
         ));
@@ -409,32 +419,32 @@ pub(crate) fn from_parts(
     let get = |key: &str| {
         meta.get(key).ok_or_else(|| {
             Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!("not an INT8 model file: no '{key}' in its metadata"),
             )
         })
     };
     let info: QuantizationInfo = serde_json::from_str(get(QUANTIZATION_KEY)?).map_err(|e| {
         Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!("unreadable quantization metadata: {e}"),
         )
     })?;
     let spec: ArchSpec = serde_json::from_str(get("repvgg.arch")?).map_err(|e| {
         Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!("unreadable architecture in the metadata: {e}"),
         )
     })?;
     spec.validate().map_err(|e| {
         Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!("the metadata's architecture is impossible: {e}"),
         )
     })?;
     if spec.se {
         return Err(Problem::new(
-            ErrorKind::Unsupported,
+            CheckpointErrorKind::Unsupported,
             "an INT8 model with SE blocks: not something this version writes or runs",
         ));
     }
@@ -446,15 +456,19 @@ pub(crate) fn from_parts(
         .find(|l| l.as_str() != "linear" && !names.contains(l))
     {
         return Err(Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!(
                 "the metadata keeps layer '{other}' in float, which is neither a block nor the head"
             ),
         ));
     }
+    let float_blocks: Vec<usize> = (0..blocks.len())
+        .filter(|&i| info.float_layers.contains(&names[i]))
+        .collect();
+    check_int8_widths(&spec, &float_blocks)?;
     if info.activations.len() != blocks.len() + 1 {
         return Err(Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!(
                 "the quantization metadata has {} activation scales for {} blocks (needs {})",
                 info.activations.len(),
@@ -469,7 +483,7 @@ pub(crate) fn from_parts(
         .position(|a| !(a.scale.is_finite() && a.scale > 0.0))
     {
         return Err(Problem::new(
-            ErrorKind::BadMetadata,
+            CheckpointErrorKind::BadMetadata,
             format!(
                 "activation scale {bad} is {}; scales must be positive",
                 info.activations[bad].scale
@@ -478,11 +492,15 @@ pub(crate) fn from_parts(
     }
     let tensor = |key: &str, dtype: safetensors::Dtype, shape: &[usize]| {
         let view = st.tensor(key).map_err(|_| {
-            Problem::new(ErrorKind::MissingKey, format!("missing tensor '{key}'")).about(key)
+            Problem::new(
+                CheckpointErrorKind::MissingKey,
+                format!("missing tensor '{key}'"),
+            )
+            .about(key)
         })?;
         if view.dtype() != dtype || view.shape() != shape {
             return Err(Problem::new(
-                ErrorKind::ShapeMismatch,
+                CheckpointErrorKind::ShapeMismatch,
                 format!(
                     "'{key}' is {:?} {:?}; expected {dtype:?} {shape:?}",
                     view.dtype(),
@@ -504,9 +522,6 @@ pub(crate) fn from_parts(
     for b in &blocks {
         let p = prefix(b);
         let shape = [b.out_channels, b.in_channels / b.groups, 3, 3];
-        if !info.float_layers.contains(&b.name()) {
-            fits_i32_sums(b)?;
-        }
         if info.float_layers.contains(&b.name()) {
             let weight = floats(tensor(&format!("{p}{REPARAM}weight"), Dtype::F32, &shape)?);
             let bias = floats(tensor(
@@ -516,7 +531,7 @@ pub(crate) fn from_parts(
             )?);
             if weight.iter().chain(&bias).any(|v| !v.is_finite()) {
                 return Err(Problem::new(
-                    ErrorKind::BadValue,
+                    CheckpointErrorKind::BadValue,
                     format!("'{p}{REPARAM}' holds NaN or infinite values"),
                 ));
             }
@@ -539,7 +554,7 @@ pub(crate) fn from_parts(
         )?);
         if weight_scale.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(Problem::new(
-                ErrorKind::BadValue,
+                CheckpointErrorKind::BadValue,
                 format!("'{p}{REPARAM}{WEIGHT_SCALE}' holds a scale that is not positive"),
             ));
         }
@@ -550,7 +565,7 @@ pub(crate) fn from_parts(
         )?);
         if bias.iter().any(|v| !v.is_finite()) {
             return Err(Problem::new(
-                ErrorKind::BadValue,
+                CheckpointErrorKind::BadValue,
                 format!("'{p}{REPARAM}bias' holds NaN or infinite values"),
             ));
         }
@@ -586,7 +601,7 @@ pub(crate) fn from_parts(
         .transpose()
         .map_err(|e| {
             Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!("unreadable preprocessing in the metadata: {e}"),
             )
         })?;
@@ -596,16 +611,21 @@ pub(crate) fn from_parts(
         .transpose()
         .map_err(|e| {
             Problem::new(
-                ErrorKind::BadMetadata,
+                CheckpointErrorKind::BadMetadata,
                 format!("unreadable class names in the metadata: {e}"),
             )
         })?;
     if let Some(p) = &preprocessing {
-        Preprocessing::validate(p).map_err(|e| e.within("bad preprocessing in the metadata"))?;
+        Preprocessing::validate(p).map_err(|e| {
+            e.within("bad preprocessing in the metadata")
+                .about(metadata::PREPROCESSING_KEY)
+        })?;
     }
     if let Some(labels) = &labels {
-        metadata::validate_labels(labels, spec.num_classes)
-            .map_err(|e| e.within("the metadata's class names do not fit"))?;
+        metadata::validate_labels(labels, spec.num_classes).map_err(|e| {
+            e.within("the metadata's class names do not fit")
+                .about(metadata::LABELS_KEY)
+        })?;
     }
     Ok(QuantizedModel {
         spec,

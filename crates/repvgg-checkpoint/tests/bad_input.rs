@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use repvgg_arch::ArchSpec;
-use repvgg_checkpoint::{Checkpoint, ErrorKind};
+use repvgg_checkpoint::{Checkpoint, CheckpointErrorKind};
 use safetensors::{Dtype, tensor::TensorView};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -38,7 +38,7 @@ fn write(dir: &Path, name: &str, entries: &[Entry]) -> PathBuf {
 }
 
 /// The error's line, after checking that it names the file and is of the expected kind.
-fn error_for(path: &Path, arch: Option<&ArchSpec>, kind: ErrorKind) -> String {
+fn error_for(path: &Path, arch: Option<&ArchSpec>, kind: CheckpointErrorKind) -> String {
     let err = Checkpoint::load(path, arch).unwrap_err();
     assert_eq!(err.kind(), kind, "{err}");
     let err = err.to_string();
@@ -64,14 +64,14 @@ fn truncated_files() {
                 .path()
                 .join(format!("cut_{keep}_{}", rel.replace('/', "_")));
             std::fs::write(&path, &bytes[..keep]).unwrap();
-            error_for(&path, None, ErrorKind::Corrupt);
+            error_for(&path, None, CheckpointErrorKind::Corrupt);
         }
     }
     let empty = dir.path().join("empty.pth");
     std::fs::write(&empty, b"").unwrap();
-    error_for(&empty, None, ErrorKind::Corrupt);
+    error_for(&empty, None, CheckpointErrorKind::Corrupt);
     let missing = dir.path().join("no_such_file.pth");
-    assert!(error_for(&missing, None, ErrorKind::Io).contains("cannot read"));
+    assert!(error_for(&missing, None, CheckpointErrorKind::Io).contains("cannot read"));
 }
 
 #[test]
@@ -81,7 +81,7 @@ fn wrong_dtype() {
     let target = e.iter_mut().find(|x| x.0 == "linear.bias").unwrap();
     target.1 = Dtype::I32;
     let path = write(dir.path(), "int_bias.safetensors", &e);
-    let err = error_for(&path, None, ErrorKind::ShapeMismatch);
+    let err = error_for(&path, None, CheckpointErrorKind::ShapeMismatch);
     assert!(err.contains("'linear.bias' has dtype I32"), "{err}");
 }
 
@@ -97,7 +97,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
         .unwrap();
     t.2 = vec![4, 2];
     let path = write(dir.path(), "bad_shape.safetensors", &e);
-    let err = error_for(&path, Some(&spec), ErrorKind::ArchMismatch);
+    let err = error_for(&path, Some(&spec), CheckpointErrorKind::ArchMismatch);
     assert!(
         err.contains("'stage1.1.rbr_reparam.bias' has shape [4, 2], expected [8]"),
         "{err}"
@@ -107,7 +107,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
     e.retain(|x| x.0 != "stage2.1.rbr_identity.running_var");
     let path = write(dir.path(), "missing.safetensors", &e);
     for arch in [None, Some(&spec)] {
-        let err = error_for(&path, arch, ErrorKind::ArchMismatch);
+        let err = error_for(&path, arch, CheckpointErrorKind::ArchMismatch);
         assert!(
             err.contains("missing key 'stage2.1.rbr_identity.running_var'"),
             "{err}"
@@ -133,7 +133,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
         vec![0; 4],
     ));
     let path = write(dir.path(), "extra.safetensors", &e);
-    let err = error_for(&path, Some(&spec), ErrorKind::ArchMismatch);
+    let err = error_for(&path, Some(&spec), CheckpointErrorKind::ArchMismatch);
     assert!(
         err.contains("unexpected key 'stage1.0.rbr_identity.weight'"),
         "{err}"
@@ -148,7 +148,8 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
     e2.push(("fc.weight".into(), Dtype::F32, vec![1], vec![0; 4]));
     let path = write(dir.path(), "foreign_key.safetensors", &e2);
     assert!(
-        error_for(&path, None, ErrorKind::UnexpectedKey).contains("unexpected key 'fc.weight'")
+        error_for(&path, None, CheckpointErrorKind::UnexpectedKey)
+            .contains("unexpected key 'fc.weight'")
     );
 }
 
@@ -156,7 +157,7 @@ fn wrong_shape_missing_key_and_extra_key_are_all_listed() {
 fn a_file_for_another_architecture_is_summarised_in_a_few_readable_lines() {
     let a0 = ArchSpec::named("A0").unwrap();
     let err = Checkpoint::load(&fixture("tiny_g2/train_timm.pth"), Some(&a0)).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::ArchMismatch);
+    assert_eq!(err.kind(), CheckpointErrorKind::ArchMismatch);
     let line = err.to_string();
     // First what the file holds against what was asked for, then counts and a few keys.
     assert!(
@@ -203,7 +204,7 @@ fn nan_and_negative_variance() {
         .unwrap();
     t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
     let path = write(dir.path(), "nan.safetensors", &e);
-    let err = error_for(&path, None, ErrorKind::BadValue);
+    let err = error_for(&path, None, CheckpointErrorKind::BadValue);
     assert!(
         err.contains("NaN") && err.contains("stage3.0.rbr_dense.conv.weight"),
         "{err}"
@@ -216,7 +217,10 @@ fn nan_and_negative_variance() {
         .unwrap();
     t.3[0..4].copy_from_slice(&(-1.0f32).to_le_bytes());
     let path = write(dir.path(), "negvar.safetensors", &e);
-    assert!(error_for(&path, None, ErrorKind::BadValue).contains("negative BN running variance"));
+    assert!(
+        error_for(&path, None, CheckpointErrorKind::BadValue)
+            .contains("negative BN running variance")
+    );
 }
 
 #[test]
@@ -225,7 +229,7 @@ fn not_a_checkpoint_at_all() {
     let path = dir.path().join("photo.safetensors");
     std::fs::write(&path, b"\xff\xd8\xff\xe0 this is a jpeg").unwrap();
     assert!(
-        error_for(&path, None, ErrorKind::Corrupt)
+        error_for(&path, None, CheckpointErrorKind::Corrupt)
             .contains("neither a PyTorch checkpoint nor valid safetensors")
     );
 }
@@ -262,7 +266,7 @@ fn zero_dimensional_tensors_are_errors_not_panics() {
         t.2 = vec![];
         t.3 = vec![0; 4];
         let path = write(dir.path(), &format!("scalar_{key}.safetensors"), &e);
-        error_for(&path, None, ErrorKind::ArchMismatch);
+        error_for(&path, None, CheckpointErrorKind::ArchMismatch);
     }
 }
 
@@ -281,6 +285,6 @@ fn deeply_nested_pickles_do_not_overflow_the_stack() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested.pth");
     std::fs::write(&path, &bytes).unwrap();
-    let err = error_for(&path, None, ErrorKind::TooLarge);
+    let err = error_for(&path, None, CheckpointErrorKind::TooLarge);
     assert!(err.contains("legacy .pth"), "{err}");
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
-use repvgg_checkpoint::{Checkpoint, ErrorKind, ImageNetPreset, Naming};
+use repvgg_checkpoint::{Checkpoint, CheckpointErrorKind, ImageNetPreset, Naming};
 use safetensors::{Dtype, tensor::TensorView};
 
 fn fixture(rel: &str) -> PathBuf {
@@ -41,7 +41,7 @@ fn write(path: &Path, entries: &[Entry], metadata: HashMap<String, String>) {
 }
 
 /// The load error's kind and line, after checking the line names the file.
-fn refused(path: &Path) -> (ErrorKind, String) {
+fn refused(path: &Path) -> (CheckpointErrorKind, String) {
     let err = Checkpoint::load(path, None).unwrap_err();
     let line = err.to_string();
     let name = path.file_name().unwrap().to_string_lossy();
@@ -70,7 +70,7 @@ fn a_recorded_architecture_that_cannot_exist_is_refused() {
         let path = dir.path().join(format!("bad_{field}.safetensors"));
         write(&path, &entries, metadata);
         let (kind, line) = refused(&path);
-        assert_eq!(kind, ErrorKind::BadMetadata, "{line}");
+        assert_eq!(kind, CheckpointErrorKind::BadMetadata, "{line}");
         assert!(line.contains("architecture in the metadata"), "{line}");
     }
 }
@@ -87,7 +87,7 @@ fn a_post_sum_bn_that_does_not_fit_its_conv_is_refused_before_folding() {
     let path = dir.path().join("post_bn.safetensors");
     write(&path, &entries, metadata);
     let (kind, line) = refused(&path);
-    assert_eq!(kind, ErrorKind::ShapeMismatch, "{line}");
+    assert_eq!(kind, CheckpointErrorKind::ShapeMismatch, "{line}");
     assert!(line.contains("stage0.rbr_reparam.weight"), "{line}");
 }
 
@@ -106,7 +106,7 @@ fn int8_files_check_their_class_names_and_preprocessing() {
     let path = dir.path().join("int8_labels.safetensors");
     write(&path, &entries, labels);
     let (kind, line) = refused(&path);
-    assert_eq!(kind, ErrorKind::BadMetadata, "{line}");
+    assert_eq!(kind, CheckpointErrorKind::BadMetadata, "{line}");
     assert!(
         line.contains("1 class names for a model with 10 classes"),
         "{line}"
@@ -122,7 +122,7 @@ fn int8_files_check_their_class_names_and_preprocessing() {
     let path = dir.path().join("int8_size.safetensors");
     write(&path, &entries, bad);
     let (kind, line) = refused(&path);
-    assert_eq!(kind, ErrorKind::BadMetadata, "{line}");
+    assert_eq!(kind, CheckpointErrorKind::BadMetadata, "{line}");
     assert!(line.contains("zero side"), "{line}");
 }
 
@@ -137,7 +137,7 @@ fn an_input_size_no_machine_can_hold_is_refused() {
     let path = dir.path().join("huge_input.safetensors");
     ckpt.save_safetensors(&path, Naming::Official).unwrap();
     let (kind, line) = refused(&path);
-    assert_eq!(kind, ErrorKind::BadMetadata, "{line}");
+    assert_eq!(kind, CheckpointErrorKind::BadMetadata, "{line}");
     assert!(line.contains("over 16384 pixels"), "{line}");
 }
 
@@ -184,7 +184,7 @@ fn int8_refuses_blocks_too_wide_for_its_sums() {
     let blocks = deploy.spec.blocks().len();
     let acts = vec![ActivationQuant::covering(-2.0, 3.0); blocks + 1];
     let err = QuantizedModel::quantize(&deploy, acts.clone(), "minmax", 1, 127, &[]).unwrap_err();
-    assert_eq!(err.kind, ErrorKind::Unsupported);
+    assert_eq!(err.kind, CheckpointErrorKind::Unsupported);
     assert!(
         err.message
             .contains(&format!("stage4.0 takes {wide} input channels")),

@@ -87,7 +87,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     let data = open_data(&args.data, args.val_fraction)?;
     let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
-    let mut runner = Runner::new(&ckpt, args.bn_eps, None)?;
+    crate::require_rgb(&ckpt, &args.weights)?;
     let samples = if args.train_split {
         data.train.clone()
     } else {
@@ -135,6 +135,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         false,
         &args.weights.display().to_string(),
     )?;
+    let mut runner = Runner::new(&ckpt, args.bn_eps, None)?;
     if !args.json {
         eprintln!("input: {} ({source})", preprocessing.describe());
         eprintln!("model: {}", runner.describe());

@@ -95,6 +95,16 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
             );
         }
         let (p, source) = preprocess.resolve(&ckpt, imagenet_fallback(&ckpt))?;
+        crate::require_rgb(&ckpt, weights)?;
+        let [h, w] = p.size;
+        crate::check_memory(
+            &ckpt.spec,
+            inputs.len(),
+            h,
+            w,
+            false,
+            &weights.display().to_string(),
+        )?;
         eprintln!("input: {} ({source})", p.describe());
         let values = image_batch(inputs, &p)?;
         let shape = vec![inputs.len(), 3, p.size[0], p.size[1]];

@@ -419,14 +419,10 @@ pub fn check_memory(
     let need = train
         .saturating_add(estimate.engine_weights)
         .saturating_add(estimate.activations);
-    let Some(available) = repvgg_engine::available_memory() else {
-        return Ok(());
-    };
-    if need > available {
-        let gb = |bytes: u64| bytes as f64 / 1e9;
-        bail!(
+    require_memory(need, || {
+        format!(
             "{what}: batch {batch} at {h}x{w} needs about {:.1} GB ({}engine weights {:.1} GB, \
-             activations {:.1} GB); this machine has {:.1} GB available",
+             activations {:.1} GB)",
             gb(need),
             if with_train_weights {
                 format!("training-form weights {:.1} GB, ", gb(train))
@@ -435,7 +431,36 @@ pub fn check_memory(
             },
             gb(estimate.engine_weights),
             gb(estimate.activations),
+        )
+    })
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
+/// Refuses, with `what` needs and what the machine has, when `need` bytes exceed the memory
+/// available (where the machine says; elsewhere nothing is refused).
+fn require_memory(need: u64, what: impl FnOnce() -> String) -> Result<()> {
+    match repvgg_engine::available_memory() {
+        Some(available) if need > available => bail!(
+            "{}; this machine has {:.1} GB available",
+            what(),
             gb(available)
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Image commands make RGB inputs: a model that takes another number of channels is refused
+/// before any image is read (`forward --input` feeds it tensors).
+pub fn require_rgb(ckpt: &Checkpoint, weights: &Path) -> Result<()> {
+    if ckpt.spec.in_channels != 3 {
+        bail!(
+            "{}: the model takes {} input channels, and images give 3 (RGB); feed it tensors \
+             with `repvgg forward --input BATCH.safetensors`",
+            weights.display(),
+            ckpt.spec.in_channels
         );
     }
     Ok(())
@@ -451,20 +476,13 @@ pub fn check_training_memory(
     what: &str,
 ) -> Result<()> {
     let need = spec.memory_estimate(batch, h, w).training;
-    let Some(available) = repvgg_engine::available_memory() else {
-        return Ok(());
-    };
-    if need > available {
-        let gb = |bytes: u64| bytes as f64 / 1e9;
-        bail!(
+    require_memory(need, || {
+        format!(
             "{what}: training batches of {batch} at {h}x{w} need about {:.1} GB (saved feature \
-             maps, their gradients, weights and momentum); this machine has {:.1} GB available: \
-             lower --batch",
-            gb(need),
-            gb(available)
-        );
-    }
-    Ok(())
+             maps, their gradients, weights and momentum; lower --batch)",
+            gb(need)
+        )
+    })
 }
 
 /// A variant or spec with seeded random weights (seed 0): the same model for `export

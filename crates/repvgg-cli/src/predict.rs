@@ -260,6 +260,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
     };
     let mut images = collect_images(&args.images, args.recursive)?;
     let ckpt = crate::load_checkpoint(&args.weights, args.arch.clone())?;
+    crate::require_rgb(&ckpt, &args.weights)?;
     let classes = ckpt.spec.num_classes;
     if classes == 0 {
         bail!(

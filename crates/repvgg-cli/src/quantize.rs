@@ -80,6 +80,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         );
     }
     let ckpt = crate::load_checkpoint(&args.weights, None)?;
+    crate::require_rgb(&ckpt, &args.weights)?;
     if ckpt.int8.is_some() {
         bail!(
             "{}: already an INT8 model; quantize its float original",
@@ -106,6 +107,9 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
                 }),
         })
         .collect::<Result<Vec<usize>>>()?;
+    repvgg_checkpoint::quantized::check_int8_widths(&deploy.spec, &float_blocks).map_err(|e| {
+        anyhow::anyhow!("{}: {e}: name it in --fp32-layers", args.weights.display())
+    })?;
     let calib = CalibrationImages::open(&args.calib)?;
     let fallback = match &calib {
         CalibrationImages::DataSet(data) => crate::eval::data_fallback(data),

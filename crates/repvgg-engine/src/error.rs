@@ -1,8 +1,9 @@
 use repvgg_checkpoint::CheckpointError;
 use repvgg_kernels::UnavailableIsa;
 
-/// Why an engine could not be built.
+/// Why an engine could not be built or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     /// The weights could not be read or converted.
     #[error(transparent)]
@@ -20,7 +21,7 @@ pub enum EngineError {
     /// An input that is not the NCHW batch the call describes, for this model.
     #[error(
         "input of {len} values is not a batch of {n} images of {channels}x{height}x{width} \
-         (the model takes {channels} channels, on a map of at least 1x1)"
+         (channels x height x width, on a map of at least 1x1)"
     )]
     Input {
         len: usize,
@@ -32,7 +33,7 @@ pub enum EngineError {
 }
 
 /// An NCHW batch must be exactly `n * channels * height * width` values on a non-empty map.
-pub(crate) fn check_input(
+pub fn check_input(
     input: &[f32],
     n: usize,
     channels: usize,

@@ -9,9 +9,9 @@
 //! let ckpt = Checkpoint::load("RepVGG-A0-train.pth".as_ref(), None)?;
 //! let engine = Engine::from_checkpoint(&ckpt, 1e-5)?;
 //! let images = vec![0.0f32; 8 * 3 * 224 * 224]; // NCHW, ImageNet-normalised
-//! let logits = engine.forward(&images, 8, 224, 224, &mut Workspace::default());
+//! let logits = engine.forward(&images, 8, 224, 224, &mut Workspace::default())?;
 //! // Backbone use: the outputs of stages 1..4.
-//! let pyramid = engine.forward_stages(&images, 8, 224, 224, &[1, 2, 3, 4]);
+//! let pyramid = engine.forward_stages(&images, 8, 224, 224, &[1, 2, 3, 4])?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
@@ -57,7 +57,7 @@ mod workspace;
 
 pub use calibration::{Calibration, Calibrator};
 pub use engine::Engine;
-pub use error::EngineError;
+pub use error::{EngineError, check_input};
 pub use int8::{BlockOutput, Int8Engine};
 pub use layout::nhwc_to_nchw;
 pub use options::{EngineOptions, Lowering, Mode, Winograd};

@@ -167,10 +167,11 @@ impl Builder<'_> {
 
 /// Why a model cannot be exported as asked.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ExportError {
     /// An opset outside the range the graph is written for.
-    #[error("opset {opset} is not supported{}", needs)]
-    Opset { opset: i64, needs: String },
+    #[error("opset {opset} is not supported ({reason})")]
+    Opset { opset: i64, reason: String },
     /// The weights could not be converted to the deploy form.
     #[error(transparent)]
     Checkpoint(#[from] repvgg_checkpoint::CheckpointError),
@@ -186,7 +187,7 @@ pub fn export(
     if !OPSETS.contains(&options.opset) {
         return Err(ExportError::Opset {
             opset: options.opset,
-            needs: format!(" (use {} to {})", OPSETS.start(), OPSETS.end()),
+            reason: format!("use {} to {}", OPSETS.start(), OPSETS.end()),
         });
     }
     let deploy = ckpt.as_deploy(bn_eps)?;
@@ -350,8 +351,8 @@ pub fn export_qdq(
     if !(13..=*OPSETS.end()).contains(&options.opset) {
         return Err(ExportError::Opset {
             opset: options.opset,
-            needs: format!(
-                ": an INT8 (QDQ) graph needs per-channel DequantizeLinear, opset 13 to {}",
+            reason: format!(
+                "an INT8 (QDQ) graph needs per-channel DequantizeLinear, opset 13 to {}",
                 OPSETS.end()
             ),
         });

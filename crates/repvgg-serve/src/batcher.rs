@@ -50,14 +50,8 @@ pub enum SubmitError {
     #[error("the server is shutting down")]
     Closed,
     /// Checked here so that one malformed job cannot fail the batch it would join.
-    #[error("{len} input values are not {n} images of {channels}x{h}x{w}")]
-    Input {
-        len: usize,
-        n: usize,
-        channels: usize,
-        h: usize,
-        w: usize,
-    },
+    #[error(transparent)]
+    Input(repvgg_engine::EngineError),
 }
 
 /// The submitting side; cheap to share between request handlers.
@@ -135,18 +129,8 @@ impl Batcher {
     /// Queues a job, or refuses it at once when the queue is full.
     pub fn submit(&self, job: Job, arrival: Arrival) -> Result<(), SubmitError> {
         let _arrived = arrival;
-        let expected = [job.n, self.channels, job.h, job.w]
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if job.h == 0 || job.w == 0 || expected != Some(job.input.len()) {
-            return Err(SubmitError::Input {
-                len: job.input.len(),
-                n: job.n,
-                channels: self.channels,
-                h: job.h,
-                w: job.w,
-            });
-        }
+        repvgg_engine::check_input(&job.input, job.n, self.channels, job.h, job.w)
+            .map_err(SubmitError::Input)?;
         self.depth.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(job) {
             Ok(()) => {

@@ -433,7 +433,7 @@ async fn run_batch(
             retry_after: Some(1),
         },
         SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        SubmitError::Input { .. } => ApiError::bad_request(e.to_string()),
+        SubmitError::Input(_) => ApiError::bad_request(e.to_string()),
     })?;
     let left = deadline.saturating_duration_since(Instant::now());
     match tokio::time::timeout(left, answer).await {
