@@ -2136,3 +2136,42 @@ fn training_killed_at_random_moments_resumes_to_the_same_weights() {
         assert!(x == y, "{name} differs after kills and resumes");
     }
 }
+
+/// Image commands make RGB: a model that takes one channel is refused before any image is
+/// read, with the way to feed it (tensors through forward), instead of failing mid-batch.
+#[test]
+fn image_commands_refuse_models_that_do_not_take_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = repvgg_arch::ArchSpec::parse("depths=1,1,1,1;widths=8,8,8,8;stem=8;in=1;classes=4")
+        .unwrap();
+    let tensors = repvgg_checkpoint::random::training_weights(&spec, 0);
+    let weights = dir.path().join("grey.safetensors");
+    repvgg_checkpoint::Checkpoint::from_state_dict(spec, repvgg_arch::Form::Train, tensors)
+        .unwrap()
+        .save_safetensors(&weights, repvgg_checkpoint::Naming::Official)
+        .unwrap();
+    let w = weights.to_str().unwrap();
+    let photo = fixture("photos/rocket.jpg");
+    let p = photo.to_str().unwrap();
+    let data = fixture("fashion-mnist-subset");
+    let out = dir.path().join("out.safetensors");
+    for args in [
+        vec!["predict", "--weights", w, p],
+        vec!["eval", "--weights", w, "--data", data.to_str().unwrap()],
+        vec![
+            "forward",
+            "--weights",
+            w,
+            "--input",
+            p,
+            "--output",
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let err = fails(&args);
+        assert!(
+            err.contains("grey.safetensors") && err.contains("takes 1 input channels"),
+            "{args:?}: {err}"
+        );
+    }
+}
