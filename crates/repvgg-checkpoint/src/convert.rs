@@ -130,25 +130,22 @@ pub fn fold_deployed_post_bn(dict: &mut StateDict, eps: f64) -> Result<usize, Pr
             bn.running_mean.len(),
             bn.running_var.len(),
         ];
-        if k.in_per_group == 0 || k.height == 0 || k.width == 0 {
+        let unfit = if k.in_per_group == 0 || k.height == 0 || k.width == 0 {
+            Some("with no values".to_string())
+        } else if lengths.iter().any(|&l| l != outputs) {
+            Some(format!(
+                "but its bias and the BN after it have {lengths:?} values"
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = unfit {
+            let key = format!("{p}{REPARAM}weight");
             return Err(Problem::new(
                 CheckpointErrorKind::ShapeMismatch,
-                format!(
-                    "'{p}{REPARAM}weight' has shape {:?}, with no values",
-                    k.shape()
-                ),
+                format!("'{key}' has shape {:?}, {why}", k.shape()),
             )
-            .about(format!("{p}{REPARAM}weight")));
-        }
-        if lengths.iter().any(|&l| l != outputs) {
-            return Err(Problem::new(
-                CheckpointErrorKind::ShapeMismatch,
-                format!(
-                    "'{p}{REPARAM}weight' has shape {:?}, but its bias and the BN after it have {lengths:?} values",
-                    k.shape()
-                ),
-            )
-            .about(format!("{p}{REPARAM}weight")));
+            .about(key));
         }
         let folded = repvgg_fuse::fold_bn_after(conv, &bn);
         let to_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect();

@@ -132,7 +132,10 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
     let [n, _, h, w] = shape[..] else {
         unreachable!("checked above")
     };
-    crate::check_memory(spec, n, h, w, false, &input)?;
+    if !images {
+        // Images were checked before they were decoded.
+        crate::check_memory(spec, n, h, w, false, &input)?;
+    }
     if ckpt.int8.is_some() {
         if features || out_indices.is_some() {
             bail!(

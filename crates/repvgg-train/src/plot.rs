@@ -103,10 +103,7 @@ fn panel(
 
 /// Loss (left) and accuracy (right) per epoch, train and validation, written atomically.
 pub fn draw_curves(path: &Path, history: &[EpochRecord]) -> Result<(), TrainError> {
-    let fail = |problem: String| TrainError::File {
-        path: path.to_path_buf(),
-        problem,
-    };
+    let fail = |problem: String| crate::trainer::file_error(path, problem);
     const SIZE: (u32, u32) = (1100, 450);
     let mut pixels = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
     draw(&mut pixels, SIZE, history).map_err(|e| fail(e.to_string()))?;

@@ -130,7 +130,7 @@ pub struct Trainer<'a> {
     resumed_at: Option<(usize, usize, usize)>,
 }
 
-fn file_error(path: &Path, problem: impl Into<String>) -> TrainError {
+pub(crate) fn file_error(path: &Path, problem: impl Into<String>) -> TrainError {
     TrainError::File {
         path: path.to_path_buf(),
         problem: problem.into(),
