@@ -151,10 +151,16 @@ struct Machine<'a> {
 }
 
 /// Values a pickle may expand to in all (its calls' arguments and its result), shared
-/// references counted once per place they appear: far above any state dict's needs (a few
-/// values per tensor), and a bound on the time and memory a pickle that refers to one
-/// container many times (or nests references to references) can make us spend.
-const EXPANSION_BUDGET: usize = 500_000;
+/// references counted once per place they appear, and a string or bytes value counted once
+/// more per [`BYTES_PER_VALUE`] bytes it copies: far above any state dict's needs (about 20
+/// values per tensor, so room for 10,000 tensors, and a few kilobytes of strings), and a bound
+/// on the time and memory a pickle that refers to one container or one long string many
+/// times (or nests references to references) can make us spend.
+const EXPANSION_BUDGET: usize = 200_000;
+
+/// Bytes of a copied string or bytes value that cost as much as one more value (so the
+/// budget bounds copied text to about 12 MiB).
+const BYTES_PER_VALUE: usize = 64;
 
 /// How deeply containers may nest: a state dict needs a handful of levels; the bound keeps the
 /// expansion's recursion (and a value that contains itself) from running away.
@@ -198,7 +204,13 @@ impl Machine<'_> {
                 ),
             ));
         }
-        *budget = budget.checked_sub(1).ok_or_else(|| {
+        let copied = match &self.nodes[id] {
+            Node::Leaf(Value::Str(text)) => text.len(),
+            Node::Leaf(Value::Bytes(bytes)) => bytes.len(),
+            _ => 0,
+        };
+        let cost = 1 + copied / BYTES_PER_VALUE;
+        *budget = budget.checked_sub(cost).ok_or_else(|| {
             Problem::new(
                 CheckpointErrorKind::TooLarge,
                 "pickle expands to more values than any state dict holds (refusing to expand it)",
@@ -832,6 +844,31 @@ mod tests {
         let err = read_pickle(&bytes).unwrap_err();
         assert_eq!(err.kind, CheckpointErrorKind::TooLarge, "{err}");
         assert!(err.message.contains("refusing to expand"), "{err}");
+    }
+
+    #[test]
+    fn repeated_recalls_of_a_long_string_are_refused() {
+        // One 64 KiB string, memoized, then appended to a list 4,000 times: 256 MiB of copies
+        // from a 76 KB pickle, though only 4,001 values.
+        let mut bytes = b"\x80\x02]X\x00\x00\x01\x00".to_vec();
+        bytes.extend(std::iter::repeat_n(b's', 65_536));
+        bytes.extend_from_slice(b"q\x00a");
+        for _ in 0..4_000 {
+            bytes.extend_from_slice(b"h\x00a");
+        }
+        bytes.push(b'.');
+        let err = read_pickle(&bytes).unwrap_err();
+        assert_eq!(err.kind, CheckpointErrorKind::TooLarge, "{err}");
+        // The same string recalled 20 times (1.3 MiB, a long config text, say) is read.
+        let mut bytes = b"\x80\x02]X\x00\x00\x01\x00".to_vec();
+        bytes.extend(std::iter::repeat_n(b's', 65_536));
+        bytes.extend_from_slice(b"q\x00a");
+        for _ in 0..20 {
+            bytes.extend_from_slice(b"h\x00a");
+        }
+        bytes.push(b'.');
+        let (value, _) = read_pickle(&bytes).unwrap();
+        assert!(matches!(value, Value::List(items) if items.len() == 21));
     }
 
     #[test]
