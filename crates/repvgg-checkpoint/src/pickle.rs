@@ -213,7 +213,8 @@ impl Machine<'_> {
         *budget = budget.checked_sub(cost).ok_or_else(|| {
             Problem::new(
                 CheckpointErrorKind::TooLarge,
-                "pickle expands to more values than any state dict holds (refusing to expand it)",
+                "pickle expands to more values (or copies more text) than any state dict holds \
+                 (refusing to expand it)",
             )
         })?;
         let items = |ids: &[NodeId], budget: &mut usize| {
@@ -848,26 +849,22 @@ mod tests {
 
     #[test]
     fn repeated_recalls_of_a_long_string_are_refused() {
-        // One 64 KiB string, memoized, then appended to a list 4,000 times: 256 MiB of copies
-        // from a 76 KB pickle, though only 4,001 values.
-        let mut bytes = b"\x80\x02]X\x00\x00\x01\x00".to_vec();
-        bytes.extend(std::iter::repeat_n(b's', 65_536));
-        bytes.extend_from_slice(b"q\x00a");
-        for _ in 0..4_000 {
-            bytes.extend_from_slice(b"h\x00a");
-        }
-        bytes.push(b'.');
-        let err = read_pickle(&bytes).unwrap_err();
+        // One 64 KiB string, memoized, then appended to a list `times` more times.
+        let recalled = |times: usize| {
+            let mut bytes = b"\x80\x02]X\x00\x00\x01\x00".to_vec();
+            bytes.extend(std::iter::repeat_n(b's', 65_536));
+            bytes.extend_from_slice(b"q\x00a");
+            for _ in 0..times {
+                bytes.extend_from_slice(b"h\x00a");
+            }
+            bytes.push(b'.');
+            read_pickle(&bytes)
+        };
+        // 4,000 recalls: 256 MiB of copies from a 76 KB pickle, though only 4,001 values.
+        let err = recalled(4_000).unwrap_err();
         assert_eq!(err.kind, CheckpointErrorKind::TooLarge, "{err}");
-        // The same string recalled 20 times (1.3 MiB, a long config text, say) is read.
-        let mut bytes = b"\x80\x02]X\x00\x00\x01\x00".to_vec();
-        bytes.extend(std::iter::repeat_n(b's', 65_536));
-        bytes.extend_from_slice(b"q\x00a");
-        for _ in 0..20 {
-            bytes.extend_from_slice(b"h\x00a");
-        }
-        bytes.push(b'.');
-        let (value, _) = read_pickle(&bytes).unwrap();
+        // 20 recalls (1.3 MiB, a long config text, say) are read.
+        let (value, _) = recalled(20).unwrap();
         assert!(matches!(value, Value::List(items) if items.len() == 21));
     }
 
