@@ -68,6 +68,11 @@ pub struct BenchArgs {
     /// it is; float weights are quantized first, calibrated on the random inputs, for timing).
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "int8"])]
     pub precision: String,
+    /// Weight bits when float weights are quantized for `--precision int8`: 8, or 7 to time
+    /// the AVX2 kernels whose 16-bit sums need weights within 64 (what `quantize
+    /// --weight-bits 7` writes for machines without VNNI).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
+    pub weight_bits: u8,
     /// Time a training step of the multi-branch form instead: forward in training mode,
     /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
     #[arg(long)]
@@ -106,6 +111,7 @@ fn peak_rss_mb() -> f64 {
 /// `input` (min/max: the timing does not depend on the scales).
 fn int8_model(
     ckpt: &Checkpoint,
+    weight_bits: u8,
     options: &EngineOptions,
     input: &[f32],
     n: usize,
@@ -123,7 +129,8 @@ fn int8_model(
     calibrator
         .observe(&engine, input, n, h, w)
         .map_err(anyhow::Error::msg)?;
-    QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, 127, &[])
+    let limit = if weight_bits == 8 { 127 } else { 63 };
+    QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, limit, &[])
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -256,16 +263,22 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         eprintln!("note: {} is an INT8 model; it is timed in INT8", args.arch);
     }
     if args.layers {
-        let int8 = args.precision == "int8" || ckpt.int8.is_some();
+        let int8 = (args.precision == "int8" || ckpt.int8.is_some()).then_some(args.weight_bits);
         return pool
             .install(|| layer_table(&ckpt, int8, options, &batches, h, w, threads, args.iters));
     }
     if args.train {
         return pool.install(|| train_steps(&args, &ckpt, &batches, h, w, threads));
     }
-    if !args.json {
+    // Printed before the first result, once its kernels are known (an INT8 model's depend on
+    // its weights: 7-bit ones take the faster AVX2 set).
+    let mut header = !args.json;
+    let mut print_header = |kernels: &str| {
+        if !std::mem::take(&mut header) {
+            return;
+        }
         if forms.contains(&Form::Deploy) {
-            println!("engine kernels: {isa}");
+            println!("engine kernels: {kernels}");
         }
         println!(
             "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10} {:>10} {:>10} {:>9} {:>11}",
@@ -280,7 +293,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             "GFLOP/s",
             "peak RSS MB"
         );
-    }
+    };
     for &form in &forms {
         for &batch in &batches {
             let mut rng = StdRng::seed_from_u64(1);
@@ -293,7 +306,8 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             let times = pool.install(|| -> Result<Vec<f64>> {
                 let mut run: Box<dyn FnMut()> = match form {
                     Form::Deploy if int8 => {
-                        let model = int8_model(&ckpt, &options, &input, batch, h, w)?;
+                        let model =
+                            int8_model(&ckpt, args.weight_bits, &options, &input, batch, h, w)?;
                         let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
                         kernels = engine.kernels().name().to_string();
                         let input = input.clone();
@@ -366,6 +380,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                     })
                 );
             } else {
+                print_header(&kernels);
                 println!(
                     "{:<14} {:<7} {:>5} {:>9} {:>7} {:>10.2} {:>10.2} {:>10.1} {:>9.1} {:>11.0}",
                     spec.name,
@@ -481,7 +496,8 @@ fn train_steps(
 #[allow(clippy::too_many_arguments)]
 fn layer_table(
     ckpt: &Checkpoint,
-    int8: bool,
+    // INT8 with this many weight bits, or float.
+    int8: Option<u8>,
     options: EngineOptions,
     batches: &[usize],
     h: usize,
@@ -496,8 +512,8 @@ fn layer_table(
             .map(|_| rng.random_range(-2.0..2.0))
             .collect();
         let mut ws = Workspace::default();
-        let (runs, kernels): (Vec<_>, String) = if int8 {
-            let model = int8_model(ckpt, &options, &input, batch, h, w)?;
+        let (runs, kernels): (Vec<_>, String) = if let Some(weight_bits) = int8 {
+            let model = int8_model(ckpt, weight_bits, &options, &input, batch, h, w)?;
             let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
             let runs = (0..iters.max(1))
                 .map(|_| engine.profile(&input, batch, h, w))

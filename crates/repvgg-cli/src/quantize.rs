@@ -45,8 +45,8 @@ pub struct QuantizeArgs {
     /// The percentile for --method percentile.
     #[arg(long, default_value_t = 99.99)]
     percentile: f64,
-    /// Weight bits: 8, or 7 so that AVX2 machines without VNNI run the INT8 kernels (their
-    /// 16-bit sums need weights within 64).
+    /// Weight bits: 8, or 7 so that AVX2 machines without VNNI run the faster of their two
+    /// INT8 kernel sets (its 16-bit sums need weights within 64).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
     weight_bits: u8,
     /// Blocks kept in float: `first`, `last`, or block names (stage0, stage4.0), comma
@@ -196,7 +196,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     let vnni = Int8Kernels::Avx512Vnni.is_available() || Int8Kernels::AvxVnni.is_available();
     if args.weight_bits == 8 && !vnni && Isa::best() >= Isa::Avx2 {
         eprintln!(
-            "note: this machine has no VNNI, so 8-bit weights run on the portable kernels; --weight-bits 7 lets the AVX2 kernels run them"
+            "note: this machine has no VNNI, so 8-bit weights run on the AVX2 kernels of 16-bit operands; --weight-bits 7 lets the faster AVX2 set (about twice the products a second) run them"
         );
     }
     if args.report

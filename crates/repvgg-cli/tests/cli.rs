@@ -483,6 +483,48 @@ fn training_bad_data_gives_one_clear_line() {
     assert!(err.contains("Z9"), "{err}");
 }
 
+/// Without VNNI (here: capped at AVX2), 8-bit weights run on AVX2's 16-bit-operand set and
+/// 7-bit ones on its faster set; the table's first line names the set that ran.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bench_names_the_int8_kernels_it_ran() {
+    if !std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("fma") {
+        eprintln!("SKIPPED: no AVX2 here");
+        return;
+    }
+    // AVX-VNNI (256-bit) is within the AVX2 cap and takes any weights.
+    let expected = if std::arch::is_x86_feature_detected!("avxvnni") {
+        [("8", "avx-vnni"), ("7", "avx-vnni")]
+    } else {
+        [("8", "avx2-i16"), ("7", "avx2")]
+    };
+    for (bits, kernels) in expected {
+        let out = ok(&[
+            "bench",
+            "--arch",
+            "depths=1,1,1,1;widths=8,8,16,16;stem=8;classes=10",
+            "--size",
+            "32",
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--precision",
+            "int8",
+            "--isa",
+            "avx2",
+            "--weight-bits",
+            bits,
+        ]);
+        assert!(
+            out.lines().next() == Some(&format!("engine kernels: {kernels}")),
+            "{bits}-bit weights: {out}"
+        );
+    }
+}
+
 #[test]
 fn bench_times_a_training_step() {
     let out = ok(&[

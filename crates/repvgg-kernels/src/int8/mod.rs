@@ -3,11 +3,12 @@
 //! per output channel, zero point 0), the products summed in 32-bit integers, and the result
 //! stored as unsigned 8-bit activations for the next layer (or as the 32-bit sums).
 //!
-//! Both x86 kernels take four consecutive k at once into each 32-bit lane: AVX-512 VNNI's
-//! `vpdpbusd` multiplies four u8 x s8 pairs and adds them to the lane exactly; AVX2's
-//! `vpmaddubsw` multiplies them and adds pairs into 16 bits with saturation, and `vpmaddwd`
-//! adds the pairs of pairs into the lane. So B is packed in groups of four k ([`PackedB8`]),
-//! and A is read four bytes at a time.
+//! The x86 kernels take four consecutive k at once: AVX-512 VNNI's `vpdpbusd` multiplies four
+//! u8 x s8 pairs and adds them to a 32-bit lane exactly; AVX2's `vpmaddubsw` multiplies them
+//! and adds pairs into 16 bits with saturation, and `vpmaddwd` adds the pairs of pairs into the
+//! lane; AVX2's 16-bit set widens both operands and `vpmaddwd` alone adds pairs into two lanes
+//! per column. So B is packed in groups of four k ([`PackedB8`]), and A is read four bytes at
+//! a time.
 //!
 //! # The micro-kernel contract
 //!
@@ -34,6 +35,7 @@
 //! plain integer loops.
 
 mod avx2;
+mod avx2_i16;
 mod avx512;
 mod avxvnni;
 mod portable;
@@ -57,6 +59,9 @@ const COLS_MAX: usize = SPAN_MAX * NR8;
 pub enum Int8Kernels {
     /// Plain Rust.
     Portable,
+    /// AVX2 on operands widened to 16 bits: `vpmaddwd` alone, exact for any INT8 weights, at
+    /// half the products per instruction of [`Int8Kernels::Avx2`].
+    Avx2I16,
     /// AVX2: `vpmaddubsw` + `vpmaddwd` (weights in [-64, 64]).
     Avx2,
     /// AVX-VNNI: 256-bit `vpdpbusd`, exact for any INT8 weights (processors with VNNI but
@@ -67,8 +72,9 @@ pub enum Int8Kernels {
 }
 
 impl Int8Kernels {
-    pub const ALL: [Int8Kernels; 4] = [
+    pub const ALL: [Int8Kernels; 5] = [
         Int8Kernels::Portable,
+        Int8Kernels::Avx2I16,
         Int8Kernels::Avx2,
         Int8Kernels::AvxVnni,
         Int8Kernels::Avx512Vnni,
@@ -77,6 +83,7 @@ impl Int8Kernels {
     pub fn name(self) -> &'static str {
         match self {
             Int8Kernels::Portable => "portable",
+            Int8Kernels::Avx2I16 => "avx2-i16",
             Int8Kernels::Avx2 => "avx2",
             Int8Kernels::AvxVnni => "avx-vnni",
             Int8Kernels::Avx512Vnni => "avx512-vnni",
@@ -86,7 +93,7 @@ impl Int8Kernels {
     pub fn is_available(self) -> bool {
         match self {
             Int8Kernels::Portable => true,
-            Int8Kernels::Avx2 => Isa::Avx2.is_available(),
+            Int8Kernels::Avx2 | Int8Kernels::Avx2I16 => Isa::Avx2.is_available(),
             Int8Kernels::AvxVnni => {
                 #[cfg(target_arch = "x86_64")]
                 {
@@ -118,7 +125,7 @@ impl Int8Kernels {
 
     /// The best set for `weights` within the instruction set `cap`: AVX-512 VNNI where the
     /// machine has it, else AVX-VNNI, else AVX2 when the weights fit its 16-bit sums, else
-    /// portable.
+    /// AVX2 on 16-bit operands, else portable.
     pub fn best_for(cap: Isa, weights: &PackedB8) -> Int8Kernels {
         let vnni = Int8Kernels::Avx512Vnni;
         if cap >= Isa::Avx512 && vnni.is_available() {
@@ -127,6 +134,8 @@ impl Int8Kernels {
             Int8Kernels::AvxVnni
         } else if cap >= Isa::Avx2 && Int8Kernels::Avx2.is_available() && weights.fits_avx2() {
             Int8Kernels::Avx2
+        } else if cap >= Isa::Avx2 && Int8Kernels::Avx2I16.is_available() {
+            Int8Kernels::Avx2I16
         } else {
             Int8Kernels::Portable
         }
@@ -143,6 +152,8 @@ impl Int8Kernels {
             Int8Kernels::Portable => (portable::MR, &[portable::kernel]),
             #[cfg(target_arch = "x86_64")]
             Int8Kernels::Avx2 => (avx2::MR, &[avx2::kernel]),
+            #[cfg(target_arch = "x86_64")]
+            Int8Kernels::Avx2I16 => (avx2_i16::MR, &[avx2_i16::kernel]),
             #[cfg(target_arch = "x86_64")]
             Int8Kernels::AvxVnni => (avxvnni::MR, &[avxvnni::kernel]),
             #[cfg(target_arch = "x86_64")]
