@@ -38,7 +38,7 @@ fn measure(kernels: Int8Kernels) {
         let lda = k.div_ceil(4) * 4;
         let a: Vec<u8> = (0..rows * lda).map(|i| (i * 7 % 251) as u8).collect();
         let b = PackedB8::new(k, cols, |r, c| {
-            ((r * 3 + c * 5) % limit) as i8 - (limit / 2) as i8
+            (((r * 3 + c * 5) % limit) as i32 - (limit / 2) as i32) as i8
         });
         let bias = vec![0i32; cols];
         let scale = vec![1e-4f32; cols];

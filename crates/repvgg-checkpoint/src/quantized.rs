@@ -100,10 +100,17 @@ pub struct QuantizedModel {
     pub labels: Option<Vec<String>>,
 }
 
+/// The `limit` of [`QuantizedModel::quantize`] for `bits`-bit weights (2 to 8): 127 for 8, 63
+/// for 7 (what the AVX2 kernels' 16-bit sums take).
+pub fn weight_limit(bits: u8) -> i8 {
+    assert!((2..=8).contains(&bits), "{bits}-bit weights");
+    ((1i16 << (bits - 1)) - 1) as i8
+}
+
 impl QuantizedModel {
     /// Quantizes a deploy-form checkpoint's kernels (symmetric, per output channel, to
-    /// `[-limit, limit]`: 127, or 63 for AVX2 machines without VNNI, whose kernel needs
-    /// weights within 64) with the activation ranges found by calibration.
+    /// `[-limit, limit]`: see [`weight_limit`]) with the activation ranges found by
+    /// calibration.
     ///
     /// `float_blocks`: indices of blocks kept in float.
     pub fn quantize(
@@ -639,7 +646,16 @@ pub(crate) fn from_parts(
 
 #[cfg(test)]
 mod tests {
-    use super::ActivationQuant;
+    use super::{ActivationQuant, weight_limit};
+
+    /// Symmetric `bits`-bit weights: 8 bits reach 127, 7 bits 63 (inside the AVX2 kernels'
+    /// [-64, 64]).
+    #[test]
+    fn weight_limits_by_bits() {
+        assert_eq!(weight_limit(8), 127);
+        assert_eq!(weight_limit(7), 63);
+        assert_eq!(weight_limit(2), 1);
+    }
 
     /// The 2^23 trick rounds exactly as `round_ties_even` does, ties included, across the
     /// whole u8 range and past it (clamped).

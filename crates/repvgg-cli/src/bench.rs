@@ -129,7 +129,7 @@ fn int8_model(
     calibrator
         .observe(&engine, input, n, h, w)
         .map_err(anyhow::Error::msg)?;
-    let limit = if weight_bits == 8 { 127 } else { 63 };
+    let limit = repvgg_checkpoint::quantized::weight_limit(weight_bits);
     QuantizedModel::quantize(&deploy, calibrator.activations(), "minmax", n, limit, &[])
         .map_err(|e| anyhow::anyhow!("{e}"))
 }

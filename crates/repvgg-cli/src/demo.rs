@@ -184,14 +184,14 @@ fn int8_line(out: &Path, data: &repvgg_data::DataSplits) -> Result<Int8Result> {
         calibrator.activations(),
         "percentile 99.99",
         calibrator.images(),
-        // 7-bit weights where only the AVX2 INT8 kernels would run them (no VNNI).
-        if repvgg_kernels::int8::Int8Kernels::Avx512Vnni.is_available()
-            || repvgg_kernels::int8::Int8Kernels::AvxVnni.is_available()
-        {
-            127
-        } else {
-            63
-        },
+        // 7-bit weights where the faster AVX2 INT8 kernels run them (no VNNI).
+        repvgg_checkpoint::quantized::weight_limit(
+            if repvgg_kernels::int8::Int8Kernels::vnni_available() {
+                8
+            } else {
+                7
+            },
+        ),
         &[],
     )
     .map_err(anyhow::Error::msg)?;

@@ -159,7 +159,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         MethodArg::Percentile => format!("percentile {}", args.percentile),
         MethodArg::Entropy => "entropy".to_string(),
     };
-    let limit = if args.weight_bits == 8 { 127 } else { 63 };
+    let limit = repvgg_checkpoint::quantized::weight_limit(args.weight_bits);
 
     let mut model = QuantizedModel::quantize(
         &deploy,
@@ -193,8 +193,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         },
         int8.kernels()
     );
-    let vnni = Int8Kernels::Avx512Vnni.is_available() || Int8Kernels::AvxVnni.is_available();
-    if args.weight_bits == 8 && !vnni && Isa::best() >= Isa::Avx2 {
+    if args.weight_bits == 8 && !Int8Kernels::vnni_available() && Isa::best() >= Isa::Avx2 {
         eprintln!(
             "note: this machine has no VNNI, so 8-bit weights run on the AVX2 kernels of 16-bit operands; --weight-bits 7 lets the faster AVX2 set (about twice the products a second) run them"
         );

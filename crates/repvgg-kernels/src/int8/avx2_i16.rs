@@ -49,20 +49,11 @@ pub(super) unsafe fn kernel(
             }
         }
     }
-    for (row, quarters) in acc.iter().enumerate() {
-        let mut lanes = [0i32; 2 * NR8];
-        for (quarter, sum) in quarters.iter().enumerate() {
-            // SAFETY: `lanes` holds 32 i32, a quarter's 8 of them.
-            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().add(8 * quarter) as *mut _, *sum) };
-        }
-        let columns: [i32; NR8] = std::array::from_fn(|col| lanes[2 * col] + lanes[2 * col + 1]);
-        // SAFETY: `columns` holds 16 i32, two halves of 8.
-        let sums = unsafe {
-            [
-                _mm256_loadu_si256(columns.as_ptr() as *const _),
-                _mm256_loadu_si256(columns.as_ptr().add(8) as *const _),
-            ]
-        };
+    for (row, [q0, q1, q2, q3]) in acc.iter().enumerate() {
+        // Adjacent lanes added: columns (0, 1, 4, 5 | 2, 3, 6, 7) of two quarters, then the
+        // 64-bit pairs put in column order.
+        let half = |a, b| _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(a, b));
+        let sums = [half(*q0, *q1), half(*q2, *q3)];
         // SAFETY: row `row` of C holds the panel's 16 elements (the contract); AVX2 runs here.
         unsafe { super::avx2::finish_row(&sums, offset, c, row * ldc, store) };
     }

@@ -115,6 +115,12 @@ impl Int8Kernels {
         }
     }
 
+    /// Whether this machine has either VNNI set, which take 8-bit weights at full speed
+    /// (without, the fast AVX2 set needs 7-bit ones).
+    pub fn vnni_available() -> bool {
+        Int8Kernels::Avx512Vnni.is_available() || Int8Kernels::AvxVnni.is_available()
+    }
+
     /// Every set this machine runs, portable first.
     pub fn available() -> Vec<Int8Kernels> {
         Int8Kernels::ALL
