@@ -29,7 +29,8 @@ pub struct BenchArgs {
     /// Batch sizes, comma-separated [default: 1,8; with --train: 32].
     #[arg(long)]
     pub batch: Option<String>,
-    /// Input size: 224, or HxW [default: 224; with --train: 64].
+    /// Input size: 224, or HxW [default: the size a weights file records, else 224; with
+    /// --train: 64].
     #[arg(long)]
     pub size: Option<String>,
     /// Worker threads (default: all cores).
@@ -70,9 +71,10 @@ pub struct BenchArgs {
     pub precision: String,
     /// Weight bits when float weights are quantized for `--precision int8`: 8, or 7 to time
     /// the AVX2 kernels whose 16-bit sums need weights within 64 (what `quantize
-    /// --weight-bits 7` writes for machines without VNNI).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(7..=8))]
-    pub weight_bits: u8,
+    /// --weight-bits 7` writes for machines without VNNI) [default: 8]. An INT8 file keeps its
+    /// own.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(7..=8))]
+    pub weight_bits: Option<u8>,
     /// Time a training step of the multi-branch form instead: forward in training mode,
     /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
     #[arg(long)]
@@ -262,8 +264,18 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     if ckpt.int8.is_some() && args.precision == "fp32" {
         eprintln!("note: {} is an INT8 model; it is timed in INT8", args.arch);
     }
+    if !int8 && args.weight_bits.is_some() {
+        eprintln!("note: --weight-bits applies with --precision int8; timing fp32");
+    }
+    if ckpt.int8.is_some() && args.weight_bits.is_some() {
+        eprintln!(
+            "note: --weight-bits applies to float weights quantized for timing; {} is timed with its own",
+            args.arch
+        );
+    }
+    let weight_bits = args.weight_bits.unwrap_or(8);
     if args.layers {
-        let int8 = (args.precision == "int8" || ckpt.int8.is_some()).then_some(args.weight_bits);
+        let int8 = (args.precision == "int8" || ckpt.int8.is_some()).then_some(weight_bits);
         return pool
             .install(|| layer_table(&ckpt, int8, options, &batches, h, w, threads, args.iters));
     }
@@ -306,8 +318,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             let times = pool.install(|| -> Result<Vec<f64>> {
                 let mut run: Box<dyn FnMut()> = match form {
                     Form::Deploy if int8 => {
-                        let model =
-                            int8_model(&ckpt, args.weight_bits, &options, &input, batch, h, w)?;
+                        let model = int8_model(&ckpt, weight_bits, &options, &input, batch, h, w)?;
                         let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
                         kernels = engine.kernels().name().to_string();
                         let input = input.clone();

@@ -522,7 +522,24 @@ fn bench_names_the_int8_kernels_it_ran() {
             out.lines().next() == Some(&format!("engine kernels: {kernels}")),
             "{bits}-bit weights: {out}"
         );
-    }
+    } // Weight bits mean nothing to a float timing: said, not silently dropped.
+    let (_, err) = ok_with_stderr(&[
+        "bench",
+        "--arch",
+        "depths=1,1,1,1;widths=8,8,16,16;stem=8;classes=10",
+        "--size",
+        "32",
+        "--batch",
+        "1",
+        "--iters",
+        "1",
+        "--weight-bits",
+        "7",
+    ]);
+    assert!(
+        err.contains("--weight-bits applies with --precision int8"),
+        "{err}"
+    );
 }
 
 #[test]
