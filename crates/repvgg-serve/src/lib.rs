@@ -456,6 +456,12 @@ async fn run_batch(
     }
 }
 
+/// Infer requests whose JSON is at most this long, and whose body at most
+/// [`INLINE_PARSE_BYTES`], are parsed on the runtime's thread (tens of microseconds at most).
+const INLINE_PARSE_JSON_BYTES: usize = 64 << 10;
+/// See [`INLINE_PARSE_JSON_BYTES`]: four 224x224 images of binary data.
+const INLINE_PARSE_BYTES: usize = 4 * 3 * 224 * 224 * 4 + (64 << 10);
+
 async fn infer(
     State(state): State<Arc<AppState>>,
     Path(params): Path<HashMap<String, String>>,
@@ -480,14 +486,20 @@ async fn infer(
         ),
     };
     let contract = state.contract;
-    // Parsing a large JSON body is CPU work: off the runtime's threads.
-    let request =
+    let json_bytes = header_length.unwrap_or(body.len());
+    let request = if json_bytes <= INLINE_PARSE_JSON_BYTES && body.len() <= INLINE_PARSE_BYTES {
+        // A binary request is a short JSON header and one copy of its tensor: handing it to
+        // another thread and back would cost more than parsing it here.
+        protocol::parse_infer(&body, header_length, &contract)
+    } else {
+        // Parsing a large JSON body is CPU work: off the runtime's threads.
         tokio::task::spawn_blocking(move || protocol::parse_infer(&body, header_length, &contract))
             .await
             .map_err(|_| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "request parsing failed")
             })?
-            .map_err(|e| ApiError::bad_request(e.0))?;
+    }
+    .map_err(|e| ApiError::bad_request(e.0))?;
     let n = request.n;
     let logits = run_batch(
         &state,
