@@ -53,8 +53,9 @@ pub struct BenchArgs {
     /// images per thread) or auto (throughput when the batch has an image per thread).
     #[arg(long, default_value = "auto", value_parser = ["auto", "latency", "throughput"])]
     pub mode: String,
-    /// Winograd transform for stride-1 layers: auto (F(4x4,3x3) on maps of 20 pixels a side
-    /// or more, else F(2x2,3x3)), f4, f2 or off (im2col for every layer).
+    /// Winograd transform: auto (stride 1: F(4x4,3x3) unless the map is small or its
+    /// transformed filters outweigh its tiles, then F(2x2,3x3); stride 2: F(2x2,3x3) on wide
+    /// layers), f4, f2 or off (im2col or implicit GEMM for every layer).
     #[arg(long, default_value = "auto", value_parser = ["auto", "f4", "f2", "off"])]
     pub winograd: String,
     /// How other layers become matrix products: auto, im2col (patch copies) or implicit

@@ -16,7 +16,7 @@ use crate::plan::{self, Choices, Geometry};
 use crate::se::SqueezeExcite;
 use crate::tuning::PER_IMAGE_MAP_BYTES;
 use crate::workspace::{Workspace, with_thread_workspace};
-use crate::{LayerTiming, StageFeatures, probe};
+use crate::{LayerTiming, StageFeatures};
 
 /// A deployed RepVGG ready to run.
 pub struct Engine {
@@ -96,11 +96,7 @@ impl Engine {
             spec: deploy.spec.clone(),
             options,
             isa,
-            choices: Choices {
-                winograd: options.winograd,
-                lowering: options.lowering,
-                l2_bytes: probe::l2_bytes(),
-            },
+            choices: Choices::for_machine(options.winograd, options.lowering, isa),
             layers,
             head_weight: deploy
                 .tensors

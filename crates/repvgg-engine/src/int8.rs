@@ -232,11 +232,7 @@ impl Int8Engine {
         Ok(Int8Engine {
             spec: model.spec.clone(),
             layers,
-            choices: Choices {
-                winograd: Winograd::Auto,
-                lowering: Lowering::Auto,
-                l2_bytes: crate::probe::l2_bytes(),
-            },
+            choices: Choices::for_machine(Winograd::Auto, Lowering::Auto, cap),
             input: acts[0],
             output: *acts.last().expect("checked on load"),
             head: model.head.as_ref().map(|(w, b)| {

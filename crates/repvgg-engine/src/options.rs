@@ -48,7 +48,8 @@ pub enum Winograd {
     F4,
     /// Stride 1: F(4x4, 3x3) unless the map is small or has so few tiles for the size of its
     /// transformed filters that reading them costs more than the products saved; F(2x2, 3x3)
-    /// there; none for layers of few input channels per group. Stride 2: F(2x2, 3x3) for wide
+    /// there (the filter-size test is waived where products are scarce: AVX-512 on 256-bit
+    /// units); none for layers of few input channels per group. Stride 2: F(2x2, 3x3) for wide
     /// layers on big enough maps whose filters pay by the same measure; direct otherwise
     /// (the RGB stem, a last stage of 1280 channels on a 7x7 map). The thresholds are in
     /// [`crate::tuning`].

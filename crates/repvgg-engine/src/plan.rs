@@ -5,10 +5,12 @@
 
 use std::ops::Range;
 
+use repvgg_kernels::Isa;
 use repvgg_kernels::gemm::NR;
 use repvgg_kernels::winograd::{self, Algorithm};
 
 use crate::options::{Lowering, Winograd};
+use crate::probe;
 use crate::tuning::*;
 
 /// A layer's shape, as far as planning goes.
@@ -41,12 +43,30 @@ pub(crate) struct Call {
     pub threads: usize,
 }
 
-/// What the caller chose (or left to the planner), and the machine's L2 size.
+/// What the caller chose (or left to the planner), and what the planner needs to know of the
+/// machine.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Choices {
     pub winograd: Winograd,
     pub lowering: Lowering,
     pub l2_bytes: usize,
+    /// Whether [`Winograd::Auto`] takes F(4x4) only where its transformed filters are small
+    /// for the call's tiles ([`F4_MAX_FILTER_BYTES_PER_TILE`]). Not where products are scarce
+    /// (AVX-512 kernels on 256-bit units): there F(4x4)'s 0.62x the products outweigh its
+    /// 2.25x the filter reads at any size.
+    pub f4_filter_bound: bool,
+}
+
+impl Choices {
+    /// The planner's view of this machine, running the kernels of `isa`.
+    pub fn for_machine(winograd: Winograd, lowering: Lowering, isa: Isa) -> Choices {
+        Choices {
+            winograd,
+            lowering,
+            l2_bytes: probe::l2_bytes(),
+            f4_filter_bound: !(isa == Isa::Avx512 && probe::avx512_on_256_bit_units()),
+        }
+    }
 }
 
 /// How a layer's convolution is computed.
@@ -120,7 +140,7 @@ pub(crate) struct LayerPlan {
 
 /// The plan for one call of a layer.
 pub(crate) fn plan(layer: &Geometry, call: &Call, choices: &Choices) -> LayerPlan {
-    if let Some(algorithm) = winograd_algorithm(layer, call, choices.winograd)
+    if let Some(algorithm) = winograd_algorithm(layer, call, choices)
         && let Some(split) = winograd_split(layer, call, algorithm)
     {
         return LayerPlan {
@@ -132,7 +152,7 @@ pub(crate) fn plan(layer: &Geometry, call: &Call, choices: &Choices) -> LayerPla
 }
 
 /// The Winograd algorithm for this call, if any (see [`Winograd::Auto`]).
-fn winograd_algorithm(layer: &Geometry, call: &Call, choice: Winograd) -> Option<Algorithm> {
+fn winograd_algorithm(layer: &Geometry, call: &Call, choices: &Choices) -> Option<Algorithm> {
     if layer.dilation != 1 {
         return None;
     }
@@ -144,12 +164,14 @@ fn winograd_algorithm(layer: &Geometry, call: &Call, choice: Winograd) -> Option
     };
     let wide = layer.in_per_group() >= WINOGRAD_MIN_CHANNELS;
     let big = call.oh.min(call.ow) >= F4_MIN_SIDE;
-    match (layer.stride, choice) {
+    match (layer.stride, choices.winograd) {
         (_, Winograd::Off) => None,
         (1, Winograd::F2) => Some(Algorithm::F2),
         (1, Winograd::F4) => Some(Algorithm::F4),
         (1, Winograd::Auto) if !wide => None,
-        (1, Winograd::Auto) if big && filters_pay(Algorithm::F4) => Some(Algorithm::F4),
+        (1, Winograd::Auto) if big && (!choices.f4_filter_bound || filters_pay(Algorithm::F4)) => {
+            Some(Algorithm::F4)
+        }
         (1, Winograd::Auto) => Some(Algorithm::F2),
         (2, Winograd::F2 | Winograd::F4) => Some(Algorithm::Stride2F2),
         (2, Winograd::Auto)
@@ -313,6 +335,7 @@ mod tests {
         winograd: Winograd::Auto,
         lowering: Lowering::Auto,
         l2_bytes: 2 << 20,
+        f4_filter_bound: true,
     };
 
     /// Every (item, group, output channel) in exactly one task, columns starting on panels.
@@ -375,6 +398,20 @@ mod tests {
         let stage3 = conv(192, 192, 1, 1);
         assert_eq!(on(stage3, 1, 14).scheme, Scheme::Winograd(Algorithm::F2));
         assert_eq!(on(stage3, 8, 14).scheme, Scheme::Winograd(Algorithm::F4));
+        // Where products are scarce, F(4x4) at any filter size; small maps still leave it.
+        let scarce = Choices {
+            f4_filter_bound: false,
+            ..AUTO
+        };
+        let wide = conv(512, 512, 1, 1);
+        for (layer, n, side, algorithm) in [
+            (stage3, 1, 14, Algorithm::F4),
+            (wide, 1, 14, Algorithm::F4),
+            (wide, 1, 7, Algorithm::F2),
+        ] {
+            let scheme = plan(&layer, &call(n, side, 2), &scarce).scheme;
+            assert_eq!(scheme, Scheme::Winograd(algorithm), "{layer:?} on {side}");
+        }
         // Stride 2 from 64 input channels on maps of 8 or more.
         assert_eq!(
             on(conv(96, 192, 1, 2), 4, 14).scheme,

@@ -11,6 +11,37 @@ pub fn l2_bytes() -> usize {
     *L2.get_or_init(|| read_l2_bytes().unwrap_or(DEFAULT_L2_BYTES))
 }
 
+/// Whether this processor runs 512-bit instructions on 256-bit units (AMD's Zen 4, family
+/// 19h with AVX-512): its AVX-512 kernels then multiply no faster than AVX2's, half the rate
+/// of a full-width core, so trading memory reads for fewer products pays where it would not
+/// on a full-width one.
+pub fn avx512_on_256_bit_units() -> bool {
+    static HALF: OnceLock<bool> = OnceLock::new();
+    *HALF.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            let vendor = __cpuid(0);
+            let amd = (vendor.ebx, vendor.edx, vendor.ecx)
+                == (
+                    u32::from_le_bytes(*b"Auth"),
+                    u32::from_le_bytes(*b"enti"),
+                    u32::from_le_bytes(*b"cAMD"),
+                );
+            let signature = __cpuid(1).eax;
+            let base = (signature >> 8) & 0xf;
+            let family = if base == 0xf {
+                base + ((signature >> 20) & 0xff)
+            } else {
+                base
+            };
+            amd && family == 0x19 && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 fn read_l2_bytes() -> Option<usize> {
     // Linux numbers a CPU's caches index0, index1, ...: find the one whose level is 2.
     let dir = "/sys/devices/system/cpu/cpu0/cache";

@@ -41,7 +41,8 @@ pub const WINOGRAD_MIN_CHANNELS: usize = 8;
 pub const STRIDE2_WINOGRAD_MIN_CHANNELS: usize = 64;
 /// [`crate::Winograd::Auto`] takes F(4x4, 3x3) while its transformed filters (36 per channel
 /// pair) come to at most this many bytes per 4x4 output tile of the call: with fewer tiles,
-/// reading the filters costs more than the products saved.
+/// reading the filters costs more than the products saved (not where products are scarce:
+/// the planner's `Choices::f4_filter_bound`).
 pub const F4_MAX_FILTER_BYTES_PER_TILE: usize = 128 << 10;
 /// Output tiles per Winograd task on one thread: enough rows for the products to run at full
 /// speed.
