@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use repvgg_kernels::int8::{Epilogue, Int8Kernels, PackedB8, Product8, gemm_u8s8, strided_u8};
+use repvgg_kernels::int8::{Epilogue, Int8Kernels, PackedB8, Product8, gemm_u8s8};
 
 fn main() {
     for kernels in Int8Kernels::available() {
@@ -34,8 +34,13 @@ fn measure(kernels: Int8Kernels) {
         (48, 192, 1728),
         (196, 192, 1728),
         (48, 1280, 1728),
+        // AMX tasks: whole 32-row blocks; B0's 256-channel stage 3.
+        (64, 192, 1728),
+        (64, 128, 2304),
+        (128, 256, 2304),
+        (196, 256, 2304),
     ] {
-        let lda = k.div_ceil(4) * 4;
+        let lda = kernels.a_row_bytes(k);
         let a: Vec<u8> = (0..rows * lda).map(|i| (i * 7 % 251) as u8).collect();
         let b = PackedB8::new(k, cols, |r, c| {
             (((r * 3 + c * 5) % limit) as i32 - (limit / 2) as i32) as i8
@@ -45,7 +50,8 @@ fn measure(kernels: Int8Kernels) {
         let mut c = vec![0u8; rows * cols];
         let product = Product8 {
             rows,
-            a_row: strided_u8(a.as_ptr(), lda),
+            a: a.as_ptr(),
+            lda,
             a_zero: 3,
             b: &b,
             bias: &bias,
@@ -64,7 +70,7 @@ fn measure(kernels: Int8Kernels) {
         for _ in 0..5 {
             let start = Instant::now();
             for _ in 0..reps {
-                // SAFETY: A rows hold `lda` bytes; C is rows x cols u8, ours alone.
+                // SAFETY: A rows hold the set's row bytes; C is rows x cols u8, ours alone.
                 unsafe { gemm_u8s8(kernels, &product) };
             }
             best = best.min(start.elapsed().as_secs_f64() / reps as f64);

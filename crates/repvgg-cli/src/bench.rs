@@ -13,6 +13,7 @@ use repvgg_burn::{RepVggTrain, default_device};
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, random};
 use repvgg_engine::{Engine, EngineOptions, Isa, Lowering, Mode, Winograd, Workspace};
+use repvgg_kernels::int8::Int8Kernels;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -76,10 +77,36 @@ pub struct BenchArgs {
     /// own.
     #[arg(long, value_parser = clap::value_parser!(u8).range(7..=8))]
     pub weight_bits: Option<u8>,
+    /// Run every INT8 layer on this kernel set instead of the best the machine has (amx,
+    /// avx512-vnni, avx-vnni, avx2, avx2-i16 or portable), to time the sets side by side.
+    #[arg(long, value_parser = int8_kernels_arg)]
+    pub int8_kernels: Option<Int8Kernels>,
     /// Time a training step of the multi-branch form instead: forward in training mode,
     /// backward, SGD (momentum 0.9, weight decay 1e-4), label smoothing 0.1.
     #[arg(long)]
     pub train: bool,
+}
+
+fn int8_kernels_arg(name: &str) -> std::result::Result<Int8Kernels, String> {
+    Int8Kernels::ALL
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Int8Kernels::ALL.iter().map(|k| k.name()).collect();
+            format!("expected one of {}", names.join(", "))
+        })
+}
+
+/// The INT8 engine to time: on the kernel set asked for, else the best for the weights.
+fn int8_engine(
+    model: &repvgg_checkpoint::quantized::QuantizedModel,
+    options: &EngineOptions,
+    kernels: Option<Int8Kernels>,
+) -> Result<repvgg_engine::Int8Engine> {
+    Ok(match kernels {
+        Some(kernels) => repvgg_engine::Int8Engine::with_kernels(model, kernels)?,
+        None => repvgg_engine::Int8Engine::new(model, options.isa)?,
+    })
 }
 
 /// Weights to time: a checkpoint file, or seeded random ones for a named or custom spec.
@@ -268,6 +295,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     if !int8 && args.weight_bits.is_some() {
         eprintln!("note: --weight-bits applies with --precision int8; timing fp32");
     }
+    if !int8 && args.int8_kernels.is_some() {
+        eprintln!("note: --int8-kernels applies with --precision int8; timing fp32");
+    }
     if ckpt.int8.is_some() && args.weight_bits.is_some() {
         eprintln!(
             "note: --weight-bits applies to float weights quantized for timing; {} is timed with its own",
@@ -277,8 +307,19 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let weight_bits = args.weight_bits.unwrap_or(8);
     if args.layers {
         let int8 = (args.precision == "int8" || ckpt.int8.is_some()).then_some(weight_bits);
-        return pool
-            .install(|| layer_table(&ckpt, int8, options, &batches, h, w, threads, args.iters));
+        return pool.install(|| {
+            layer_table(
+                &ckpt,
+                int8,
+                args.int8_kernels,
+                options,
+                &batches,
+                h,
+                w,
+                threads,
+                args.iters,
+            )
+        });
     }
     if args.train {
         return pool.install(|| train_steps(&args, &ckpt, &batches, h, w, threads));
@@ -320,7 +361,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
                 let mut run: Box<dyn FnMut()> = match form {
                     Form::Deploy if int8 => {
                         let model = int8_model(&ckpt, weight_bits, &options, &input, batch, h, w)?;
-                        let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
+                        let engine = int8_engine(&model, &options, args.int8_kernels)?;
                         kernels = engine.kernels().name().to_string();
                         let input = input.clone();
                         engine.forward(&input, batch, h, w)?;
@@ -510,6 +551,7 @@ fn layer_table(
     ckpt: &Checkpoint,
     // INT8 with this many weight bits, or float.
     int8: Option<u8>,
+    int8_kernels: Option<Int8Kernels>,
     options: EngineOptions,
     batches: &[usize],
     h: usize,
@@ -526,7 +568,7 @@ fn layer_table(
         let mut ws = Workspace::default();
         let (runs, kernels): (Vec<_>, String) = if let Some(weight_bits) = int8 {
             let model = int8_model(ckpt, weight_bits, &options, &input, batch, h, w)?;
-            let engine = repvgg_engine::Int8Engine::new(&model, options.isa)?;
+            let engine = int8_engine(&model, &options, int8_kernels)?;
             let runs = (0..iters.max(1))
                 .map(|_| engine.profile(&input, batch, h, w))
                 .collect::<Result<_, _>>()?;

@@ -12,7 +12,7 @@ use repvgg_arch::ArchSpec;
 use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
 use repvgg_kernels::Isa;
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
-use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
+use repvgg_kernels::int8::{Epilogue, Int8Kernels, PackedB8, Product8, gemm_u8s8};
 
 use crate::error::{EngineError, check_input};
 use crate::layer::ConvLayer;
@@ -526,16 +526,17 @@ impl Int8Layer {
 
     fn split(&self, rows: usize) -> Split {
         let threads = rayon::current_num_threads();
+        let (block_rows, block_cols) = self.kernels.block();
         let row_tasks = rows.div_ceil(ROWS_PER_TASK).max(1);
-        let rows_per_task = rows.div_ceil(row_tasks).div_ceil(24) * 24;
+        let rows_per_task = rows.div_ceil(row_tasks).div_ceil(block_rows) * block_rows;
         let row_tasks = rows.div_ceil(rows_per_task).max(1);
         let cout_g = self.out_channels / self.groups;
-        // Four tasks a thread, in column runs of whole 48-column spans.
+        // Four tasks a thread, in column runs of whole blocks.
         let wanted = (4 * threads)
             .div_ceil(row_tasks)
-            .min(cout_g.div_ceil(48))
+            .min(cout_g.div_ceil(block_cols))
             .max(1);
-        let cols_per_task = cout_g.div_ceil(wanted).div_ceil(48) * 48;
+        let cols_per_task = cout_g.div_ceil(wanted).div_ceil(block_cols) * block_cols;
         Split {
             rows_per_task,
             row_tasks,
@@ -563,7 +564,8 @@ impl Int8Layer {
             self.split(rows)
         } else {
             // One thread: columns whole, rows in the usual runs.
-            let rows_per_task = ROWS_PER_TASK.div_ceil(24) * 24;
+            let block_rows = self.kernels.block().0;
+            let rows_per_task = ROWS_PER_TASK.div_ceil(block_rows) * block_rows;
             let cout_g = self.out_channels / self.groups;
             Split {
                 rows_per_task,
@@ -610,7 +612,7 @@ impl Int8Layer {
         let (cin, cout) = (self.in_channels, self.out_channels);
         let (cin_g, cout_g) = (cin / self.groups, cout / self.groups);
         let k = 9 * cin_g;
-        let lda = k.div_ceil(K_GROUP) * K_GROUP;
+        let lda = self.kernels.a_row_bytes(k);
         let pad = self.input.zero_point;
         let count = rows.len();
         let (stride, dilation) = (self.stride, self.dilation);
@@ -652,7 +654,8 @@ impl Int8Layer {
             }
             let product = Product8 {
                 rows: count,
-                a_row: |r: usize| patches.as_ptr().wrapping_add(r * lda),
+                a: patches.as_ptr(),
+                lda,
                 a_zero: pad,
                 b: &self.weights[g],
                 bias: &self.bias[g * cout_g..],
@@ -667,7 +670,7 @@ impl Int8Layer {
                     relu: true,
                 },
             };
-            // SAFETY: each patch row holds `lda` bytes (k rounded up to whole groups); the
+            // SAFETY: each patch row holds `lda` bytes (the kernel set's row bytes); the
             // task's rows and columns of the output are its own (tasks split them), rows
             // `cout` bytes apart with this group's columns inside.
             unsafe { gemm_u8s8(self.kernels, &product) };

@@ -4,7 +4,7 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use repvgg_kernels::int8::{Epilogue, Int8Kernels, K_GROUP, PackedB8, Product8, gemm_u8s8};
+use repvgg_kernels::int8::{Epilogue, Int8Kernels, PackedB8, Product8, gemm_u8s8};
 
 struct Case {
     rows: usize,
@@ -51,20 +51,20 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
         .collect();
     let (sums, bytes) = reference(case, &a, &b, &bias, &scale);
 
-    // A with rows padded to whole groups, the padding filled with junk: B's zero rows must
-    // cancel it.
-    let lda = k.div_ceil(K_GROUP) * K_GROUP + 4;
+    // A with rows padded to what the set reads (whole groups, or whole tiles for AMX) and
+    // more, the padding filled with junk: B's zero rows must cancel it.
+    let lda = kernels.a_row_bytes(k) + 4;
     let mut padded = vec![0xA5u8; rows * lda];
     for r in 0..rows {
         padded[r * lda..r * lda + k].copy_from_slice(&a[r * k..(r + 1) * k]);
     }
     let packed = PackedB8::new(k, n, |t, j| b[t * n + j]);
-    let a_row = |r: usize| padded.as_ptr().wrapping_add(r * lda);
 
     let mut out = vec![0u8; rows * n];
     let product = Product8 {
         rows,
-        a_row,
+        a: padded.as_ptr(),
+        lda,
         a_zero: case.a_zero,
         b: &packed,
         bias: &bias,
@@ -77,7 +77,7 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
             relu: case.relu,
         },
     };
-    // SAFETY: A's rows hold `lda` >= k rounded up to four bytes, C holds rows x n bytes.
+    // SAFETY: A's rows hold `lda` >= the set's row bytes, C holds rows x n bytes.
     unsafe { gemm_u8s8(kernels, &product) };
     let what = format!("{kernels} rows {rows} k {k} n {n}");
     assert_eq!(out, bytes, "{what}: u8 outputs");
@@ -148,7 +148,7 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
     }
 }
 
-const SHAPES: [(usize, usize, usize); 9] = [
+const SHAPES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
     (1, 27, 16),
     (3, 4, 17),
@@ -158,6 +158,9 @@ const SHAPES: [(usize, usize, usize); 9] = [
     (5, 3, 33),
     (37, 1152, 64),
     (2, 4608, 16),
+    // Several whole AMX blocks (32 rows x 32 columns) and a partial tile of k.
+    (96, 300, 96),
+    (64, 432, 48),
 ];
 
 #[test]
@@ -204,7 +207,8 @@ fn avx2_is_exact_at_the_edge_of_its_weight_range() {
         let bias = vec![0i32; n];
         let product = Product8 {
             rows: 1,
-            a_row: |_| a.as_ptr(),
+            a: a.as_ptr(),
+            lda: k,
             a_zero: 0,
             b: &packed,
             bias: &bias,

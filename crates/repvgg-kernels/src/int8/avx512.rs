@@ -55,17 +55,8 @@ unsafe fn kernel<const P: usize>(
             Store::U8 { scale, zero, low } => {
                 // SAFETY: `scale` holds 48 f32; panel `p`'s are 16 of them.
                 let scale = unsafe { _mm512_loadu_ps(scale.as_ptr().add(p * NR8)) };
-                let (zero, low, high) = (
-                    _mm512_set1_ps(zero),
-                    _mm512_set1_ps(low),
-                    _mm512_set1_ps(255.0),
-                );
                 for (row, sums) in acc.iter().enumerate() {
-                    let v = _mm512_cvtepi32_ps(_mm512_add_epi32(sums[p], offset));
-                    let v = _mm512_add_ps(_mm512_mul_ps(v, scale), zero);
-                    let v = _mm512_min_ps(_mm512_max_ps(v, low), high);
-                    // Rounds to nearest even (the default MXCSR mode), keeps the low bytes.
-                    let bytes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v));
+                    let bytes = requantize_16(_mm512_add_epi32(sums[p], offset), scale, zero, low);
                     // SAFETY: row `row` of C holds the span's 16 P bytes (the contract).
                     unsafe { _mm_storeu_si128(c.add(row * ldc + p * NR8) as *mut __m128i, bytes) };
                 }
@@ -83,4 +74,18 @@ unsafe fn kernel<const P: usize>(
             }
         }
     }
+}
+
+/// The u8 epilogue of 16 sums (offset already added), as the module's contract defines it;
+/// shared with the AMX kernels, which store the same bits.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) fn requantize_16(sums: __m512i, scale: __m512, zero: f32, low: f32) -> __m128i {
+    let v = _mm512_add_ps(
+        _mm512_mul_ps(_mm512_cvtepi32_ps(sums), scale),
+        _mm512_set1_ps(zero),
+    );
+    let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(low)), _mm512_set1_ps(255.0));
+    // Rounds to nearest even (the default MXCSR mode), keeps the low bytes.
+    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v))
 }

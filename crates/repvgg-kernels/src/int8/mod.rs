@@ -8,7 +8,8 @@
 //! and adds pairs into 16 bits with saturation, and `vpmaddwd` adds the pairs of pairs into the
 //! lane; AVX2's 16-bit set widens both operands and `vpmaddwd` alone adds pairs into two lanes
 //! per column. So B is packed in groups of four k ([`PackedB8`]), and A is read four bytes at
-//! a time.
+//! a time. AMX's `tdpbusd` takes the same groups sixteen at a time, as tiles (`amx`), so a
+//! panel's groups are padded with zeros to a multiple of sixteen.
 //!
 //! # The micro-kernel contract
 //!
@@ -34,6 +35,7 @@
 //! nearest integer, ties to even. Every kernel gives the same bits; the tests hold each to
 //! plain integer loops.
 
+mod amx;
 mod avx2;
 mod avx2_i16;
 mod avx512;
@@ -46,6 +48,12 @@ use crate::Isa;
 pub const NR8: usize = 16;
 /// The k of a group: what one 32-bit lane sums at once.
 pub const K_GROUP: usize = 4;
+/// Bytes of k in one AMX tile row: sixteen groups.
+pub const K_TILE: usize = 64;
+/// Rows of an AMX block: two tiles of A.
+const AMX_ROWS: usize = 32;
+/// Panels of an AMX block: two tiles of B.
+const AMX_SPAN: usize = 2;
 /// The most rows a micro-kernel computes at once.
 const MR_MAX: usize = 12;
 /// The most panels a micro-kernel spans.
@@ -69,15 +77,19 @@ pub enum Int8Kernels {
     AvxVnni,
     /// AVX-512 with VNNI: `vpdpbusd`, exact for any INT8 weights.
     Avx512Vnni,
+    /// AMX: `tdpbusd` on 16 x 64 tiles, exact for any INT8 weights, with the AVX-512
+    /// epilogue.
+    Amx,
 }
 
 impl Int8Kernels {
-    pub const ALL: [Int8Kernels; 5] = [
+    pub const ALL: [Int8Kernels; 6] = [
         Int8Kernels::Portable,
         Int8Kernels::Avx2I16,
         Int8Kernels::Avx2,
         Int8Kernels::AvxVnni,
         Int8Kernels::Avx512Vnni,
+        Int8Kernels::Amx,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +99,7 @@ impl Int8Kernels {
             Int8Kernels::Avx2 => "avx2",
             Int8Kernels::AvxVnni => "avx-vnni",
             Int8Kernels::Avx512Vnni => "avx512-vnni",
+            Int8Kernels::Amx => "amx",
         }
     }
 
@@ -112,6 +125,34 @@ impl Int8Kernels {
                 #[cfg(not(target_arch = "x86_64"))]
                 false
             }
+            Int8Kernels::Amx => {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    Isa::Avx512.is_available() && amx::is_available()
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                false
+            }
+        }
+    }
+
+    /// The bytes of each A row the set reads for a reduction of `k`: whole groups of four,
+    /// or whole tiles of 64 for AMX. Rows of patches laid out this far apart need no
+    /// padding of their own; bytes past `k` may hold any initialized value.
+    pub fn a_row_bytes(self, k: usize) -> usize {
+        match self {
+            Int8Kernels::Amx => k.div_ceil(K_TILE) * K_TILE,
+            _ => k.div_ceil(K_GROUP) * K_GROUP,
+        }
+    }
+
+    /// The rows and columns of the set's block: a task that splits a product is best cut
+    /// at multiples of them.
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Int8Kernels::Amx => (AMX_ROWS, AMX_SPAN * NR8),
+            // Every register kernel's height divides 24; the widest spans 48 columns.
+            _ => (24, COLS_MAX),
         }
     }
 
@@ -129,12 +170,14 @@ impl Int8Kernels {
             .collect()
     }
 
-    /// The best set for `weights` within the instruction set `cap`: AVX-512 VNNI where the
-    /// machine has it, else AVX-VNNI, else AVX2 when the weights fit its 16-bit sums, else
+    /// The best set for `weights` within the instruction set `cap`: AMX where the machine
+    /// has it, else AVX-512 VNNI, else AVX-VNNI, else AVX2 when the weights fit its 16-bit sums, else
     /// AVX2 on 16-bit operands, else portable.
     pub fn best_for(cap: Isa, weights: &PackedB8) -> Int8Kernels {
         let vnni = Int8Kernels::Avx512Vnni;
-        if cap >= Isa::Avx512 && vnni.is_available() {
+        if cap >= Isa::Avx512 && Int8Kernels::Amx.is_available() {
+            Int8Kernels::Amx
+        } else if cap >= Isa::Avx512 && vnni.is_available() {
             vnni
         } else if cap >= Isa::Avx2 && Int8Kernels::AvxVnni.is_available() {
             Int8Kernels::AvxVnni
@@ -147,7 +190,8 @@ impl Int8Kernels {
         }
     }
 
-    /// The rows of the set's kernels, and its kernels by span (`spans[s - 1]`).
+    /// The rows of the set's register kernels, and its kernels by span (`spans[s - 1]`);
+    /// none for AMX, which has its own driver.
     fn micro_kernels(self) -> (usize, &'static [MicroKernel]) {
         assert!(
             self.is_available(),
@@ -164,6 +208,7 @@ impl Int8Kernels {
             Int8Kernels::AvxVnni => (avxvnni::MR, &[avxvnni::kernel]),
             #[cfg(target_arch = "x86_64")]
             Int8Kernels::Avx512Vnni => (avx512::MR, avx512::SPANS),
+            Int8Kernels::Amx => (AMX_ROWS, &[]),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no x86-64 kernels off x86-64"),
         }
@@ -178,7 +223,8 @@ impl std::fmt::Display for Int8Kernels {
 
 /// A `k x n` INT8 weight matrix packed as `[panel][k group][column][4]`: for each panel of 16
 /// columns and each group of four k, 64 bytes, column by column, the four k of a column
-/// adjacent (one 32-bit lane each). Rows past `k` and columns past `n` are zero.
+/// adjacent (one 32-bit lane each). Each panel holds its groups rounded up to sixteen (one
+/// AMX tile of k); rows past `k` and columns past `n` are zero.
 #[derive(Clone, Debug, Default)]
 pub struct PackedB8 {
     k: usize,
@@ -193,7 +239,7 @@ pub struct PackedB8 {
 impl PackedB8 {
     /// Packs the matrix whose element (row, col) is `at(row, col)`.
     pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> i8) -> PackedB8 {
-        let groups = k.div_ceil(K_GROUP);
+        let groups = padded_groups(k);
         let panels = n.div_ceil(NR8);
         let mut data = vec![0i8; panels * groups * NR8 * K_GROUP];
         let mut column_sums = vec![0i32; n];
@@ -238,9 +284,19 @@ impl PackedB8 {
         self.k.div_ceil(K_GROUP)
     }
 
-    fn panel(&self, panel: usize) -> *const i8 {
-        self.data[panel * self.groups() * NR8 * K_GROUP..].as_ptr()
+    /// Bytes from one panel to the next.
+    fn panel_stride(&self) -> usize {
+        padded_groups(self.k) * NR8 * K_GROUP
     }
+
+    fn panel(&self, panel: usize) -> *const i8 {
+        self.data[panel * self.panel_stride()..].as_ptr()
+    }
+}
+
+/// The groups a panel holds for a reduction of `k`: whole AMX tiles.
+fn padded_groups(k: usize) -> usize {
+    k.div_ceil(K_TILE) * K_TILE / K_GROUP
 }
 
 /// How a block of 32-bit sums is finished and stored.
@@ -283,10 +339,12 @@ enum Store {
 }
 
 /// One INT8 product `C = epilogue(A[.., 0..k] B + bias - a_zero colsum(B))` over all of B's
-/// columns. Row `r` of A starts at `a_row(r)`.
-pub struct Product8<'a, R> {
+/// columns.
+pub struct Product8<'a> {
     pub rows: usize,
-    pub a_row: R,
+    /// A's first row; row `r` starts `r lda` bytes on.
+    pub a: *const u8,
+    pub lda: usize,
     /// A's zero point: the u8 that stands for 0.0.
     pub a_zero: u8,
     pub b: &'a PackedB8,
@@ -302,28 +360,22 @@ pub struct Product8<'a, R> {
     pub epilogue: Epilogue<'a>,
 }
 
-/// Rows of a row-major u8 matrix at `a`, `lda` bytes apart, for [`Product8::a_row`].
-pub fn strided_u8(a: *const u8, lda: usize) -> impl Fn(usize) -> *const u8 {
-    move |r| a.wrapping_add(r * lda)
-}
-
 /// Runs `product` with `kernels`, on the calling thread.
 ///
 /// Panics if `kernels` does not run here, if the AVX2 kernels are given weights outside
 /// [-64, 64], or if the bias or scales are shorter than B's columns.
 ///
 /// # Safety
-/// Each `a_row(r)`, for `r < rows`, must be valid for reads of `k` rounded up to a multiple
-/// of four bytes; `c` must be valid for writes of `rows` rows at stride `ldc` elements of
-/// B's columns (u8 or i32 elements, as the epilogue stores), untouched by other threads.
-pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
-    kernels: Int8Kernels,
-    product: &Product8<'_, R>,
-) {
+/// Each row of A, for `r < rows`, must be valid for reads of
+/// [`kernels.a_row_bytes(k)`](Int8Kernels::a_row_bytes) bytes; `c` must be valid for writes
+/// of `rows` rows at stride `ldc` elements of B's columns (u8 or i32 elements, as the
+/// epilogue stores), untouched by other threads.
+pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
     let (mr, spans) = kernels.micro_kernels();
     let Product8 {
         rows,
-        ref a_row,
+        a,
+        lda,
         a_zero,
         b,
         bias,
@@ -352,12 +404,20 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
         Epilogue::I32 => 4,
     };
     let groups = b.groups();
-    let panel_stride = groups * NR8 * K_GROUP;
+    let panel_stride = b.panel_stride();
     let panels = cols.end.div_ceil(NR8);
+    let amx = kernels == Int8Kernels::Amx;
+    let span_max = if amx { AMX_SPAN } else { spans.len() };
+    if amx {
+        // SAFETY: the AMX set runs here (checked by `micro_kernels`); released below.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            amx::configure()
+        };
+    }
     let mut panel = cols.start / NR8;
     while panel < panels {
-        let span = (panels - panel).min(spans.len());
-        let kernel = spans[span - 1];
+        let span = (panels - panel).min(span_max);
         let col = panel * NR8;
         let width = (span * NR8).min(cols.end - col);
         let offset: [i32; COLS_MAX] = std::array::from_fn(|j| {
@@ -376,10 +436,35 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
             Epilogue::I32 => Store::I32,
         };
         let panel_b = b.panel(panel);
+        if amx {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: configured above; A's rows are valid for whole tiles of k (the
+            // caller's contract, as `a_row_bytes` says for AMX), the panels hold whole tiles
+            // of groups, C's rows hold the span's `width` columns.
+            unsafe {
+                amx::columns(
+                    span,
+                    rows,
+                    a,
+                    lda,
+                    b.k.div_ceil(K_TILE),
+                    panel_b,
+                    panel_stride,
+                    &offset,
+                    &store,
+                    c.wrapping_add((col - cols.start) * element),
+                    ldc,
+                    width,
+                )
+            };
+            panel += span;
+            continue;
+        }
+        let kernel = spans[span - 1];
         for r0 in (0..rows).step_by(mr) {
             let height = mr.min(rows - r0);
             let a_rows: [*const u8; MR_MAX] =
-                std::array::from_fn(|i| a_row(r0 + i.min(height - 1)));
+                std::array::from_fn(|i| a.wrapping_add((r0 + i.min(height - 1)) * lda));
             if height == mr && width == span * NR8 {
                 // SAFETY: the block's rows and columns are C's (the caller's contract), the
                 // A rows hold `groups` groups (likewise), the span's panels hold `groups`.
@@ -428,6 +513,13 @@ pub unsafe fn gemm_u8s8<R: Fn(usize) -> *const u8>(
             }
         }
         panel += span;
+    }
+    if amx {
+        // SAFETY: configured above on this thread.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            amx::release()
+        };
     }
 }
 

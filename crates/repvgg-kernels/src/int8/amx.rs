@@ -1,0 +1,376 @@
+//! The INT8 product on AMX (Advanced Matrix Extensions): `tdpbusd` multiplies a tile of A
+//! (16 rows x 64 u8) by a tile of B (16 groups of four k x 16 columns of s8, exactly one
+//! [`PackedB8`] panel's layout over 64 k) and adds the 16 x 16 exact 32-bit sums to a third
+//! tile. A block of 32 rows x 32 columns keeps four sum tiles and reloads two A and two B
+//! tiles per 64 k; the sums then go through memory to the same AVX-512 epilogue as the VNNI
+//! kernel, so both store the same bits.
+//!
+//! Unlike the register micro-kernels, a tile reads its rows at one stride and always 64
+//! bytes of k, so this set has its own driver ([`columns`]): A is one strided matrix whose
+//! rows are readable for `k` rounded up to 64 bytes ([`super::Int8Kernels::a_row_bytes`]),
+//! and B's panels hold their groups rounded up to sixteen (zeros past `k`). A block of fewer
+//! than 32 rows is copied into a scratch block first, and columns past the product's are
+//! masked at the store. k runs in passes of eight tiles over every row block of a span, the
+//! sums stored and reloaded between passes, so that the span's weights for a pass stay in L1.
+//!
+//! Linux lends a thread the tile registers' 8 KB of state only after the process asks for
+//! it ([`is_available`] asks once); the tiles are configured at the start of each product and
+//! released at its end, so a thread that is not in a product carries no tile state.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::avx512::requantize_16;
+use super::{AMX_ROWS as BLOCK_ROWS, AMX_SPAN as SPAN, COLS_MAX, K_GROUP, K_TILE, NR8, Store};
+
+/// Groups of four k in one B tile (its rows).
+pub(super) const TILE_GROUPS: usize = K_TILE / K_GROUP;
+
+/// Whether the processor has AMX with INT8, the OS saves its state, AVX-512 (the epilogue)
+/// runs, and Linux has granted this process the tile data: checked, and asked for, once.
+pub(super) fn is_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni");
+        // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+        let leaf7 = __cpuid_count(7, 0);
+        let amx = leaf7.edx & (1 << 24) != 0 && leaf7.edx & (1 << 25) != 0;
+        // CPUID leaf 1 ECX bit 27: the OS uses XSAVE, so XGETBV may be executed.
+        let osxsave = __cpuid(1).ecx & (1 << 27) != 0;
+        // XCR0 bits 17 and 18: the OS saves the tile configuration and the tile data.
+        // SAFETY: XGETBV runs where OSXSAVE is set (checked first).
+        let os_saves_tiles = osxsave && unsafe { _xgetbv(0) } & (0b11 << 17) == 0b11 << 17;
+        avx512 && amx && os_saves_tiles && request_tile_data()
+    })
+}
+
+/// Asks Linux for the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`),
+/// which every thread of the process then has: without it the first tile instruction faults.
+#[cfg(target_os = "linux")]
+fn request_tile_data() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: the call takes two integers and changes only this process's permissions.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_data() -> bool {
+    false
+}
+
+/// The operand `ldtilecfg` reads (palette 1): every tile 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    bytes_per_row: [u16; 16],
+    rows: [u8; 16],
+}
+
+const CONFIG: TileConfig = TileConfig {
+    palette: 1,
+    start_row: 0,
+    reserved: [0; 14],
+    bytes_per_row: [64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0],
+    rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
+};
+
+/// Configures the eight tiles for [`columns`] on this thread.
+///
+/// # Safety
+/// [`is_available`] must have returned true; [`release`] must follow on this thread.
+pub(super) unsafe fn configure() {
+    // SAFETY: AMX runs here and the process holds the tile data (the caller's contract);
+    // the operand is a valid 64-byte palette-1 configuration.
+    unsafe { asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly)) };
+}
+
+/// Returns the tiles to their initial state, so the thread carries no tile data.
+///
+/// # Safety
+/// As [`configure`].
+pub(super) unsafe fn release() {
+    // SAFETY: AMX runs here (the caller's contract).
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+}
+
+/// The 32 x 32 sums of one block, as the tiles store them.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Sums([[i32; SPAN * NR8]; BLOCK_ROWS]);
+
+/// Tiles of k per pass over a span's row blocks: the span's weights for one pass (8 x 2 KB)
+/// stay in L1 while every row block's A streams past them, so that the tiles read one of
+/// their two operands from L1 instead of both from L2, which cannot feed four `tdpbusd` per
+/// four tile loads.
+const PASS_TILES: usize = 8;
+
+/// What a thread keeps between products: grown to the largest once.
+#[derive(Default)]
+struct Scratch {
+    /// The rows of a short last block, padded to 32.
+    short: Vec<u8>,
+    /// The sums of every row block of the span, carried from one pass of k to the next.
+    sums: Vec<Sums>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// One span of `span` panels (1 or 2, at `b`, `panel_stride` bytes apart) over every row of
+/// A: `rows` rows from `a`, `lda` bytes apart, `tiles` x 64 bytes of k each; the sums plus
+/// `offset`, finished as `store` says, into C's first `width` columns (u8 or i32 elements,
+/// rows `ldc` elements apart).
+///
+/// # Safety
+/// [`configure`] ran on this thread; each A row is valid for reads of `tiles * 64` bytes;
+/// each panel holds `tiles * 16` groups; C as the module's contract says for `width`
+/// columns of `rows` rows; `width <= 16 span`.
+#[allow(clippy::too_many_arguments)] // the contract's operands, one each
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn columns(
+    span: usize,
+    rows: usize,
+    a: *const u8,
+    lda: usize,
+    tiles: usize,
+    b: *const i8,
+    panel_stride: usize,
+    offset: &[i32; COLS_MAX],
+    store: &Store,
+    c: *mut u8,
+    ldc: usize,
+    width: usize,
+) {
+    debug_assert!((1..=SPAN).contains(&span) && width <= span * NR8);
+    let row_bytes = tiles * K_TILE;
+    let blocks = rows.div_ceil(BLOCK_ROWS);
+    let element = match store {
+        Store::U8 { .. } => 1,
+        Store::I32 => 4,
+    };
+    SCRATCH.with_borrow_mut(|scratch| {
+        let Scratch { short, sums } = scratch;
+        let short_rows = rows % BLOCK_ROWS;
+        if short_rows > 0 {
+            // Rows past the product's hold whatever an earlier product left (initialized
+            // once): their sums are never stored.
+            if short.len() < BLOCK_ROWS * row_bytes {
+                short.resize(BLOCK_ROWS * row_bytes, 0);
+            }
+            for i in 0..short_rows {
+                // SAFETY: row `rows - short_rows + i` of A is valid for `row_bytes` reads
+                // (the contract); the scratch row holds `row_bytes`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        a.add((rows - short_rows + i) * lda),
+                        short.as_mut_ptr().add(i * row_bytes),
+                        row_bytes,
+                    )
+                };
+            }
+        }
+        if sums.len() < blocks {
+            sums.resize(blocks, Sums([[0; SPAN * NR8]; BLOCK_ROWS]));
+        }
+        for first in (0..tiles).step_by(PASS_TILES) {
+            let pass = PASS_TILES.min(tiles - first);
+            for (block, sums) in sums[..blocks].iter_mut().enumerate() {
+                let r0 = block * BLOCK_ROWS;
+                let (rows_at, rows_lda) = if r0 + BLOCK_ROWS <= rows {
+                    (a.wrapping_add(r0 * lda), lda)
+                } else {
+                    (short.as_ptr(), row_bytes)
+                };
+                // SAFETY: the block's 32 rows are valid for `tiles` tiles of k at their
+                // stride (full blocks by the contract, the short one by the copy); the
+                // span's panels hold `tiles` tiles of groups.
+                unsafe {
+                    multiply(
+                        span,
+                        first..first + pass,
+                        rows_at,
+                        rows_lda,
+                        b,
+                        panel_stride,
+                        sums,
+                    )
+                };
+            }
+        }
+        for (block, sums) in sums[..blocks].iter().enumerate() {
+            let r0 = block * BLOCK_ROWS;
+            // SAFETY: rows `r0..` of C hold `width` columns (the contract).
+            unsafe {
+                finish(
+                    sums,
+                    BLOCK_ROWS.min(rows - r0),
+                    width,
+                    offset,
+                    store,
+                    c.wrapping_add(r0 * ldc * element),
+                    ldc,
+                )
+            };
+        }
+    });
+}
+
+/// `sums` += the block of A at `a` (32 rows, `lda` apart) times the span's panels, over the
+/// tiles of k `pass`; the sums start from zero on the first tile.
+///
+/// # Safety
+/// As [`columns`], for one full block.
+unsafe fn multiply(
+    span: usize,
+    pass: std::ops::Range<usize>,
+    a: *const u8,
+    lda: usize,
+    b: *const i8,
+    panel_stride: usize,
+    sums: &mut Sums,
+) {
+    let a_low = a;
+    let a_high = a.wrapping_add(16 * lda);
+    let b_first = b;
+    let b_second = b.wrapping_add(panel_stride);
+    let tile_step = TILE_GROUPS * NR8 * K_GROUP;
+    let out = sums.0.as_mut_ptr() as *mut u8;
+    let stride = SPAN * NR8 * 4;
+    // Tiles 0-3 sum (rows 0-15, panel 0), (0-15, 1), (16-31, 0), (16-31, 1); tiles 4 and 5
+    // hold A's two row halves, 6 and 7 the two panels' weights.
+    // SAFETY: for every asm block: AMX runs and is configured (the caller's contract); the
+    // loads read 16 rows of 64 bytes inside A's rows, the panels' groups (likewise) or
+    // `sums` (32 rows of 128 bytes), where the stores write.
+    unsafe {
+        if pass.start == 0 {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+        } else {
+            asm!(
+                "tileloadd tmm0, [{low} + {stride} * 1]",
+                "tileloadd tmm1, [{low_second} + {stride} * 1]",
+                "tileloadd tmm2, [{high} + {stride} * 1]",
+                "tileloadd tmm3, [{high_second} + {stride} * 1]",
+                low = in(reg) out,
+                low_second = in(reg) out.wrapping_add(NR8 * 4),
+                high = in(reg) out.wrapping_add(16 * stride),
+                high_second = in(reg) out.wrapping_add(16 * stride + NR8 * 4),
+                stride = in(reg) stride,
+                options(nostack, readonly)
+            );
+        }
+        for t in pass {
+            let k = t * K_TILE;
+            asm!(
+                "tileloadd tmm4, [{a_low} + {lda} * 1]",
+                "tileloadd tmm5, [{a_high} + {lda} * 1]",
+                "tileloadd tmm6, [{b_first} + {row} * 1]",
+                "tdpbusd tmm0, tmm4, tmm6",
+                "tdpbusd tmm2, tmm5, tmm6",
+                a_low = in(reg) a_low.wrapping_add(k),
+                a_high = in(reg) a_high.wrapping_add(k),
+                b_first = in(reg) b_first.wrapping_add(t * tile_step),
+                lda = in(reg) lda,
+                row = in(reg) NR8 * K_GROUP,
+                options(nostack, readonly)
+            );
+            if span == 2 {
+                asm!(
+                    "tileloadd tmm7, [{b_second} + {row} * 1]",
+                    "tdpbusd tmm1, tmm4, tmm7",
+                    "tdpbusd tmm3, tmm5, tmm7",
+                    b_second = in(reg) b_second.wrapping_add(t * tile_step),
+                    row = in(reg) NR8 * K_GROUP,
+                    options(nostack, readonly)
+                );
+            }
+        }
+        asm!(
+            "tilestored [{low} + {stride} * 1], tmm0",
+            "tilestored [{low_second} + {stride} * 1], tmm1",
+            "tilestored [{high} + {stride} * 1], tmm2",
+            "tilestored [{high_second} + {stride} * 1], tmm3",
+            low = in(reg) out,
+            low_second = in(reg) out.wrapping_add(NR8 * 4),
+            high = in(reg) out.wrapping_add(16 * stride),
+            high_second = in(reg) out.wrapping_add(16 * stride + NR8 * 4),
+            stride = in(reg) stride,
+            options(nostack)
+        );
+    }
+}
+
+/// Stores the first `height` rows and `width` columns of `sums` plus `offset` into C.
+///
+/// # Safety
+/// C holds `height` rows of `width` elements at stride `ldc`; AVX-512 F, BW and VL run here.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn finish(
+    sums: &Sums,
+    height: usize,
+    width: usize,
+    offset: &[i32; COLS_MAX],
+    store: &Store,
+    c: *mut u8,
+    ldc: usize,
+) {
+    for p in 0..width.div_ceil(NR8) {
+        let lanes = (width - p * NR8).min(NR8);
+        let mask: __mmask16 = if lanes == NR8 { !0 } else { (1 << lanes) - 1 };
+        // SAFETY: `offset` holds 48 i32; panel `p`'s are 16 of them.
+        let offset = unsafe { _mm512_loadu_si512(offset.as_ptr().add(p * NR8) as *const _) };
+        let rows = sums.0[..height].iter().enumerate();
+        match store {
+            Store::U8 { scale, zero, low } => {
+                // SAFETY: `scale` holds 48 f32; panel `p`'s are 16 of them.
+                let scale = unsafe { _mm512_loadu_ps(scale.as_ptr().add(p * NR8)) };
+                for (row, sums) in rows {
+                    // SAFETY: a row of `sums` holds 32 i32; panel `p`'s are 16 of them.
+                    let v = unsafe { _mm512_loadu_si512(sums.as_ptr().add(p * NR8) as *const _) };
+                    let bytes = requantize_16(_mm512_add_epi32(v, offset), scale, *zero, *low);
+                    // SAFETY: row `row` of C holds `lanes` bytes from column 16 p (the
+                    // contract); the mask writes no others.
+                    unsafe {
+                        _mm_mask_storeu_epi8(c.add(row * ldc + p * NR8) as *mut i8, mask, bytes)
+                    };
+                }
+            }
+            Store::I32 => {
+                for (row, sums) in rows {
+                    // SAFETY: as above.
+                    let v = unsafe { _mm512_loadu_si512(sums.as_ptr().add(p * NR8) as *const _) };
+                    // SAFETY: as above, for i32 elements.
+                    unsafe {
+                        _mm512_mask_storeu_epi32(
+                            (c as *mut i32).add(row * ldc + p * NR8) as *mut _,
+                            mask,
+                            _mm512_add_epi32(v, offset),
+                        )
+                    };
+                }
+            }
+        }
+    }
+}
