@@ -25,6 +25,9 @@ thread_local! {
     static PATCHES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// The longest kernel row of patches copied as one fixed-size copy.
+const SHORT_COPY: usize = 16;
+
 /// Output rows per task: enough to amortise a task, few enough that a layer at batch 1 has
 /// tasks for every thread (a 7x7 map has 49).
 const ROWS_PER_TASK: usize = 48;
@@ -335,17 +338,27 @@ impl Int8Engine {
         let mut a = vec![0u8; n * h * w * c];
         let plane = h * w;
         let quant = self.input;
-        a.par_chunks_mut(w * c).enumerate().for_each(|(line, out)| {
-            let (image, y) = (line / h, line % h);
-            let base = image * c * plane + y * w;
-            // A channel's row at a time: contiguous reads, so the loop vectorises.
-            for ch in 0..c {
-                let row = &input[base + ch * plane..base + ch * plane + w];
-                for (q, &x) in out.iter_mut().skip(ch).step_by(c).zip(row) {
-                    *q = quant.quantize(x);
+        a.par_chunks_mut(w * c).enumerate().for_each_init(
+            Vec::new,
+            |rows: &mut Vec<u8>, (line, out)| {
+                let (image, y) = (line / h, line % h);
+                let base = image * c * plane + y * w;
+                // Each channel's row quantized into a contiguous row (reads and writes
+                // contiguous, so the loop vectorises), then the rows interleaved.
+                rows.resize(c * w, 0);
+                for (ch, quantized) in rows.chunks_exact_mut(w).enumerate() {
+                    let row = &input[base + ch * plane..base + ch * plane + w];
+                    for (q, &x) in quantized.iter_mut().zip(row) {
+                        *q = quant.quantize(x);
+                    }
                 }
-            }
-        });
+                for (x, pixel) in out.chunks_exact_mut(c).enumerate() {
+                    for (ch, q) in pixel.iter_mut().enumerate() {
+                        *q = rows[ch * w + x];
+                    }
+                }
+            },
+        );
         a
     }
 
@@ -627,9 +640,9 @@ impl Int8Layer {
                 let ix0 = (x * stride) as isize - dilation as isize;
                 for ky in 0..3 {
                     let iy = (y * stride + ky * dilation) as isize - dilation as isize;
-                    let dst = &mut row[3 * ky * cin_g..3 * (ky + 1) * cin_g];
+                    let segment = 3 * ky * cin_g..3 * (ky + 1) * cin_g;
                     if iy < 0 || iy >= h as isize {
-                        dst.fill(pad);
+                        row[segment].fill(pad);
                         continue;
                     }
                     let line = (image * h + iy as usize) * w;
@@ -637,9 +650,23 @@ impl Int8Layer {
                     if inside && dilation == 1 && self.groups == 1 {
                         // The three taps of this kernel row are adjacent pixels: one copy.
                         let at = (line + ix0 as usize) * cin;
-                        dst.copy_from_slice(&input[at..at + 3 * cin]);
+                        let start = segment.start;
+                        if segment.len() <= SHORT_COPY
+                            && start + SHORT_COPY <= row.len()
+                            && at + SHORT_COPY <= input.len()
+                        {
+                            // A few channels (the RGB stem's 9 bytes): one fixed-size copy,
+                            // not a library call per kernel row. The bytes past the segment
+                            // land where the next kernel row or the row's padding goes,
+                            // written later or never read against a weight.
+                            row[start..start + SHORT_COPY]
+                                .copy_from_slice(&input[at..at + SHORT_COPY]);
+                        } else {
+                            row[segment].copy_from_slice(&input[at..at + 3 * cin]);
+                        }
                         continue;
                     }
+                    let dst = &mut row[segment];
                     for kx in 0..3 {
                         let ix = ix0 + (kx * dilation) as isize;
                         let tap = &mut dst[kx * cin_g..(kx + 1) * cin_g];
