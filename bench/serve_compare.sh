@@ -11,6 +11,12 @@
 #
 #   bench/serve_compare.sh                  # A0 at 224, 2 engine threads
 #   ARCH=B0 REQUESTS=400 RATE=400 bench/serve_compare.sh
+#   PRECISION=int8 RATE=800 bench/serve_compare.sh   # both serve one INT8 model
+#
+# PRECISION=int8: the model is quantized once (`repvgg quantize --random`, calibrated on the
+# fixture photos; the scales do not change the speed), ours serves that file on the INT8
+# engine and the Python server its QDQ export (`repvgg export`), which ONNX Runtime runs as
+# QLinearConv.
 #
 # VENV (default .venv-bench) gets fastapi, uvicorn, onnxruntime and numpy from PyPI if it
 # lacks them. Output: JSON lines in $OUT (default bench/serve_results.jsonl), a table on stdout.
@@ -21,6 +27,7 @@ SIZE=${SIZE:-224}
 THREADS=${THREADS:-2}
 REQUESTS=${REQUESTS:-300}
 RATE=${RATE:-300}
+PRECISION=${PRECISION:-fp32}
 ROUNDS=${ROUNDS:-2}
 VENV=${VENV:-.venv-bench}
 OUT=${OUT:-bench/serve_results.jsonl}
@@ -32,9 +39,27 @@ cargo build --release -q -p repvgg-cli
 repvgg=target/release/repvgg
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
-$repvgg export --random "$ARCH" "$tmp/model.onnx" --size "$SIZE" --dynamic-batch 2>/dev/null
-isa=$(grep -o -m1 -w 'avx512f' /proc/cpuinfo || grep -o -m1 -w 'avx2' /proc/cpuinfo || echo none)
-echo "# $ARCH at $SIZE, $THREADS engine threads, $(nproc) cores ($isa), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+case "$PRECISION" in
+  fp32)
+    $repvgg export --random "$ARCH" "$tmp/model.onnx" --size "$SIZE" --dynamic-batch 2>/dev/null
+    model=(--random "$ARCH")
+    ;;
+  int8)
+    mkdir "$tmp/calib"
+    cp fixtures/photos/chelsea.png fixtures/photos/rocket.jpg "$tmp/calib/"
+    $repvgg quantize --random "$ARCH" --calib "$tmp/calib" --out "$tmp/model.safetensors" \
+      --size "$SIZE" 2>/dev/null
+    $repvgg export "$tmp/model.safetensors" "$tmp/model.onnx" --dynamic-batch 2>/dev/null
+    model=(--weights "$tmp/model.safetensors")
+    ;;
+  *)
+    echo "PRECISION=$PRECISION: expected fp32 or int8" >&2
+    exit 2
+    ;;
+esac
+isa=$(grep -o -m1 -w 'amx_int8' /proc/cpuinfo || grep -o -m1 -w 'avx512f' /proc/cpuinfo \
+  || grep -o -m1 -w 'avx2' /proc/cpuinfo || echo none)
+echo "# $ARCH at $SIZE, $PRECISION, $THREADS engine threads, $(nproc) cores ($isa), load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 : >"$OUT"
 
 wait_ready() {
@@ -62,7 +87,7 @@ run() {
   wait "$pid" 2>/dev/null || true
 }
 
-ours=($repvgg serve --random "$ARCH" --size "$SIZE" --threads "$THREADS")
+ours=($repvgg serve "${model[@]}" --size "$SIZE" --threads "$THREADS")
 python=("$VENV/bin/python" bench/serve_fastapi.py "$tmp/model.onnx" --threads "$THREADS")
 closed=(--concurrency 1,8,64 --requests "$REQUESTS" --duration 60)
 overload=(--concurrency 256 --rate "$RATE" --requests $((RATE * 15)) --duration 15)

@@ -2,7 +2,7 @@
 //! per tensor, their ranges found by running the float model on calibration images fed as
 //! the model records (or as `train` would have fed the data).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
@@ -28,8 +28,12 @@ pub enum MethodArg {
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
     /// Float weights in either form and any naming (a training checkpoint too).
-    #[arg(long)]
-    weights: PathBuf,
+    #[arg(long, required_unless_present = "random")]
+    weights: Option<PathBuf>,
+    /// Quantize a variant or spec with seeded random weights instead (load tests:
+    /// bench/serve_compare.sh), the same model as `export --random` and `serve --random`.
+    #[arg(long, conflicts_with = "weights")]
+    random: Option<String>,
     /// Calibration images: any data directory `train` reads (its training split is used).
     #[arg(long)]
     calib: PathBuf,
@@ -79,13 +83,17 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
             args.percentile
         );
     }
-    let ckpt = crate::load_checkpoint(&args.weights, None)?;
-    crate::require_rgb(&ckpt, &args.weights)?;
+    let (ckpt, source_name) = match (&args.weights, &args.random) {
+        (Some(path), _) => (
+            crate::load_checkpoint(path, None)?,
+            path.display().to_string(),
+        ),
+        (None, Some(spec)) => (crate::random_checkpoint(spec)?, format!("random {spec}")),
+        (None, None) => bail!("give --weights (or --random SPEC)"),
+    };
+    crate::require_rgb(&ckpt, Path::new(&source_name))?;
     if ckpt.int8.is_some() {
-        bail!(
-            "{}: already an INT8 model; quantize its float original",
-            args.weights.display()
-        );
+        bail!("{source_name}: already an INT8 model; quantize its float original");
     }
     let deploy = ckpt.to_deploy(args.bn_eps)?;
     // Checked before minutes of calibration.
@@ -107,9 +115,8 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
                 }),
         })
         .collect::<Result<Vec<usize>>>()?;
-    repvgg_checkpoint::quantized::check_int8_widths(&deploy.spec, &float_blocks).map_err(|e| {
-        anyhow::anyhow!("{}: {e}: name it in --fp32-layers", args.weights.display())
-    })?;
+    repvgg_checkpoint::quantized::check_int8_widths(&deploy.spec, &float_blocks)
+        .map_err(|e| anyhow::anyhow!("{source_name}: {e}: name it in --fp32-layers"))?;
     let calib = CalibrationImages::open(&args.calib)?;
     let fallback = match &calib {
         CalibrationImages::DataSet(data) => crate::eval::data_fallback(data),
@@ -137,7 +144,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         let [n, _, h, w] = shape;
         calibrator
             .observe(&engine, &images, n, h, w)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.weights.display()))?;
+            .map_err(|e| anyhow::anyhow!("{source_name}: {e}"))?;
         first_batch.get_or_insert((images, shape));
     }
     if !skipped.is_empty() {
@@ -169,7 +176,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
         limit,
         &float_blocks,
     )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", args.weights.display()))?;
+    .map_err(|e| anyhow::anyhow!("{source_name}: {e}"))?;
     model.preprocessing = Some(preprocessing);
     let saturated = model.saturated_biases();
     if !saturated.is_empty() {
@@ -181,8 +188,7 @@ pub fn run(args: QuantizeArgs) -> Result<()> {
     model.save(&args.out)?;
     let int8 = Int8Engine::new(&model, None)?;
     eprintln!(
-        "{} -> {} (INT8: {}-bit weights per channel, u8 activations per tensor, {method_name} over {} images; in float: {}; runs here on {} kernels)",
-        args.weights.display(),
+        "{source_name} -> {} (INT8: {}-bit weights per channel, u8 activations per tensor, {method_name} over {} images; in float: {}; runs here on {} kernels)",
         args.out.display(),
         args.weight_bits,
         calibrator.images(),

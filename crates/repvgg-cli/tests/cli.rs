@@ -1622,6 +1622,74 @@ fn bytemuck_bytes(values: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) }
 }
 
+/// `quantize --random` (the load tests' INT8 model, as `serve --random` serves float ones):
+/// seeded, so two runs write the same file, which every command reads as INT8; a folder of
+/// photos is calibration enough; `--random` and `--weights` exclude each other.
+#[test]
+fn quantize_takes_seeded_random_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let calib = dir.path().join("calib");
+    std::fs::create_dir(&calib).unwrap();
+    for photo in ["chelsea.png", "rocket.jpg"] {
+        std::fs::copy(fixture(&format!("photos/{photo}")), calib.join(photo)).unwrap();
+    }
+    let spec = "depths=1,1,1,1;widths=8,8,16,16;stem=8;classes=10";
+    let calib = calib.to_str().unwrap();
+    let outs: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let out = dir.path().join(format!("{name}.safetensors"));
+            let out = out.to_str().unwrap().to_string();
+            let text = ok(&[
+                "quantize", "--random", spec, "--calib", calib, "--out", &out, "--size", "32",
+            ]);
+            assert!(text.is_empty() || !text.contains("error"), "{text}");
+            out
+        })
+        .collect();
+    // The same tensors and metadata (the header's key order is a hash map's, so the bytes
+    // themselves may differ).
+    let contents = |path: &str| {
+        let bytes = std::fs::read(path).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Vec<u8>)> = file
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (name, view.data().to_vec()))
+            .collect();
+        tensors.sort();
+        let metadata: std::collections::BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        (tensors, metadata)
+    };
+    assert!(
+        contents(&outs[0]) == contents(&outs[1]),
+        "the same seed gives the same model"
+    );
+    let info = ok(&["info", &outs[0]]);
+    assert!(info.contains("INT8"), "{info}");
+    let err = usage_error(&[
+        "quantize",
+        "--random",
+        spec,
+        "--weights",
+        &outs[0],
+        "--calib",
+        calib,
+        "--out",
+        &outs[1],
+    ]);
+    assert!(
+        err.contains("--random") && err.contains("--weights"),
+        "{err}"
+    );
+}
+
 /// QARepVGG blocks through the command line: described, trained (both forms agree after the
 /// conversion), quantized, and refused where they do not apply.
 #[test]
