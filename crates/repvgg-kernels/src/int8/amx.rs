@@ -198,12 +198,19 @@ pub(super) unsafe fn columns(
                 } else {
                     (short.as_ptr(), row_bytes)
                 };
+                // A last block of 16 rows or fewer needs only the upper tile of A.
+                let halves = if rows - block * BLOCK_ROWS <= 16 {
+                    1
+                } else {
+                    2
+                };
                 // SAFETY: the block's 32 rows are valid for `tiles` tiles of k at their
                 // stride (full blocks by the contract, the short one by the copy); the
                 // span's panels hold `tiles` tiles of groups.
                 unsafe {
                     multiply(
                         span,
+                        halves,
                         first..first + pass,
                         rows_at,
                         rows_lda,
@@ -233,12 +240,15 @@ pub(super) unsafe fn columns(
 }
 
 /// `sums` += the block of A at `a` (32 rows, `lda` apart) times the span's panels, over the
-/// tiles of k `pass`; the sums start from zero on the first tile.
+/// tiles of k `pass`; the sums start from zero on the first tile. With `halves` 1, only the
+/// block's first 16 rows are computed (the others' sums are left as they were).
 ///
 /// # Safety
 /// As [`columns`], for one full block.
+#[allow(clippy::too_many_arguments)] // the block's operands, one each
 unsafe fn multiply(
     span: usize,
+    halves: usize,
     pass: std::ops::Range<usize>,
     a: *const u8,
     lda: usize,
@@ -283,28 +293,64 @@ unsafe fn multiply(
         }
         for t in pass {
             let k = t * K_TILE;
-            asm!(
-                "tileloadd tmm4, [{a_low} + {lda} * 1]",
-                "tileloadd tmm5, [{a_high} + {lda} * 1]",
-                "tileloadd tmm6, [{b_first} + {row} * 1]",
-                "tdpbusd tmm0, tmm4, tmm6",
-                "tdpbusd tmm2, tmm5, tmm6",
-                a_low = in(reg) a_low.wrapping_add(k),
-                a_high = in(reg) a_high.wrapping_add(k),
-                b_first = in(reg) b_first.wrapping_add(t * tile_step),
-                lda = in(reg) lda,
-                row = in(reg) NR8 * K_GROUP,
-                options(nostack, readonly)
-            );
-            if span == 2 {
-                asm!(
+            let (a_low, a_high) = (a_low.wrapping_add(k), a_high.wrapping_add(k));
+            let b_first = b_first.wrapping_add(t * tile_step);
+            let b_second = b_second.wrapping_add(t * tile_step);
+            let row = NR8 * K_GROUP;
+            match (halves, span) {
+                (2, 2) => asm!(
+                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
+                    "tileloadd tmm6, [{b_first} + {row} * 1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{a_high} + {lda} * 1]",
+                    "tdpbusd tmm2, tmm5, tmm6",
                     "tileloadd tmm7, [{b_second} + {row} * 1]",
                     "tdpbusd tmm1, tmm4, tmm7",
                     "tdpbusd tmm3, tmm5, tmm7",
-                    b_second = in(reg) b_second.wrapping_add(t * tile_step),
-                    row = in(reg) NR8 * K_GROUP,
+                    a_low = in(reg) a_low,
+                    a_high = in(reg) a_high,
+                    b_first = in(reg) b_first,
+                    b_second = in(reg) b_second,
+                    lda = in(reg) lda,
+                    row = in(reg) row,
                     options(nostack, readonly)
-                );
+                ),
+                (2, _) => asm!(
+                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
+                    "tileloadd tmm6, [{b_first} + {row} * 1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{a_high} + {lda} * 1]",
+                    "tdpbusd tmm2, tmm5, tmm6",
+                    a_low = in(reg) a_low,
+                    a_high = in(reg) a_high,
+                    b_first = in(reg) b_first,
+                    lda = in(reg) lda,
+                    row = in(reg) row,
+                    options(nostack, readonly)
+                ),
+                (_, 2) => asm!(
+                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
+                    "tileloadd tmm6, [{b_first} + {row} * 1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b_second} + {row} * 1]",
+                    "tdpbusd tmm1, tmm4, tmm7",
+                    a_low = in(reg) a_low,
+                    b_first = in(reg) b_first,
+                    b_second = in(reg) b_second,
+                    lda = in(reg) lda,
+                    row = in(reg) row,
+                    options(nostack, readonly)
+                ),
+                _ => asm!(
+                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
+                    "tileloadd tmm6, [{b_first} + {row} * 1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    a_low = in(reg) a_low,
+                    b_first = in(reg) b_first,
+                    lda = in(reg) lda,
+                    row = in(reg) row,
+                    options(nostack, readonly)
+                ),
             }
         }
         asm!(
