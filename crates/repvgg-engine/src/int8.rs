@@ -634,10 +634,19 @@ impl Int8Layer {
             patches.resize(count * lda, 0);
         }
         for g in 0..self.groups {
-            for (r, row) in patches[..count * lda].chunks_exact_mut(lda).enumerate() {
-                let pos = rows.start + r;
-                let (image, y, x) = (pos / (oh * ow), pos / ow % oh, pos % ow);
+            // The output position of each row, stepped rather than divided out per row (the
+            // stem has 12,544 rows an image of few bytes each).
+            let first = rows.start;
+            let (mut image, mut y, mut x) = (first / (oh * ow), first / ow % oh, first % ow);
+            for row in patches[..count * lda].chunks_exact_mut(lda) {
+                if x == ow {
+                    (x, y) = (0, y + 1);
+                    if y == oh {
+                        (y, image) = (0, image + 1);
+                    }
+                }
                 let ix0 = (x * stride) as isize - dilation as isize;
+                x += 1;
                 for ky in 0..3 {
                     let iy = (y * stride + ky * dilation) as isize - dilation as isize;
                     let segment = 3 * ky * cin_g..3 * (ky + 1) * cin_g;
