@@ -47,7 +47,11 @@ impl ActivationQuant {
     /// Rounds to nearest, ties to even (as QuantizeLinear does).
     #[inline]
     pub fn quantize(self, x: f32) -> u8 {
-        let v = (x / self.scale + self.zero_point as f32).clamp(0.0, 255.0);
+        // max then min, not clamp: a NaN becomes 0 rather than passing through.
+        #[allow(clippy::manual_clamp)]
+        let v = (x / self.scale + self.zero_point as f32)
+            .max(0.0)
+            .min(255.0);
         // Adding 2^23 rounds a value in [0, 255] to an integer, ties to even, in the default
         // rounding mode (the same as `round_ties_even`, which without SSE4.1 in the build's
         // baseline is a library call per value), and leaves that integer in the low mantissa
@@ -673,5 +677,6 @@ mod tests {
         }
         assert_eq!(q.quantize(2.5), 2);
         assert_eq!(q.quantize(3.5), 4);
+        assert_eq!(q.quantize(f32::NAN), 0, "NaN");
     }
 }

@@ -629,7 +629,8 @@ impl Int8Layer {
         let pad = self.input.zero_point;
         let count = rows.len();
         let (stride, dilation) = (self.stride, self.dilation);
-        // Grows once per thread; the bytes past each row's k are never used.
+        // Grows once per thread; the bytes past each row's k meet zero weights, whatever
+        // they hold.
         if patches.len() < count * lda {
             patches.resize(count * lda, 0);
         }

@@ -47,7 +47,7 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
     let bias: Vec<i32> = (0..n).map(|_| rng.random_range(-20_000..20_000)).collect();
     // Scales that put the outputs across the whole u8 range, some beyond it (clamped).
     let scale: Vec<f32> = (0..n)
-        .map(|_| rng.random_range(0.5..4.0) / (k as f32 * 128.0 * 40.0).sqrt())
+        .map(|_| rng.random_range(0.5..4.0) / (k.max(1) as f32 * 128.0 * 40.0).sqrt())
         .collect();
     let (sums, bytes) = reference(case, &a, &b, &bias, &scale);
 
@@ -148,7 +148,7 @@ fn run_case(kernels: Int8Kernels, case: &Case, seed: u64) {
     }
 }
 
-const SHAPES: [(usize, usize, usize); 11] = [
+const SHAPES: [(usize, usize, usize); 12] = [
     (1, 1, 1),
     (1, 27, 16),
     (3, 4, 17),
@@ -161,6 +161,8 @@ const SHAPES: [(usize, usize, usize); 11] = [
     // Several whole AMX blocks (32 rows x 32 columns) and a partial tile of k.
     (96, 300, 96),
     (64, 432, 48),
+    // No k at all: the bias alone (AMX runs no pass of tiles).
+    (40, 0, 20),
 ];
 
 #[test]

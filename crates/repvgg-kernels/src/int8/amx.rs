@@ -1,6 +1,6 @@
 //! The INT8 product on AMX (Advanced Matrix Extensions): `tdpbusd` multiplies a tile of A
 //! (16 rows x 64 u8) by a tile of B (16 groups of four k x 16 columns of s8, exactly one
-//! [`PackedB8`] panel's layout over 64 k) and adds the 16 x 16 exact 32-bit sums to a third
+//! [`super::PackedB8`] panel's layout over 64 k) and adds the 16 x 16 exact 32-bit sums to a third
 //! tile. A block of 32 rows x 32 columns keeps four sum tiles and reloads two A and two B
 //! tiles per 64 k; the sums then go through memory to the same AVX-512 epilogue as the VNNI
 //! kernel, so both store the same bits.
@@ -15,7 +15,9 @@
 //!
 //! Linux lends a thread the tile registers' 8 KB of state only after the process asks for
 //! it ([`is_available`] asks once); the tiles are configured at the start of each product and
-//! released at its end, so a thread that is not in a product carries no tile state.
+//! released when it ends ([`Tiles`]), so a thread that is not in a product carries no tile
+//! state. The tile registers are named as clobbered wherever an instruction writes them; no
+//! other code uses them, so their contents carry from one asm block to the next.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -90,23 +92,41 @@ const CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// Configures the eight tiles for [`columns`] on this thread.
-///
-/// # Safety
-/// [`is_available`] must have returned true; [`release`] must follow on this thread.
-pub(super) unsafe fn configure() {
-    // SAFETY: AMX runs here and the process holds the tile data (the caller's contract);
-    // the operand is a valid 64-byte palette-1 configuration.
-    unsafe { asm!("ldtilecfg [{0}]", in(reg) &CONFIG, options(nostack, readonly)) };
+/// The eight tiles configured for [`columns`] on this thread, until dropped: then released,
+/// so that a thread outside a product (a panic included) carries no tile data.
+pub(super) struct Tiles(());
+
+impl Tiles {
+    /// # Safety
+    /// [`is_available`] must have returned true.
+    pub(super) unsafe fn configure() -> Tiles {
+        // SAFETY: AMX runs here and the process holds the tile data (the caller's
+        // contract); the operand is a valid 64-byte palette-1 configuration.
+        unsafe {
+            asm!(
+                "ldtilecfg [{0}]",
+                in(reg) &CONFIG,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack, readonly)
+            )
+        };
+        Tiles(())
+    }
 }
 
-/// Returns the tiles to their initial state, so the thread carries no tile data.
-///
-/// # Safety
-/// As [`configure`].
-pub(super) unsafe fn release() {
-    // SAFETY: AMX runs here (the caller's contract).
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: AMX runs here (a `Tiles` exists only where `configure` could run).
+        unsafe {
+            asm!(
+                "tilerelease",
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack, nomem)
+            )
+        };
+    }
 }
 
 /// The 32 x 32 sums of one block, as the tiles store them.
@@ -139,7 +159,7 @@ thread_local! {
 /// rows `ldc` elements apart).
 ///
 /// # Safety
-/// [`configure`] ran on this thread; each A row is valid for reads of `tiles * 64` bytes;
+/// A [`Tiles`] lives on this thread; each A row is valid for reads of `tiles * 64` bytes;
 /// each panel holds `tiles * 16` groups; C as the module's contract says for `width`
 /// columns of `rows` rows; `width <= 16 span`.
 #[allow(clippy::too_many_arguments)] // the contract's operands, one each
@@ -188,6 +208,10 @@ pub(super) unsafe fn columns(
         }
         if sums.len() < blocks {
             sums.resize(blocks, Sums([[0; SPAN * NR8]; BLOCK_ROWS]));
+        }
+        if tiles == 0 {
+            // No k: no pass runs, and the sums are zero.
+            sums[..blocks].fill(Sums([[0; SPAN * NR8]; BLOCK_ROWS]));
         }
         for first in (0..tiles).step_by(PASS_TILES) {
             let pass = PASS_TILES.min(tiles - first);
@@ -241,7 +265,7 @@ pub(super) unsafe fn columns(
 
 /// `sums` += the block of A at `a` (32 rows, `lda` apart) times the span's panels, over the
 /// tiles of k `pass`; the sums start from zero on the first tile. With `halves` 1, only the
-/// block's first 16 rows are computed (the others' sums are left as they were).
+/// block's first 16 rows are computed (the other rows of `sums` then hold no product).
 ///
 /// # Safety
 /// As [`columns`], for one full block.
@@ -275,7 +299,7 @@ unsafe fn multiply(
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
-                options(nostack, nomem)
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, options(nostack, nomem)
             );
         } else {
             asm!(
@@ -288,7 +312,7 @@ unsafe fn multiply(
                 high = in(reg) out.wrapping_add(16 * stride),
                 high_second = in(reg) out.wrapping_add(16 * stride + NR8 * 4),
                 stride = in(reg) stride,
-                options(nostack, readonly)
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, options(nostack, readonly)
             );
         }
         for t in pass {
@@ -313,7 +337,7 @@ unsafe fn multiply(
                     b_second = in(reg) b_second,
                     lda = in(reg) lda,
                     row = in(reg) row,
-                    options(nostack, readonly)
+                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)
                 ),
                 (2, _) => asm!(
                     "tileloadd tmm4, [{a_low} + {lda} * 1]",
@@ -326,7 +350,7 @@ unsafe fn multiply(
                     b_first = in(reg) b_first,
                     lda = in(reg) lda,
                     row = in(reg) row,
-                    options(nostack, readonly)
+                    out("tmm0") _, out("tmm2") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, options(nostack, readonly)
                 ),
                 (_, 2) => asm!(
                     "tileloadd tmm4, [{a_low} + {lda} * 1]",
@@ -339,7 +363,7 @@ unsafe fn multiply(
                     b_second = in(reg) b_second,
                     lda = in(reg) lda,
                     row = in(reg) row,
-                    options(nostack, readonly)
+                    out("tmm0") _, out("tmm1") _, out("tmm4") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)
                 ),
                 _ => asm!(
                     "tileloadd tmm4, [{a_low} + {lda} * 1]",
@@ -349,7 +373,7 @@ unsafe fn multiply(
                     b_first = in(reg) b_first,
                     lda = in(reg) lda,
                     row = in(reg) row,
-                    options(nostack, readonly)
+                    out("tmm0") _, out("tmm4") _, out("tmm6") _, options(nostack, readonly)
                 ),
             }
         }

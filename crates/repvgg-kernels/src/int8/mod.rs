@@ -29,6 +29,10 @@
 //!   of two products (at most 2 x 255 x 64 = 32640) never saturate ([`PackedB8::fits_avx2`]);
 //! - the kernel's instruction set runs on this machine.
 //!
+//! The AMX set is not a register micro-kernel: tiles read rows at one stride and 64 bytes of
+//! k at a time, so it has its own driver and contract (`amx::columns`), which the same
+//! driver's checks and per-span `offset` and `scale` feed.
+//!
 //! The u8 epilogue computes, per element, `v = (acc + offset) as f32 * scale + zero` (a
 //! multiply, then an add: no fused multiply-add, so every kernel rounds alike), clamps `v` to
 //! `[low, 255]` (`low` is the output zero point with ReLU, else 0), and rounds it to the
@@ -408,13 +412,9 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
     let panels = cols.end.div_ceil(NR8);
     let amx = kernels == Int8Kernels::Amx;
     let span_max = if amx { AMX_SPAN } else { spans.len() };
-    if amx {
-        // SAFETY: the AMX set runs here (checked by `micro_kernels`); released below.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            amx::configure()
-        };
-    }
+    // SAFETY: the AMX set runs here (checked by `micro_kernels`); released when dropped.
+    #[cfg(target_arch = "x86_64")]
+    let _tiles = amx.then(|| unsafe { amx::Tiles::configure() });
     let mut panel = cols.start / NR8;
     while panel < panels {
         let span = (panels - panel).min(span_max);
@@ -438,7 +438,7 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
         let panel_b = b.panel(panel);
         if amx {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: configured above; A's rows are valid for whole tiles of k (the
+            // SAFETY: the tiles are configured (`_tiles`); A's rows are valid for whole tiles of k (the
             // caller's contract, as `a_row_bytes` says for AMX), the panels hold whole tiles
             // of groups, C's rows hold the span's `width` columns.
             unsafe {
@@ -513,13 +513,6 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
             }
         }
         panel += span;
-    }
-    if amx {
-        // SAFETY: configured above on this thread.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            amx::release()
-        };
     }
 }
 
