@@ -109,15 +109,17 @@ for r in rows:
     if key not in best or r["ok_per_s"] > best[key]["ok_per_s"]:
         best[key] = r
 rows = list(best.values())
+# A latency is null where no request succeeded.
+ms = lambda v: f"{v:>8.1f}" if v is not None else f"{'-':>8}"
 print(f"{'server':20} {'clients':>7} {'rate':>6} {'ok/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'peak MB':>8}  statuses")
 for r in rows:
     rate = r["rate"] or "-"
-    print(f"{r['label']:20} {r['concurrency']:>7} {rate:>6} {r['ok_per_s']:>7.1f} {r['p50_ms']:>8.1f} "
-          f"{r['p99_ms']:>8.1f} {r['server_peak_rss_mb'] or 0:>8.0f}  {r['statuses']}")
+    print(f"{r['label']:20} {r['concurrency']:>7} {rate:>6} {r['ok_per_s']:>7.1f} {ms(r['p50_ms'])} "
+          f"{ms(r['p99_ms'])} {r['server_peak_rss_mb'] or 0:>8.0f}  {r['statuses']}")
 by = best
 for c in (1, 8, 64):
     a, b = by.get(("ours-batching", c)), by.get(("python-fastapi-ort", c))
     if a and b:
         print(f"concurrency {c}: ours/python throughput {a['ok_per_s'] / b['ok_per_s']:.2f}x, "
-              f"p99 {a['p99_ms']:.1f} vs {b['p99_ms']:.1f} ms")
+              f"p99 {ms(a['p99_ms']).strip()} vs {ms(b['p99_ms']).strip()} ms")
 PY

@@ -251,12 +251,9 @@ fn run_level(
         .map(|(_, d)| d.as_secs_f64() * 1e3)
         .collect();
     ok.sort_by(f64::total_cmp);
+    // None (JSON null) when no request succeeded: there is no latency to report.
     let quantile = |q: f64| {
-        if ok.is_empty() {
-            f64::NAN
-        } else {
-            ok[((ok.len() as f64 * q).ceil() as usize).clamp(1, ok.len()) - 1]
-        }
+        (!ok.is_empty()).then(|| ok[((ok.len() as f64 * q).ceil() as usize).clamp(1, ok.len()) - 1])
     };
     let images = if args.classify.is_some() {
         1
@@ -276,6 +273,13 @@ fn run_level(
         "statuses": statuses,
         "server_peak_rss_mb": *peak.lock().unwrap(),
     }))
+}
+
+/// A latency for the text line: "-" where none was measured.
+fn milliseconds(value: &serde_json::Value) -> String {
+    value
+        .as_f64()
+        .map_or("-".to_string(), |ms| format!("{ms:.1}"))
 }
 
 pub fn run(args: BenchServeArgs) -> Result<()> {
@@ -301,7 +305,7 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
             println!("{row}");
         } else {
             println!(
-                "{}{} clients{}: {} requests in {:.1} s, {:.1} ok/s, p50 {:.1} ms, p99 {:.1} ms, \
+                "{}{} clients{}: {} requests in {:.1} s, {:.1} ok/s, p50 {} ms, p99 {} ms, \
                  statuses {}{}",
                 if args.label.is_empty() {
                     String::new()
@@ -314,8 +318,8 @@ pub fn run(args: BenchServeArgs) -> Result<()> {
                 row["requests"],
                 row["seconds"].as_f64().unwrap_or(0.0),
                 row["ok_per_s"].as_f64().unwrap_or(0.0),
-                row["p50_ms"].as_f64().unwrap_or(f64::NAN),
-                row["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                milliseconds(&row["p50_ms"]),
+                milliseconds(&row["p99_ms"]),
                 row["statuses"],
                 row["server_peak_rss_mb"]
                     .as_f64()

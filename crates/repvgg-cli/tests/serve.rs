@@ -678,3 +678,42 @@ fn classify_refuses_models_that_do_not_take_rgb() {
         String::from_utf8_lossy(&reply.body)
     );
 }
+
+/// `bench-serve` against a live server: the requests it counts and the statuses they got; a
+/// level where no request succeeded reports no latency (null, "-"), not NaN or zero.
+#[test]
+fn bench_serve_counts_statuses_and_reports_latency_only_for_successes() {
+    let spec = "depths=1,1,1,1;widths=8,8,8,8;stem=8;classes=4";
+    let run = |server: &Server, json: bool| {
+        let mut args = vec![
+            "bench-serve",
+            "--url",
+            &server.base,
+            "--size",
+            "32",
+            "--concurrency",
+            "2",
+            "--requests",
+            "6",
+        ];
+        if json {
+            args.push("--json");
+        }
+        repvgg_ok(&args)
+    };
+    let served = Server::start_with(&["--random", spec]);
+    let row: Value = serde_json::from_str(run(&served, true).trim()).unwrap();
+    assert_eq!(row["requests"], 6, "{row}");
+    assert_eq!(row["statuses"]["200"], 6, "{row}");
+    assert!(row["p50_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{row}");
+    assert!(row["p99_ms"].as_f64() >= row["p50_ms"].as_f64(), "{row}");
+
+    // Another model's name: every request gets 404.
+    let elsewhere = Server::start_with(&["--random", spec, "--name", "other"]);
+    let row: Value = serde_json::from_str(run(&elsewhere, true).trim()).unwrap();
+    assert_eq!(row["statuses"]["404"], 6, "{row}");
+    assert!(row["p50_ms"].is_null() && row["p99_ms"].is_null(), "{row}");
+    assert_eq!(row["ok_per_s"], 0.0, "{row}");
+    let text = run(&elsewhere, false);
+    assert!(text.contains("p50 - ms, p99 - ms"), "{text}");
+}
