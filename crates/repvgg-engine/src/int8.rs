@@ -12,7 +12,9 @@ use repvgg_arch::ArchSpec;
 use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
 use repvgg_kernels::Isa;
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
-use repvgg_kernels::int8::{Epilogue, Int8Kernels, PackedB8, Product8, gemm_u8s8};
+use repvgg_kernels::int8::{
+    Conv8, Epilogue, Int8Kernels, PackedB8, Product8, conv3x3_k, conv3x3_u8s8, gemm_u8s8,
+};
 
 use crate::error::{EngineError, check_input};
 use crate::layer::ConvLayer;
@@ -38,9 +40,13 @@ struct Int8Layer {
     groups: usize,
     stride: usize,
     dilation: usize,
-    /// One packed weight matrix per group: `(9 in/groups) x (out/groups)`.
+    /// One packed weight matrix per group: `(9 in/groups) x (out/groups)`, or for a layer
+    /// read straight from its image, `conv3x3_k(in) x out`.
     weights: Vec<PackedB8>,
     kernels: Int8Kernels,
+    /// Whether the products read the input image itself (AMX, stride 1, no dilation, one
+    /// group: [`conv3x3_u8s8`]) instead of copied patches.
+    from_image: bool,
     /// Per output channel, in the units of the sums.
     bias: Vec<i32>,
     /// Per output channel: input scale x weight scale / output scale.
@@ -207,6 +213,29 @@ impl Int8Engine {
                         b.name()
                     )));
                 }
+                // Where a tap's channels fill whole tiles of k, or nearly: rounding 48 or 96
+                // channels up to 64 or 128 would cost a third more products than the patch
+                // copies it saves.
+                let from_image = kernels == Int8Kernels::Amx
+                    && b.stride == 1
+                    && b.dilation == 1
+                    && b.groups == 1
+                    && conv3x3_k(b.in_channels) * 8 <= 9 * b.in_channels * 9;
+                let weights = if from_image {
+                    // Tap by tap, each tap's channels rounded up to whole tiles of k.
+                    let cin = b.in_channels;
+                    let per_tap = conv3x3_k(cin) / 9;
+                    vec![PackedB8::new(conv3x3_k(cin), cout_g, |row, col| {
+                        let (tap, ci) = (row / per_tap, row % per_tap);
+                        if ci < cin {
+                            conv.weight[(col * cin + ci) * 9 + tap]
+                        } else {
+                            0
+                        }
+                    })]
+                } else {
+                    weights
+                };
                 Ok(Layer::Int8(Int8Layer {
                     in_channels: b.in_channels,
                     out_channels: b.out_channels,
@@ -215,6 +244,7 @@ impl Int8Engine {
                     dilation: b.dilation,
                     weights,
                     kernels,
+                    from_image,
                     bias: conv
                         .bias
                         .iter()
@@ -571,7 +601,13 @@ impl Int8Layer {
         parallel: bool,
     ) {
         let (oh, ow) = self.output_size(h, w);
-        let rows = n * oh * ow;
+        // A layer read from its image runs over grid positions: each output row and its two
+        // padding columns, so that tasks of whole 32-row blocks stay whole.
+        let rows = if self.from_image {
+            n * oh * (ow + 2)
+        } else {
+            n * oh * ow
+        };
         let out_ptr = crate::OutPtrU8(output.as_mut_ptr());
         let split = if parallel {
             self.split(rows)
@@ -595,7 +631,12 @@ impl Int8Layer {
             let cols =
                 col_task * split.cols_per_task..((col_task + 1) * split.cols_per_task).min(cout_g);
             PATCHES.with_borrow_mut(|patches| {
-                self.task(first..first + count, cols, input, n, h, w, out_ptr, patches)
+                let rows = first..first + count;
+                if self.from_image {
+                    self.image_task(rows, cols, input, h, w, out_ptr, patches)
+                } else {
+                    self.task(rows, cols, input, n, h, w, out_ptr, patches)
+                }
             })
         };
         if parallel {
@@ -604,6 +645,84 @@ impl Int8Layer {
                 .for_each(run);
         } else {
             (0..split.row_tasks * split.col_tasks).for_each(run);
+        }
+    }
+
+    /// One task of a layer read straight from its image, over grid positions (`rows`: output
+    /// row `y` of image `i` and its two padding columns are positions `(i h + y) (w + 2)` on):
+    /// for each image they touch, the input rows they need copied once with a pixel of
+    /// padding around (not nine times, as patches are), then one product over the task's
+    /// columns.
+    #[allow(clippy::too_many_arguments)]
+    fn image_task(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        input: &[u8],
+        h: usize,
+        w: usize,
+        out_ptr: crate::OutPtrU8,
+        padded: &mut Vec<u8>,
+    ) {
+        let (cin, cout) = (self.in_channels, self.out_channels);
+        let pad = self.input.zero_point;
+        let pw = w + 2;
+        let grid = h * pw;
+        let mut start = rows.start;
+        while start < rows.end {
+            let image = start / grid;
+            let end = rows.end.min((image + 1) * grid);
+            let (first_y, last_y) = ((start % grid) / pw, ((end - 1) % grid) / pw);
+            // Padded rows first_y - 1 ..= last_y + 1: output row first_y is the product's
+            // grid row 0.
+            let grid_rows = last_y - first_y + 3;
+            let product = Conv8 {
+                first: start % grid - first_y * pw,
+                positions: end - start,
+                image: std::ptr::null(),
+                channels: cin,
+                padded_width: pw,
+                a_zero: pad,
+                b: &self.weights[0],
+                bias: &self.bias,
+                cols: cols.clone(),
+                c: out_ptr
+                    .get()
+                    .wrapping_add(((image * h + first_y) * w) * cout + cols.start),
+                ldc: cout,
+                epilogue: Epilogue::U8 {
+                    scale: &self.requant,
+                    zero: self.output.zero_point,
+                    relu: true,
+                },
+            };
+            let bytes = product.image_bytes().max(grid_rows * pw * cin);
+            if padded.len() < bytes {
+                padded.resize(bytes, pad);
+            }
+            for (r, row) in padded[..grid_rows * pw * cin]
+                .chunks_exact_mut(pw * cin)
+                .enumerate()
+            {
+                let y = (first_y + r) as isize - 1;
+                if y < 0 || y >= h as isize {
+                    row.fill(pad);
+                    continue;
+                }
+                row[..cin].fill(pad);
+                row[(pw - 1) * cin..].fill(pad);
+                let from = ((image * h) + y as usize) * w * cin;
+                row[cin..(pw - 1) * cin].copy_from_slice(&input[from..from + w * cin]);
+            }
+            let product = Conv8 {
+                image: padded.as_ptr(),
+                ..product
+            };
+            // SAFETY: the padded rows hold `image_bytes` (grown above; bytes past the grid
+            // are initialized); the task's output pixels and columns are its own (tasks
+            // split the grid), pixels `cout` bytes apart.
+            unsafe { conv3x3_u8s8(&product) };
+            start = end;
         }
     }
 

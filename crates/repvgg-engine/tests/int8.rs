@@ -199,13 +199,16 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
 }
 
 /// A layer with few positions and many channels (the last stage's shape) is split by
-/// columns among threads, and a grouped one by groups; both still agree exactly.
+/// columns among threads, and a grouped one by groups; stride-1 layers of 64 and 128
+/// channels are read straight from the image where the machine has AMX (tasks that cross
+/// from one image to the next included); all still agree exactly.
 #[test]
 fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
     use repvgg_arch::{ArchSpec, Form};
     for spec in [
         "depths=1,1,1,1;widths=8,16,16,160;stem=8;classes=10",
         "depths=1,2,2,1;widths=16,32,64,96;stem=16;groups=2:2,4:4;classes=7",
+        "depths=1,3,2,1;widths=16,64,128,64;stem=16;classes=5",
     ] {
         let spec = ArchSpec::parse(spec).unwrap();
         let tensors = repvgg_checkpoint::random::training_weights(&spec, 3);

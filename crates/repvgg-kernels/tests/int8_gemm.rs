@@ -226,3 +226,123 @@ fn avx2_is_exact_at_the_edge_of_its_weight_range() {
     assert!(!PackedB8::new(1, 1, |_, _| 65).fits_avx2());
     assert!(!PackedB8::new(1, 1, |_, _| -128).fits_avx2());
 }
+
+/// The AMX convolution read straight from a padded image, against a plain integer 3x3
+/// convolution: exact sums, the same requantization; positions split mid-row across two
+/// calls give the same; the padding columns are never stored (guard bytes after C stay).
+#[test]
+fn amx_conv3x3_from_the_image_matches_the_integer_reference() {
+    if !Int8Kernels::Amx.is_available() {
+        eprintln!("SKIPPED: no AMX here");
+        return;
+    }
+    for (h, w, cin, cout, zero) in [
+        (5usize, 7usize, 24usize, 40usize, 3u8),
+        (14, 14, 64, 32, 128),
+        (9, 30, 72, 20, 0),
+        (3, 1, 8, 16, 9),
+    ] {
+        let mut rng = StdRng::seed_from_u64((h * w * cin) as u64);
+        let image: Vec<u8> = (0..h * w * cin).map(|_| rng.random()).collect();
+        let weights: Vec<i8> = (0..cout * cin * 9)
+            .map(|_| rng.random_range(-127..=127) as i8)
+            .collect();
+        let bias: Vec<i32> = (0..cout)
+            .map(|_| rng.random_range(-20_000..20_000))
+            .collect();
+        let scale: Vec<f32> = (0..cout)
+            .map(|_| rng.random_range(0.5..4.0) / (9.0 * cin as f32 * 128.0 * 40.0).sqrt())
+            .collect();
+        let (out_zero, relu) = (5u8, true);
+        // Reference: output (y, x, o), the image's zero point outside it.
+        let at = |y: isize, x: isize, ci: usize| -> i32 {
+            if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+                zero as i32
+            } else {
+                image[(y as usize * w + x as usize) * cin + ci] as i32
+            }
+        };
+        let weight = |o: usize, ci: usize, tap: usize| weights[(o * cin + ci) * 9 + tap] as i32;
+        let mut expected = vec![0u8; h * w * cout];
+        for y in 0..h {
+            for x in 0..w {
+                for o in 0..cout {
+                    let mut sum = bias[o];
+                    for tap in 0..9 {
+                        let (yy, xx) = (
+                            y as isize + tap as isize / 3 - 1,
+                            x as isize + tap as isize % 3 - 1,
+                        );
+                        for ci in 0..cin {
+                            sum += (at(yy, xx, ci) - zero as i32) * weight(o, ci, tap);
+                        }
+                    }
+                    let v = sum as f32 * scale[o] + out_zero as f32;
+                    expected[(y * w + x) * cout + o] =
+                        v.clamp(out_zero as f32, 255.0).round_ties_even() as u8;
+                }
+            }
+        }
+        // The padded image, junk after it up to what the product may read.
+        let pw = w + 2;
+        let cinp = cin.div_ceil(64) * 64;
+        let packed = PackedB8::new(repvgg_kernels::int8::conv3x3_k(cin), cout, |row, col| {
+            let (tap, ci) = (row / cinp, row % cinp);
+            if ci < cin {
+                weights[(col * cin + ci) * 9 + tap]
+            } else {
+                0
+            }
+        });
+        let mut padded = vec![zero; (h + 2) * pw * cin];
+        for y in 0..h {
+            for x in 0..w {
+                let to = ((y + 1) * pw + x + 1) * cin;
+                padded[to..to + cin].copy_from_slice(&image[(y * w + x) * cin..][..cin]);
+            }
+        }
+        let total = (h - 1) * pw + w;
+        let split = (total / 2).max(1);
+        let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..total).collect();
+        for parts in [whole, vec![0..split, split..total]] {
+            let guard = 64;
+            let mut out = vec![0xEEu8; h * w * cout + guard];
+            for range in parts {
+                let product = repvgg_kernels::int8::Conv8 {
+                    first: range.start,
+                    positions: range.len(),
+                    image: padded.as_ptr(),
+                    channels: cin,
+                    padded_width: pw,
+                    a_zero: zero,
+                    b: &packed,
+                    bias: &bias,
+                    cols: 0..cout,
+                    c: out.as_mut_ptr(),
+                    ldc: cout,
+                    epilogue: Epilogue::U8 {
+                        scale: &scale,
+                        zero: out_zero,
+                        relu,
+                    },
+                };
+                let needed = product.image_bytes();
+                if padded.len() < needed {
+                    padded.resize(needed, 0xA5);
+                }
+                let product = repvgg_kernels::int8::Conv8 {
+                    image: padded.as_ptr(),
+                    ..product
+                };
+                // SAFETY: the image holds `image_bytes`; C holds h w pixels of cout bytes.
+                unsafe { repvgg_kernels::int8::conv3x3_u8s8(&product) };
+            }
+            let what = format!("{h}x{w}x{cin} -> {cout}");
+            assert_eq!(&out[..h * w * cout], &expected[..], "{what}");
+            assert!(
+                out[h * w * cout..].iter().all(|&g| g == 0xEE),
+                "{what}: wrote past C"
+            );
+        }
+    }
+}

@@ -153,22 +153,79 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// One span of `span` panels (1 or 2, at `b`, `panel_stride` bytes apart) over every row of
-/// A: `rows` rows from `a`, `lda` bytes apart, `tiles` x 64 bytes of k each; the sums plus
-/// `offset`, finished as `store` says, into C's first `width` columns (u8 or i32 elements,
-/// rows `ldc` elements apart).
+/// Where the product's rows of A are, tile of k by tile of k: row `r`'s bytes for tile `t`
+/// start at `base + r stride + taps[t / tiles_per_tap] + (t % tiles_per_tap) 64`.
+#[derive(Clone, Copy)]
+pub(super) struct Rows<'a> {
+    pub base: *const u8,
+    pub stride: usize,
+    /// The byte offset of each run of `tiles_per_tap` tiles: `[0]` for patch rows (every
+    /// tile of a row consecutive), a 3x3 window's nine taps for rows read from an image.
+    pub taps: &'a [usize],
+    pub tiles_per_tap: usize,
+    /// Whether a last block's 32 rows may all be read, rows past the product's included (an
+    /// image with room below); else the short block's rows are copied first (patch rows only).
+    pub whole_blocks: bool,
+}
+
+impl Rows<'_> {
+    fn tile(&self, row: usize, t: usize) -> *const u8 {
+        self.base.wrapping_add(
+            row * self.stride
+                + self.taps[t / self.tiles_per_tap]
+                + (t % self.tiles_per_tap) * K_TILE,
+        )
+    }
+}
+
+/// Where each row of the product goes in C.
+#[derive(Clone, Copy)]
+pub(super) enum RowMap {
+    /// Row `r` to row `r`.
+    Dense,
+    /// Row `r` is position `v = first + r` of a grid `padded_width` wide (an output row and
+    /// its two padding columns): to row `(v / padded_width) width + v % padded_width`, none
+    /// for the padding columns (`v % padded_width >= width`).
+    Grid {
+        first: usize,
+        padded_width: usize,
+        width: usize,
+    },
+}
+
+impl RowMap {
+    fn row(self, r: usize) -> Option<usize> {
+        match self {
+            RowMap::Dense => Some(r),
+            RowMap::Grid {
+                first,
+                padded_width,
+                width,
+            } => {
+                let v = first + r;
+                let (y, x) = (v / padded_width, v % padded_width);
+                (x < width).then_some(y * width + x)
+            }
+        }
+    }
+}
+
+/// One span of `span` panels (1 or 2, at `b`, `panel_stride` bytes apart) over `rows` rows
+/// of A (`a`), `tiles` x 64 bytes of k each; the sums plus `offset`, finished as `store` says,
+/// into C's first `width` columns (u8 or i32 elements, rows `ldc` elements apart, row by
+/// row as `map` says).
 ///
 /// # Safety
-/// A [`Tiles`] lives on this thread; each A row is valid for reads of `tiles * 64` bytes;
-/// each panel holds `tiles * 16` groups; C as the module's contract says for `width`
-/// columns of `rows` rows; `width <= 16 span`.
+/// A [`Tiles`] lives on this thread; for each row `r < rows` (every row of its block with
+/// `a.whole_blocks`) and tile `t < tiles`, `a.tile(r, t)` is valid for 64 bytes of reads;
+/// with `!a.whole_blocks`, `a.taps` is `[0]`; each panel holds `tiles * 16` groups; C as the
+/// module's contract says for `width` columns of every row `map` gives; `width <= 16 span`.
 #[allow(clippy::too_many_arguments)] // the contract's operands, one each
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn columns(
     span: usize,
     rows: usize,
-    a: *const u8,
-    lda: usize,
+    a: &Rows<'_>,
     tiles: usize,
     b: *const i8,
     panel_stride: usize,
@@ -177,17 +234,15 @@ pub(super) unsafe fn columns(
     c: *mut u8,
     ldc: usize,
     width: usize,
+    map: RowMap,
 ) {
     debug_assert!((1..=SPAN).contains(&span) && width <= span * NR8);
+    debug_assert!(a.whole_blocks || a.taps == [0]);
     let row_bytes = tiles * K_TILE;
     let blocks = rows.div_ceil(BLOCK_ROWS);
-    let element = match store {
-        Store::U8 { .. } => 1,
-        Store::I32 => 4,
-    };
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch { short, sums } = scratch;
-        let short_rows = rows % BLOCK_ROWS;
+        let short_rows = if a.whole_blocks { 0 } else { rows % BLOCK_ROWS };
         if short_rows > 0 {
             // Rows past the product's hold whatever an earlier product left (initialized
             // once): their sums are never stored.
@@ -196,16 +251,24 @@ pub(super) unsafe fn columns(
             }
             for i in 0..short_rows {
                 // SAFETY: row `rows - short_rows + i` of A is valid for `row_bytes` reads
-                // (the contract); the scratch row holds `row_bytes`.
+                // from its first tile (the contract: patch rows); the scratch row holds
+                // `row_bytes`.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        a.add((rows - short_rows + i) * lda),
+                        a.tile(rows - short_rows + i, 0),
                         short.as_mut_ptr().add(i * row_bytes),
                         row_bytes,
                     )
                 };
             }
         }
+        let short_block = Rows {
+            base: short.as_ptr(),
+            stride: row_bytes,
+            taps: &[0],
+            tiles_per_tap: tiles.max(1),
+            whole_blocks: true,
+        };
         if sums.len() < blocks {
             sums.resize(blocks, Sums([[0; SPAN * NR8]; BLOCK_ROWS]));
         }
@@ -217,27 +280,23 @@ pub(super) unsafe fn columns(
             let pass = PASS_TILES.min(tiles - first);
             for (block, sums) in sums[..blocks].iter_mut().enumerate() {
                 let r0 = block * BLOCK_ROWS;
-                let (rows_at, rows_lda) = if r0 + BLOCK_ROWS <= rows {
-                    (a.wrapping_add(r0 * lda), lda)
+                let (source, row) = if r0 + BLOCK_ROWS <= rows || a.whole_blocks {
+                    (a, r0)
                 } else {
-                    (short.as_ptr(), row_bytes)
+                    (&short_block, 0)
                 };
                 // A last block of 16 rows or fewer needs only the upper tile of A.
-                let halves = if rows - block * BLOCK_ROWS <= 16 {
-                    1
-                } else {
-                    2
-                };
-                // SAFETY: the block's 32 rows are valid for `tiles` tiles of k at their
-                // stride (full blocks by the contract, the short one by the copy); the
-                // span's panels hold `tiles` tiles of groups.
+                let halves = if rows - r0 <= 16 { 1 } else { 2 };
+                // SAFETY: the block's 32 rows are valid for `tiles` tiles of k (full or
+                // whole blocks by the contract, the short one by the copy); the span's
+                // panels hold `tiles` tiles of groups.
                 unsafe {
                     multiply(
                         span,
                         halves,
                         first..first + pass,
-                        rows_at,
-                        rows_lda,
+                        source,
+                        row,
                         b,
                         panel_stride,
                         sums,
@@ -247,24 +306,26 @@ pub(super) unsafe fn columns(
         }
         for (block, sums) in sums[..blocks].iter().enumerate() {
             let r0 = block * BLOCK_ROWS;
-            // SAFETY: rows `r0..` of C hold `width` columns (the contract).
+            // SAFETY: every row `map` gives holds `width` columns of C (the contract).
             unsafe {
                 finish(
                     sums,
+                    r0,
                     BLOCK_ROWS.min(rows - r0),
                     width,
                     offset,
                     store,
-                    c.wrapping_add(r0 * ldc * element),
+                    c,
                     ldc,
+                    map,
                 )
             };
         }
     });
 }
 
-/// `sums` += the block of A at `a` (32 rows, `lda` apart) times the span's panels, over the
-/// tiles of k `pass`; the sums start from zero on the first tile. With `halves` 1, only the
+/// `sums` += the block of A's rows from `row` (32 of them) times the span's panels, over
+/// the tiles of k `pass`; the sums start from zero on the first tile. With `halves` 1, only the
 /// block's first 16 rows are computed (the other rows of `sums` then hold no product).
 ///
 /// # Safety
@@ -274,14 +335,13 @@ unsafe fn multiply(
     span: usize,
     halves: usize,
     pass: std::ops::Range<usize>,
-    a: *const u8,
-    lda: usize,
+    a: &Rows<'_>,
+    row: usize,
     b: *const i8,
     panel_stride: usize,
     sums: &mut Sums,
 ) {
-    let a_low = a;
-    let a_high = a.wrapping_add(16 * lda);
+    let lda = a.stride;
     let b_first = b;
     let b_second = b.wrapping_add(panel_stride);
     let tile_step = TILE_GROUPS * NR8 * K_GROUP;
@@ -316,8 +376,7 @@ unsafe fn multiply(
             );
         }
         for t in pass {
-            let k = t * K_TILE;
-            let (a_low, a_high) = (a_low.wrapping_add(k), a_high.wrapping_add(k));
+            let (a_low, a_high) = (a.tile(row, t), a.tile(row + 16, t));
             let b_first = b_first.wrapping_add(t * tile_step);
             let b_second = b_second.wrapping_add(t * tile_step);
             let row = NR8 * K_GROUP;
@@ -392,26 +451,34 @@ unsafe fn multiply(
     }
 }
 
-/// Stores the first `height` rows and `width` columns of `sums` plus `offset` into C.
+/// Stores the first `height` rows and `width` columns of `sums` plus `offset` into C: the
+/// block's row `i` is the product's row `first_row + i`, placed where `map` says.
 ///
 /// # Safety
-/// C holds `height` rows of `width` elements at stride `ldc`; AVX-512 F, BW and VL run here.
+/// C holds `width` elements at stride `ldc` in every row `map` gives for these rows; AVX-512
+/// F, BW and VL run here.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)] // the block's operands, one each
 unsafe fn finish(
     sums: &Sums,
+    first_row: usize,
     height: usize,
     width: usize,
     offset: &[i32; COLS_MAX],
     store: &Store,
     c: *mut u8,
     ldc: usize,
+    map: RowMap,
 ) {
     for p in 0..width.div_ceil(NR8) {
         let lanes = (width - p * NR8).min(NR8);
         let mask: __mmask16 = if lanes == NR8 { !0 } else { (1 << lanes) - 1 };
         // SAFETY: `offset` holds 48 i32; panel `p`'s are 16 of them.
         let offset = unsafe { _mm512_loadu_si512(offset.as_ptr().add(p * NR8) as *const _) };
-        let rows = sums.0[..height].iter().enumerate();
+        let rows = sums.0[..height]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, sums)| map.row(first_row + i).map(|row| (row, sums)));
         match store {
             Store::U8 { scale, zero, low } => {
                 // SAFETY: `scale` holds 48 f32; panel `p`'s are 16 of them.

@@ -420,34 +420,26 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
         let span = (panels - panel).min(span_max);
         let col = panel * NR8;
         let width = (span * NR8).min(cols.end - col);
-        let offset: [i32; COLS_MAX] = std::array::from_fn(|j| {
-            if j < width {
-                bias[col + j] - a_zero as i32 * b.column_sums[col + j]
-            } else {
-                0
-            }
-        });
-        let store = match epilogue {
-            Epilogue::U8 { scale, zero, relu } => Store::U8 {
-                scale: std::array::from_fn(|j| if j < width { scale[col + j] } else { 0.0 }),
-                zero: zero as f32,
-                low: if relu { zero as f32 } else { 0.0 },
-            },
-            Epilogue::I32 => Store::I32,
-        };
+        let (offset, store) = span_epilogue(b, bias, a_zero, epilogue, col, width);
         let panel_b = b.panel(panel);
         if amx {
+            let tiles = b.k.div_ceil(K_TILE);
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: the tiles are configured (`_tiles`); A's rows are valid for whole tiles of k (the
-            // caller's contract, as `a_row_bytes` says for AMX), the panels hold whole tiles
-            // of groups, C's rows hold the span's `width` columns.
+            // SAFETY: the tiles are configured (`_tiles`); A's rows are valid for whole tiles
+            // of k (the caller's contract, as `a_row_bytes` says for AMX), the panels hold
+            // whole tiles of groups, C's rows hold the span's `width` columns.
             unsafe {
                 amx::columns(
                     span,
                     rows,
-                    a,
-                    lda,
-                    b.k.div_ceil(K_TILE),
+                    &amx::Rows {
+                        base: a,
+                        stride: lda,
+                        taps: &[0],
+                        tiles_per_tap: tiles.max(1),
+                        whole_blocks: false,
+                    },
+                    tiles,
                     panel_b,
                     panel_stride,
                     &offset,
@@ -455,6 +447,7 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
                     c.wrapping_add((col - cols.start) * element),
                     ldc,
                     width,
+                    amx::RowMap::Dense,
                 )
             };
             panel += span;
@@ -513,6 +506,182 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
             }
         }
         panel += span;
+    }
+}
+
+/// What the kernels of one span need to finish its `width` columns from `col`: per column,
+/// the bias less the A zero point times the column's weight sum, and the store.
+fn span_epilogue(
+    b: &PackedB8,
+    bias: &[i32],
+    a_zero: u8,
+    epilogue: Epilogue<'_>,
+    col: usize,
+    width: usize,
+) -> ([i32; COLS_MAX], Store) {
+    let offset: [i32; COLS_MAX] = std::array::from_fn(|j| {
+        if j < width {
+            bias[col + j] - a_zero as i32 * b.column_sums[col + j]
+        } else {
+            0
+        }
+    });
+    let store = match epilogue {
+        Epilogue::U8 { scale, zero, relu } => Store::U8 {
+            scale: std::array::from_fn(|j| if j < width { scale[col + j] } else { 0.0 }),
+            zero: zero as f32,
+            low: if relu { zero as f32 } else { 0.0 },
+        },
+        Epilogue::I32 => Store::I32,
+    };
+    (offset, store)
+}
+
+/// The rows of [`PackedB8`] for a 3x3 convolution read straight from an image
+/// ([`conv3x3_u8s8`]): tap by tap, each tap's `channels` rounded up to whole tiles of k (64),
+/// the rows past `channels` zero.
+pub fn conv3x3_k(channels: usize) -> usize {
+    9 * channels.div_ceil(K_TILE) * K_TILE
+}
+
+/// A 3x3, stride-1 convolution of a u8 NHWC image padded by one pixel of its zero point on
+/// every side, as one INT8 product whose rows of A are read straight from the image: on AMX a
+/// tile's 16 rows may be any stride apart, so 16 adjacent output pixels are 16 input pixels
+/// `channels` bytes apart, tap by tap, and no patches are copied.
+///
+/// The product's rows are positions of the padded grid: position `v` is output pixel `(v /
+/// padded_width, v % padded_width)`, computed from the 3x3 window whose top-left pixel is
+/// `v`; its last two columns are padding, computed and not stored. Positions run from
+/// `first` for `positions`.
+pub struct Conv8<'a> {
+    pub first: usize,
+    pub positions: usize,
+    /// The padded image's first pixel: the row of padding above the output's first row.
+    pub image: *const u8,
+    pub channels: usize,
+    /// The padded image's width: the output's plus two.
+    pub padded_width: usize,
+    /// The image's zero point (its padding's value).
+    pub a_zero: u8,
+    /// Packed with [`conv3x3_k`] rows: (tap, channel), taps row by row.
+    pub b: &'a PackedB8,
+    pub bias: &'a [i32],
+    /// As [`Product8::cols`].
+    pub cols: std::ops::Range<usize>,
+    /// Where the output pixel of row 0, column 0, channel `cols.start` goes: output pixels
+    /// `ldc` elements apart, an output row `padded_width - 2` pixels long.
+    pub c: *mut u8,
+    pub ldc: usize,
+    pub epilogue: Epilogue<'a>,
+}
+
+impl Conv8<'_> {
+    /// The bytes from `image` that the product reads: every tile of its last 32-row block,
+    /// positions past the product's included.
+    pub fn image_bytes(&self) -> usize {
+        let last = (self.first + self.positions.div_ceil(AMX_ROWS) * AMX_ROWS).saturating_sub(1)
+            + 2 * self.padded_width
+            + 2;
+        last * self.channels + self.channels.div_ceil(K_TILE) * K_TILE
+    }
+}
+
+/// Runs `product` on the AMX kernels, on the calling thread.
+///
+/// Panics if AMX does not run here, if B's rows are not [`conv3x3_k`]`(channels)`, if the
+/// grid is narrower than 3, or if the bias or scales are shorter than B's columns.
+///
+/// # Safety
+/// `image` must be valid for reads of [`Conv8::image_bytes`] bytes; `c` must be valid for
+/// writes of every stored output pixel's columns (u8 or i32 elements, as the epilogue
+/// stores), untouched by other threads.
+pub unsafe fn conv3x3_u8s8(product: &Conv8<'_>) {
+    let Conv8 {
+        first,
+        positions,
+        image,
+        channels,
+        padded_width,
+        a_zero,
+        b,
+        bias,
+        ref cols,
+        c,
+        ldc,
+        epilogue,
+    } = *product;
+    assert!(
+        Int8Kernels::Amx.is_available(),
+        "amx kernels do not run here"
+    );
+    assert_eq!(
+        b.k,
+        conv3x3_k(channels),
+        "weights not packed for an image's taps"
+    );
+    assert!(padded_width >= 3, "a padded grid narrower than 3");
+    assert!(
+        cols.start.is_multiple_of(NR8) && cols.end <= b.n,
+        "columns {cols:?} do not start on a panel or leave B"
+    );
+    assert!(bias.len() >= b.n, "bias shorter than the columns");
+    if let Epilogue::U8 { scale, .. } = epilogue {
+        assert!(scale.len() >= b.n, "scales shorter than the columns");
+    }
+    if positions == 0 || cols.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let element = match epilogue {
+            Epilogue::U8 { .. } => 1,
+            Epilogue::I32 => 4,
+        };
+        let tiles_per_tap = channels.div_ceil(K_TILE);
+        let taps: [usize; 9] =
+            std::array::from_fn(|tap| (tap / 3 * padded_width + tap % 3) * channels);
+        let rows = amx::Rows {
+            base: image.wrapping_add(first * channels),
+            stride: channels,
+            taps: &taps,
+            tiles_per_tap,
+            whole_blocks: true,
+        };
+        let map = amx::RowMap::Grid {
+            first,
+            padded_width,
+            width: padded_width - 2,
+        };
+        // SAFETY: AMX runs here (asserted above); released when dropped.
+        let _tiles = unsafe { amx::Tiles::configure() };
+        let panels = cols.end.div_ceil(NR8);
+        let mut panel = cols.start / NR8;
+        while panel < panels {
+            let span = (panels - panel).min(AMX_SPAN);
+            let col = panel * NR8;
+            let width = (span * NR8).min(cols.end - col);
+            let (offset, store) = span_epilogue(b, bias, a_zero, epilogue, col, width);
+            // SAFETY: every tile of every block's rows lies within `image_bytes` of the
+            // image (the caller's contract); the panels hold 9 `tiles_per_tap` tiles of
+            // groups (the k asserted above); every stored pixel's columns are C's.
+            unsafe {
+                amx::columns(
+                    span,
+                    positions,
+                    &rows,
+                    9 * tiles_per_tap,
+                    b.panel(panel),
+                    b.panel_stride(),
+                    &offset,
+                    &store,
+                    c.wrapping_add((col - cols.start) * element),
+                    ldc,
+                    width,
+                    map,
+                )
+            };
+            panel += span;
+        }
     }
 }
 
