@@ -5,7 +5,9 @@
 //!
 //! Each layer's output rows (positions) are cut into tasks; a task copies its rows' 3x3
 //! patches (im2col, padded with the input's zero point, which stands for 0.0) into a
-//! thread-local buffer and multiplies them by each group's packed weights.
+//! thread-local buffer and multiplies them by each group's packed weights. On AMX, stride-1
+//! layers whose channels fill whole tiles skip the patches: the layer's input is copied once
+//! with a pixel of padding around each image, and the tiles read their rows from it.
 
 use rayon::prelude::*;
 use repvgg_arch::ArchSpec;
@@ -25,10 +27,15 @@ use crate::plan::{Choices, Geometry};
 thread_local! {
     /// A task's patch rows, kept per thread between tasks and calls.
     static PATCHES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A layer's input padded for reading straight from it, on the thread that runs the layer.
+    static PADDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The longest kernel row of patches copied as one fixed-size copy.
 const SHORT_COPY: usize = 16;
+
+/// Bytes of a cache line: where the rows of A start.
+const CACHE_LINE: usize = 64;
 
 /// Output rows per task: enough to amortise a task, few enough that a layer at batch 1 has
 /// tasks for every thread (a 7x7 map has 49).
@@ -549,7 +556,8 @@ impl Int8Engine {
     }
 }
 
-/// How a layer's work is cut: rows (output positions) into `row_tasks` runs of `rows_per_task`
+/// How a layer's work is cut: rows (output positions, or grid positions for a layer read
+/// from its image) into `row_tasks` runs of `rows_per_task`
 /// (a multiple of every kernel's height), columns of each group into runs of `cols_per_task`
 /// (whole spans), so that a layer of few positions (the last stage's 7x7 at batch 1) still
 /// gives every thread work.
@@ -623,66 +631,122 @@ impl Int8Layer {
                 col_tasks: 1,
             }
         };
-        let run = |task: usize| {
-            let (row_task, col_task) = (task / split.col_tasks, task % split.col_tasks);
-            let first = row_task * split.rows_per_task;
-            let count = split.rows_per_task.min(rows - first);
-            let cout_g = self.out_channels / self.groups;
-            let cols =
-                col_task * split.cols_per_task..((col_task + 1) * split.cols_per_task).min(cout_g);
-            PATCHES.with_borrow_mut(|patches| {
+        let execute = |image: &[u8]| {
+            let run = |task: usize| {
+                let (row_task, col_task) = (task / split.col_tasks, task % split.col_tasks);
+                let first = row_task * split.rows_per_task;
+                let count = split.rows_per_task.min(rows - first);
+                let cout_g = self.out_channels / self.groups;
+                let cols = col_task * split.cols_per_task
+                    ..((col_task + 1) * split.cols_per_task).min(cout_g);
                 let rows = first..first + count;
                 if self.from_image {
-                    self.image_task(rows, cols, input, h, w, out_ptr, patches)
+                    self.image_task(rows, cols, image, h, w, out_ptr)
                 } else {
-                    self.task(rows, cols, input, n, h, w, out_ptr, patches)
+                    PATCHES.with_borrow_mut(|patches| {
+                        self.task(rows, cols, input, n, h, w, out_ptr, patches)
+                    })
                 }
-            })
+            };
+            if parallel {
+                (0..split.row_tasks * split.col_tasks)
+                    .into_par_iter()
+                    .for_each(run);
+            } else {
+                (0..split.row_tasks * split.col_tasks).for_each(run);
+            }
+        };
+        if self.from_image {
+            // Taken out of the thread's slot while the tasks run, so that a layer this thread
+            // picks up meanwhile (another forward's on the same pool) finds the slot free.
+            let mut padded = PADDED.with_borrow_mut(std::mem::take);
+            let start = self.pad_input(input, n, h, w, &mut padded, parallel);
+            execute(&padded[start..]);
+            PADDED.with_borrow_mut(|slot| *slot = padded);
+        } else {
+            execute(&[])
+        }
+    }
+
+    /// The input with a pixel of its zero point around each image, images one after the
+    /// other, and room after the last for the reads of its last 32-row block
+    /// ([`Conv8::image_bytes`]): what a layer read straight from its image reads. It starts
+    /// at the returned offset in `padded`, on a cache line (so are its pixels, where the
+    /// channels fill whole lines).
+    fn pad_input(
+        &self,
+        input: &[u8],
+        n: usize,
+        h: usize,
+        w: usize,
+        padded: &mut Vec<u8>,
+        parallel: bool,
+    ) -> usize {
+        let cin = self.in_channels;
+        let pad = self.input.zero_point;
+        let (pw, line) = (w + 2, (w + 2) * cin);
+        let grid = n * (h + 2) * line;
+        let slack = (32 + 2 * pw + 2) * cin + 64;
+        // Every byte is written below; the slack's only need to be initialized.
+        padded.resize(grid + slack + CACHE_LINE, pad);
+        let start = padded.as_ptr().align_offset(CACHE_LINE);
+        let padded = &mut padded[start..];
+        let fill = |(r, row): (usize, &mut [u8])| {
+            let (image, y) = (r / (h + 2), r % (h + 2));
+            if y == 0 || y == h + 1 {
+                row.fill(pad);
+                return;
+            }
+            row[..cin].fill(pad);
+            row[(pw - 1) * cin..].fill(pad);
+            let from = (image * h + y - 1) * w * cin;
+            row[cin..(pw - 1) * cin].copy_from_slice(&input[from..from + w * cin]);
         };
         if parallel {
-            (0..split.row_tasks * split.col_tasks)
-                .into_par_iter()
-                .for_each(run);
+            padded[..grid]
+                .par_chunks_exact_mut(line)
+                .enumerate()
+                .for_each(fill);
         } else {
-            (0..split.row_tasks * split.col_tasks).for_each(run);
+            padded[..grid]
+                .chunks_exact_mut(line)
+                .enumerate()
+                .for_each(fill);
         }
+        start
     }
 
     /// One task of a layer read straight from its image, over grid positions (`rows`: output
     /// row `y` of image `i` and its two padding columns are positions `(i h + y) (w + 2)` on):
-    /// for each image they touch, the input rows they need copied once with a pixel of
-    /// padding around (not nine times, as patches are), then one product over the task's
-    /// columns.
+    /// one product over the task's columns for each image its rows touch, reading `padded`
+    /// ([`Int8Layer::pad_input`]).
     #[allow(clippy::too_many_arguments)]
     fn image_task(
         &self,
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
-        input: &[u8],
+        padded: &[u8],
         h: usize,
         w: usize,
         out_ptr: crate::OutPtrU8,
-        padded: &mut Vec<u8>,
     ) {
         let (cin, cout) = (self.in_channels, self.out_channels);
-        let pad = self.input.zero_point;
         let pw = w + 2;
         let grid = h * pw;
         let mut start = rows.start;
         while start < rows.end {
             let image = start / grid;
             let end = rows.end.min((image + 1) * grid);
-            let (first_y, last_y) = ((start % grid) / pw, ((end - 1) % grid) / pw);
-            // Padded rows first_y - 1 ..= last_y + 1: output row first_y is the product's
-            // grid row 0.
-            let grid_rows = last_y - first_y + 3;
+            let first_y = (start % grid) / pw;
+            // Output row first_y is the product's grid row 0; the padded row above it is
+            // where its windows start.
             let product = Conv8 {
                 first: start % grid - first_y * pw,
                 positions: end - start,
-                image: std::ptr::null(),
+                image: padded[(image * (h + 2) + first_y) * pw * cin..].as_ptr(),
                 channels: cin,
                 padded_width: pw,
-                a_zero: pad,
+                a_zero: self.input.zero_point,
                 b: &self.weights[0],
                 bias: &self.bias,
                 cols: cols.clone(),
@@ -696,31 +760,14 @@ impl Int8Layer {
                     relu: true,
                 },
             };
-            let bytes = product.image_bytes().max(grid_rows * pw * cin);
-            if padded.len() < bytes {
-                padded.resize(bytes, pad);
-            }
-            for (r, row) in padded[..grid_rows * pw * cin]
-                .chunks_exact_mut(pw * cin)
-                .enumerate()
-            {
-                let y = (first_y + r) as isize - 1;
-                if y < 0 || y >= h as isize {
-                    row.fill(pad);
-                    continue;
-                }
-                row[..cin].fill(pad);
-                row[(pw - 1) * cin..].fill(pad);
-                let from = ((image * h) + y as usize) * w * cin;
-                row[cin..(pw - 1) * cin].copy_from_slice(&input[from..from + w * cin]);
-            }
-            let product = Conv8 {
-                image: padded.as_ptr(),
-                ..product
-            };
-            // SAFETY: the padded rows hold `image_bytes` (grown above; bytes past the grid
-            // are initialized); the task's output pixels and columns are its own (tasks
-            // split the grid), pixels `cout` bytes apart.
+            let from = (image * (h + 2) + first_y) * pw * cin;
+            assert!(
+                from + product.image_bytes() <= padded.len(),
+                "the padded input is shorter than a product reads"
+            );
+            // SAFETY: the padded input holds the product's `image_bytes` from its first row
+            // (asserted); the task's output pixels and columns are its own (tasks split the
+            // grid and the columns), pixels `cout` bytes apart.
             unsafe { conv3x3_u8s8(&product) };
             start = end;
         }
@@ -750,15 +797,19 @@ impl Int8Layer {
         let (stride, dilation) = (self.stride, self.dilation);
         // Grows once per thread; the bytes past each row's k meet zero weights, whatever
         // they hold.
-        if patches.len() < count * lda {
-            patches.resize(count * lda, 0);
+        if patches.len() < count * lda + CACHE_LINE {
+            patches.resize(count * lda + CACHE_LINE, 0);
         }
+        // Rows start on cache lines where `lda` is a multiple of one (AMX's whole tiles): a
+        // tile row is then one line, not two.
+        let aligned = patches.as_ptr().align_offset(CACHE_LINE);
+        let patches = &mut patches[aligned..aligned + count * lda];
         for g in 0..self.groups {
             // The output position of each row, stepped rather than divided out per row (the
             // stem has 12,544 rows an image of few bytes each).
             let first = rows.start;
             let (mut image, mut y, mut x) = (first / (oh * ow), first / ow % oh, first % ow);
-            for row in patches[..count * lda].chunks_exact_mut(lda) {
+            for row in patches.chunks_exact_mut(lda) {
                 if x == ow {
                     (x, y) = (0, y + 1);
                     if y == oh {

@@ -205,10 +205,21 @@ fn int8_agrees_with_the_integer_reference_and_stays_near_float() {
 #[test]
 fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
     use repvgg_arch::{ArchSpec, Form};
-    for spec in [
-        "depths=1,1,1,1;widths=8,16,16,160;stem=8;classes=10",
-        "depths=1,2,2,1;widths=16,32,64,96;stem=16;groups=2:2,4:4;classes=7",
-        "depths=1,3,2,1;widths=16,64,128,64;stem=16;classes=5",
+    for (spec, (n, h, w)) in [
+        (
+            "depths=1,1,1,1;widths=8,16,16,160;stem=8;classes=10",
+            (2, 19, 23),
+        ),
+        (
+            "depths=1,2,2,1;widths=16,32,64,96;stem=16;groups=2:2,4:4;classes=7",
+            (2, 19, 23),
+        ),
+        // 10x10 and 5x5 maps: grids 12 and 7 wide, so tasks of 64 positions start mid-row,
+        // and in the second image.
+        (
+            "depths=1,3,2,1;widths=16,64,128,64;stem=16;classes=5",
+            (2, 40, 40),
+        ),
     ] {
         let spec = ArchSpec::parse(spec).unwrap();
         let tensors = repvgg_checkpoint::random::training_weights(&spec, 3);
@@ -217,7 +228,6 @@ fn column_split_and_grouped_layers_agree_with_the_integer_reference() {
             .to_deploy(1e-5)
             .unwrap();
         let float = Engine::from_checkpoint(&ckpt, 1e-5).unwrap();
-        let (n, h, w) = (2, 19, 23);
         let input: Vec<f32> = (0..n * 3 * h * w)
             .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
             .collect();

@@ -6,11 +6,13 @@
 //! kernel, so both store the same bits.
 //!
 //! Unlike the register micro-kernels, a tile reads its rows at one stride and always 64
-//! bytes of k, so this set has its own driver ([`columns`]): A is one strided matrix whose
-//! rows are readable for `k` rounded up to 64 bytes ([`super::Int8Kernels::a_row_bytes`]),
-//! and B's panels hold their groups rounded up to sixteen (zeros past `k`). A block of fewer
-//! than 32 rows is copied into a scratch block first, and columns past the product's are
-//! masked at the store. k runs in passes of eight tiles over every row block of a span, the
+//! bytes of k, so this set has its own driver ([`columns`]), whose rows of A come from a
+//! [`Rows`] source: patch rows (one strided matrix, each row readable for `k` rounded up to
+//! 64 bytes, [`super::Int8Kernels::a_row_bytes`]; a last block of fewer than 32 rows copied
+//! into a scratch block first), or an image read tap by tap (adjacent output pixels are
+//! adjacent input pixels; the image has room for whole blocks). B's panels hold their groups
+//! rounded up to sixteen (zeros past `k`); where each row of the product goes is a
+//! [`RowMap`]; columns past the product's are masked at the store. k runs in passes of eight tiles over every row block of a span, the
 //! sums stored and reloaded between passes, so that the span's weights for a pass stay in L1.
 //!
 //! Linux lends a thread the tile registers' 8 KB of state only after the process asks for
@@ -176,6 +178,23 @@ impl Rows<'_> {
                 + (t % self.tiles_per_tap) * K_TILE,
         )
     }
+
+    /// The offset of each tile of `pass` from its row's start, in order, stepped rather than
+    /// divided out per tile (the tile loop runs one per 64 k).
+    fn offsets(&self, pass: std::ops::Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        let (mut tap, mut chunk) = (
+            pass.start / self.tiles_per_tap,
+            pass.start % self.tiles_per_tap,
+        );
+        pass.map(move |_| {
+            let offset = self.taps[tap] + chunk * K_TILE;
+            chunk += 1;
+            if chunk == self.tiles_per_tap {
+                (tap, chunk) = (tap + 1, 0);
+            }
+            offset
+        })
+    }
 }
 
 /// Where each row of the product goes in C.
@@ -194,19 +213,33 @@ pub(super) enum RowMap {
 }
 
 impl RowMap {
-    fn row(self, r: usize) -> Option<usize> {
+    /// The C rows of the product's rows `first_row..first_row + count` (at most a block),
+    /// `None` for those not stored: one division for the block, not one a row.
+    fn rows(self, first_row: usize, count: usize) -> [Option<usize>; BLOCK_ROWS] {
+        let mut rows = [None; BLOCK_ROWS];
         match self {
-            RowMap::Dense => Some(r),
+            RowMap::Dense => {
+                for (i, row) in rows[..count].iter_mut().enumerate() {
+                    *row = Some(first_row + i);
+                }
+            }
             RowMap::Grid {
                 first,
                 padded_width,
                 width,
             } => {
-                let v = first + r;
-                let (y, x) = (v / padded_width, v % padded_width);
-                (x < width).then_some(y * width + x)
+                let v = first + first_row;
+                let (mut y, mut x) = (v / padded_width, v % padded_width);
+                for row in rows[..count].iter_mut() {
+                    *row = (x < width).then_some(y * width + x);
+                    x += 1;
+                    if x == padded_width {
+                        (y, x) = (y + 1, 0);
+                    }
+                }
             }
         }
+        rows
     }
 }
 
@@ -218,7 +251,8 @@ impl RowMap {
 /// # Safety
 /// A [`Tiles`] lives on this thread; for each row `r < rows` (every row of its block with
 /// `a.whole_blocks`) and tile `t < tiles`, `a.tile(r, t)` is valid for 64 bytes of reads;
-/// with `!a.whole_blocks`, `a.taps` is `[0]`; each panel holds `tiles * 16` groups; C as the
+/// with `!a.whole_blocks`, `a.taps` is `[0]` and `a.tiles_per_tap >= tiles` (each row's
+/// tiles contiguous, as the short block's copy reads them); each panel holds `tiles * 16` groups; C as the
 /// module's contract says for `width` columns of every row `map` gives; `width <= 16 span`.
 #[allow(clippy::too_many_arguments)] // the contract's operands, one each
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -237,7 +271,7 @@ pub(super) unsafe fn columns(
     map: RowMap,
 ) {
     debug_assert!((1..=SPAN).contains(&span) && width <= span * NR8);
-    debug_assert!(a.whole_blocks || a.taps == [0]);
+    debug_assert!(a.whole_blocks || (a.taps == [0] && a.tiles_per_tap >= tiles));
     let row_bytes = tiles * K_TILE;
     let blocks = rows.div_ceil(BLOCK_ROWS);
     SCRATCH.with_borrow_mut(|scratch| {
@@ -375,8 +409,11 @@ unsafe fn multiply(
                 out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, options(nostack, readonly)
             );
         }
-        for t in pass {
-            let (a_low, a_high) = (a.tile(row, t), a.tile(row + 16, t));
+        let low = a.base.wrapping_add(row * a.stride);
+        let high = a.base.wrapping_add((row + 16) * a.stride);
+        let offsets = a.offsets(pass.clone());
+        for (t, offset) in pass.zip(offsets) {
+            let (a_low, a_high) = (low.wrapping_add(offset), high.wrapping_add(offset));
             let b_first = b_first.wrapping_add(t * tile_step);
             let b_second = b_second.wrapping_add(t * tile_step);
             let row = NR8 * K_GROUP;
@@ -470,6 +507,7 @@ unsafe fn finish(
     ldc: usize,
     map: RowMap,
 ) {
+    let targets = map.rows(first_row, height);
     for p in 0..width.div_ceil(NR8) {
         let lanes = (width - p * NR8).min(NR8);
         let mask: __mmask16 = if lanes == NR8 { !0 } else { (1 << lanes) - 1 };
@@ -477,8 +515,8 @@ unsafe fn finish(
         let offset = unsafe { _mm512_loadu_si512(offset.as_ptr().add(p * NR8) as *const _) };
         let rows = sums.0[..height]
             .iter()
-            .enumerate()
-            .filter_map(|(i, sums)| map.row(first_row + i).map(|row| (row, sums)));
+            .zip(targets)
+            .filter_map(|(sums, row)| row.map(|row| (row, sums)));
         match store {
             Store::U8 { scale, zero, low } => {
                 // SAFETY: `scale` holds 48 f32; panel `p`'s are 16 of them.

@@ -595,6 +595,7 @@ impl Conv8<'_> {
 /// `image` must be valid for reads of [`Conv8::image_bytes`] bytes; `c` must be valid for
 /// writes of every stored output pixel's columns (u8 or i32 elements, as the epilogue
 /// stores), untouched by other threads.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub unsafe fn conv3x3_u8s8(product: &Conv8<'_>) {
     let Conv8 {
         first,
