@@ -243,6 +243,38 @@ impl RowMap {
     }
 }
 
+/// Copies the rows of a short last block of patch rows (fewer than 32) into this thread's
+/// scratch, padded to 32, where [`columns`] reads them: once per product, not once a span.
+///
+/// # Safety
+/// As [`columns`] for `a`'s rows.
+pub(super) unsafe fn copy_tail(a: &Rows<'_>, rows: usize, tiles: usize) {
+    let short_rows = rows % BLOCK_ROWS;
+    if a.whole_blocks || short_rows == 0 {
+        return;
+    }
+    let row_bytes = tiles * K_TILE;
+    SCRATCH.with_borrow_mut(|scratch| {
+        let short = &mut scratch.short;
+        // Rows past the product's hold whatever an earlier product left (initialized once):
+        // their sums are never stored.
+        if short.len() < BLOCK_ROWS * row_bytes {
+            short.resize(BLOCK_ROWS * row_bytes, 0);
+        }
+        for i in 0..short_rows {
+            // SAFETY: row `rows - short_rows + i` of A is valid for `row_bytes` reads from
+            // its first tile (the contract: patch rows); the scratch row holds `row_bytes`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    a.tile(rows - short_rows + i, 0),
+                    short.as_mut_ptr().add(i * row_bytes),
+                    row_bytes,
+                )
+            };
+        }
+    });
+}
+
 /// One span of `span` panels (1 or 2, at `b`, `panel_stride` bytes apart) over `rows` rows
 /// of A (`a`), `tiles` x 64 bytes of k each; the sums plus `offset`, finished as `store` says,
 /// into C's first `width` columns (u8 or i32 elements, rows `ldc` elements apart, row by
@@ -252,7 +284,8 @@ impl RowMap {
 /// A [`Tiles`] lives on this thread; for each row `r < rows` (every row of its block with
 /// `a.whole_blocks`) and tile `t < tiles`, `a.tile(r, t)` is valid for 64 bytes of reads;
 /// with `!a.whole_blocks`, `a.taps` is `[0]` and `a.tiles_per_tap >= tiles` (each row's
-/// tiles contiguous, as the short block's copy reads them); each panel holds `tiles * 16` groups; C as the
+/// tiles contiguous, as the short block's copy reads them) and, if its last block is short,
+/// [`copy_tail`] ran for these rows on this thread since they last changed; each panel holds `tiles * 16` groups; C as the
 /// module's contract says for `width` columns of every row `map` gives; `width <= 16 span`.
 #[allow(clippy::too_many_arguments)] // the contract's operands, one each
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -276,26 +309,11 @@ pub(super) unsafe fn columns(
     let blocks = rows.div_ceil(BLOCK_ROWS);
     SCRATCH.with_borrow_mut(|scratch| {
         let Scratch { short, sums } = scratch;
-        let short_rows = if a.whole_blocks { 0 } else { rows % BLOCK_ROWS };
-        if short_rows > 0 {
-            // Rows past the product's hold whatever an earlier product left (initialized
-            // once): their sums are never stored.
-            if short.len() < BLOCK_ROWS * row_bytes {
-                short.resize(BLOCK_ROWS * row_bytes, 0);
-            }
-            for i in 0..short_rows {
-                // SAFETY: row `rows - short_rows + i` of A is valid for `row_bytes` reads
-                // from its first tile (the contract: patch rows); the scratch row holds
-                // `row_bytes`.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        a.tile(rows - short_rows + i, 0),
-                        short.as_mut_ptr().add(i * row_bytes),
-                        row_bytes,
-                    )
-                };
-            }
-        }
+        debug_assert!(
+            a.whole_blocks
+                || rows.is_multiple_of(BLOCK_ROWS)
+                || short.len() >= BLOCK_ROWS * row_bytes
+        );
         let short_block = Rows {
             base: short.as_ptr(),
             stride: row_bytes,
@@ -417,60 +435,42 @@ unsafe fn multiply(
             let b_first = b_first.wrapping_add(t * tile_step);
             let b_second = b_second.wrapping_add(t * tile_step);
             let row = NR8 * K_GROUP;
-            match (halves, span) {
-                (2, 2) => asm!(
-                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
-                    "tileloadd tmm6, [{b_first} + {row} * 1]",
-                    "tdpbusd tmm0, tmm4, tmm6",
+            // Each tile load sits just before the products that use it (A low, B first,
+            // product; A high, product; B second, its products), so loads and products
+            // overlap; the blocks run in this order whatever the block's shape.
+            asm!(
+                "tileloadd tmm4, [{a_low} + {lda} * 1]",
+                "tileloadd tmm6, [{b_first} + {row} * 1]",
+                "tdpbusd tmm0, tmm4, tmm6",
+                a_low = in(reg) a_low,
+                b_first = in(reg) b_first,
+                lda = in(reg) lda,
+                row = in(reg) row,
+                out("tmm0") _, out("tmm4") _, out("tmm6") _,
+                options(nostack, readonly)
+            );
+            if halves == 2 {
+                asm!(
                     "tileloadd tmm5, [{a_high} + {lda} * 1]",
                     "tdpbusd tmm2, tmm5, tmm6",
+                    a_high = in(reg) a_high,
+                    lda = in(reg) lda,
+                    out("tmm2") _, out("tmm5") _,
+                    options(nostack, readonly)
+                );
+            }
+            if span == 2 {
+                asm!(
                     "tileloadd tmm7, [{b_second} + {row} * 1]",
                     "tdpbusd tmm1, tmm4, tmm7",
-                    "tdpbusd tmm3, tmm5, tmm7",
-                    a_low = in(reg) a_low,
-                    a_high = in(reg) a_high,
-                    b_first = in(reg) b_first,
                     b_second = in(reg) b_second,
-                    lda = in(reg) lda,
                     row = in(reg) row,
-                    out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)
-                ),
-                (2, _) => asm!(
-                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
-                    "tileloadd tmm6, [{b_first} + {row} * 1]",
-                    "tdpbusd tmm0, tmm4, tmm6",
-                    "tileloadd tmm5, [{a_high} + {lda} * 1]",
-                    "tdpbusd tmm2, tmm5, tmm6",
-                    a_low = in(reg) a_low,
-                    a_high = in(reg) a_high,
-                    b_first = in(reg) b_first,
-                    lda = in(reg) lda,
-                    row = in(reg) row,
-                    out("tmm0") _, out("tmm2") _, out("tmm4") _, out("tmm5") _, out("tmm6") _, options(nostack, readonly)
-                ),
-                (_, 2) => asm!(
-                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
-                    "tileloadd tmm6, [{b_first} + {row} * 1]",
-                    "tdpbusd tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{b_second} + {row} * 1]",
-                    "tdpbusd tmm1, tmm4, tmm7",
-                    a_low = in(reg) a_low,
-                    b_first = in(reg) b_first,
-                    b_second = in(reg) b_second,
-                    lda = in(reg) lda,
-                    row = in(reg) row,
-                    out("tmm0") _, out("tmm1") _, out("tmm4") _, out("tmm6") _, out("tmm7") _, options(nostack, readonly)
-                ),
-                _ => asm!(
-                    "tileloadd tmm4, [{a_low} + {lda} * 1]",
-                    "tileloadd tmm6, [{b_first} + {row} * 1]",
-                    "tdpbusd tmm0, tmm4, tmm6",
-                    a_low = in(reg) a_low,
-                    b_first = in(reg) b_first,
-                    lda = in(reg) lda,
-                    row = in(reg) row,
-                    out("tmm0") _, out("tmm4") _, out("tmm6") _, options(nostack, readonly)
-                ),
+                    out("tmm1") _, out("tmm7") _,
+                    options(nostack, readonly)
+                );
+                if halves == 2 {
+                    asm!("tdpbusd tmm3, tmm5, tmm7", out("tmm3") _, options(nostack, nomem));
+                }
             }
         }
         asm!(

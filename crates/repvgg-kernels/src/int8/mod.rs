@@ -415,6 +415,21 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
     // SAFETY: the AMX set runs here (checked by `micro_kernels`); released when dropped.
     #[cfg(target_arch = "x86_64")]
     let _tiles = amx.then(|| unsafe { amx::Tiles::configure() });
+    #[cfg(target_arch = "x86_64")]
+    let patch_rows = amx::Rows {
+        base: a,
+        stride: lda,
+        taps: &[0],
+        tiles_per_tap: b.k.div_ceil(K_TILE).max(1),
+        whole_blocks: false,
+    };
+    if amx {
+        // SAFETY: A's rows are valid for whole tiles of k (the caller's contract).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            amx::copy_tail(&patch_rows, rows, b.k.div_ceil(K_TILE))
+        };
+    }
     let mut panel = cols.start / NR8;
     while panel < panels {
         let span = (panels - panel).min(span_max);
@@ -426,19 +441,14 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
             let tiles = b.k.div_ceil(K_TILE);
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the tiles are configured (`_tiles`); A's rows are valid for whole tiles
-            // of k (the caller's contract, as `a_row_bytes` says for AMX), the panels hold
-            // whole tiles of groups, C's rows hold the span's `width` columns.
+            // of k (the caller's contract, as `a_row_bytes` says for AMX) and their short
+            // last block was copied above; the panels hold whole tiles of groups, C's rows
+            // hold the span's `width` columns.
             unsafe {
                 amx::columns(
                     span,
                     rows,
-                    &amx::Rows {
-                        base: a,
-                        stride: lda,
-                        taps: &[0],
-                        tiles_per_tap: tiles.max(1),
-                        whole_blocks: false,
-                    },
+                    &patch_rows,
                     tiles,
                     panel_b,
                     panel_stride,
