@@ -15,7 +15,8 @@ use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
 use repvgg_kernels::Isa;
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
 use repvgg_kernels::int8::{
-    Conv8, Epilogue, Int8Kernels, PackedB8, Product8, conv3x3_k, conv3x3_u8s8, gemm_u8s8,
+    Conv8, Epilogue, Int8Kernels, PackedB8, Product8, conv3x3_k, conv3x3_overrun, conv3x3_u8s8,
+    gemm_u8s8,
 };
 
 use crate::error::{EngineError, check_input};
@@ -686,7 +687,7 @@ impl Int8Layer {
         let pad = self.input.zero_point;
         let (pw, line) = (w + 2, (w + 2) * cin);
         let grid = n * (h + 2) * line;
-        let slack = (32 + 2 * pw + 2) * cin + 64;
+        let slack = conv3x3_overrun(cin, pw);
         // Every byte is written below; the slack's only need to be initialized.
         padded.resize(grid + slack + CACHE_LINE, pad);
         let start = padded.as_ptr().align_offset(CACHE_LINE);

@@ -318,6 +318,16 @@ pub enum Epilogue<'a> {
     I32,
 }
 
+impl Epilogue<'_> {
+    /// The bytes of one element of C as this epilogue stores it.
+    fn element_bytes(self) -> usize {
+        match self {
+            Epilogue::U8 { .. } => 1,
+            Epilogue::I32 => 4,
+        }
+    }
+}
+
 /// One micro-kernel call: `(groups, a, b, panel_stride, offset, c, ldc, store)`; see the
 /// module's contract.
 type MicroKernel = unsafe fn(
@@ -389,24 +399,14 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
         epilogue,
     } = *product;
     assert!(
-        cols.start.is_multiple_of(NR8) && cols.end <= b.n,
-        "columns {cols:?} do not start on a panel or leave B"
-    );
-    assert!(
         kernels != Int8Kernels::Avx2 || b.fits_avx2(),
         "the AVX2 INT8 kernel needs weights in [-64, 64]"
     );
-    assert!(bias.len() >= b.n, "bias shorter than the columns");
-    if let Epilogue::U8 { scale, .. } = epilogue {
-        assert!(scale.len() >= b.n, "scales shorter than the columns");
-    }
+    check_columns(b, bias, cols, epilogue);
     if rows == 0 || cols.is_empty() {
         return;
     }
-    let element = match epilogue {
-        Epilogue::U8 { .. } => 1,
-        Epilogue::I32 => 4,
-    };
+    let element = epilogue.element_bytes();
     let groups = b.groups();
     let panel_stride = b.panel_stride();
     let panels = cols.end.div_ceil(NR8);
@@ -519,6 +519,23 @@ pub unsafe fn gemm_u8s8(kernels: Int8Kernels, product: &Product8<'_>) {
     }
 }
 
+/// What every product entry checks of its columns, bias and scales against B.
+fn check_columns(
+    b: &PackedB8,
+    bias: &[i32],
+    cols: &std::ops::Range<usize>,
+    epilogue: Epilogue<'_>,
+) {
+    assert!(
+        cols.start.is_multiple_of(NR8) && cols.end <= b.n,
+        "columns {cols:?} do not start on a panel or leave B"
+    );
+    assert!(bias.len() >= b.n, "bias shorter than the columns");
+    if let Epilogue::U8 { scale, .. } = epilogue {
+        assert!(scale.len() >= b.n, "scales shorter than the columns");
+    }
+}
+
 /// What the kernels of one span need to finish its `width` columns from `col`: per column,
 /// the bias less the A zero point times the column's weight sum, and the store.
 fn span_epilogue(
@@ -552,6 +569,13 @@ fn span_epilogue(
 /// the rows past `channels` zero.
 pub fn conv3x3_k(channels: usize) -> usize {
     9 * channels.div_ceil(K_TILE) * K_TILE
+}
+
+/// How far past its last position's own pixel a [`Conv8`] product may read: the rest of its
+/// last 32-row block, two padded rows and a pixel of taps, and the last tap's channels
+/// rounded up to a tile. An image padded for such products needs this much room after it.
+pub fn conv3x3_overrun(channels: usize, padded_width: usize) -> usize {
+    (AMX_ROWS + 2 * padded_width + 1) * channels + channels.div_ceil(K_TILE) * K_TILE
 }
 
 /// A 3x3, stride-1 convolution of a u8 NHWC image padded by one pixel of its zero point on
@@ -589,10 +613,8 @@ impl Conv8<'_> {
     /// The bytes from `image` that the product reads: every tile of its last 32-row block,
     /// positions past the product's included.
     pub fn image_bytes(&self) -> usize {
-        let last = (self.first + self.positions.div_ceil(AMX_ROWS) * AMX_ROWS).saturating_sub(1)
-            + 2 * self.padded_width
-            + 2;
-        last * self.channels + self.channels.div_ceil(K_TILE) * K_TILE
+        (self.first + self.positions) * self.channels
+            + conv3x3_overrun(self.channels, self.padded_width)
     }
 }
 
@@ -631,23 +653,13 @@ pub unsafe fn conv3x3_u8s8(product: &Conv8<'_>) {
         "weights not packed for an image's taps"
     );
     assert!(padded_width >= 3, "a padded grid narrower than 3");
-    assert!(
-        cols.start.is_multiple_of(NR8) && cols.end <= b.n,
-        "columns {cols:?} do not start on a panel or leave B"
-    );
-    assert!(bias.len() >= b.n, "bias shorter than the columns");
-    if let Epilogue::U8 { scale, .. } = epilogue {
-        assert!(scale.len() >= b.n, "scales shorter than the columns");
-    }
+    check_columns(b, bias, cols, epilogue);
     if positions == 0 || cols.is_empty() {
         return;
     }
     #[cfg(target_arch = "x86_64")]
     {
-        let element = match epilogue {
-            Epilogue::U8 { .. } => 1,
-            Epilogue::I32 => 4,
-        };
+        let element = epilogue.element_bytes();
         let tiles_per_tap = channels.div_ceil(K_TILE);
         let taps: [usize; 9] =
             std::array::from_fn(|tap| (tap / 3 * padded_width + tap % 3) * channels);
