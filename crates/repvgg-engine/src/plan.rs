@@ -55,16 +55,25 @@ pub(crate) struct Choices {
     /// (AVX-512 kernels on 256-bit units): there F(4x4)'s 0.62x the products outweigh its
     /// 2.25x the filter reads at any size.
     pub f4_filter_bound: bool,
+    /// The fewest input channels per group on which [`Winograd::Auto`] takes a stride-2 layer
+    /// by phases.
+    pub stride2_min_channels: usize,
 }
 
 impl Choices {
     /// The planner's view of this machine, running the kernels of `isa`.
     pub fn for_machine(winograd: Winograd, lowering: Lowering, isa: Isa) -> Choices {
+        let half_width = isa == Isa::Avx512 && probe::avx512_on_256_bit_units();
         Choices {
             winograd,
             lowering,
             l2_bytes: probe::l2_bytes(),
-            f4_filter_bound: !(isa == Isa::Avx512 && probe::avx512_on_256_bit_units()),
+            f4_filter_bound: !half_width,
+            stride2_min_channels: if isa == Isa::Avx512 && !half_width {
+                STRIDE2_WINOGRAD_MIN_CHANNELS_AVX512
+            } else {
+                STRIDE2_WINOGRAD_MIN_CHANNELS
+            },
         }
     }
 }
@@ -175,7 +184,7 @@ fn winograd_algorithm(layer: &Geometry, call: &Call, choices: &Choices) -> Optio
         (1, Winograd::Auto) => Some(Algorithm::F2),
         (2, Winograd::F2 | Winograd::F4) => Some(Algorithm::Stride2F2),
         (2, Winograd::Auto)
-            if layer.in_per_group() >= STRIDE2_WINOGRAD_MIN_CHANNELS
+            if layer.in_per_group() >= choices.stride2_min_channels
                 && big
                 && filters_pay(Algorithm::Stride2F2) =>
         {
@@ -336,6 +345,7 @@ mod tests {
         lowering: Lowering::Auto,
         l2_bytes: 2 << 20,
         f4_filter_bound: true,
+        stride2_min_channels: STRIDE2_WINOGRAD_MIN_CHANNELS,
     };
 
     /// Every (item, group, output channel) in exactly one task, columns starting on panels.
@@ -412,12 +422,33 @@ mod tests {
             let scheme = plan(&layer, &call(n, side, 2), &scarce).scheme;
             assert_eq!(scheme, Scheme::Winograd(algorithm), "{layer:?} on {side}");
         }
-        // Stride 2 from 64 input channels on maps of 8 or more.
+        // Stride 2 from 64 input channels on maps of 8 or more; from 48 where AVX-512 runs
+        // on 512-bit units.
         assert_eq!(
             on(conv(96, 192, 1, 2), 4, 14).scheme,
             Scheme::Winograd(Algorithm::Stride2F2)
         );
         assert_eq!(on(conv(48, 96, 1, 2), 4, 28).scheme, Scheme::Im2col);
+        let full_width = Choices {
+            stride2_min_channels: STRIDE2_WINOGRAD_MIN_CHANNELS_AVX512,
+            ..AUTO
+        };
+        for (layer, side, scheme) in [
+            (
+                conv(48, 96, 1, 2),
+                28,
+                Scheme::Winograd(Algorithm::Stride2F2),
+            ),
+            (
+                conv(48, 48, 1, 2),
+                56,
+                Scheme::Winograd(Algorithm::Stride2F2),
+            ),
+            (conv(32, 64, 1, 2), 28, Scheme::Im2col),
+        ] {
+            let plan = plan(&layer, &call(1, side, 2), &full_width);
+            assert_eq!(plan.scheme, scheme, "{layer:?} on {side}");
+        }
         // Dilated layers never take Winograd, whatever is asked.
         let dilated = Geometry {
             dilation: 2,

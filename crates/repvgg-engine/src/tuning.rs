@@ -37,8 +37,12 @@ pub const F4_MIN_SIDE: usize = 8;
 /// direct.
 pub const WINOGRAD_MIN_CHANNELS: usize = 8;
 /// [`crate::Winograd::Auto`]'s bar for stride-2 layers, whose 25 transform points per 2x2
-/// tile read and write more per product than stride 1's: it gains from 64 input channels up.
+/// tile read and write more per product than stride 1's: with the AVX2 kernels it gains from
+/// 64 input channels up.
 pub const STRIDE2_WINOGRAD_MIN_CHANNELS: usize = 64;
+/// The same bar where AVX-512 runs on 512-bit units, whose 16-lane transforms cost less per
+/// product: A0's two 48-channel stride-2 blocks gain there too.
+pub const STRIDE2_WINOGRAD_MIN_CHANNELS_AVX512: usize = 48;
 /// [`crate::Winograd::Auto`] takes F(4x4, 3x3) while its transformed filters (36 per channel
 /// pair) come to at most this many bytes per 4x4 output tile of the call: with fewer tiles,
 /// reading the filters costs more than the products saved (not where products are scarce:
