@@ -1,7 +1,9 @@
 //! Dynamic batching: requests wait in a bounded queue and one engine thread packs those of the
 //! same image size into a single call, up to `max_batch` images or `max_wait` after the first
 //! arrived. The engine's own parallelism runs on a rayon pool of its own, so the async runtime
-//! only ever moves bytes.
+//! only ever moves bytes. The batching loop itself runs on one of that pool's threads: a
+//! batch then starts without handing it to the pool and ends without handing it back (each
+//! handoff a thread wake-up, tens to hundreds of microseconds on a virtual machine).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -97,7 +99,6 @@ impl Batcher {
             arriving: arriving.clone(),
             last_batch: 1,
             runner,
-            pool,
             policy,
             jobs,
             waiting: VecDeque::new(),
@@ -106,7 +107,9 @@ impl Batcher {
         };
         let handle = std::thread::Builder::new()
             .name("repvgg-batcher".into())
-            .spawn(move || worker.run())?;
+            // The loop holds one pool thread for as long as the server runs (blocked on the
+            // queue between batches); the forward's parallel parts take the others.
+            .spawn(move || pool.install(move || worker.run()))?;
         Ok((
             Batcher {
                 queue,
@@ -128,9 +131,12 @@ impl Batcher {
 
     /// Queues a job, or refuses it at once when the queue is full.
     pub fn submit(&self, job: Job, arrival: Arrival) -> Result<(), SubmitError> {
-        let _arrived = arrival;
         repvgg_engine::check_input(&job.input, job.n, self.channels, job.h, job.w)
             .map_err(SubmitError::Input)?;
+        // No longer on its way before it is sent: the engine thread, woken by the send, must
+        // not hold its batch open for this very job (a lone client waited out a poll each
+        // time). Should it look in between, the job simply joins the next batch.
+        drop(arrival);
         self.depth.fetch_add(1, Ordering::SeqCst);
         match self.queue.try_send(job) {
             Ok(()) => {
@@ -152,7 +158,6 @@ impl Batcher {
 
 struct EngineWorker {
     runner: Runner,
-    pool: rayon::ThreadPool,
     policy: BatchPolicy,
     jobs: Receiver<Job>,
     /// Jobs taken from the queue that did not fit the batch being formed (another size, or
@@ -257,20 +262,18 @@ impl EngineWorker {
         self.metrics.batch_size.observe(images as f64);
         let started = Instant::now();
         let runner = &mut self.runner;
-        let pool = &self.pool;
         // The server answers even if the engine fails or has a bug: the batch's requests get
         // a 500 and the thread goes on with the next batch.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            pool.install(|| runner.forward(input, images, h, w))
-        }))
-        .map_err(|panic| {
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into())
-        })
-        .and_then(|logits| logits.map_err(|e| e.to_string()));
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| runner.forward(input, images, h, w)))
+                .map_err(|panic| {
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into())
+                })
+                .and_then(|logits| logits.map_err(|e| e.to_string()));
         self.metrics
             .engine_seconds
             .observe(started.elapsed().as_secs_f64());
