@@ -12,11 +12,6 @@ use repvgg_arch::{ArchSpec, Form, VARIANT_NAMES};
 use repvgg_checkpoint::convert::DEFAULT_BN_EPS;
 use repvgg_checkpoint::{Checkpoint, Naming};
 
-/// mimalloc rather than the system allocator: with glibc's, the engine ran 10-14% slower in
-/// this binary (bench and serve alike; see the commit that chose it).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod bench;
 mod bench_serve;
 mod demo;
