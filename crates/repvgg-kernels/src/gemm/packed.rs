@@ -9,8 +9,14 @@ use super::NR;
 pub struct PackedB {
     pub(super) k: usize,
     pub(super) n: usize,
-    pub(super) data: Vec<f32>,
+    data: Vec<PanelRow>,
 }
+
+/// One row of a panel, on a cache line of its own: a kernel's 16-lane load of it then reads
+/// one line, not two (a plain `Vec<f32>` of this size starts 16 bytes into a page with glibc).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct PanelRow([f32; NR]);
 
 impl PackedB {
     /// Packs the matrix whose element (row, col) is `at(row, col)`.
@@ -36,15 +42,15 @@ impl PackedB {
     ) {
         let panels = n.div_ceil(NR);
         (self.k, self.n) = (k, n);
-        self.data.resize(panels * k * NR, 0.0);
-        self.data.truncate(panels * k * NR);
+        self.data.resize(panels * k, PanelRow::default());
+        self.data.truncate(panels * k);
         if k == 0 {
             return;
         }
-        for (panel, block) in self.data.chunks_exact_mut(k * NR).enumerate() {
+        for (panel, block) in self.data.chunks_exact_mut(k).enumerate() {
             let cols = panel * NR..(panel * NR + NR).min(n);
             let width = cols.len();
-            for (row, lanes) in block.chunks_exact_mut(NR).enumerate() {
+            for (row, PanelRow(lanes)) in block.iter_mut().enumerate() {
                 fill(row, cols.clone(), &mut lanes[..width]);
                 // Lanes past the last column are multiplied but never stored; zero keeps
                 // them finite.
@@ -58,7 +64,7 @@ impl PackedB {
         PackedB {
             k,
             n,
-            data: vec![0.0; n.div_ceil(NR) * k * NR],
+            data: vec![PanelRow::default(); n.div_ceil(NR) * k],
         }
     }
 
@@ -74,18 +80,20 @@ impl PackedB {
 
     /// Row `row` of panel `panel`: columns `panel * NR..` (zero past the last).
     pub fn panel_row(&self, panel: usize, row: usize) -> &[f32] {
-        let at = (panel * self.k + row) * NR;
-        &self.data[at..at + NR]
+        &self.data[panel * self.k + row].0
     }
 
     /// As [`PackedB::panel_row`], to write. Lanes past the last column must stay zero.
     pub fn panel_row_mut(&mut self, panel: usize, row: usize) -> &mut [f32] {
-        let at = (panel * self.k + row) * NR;
-        &mut self.data[at..at + NR]
+        &mut self.data[panel * self.k + row].0
     }
 
     /// Where row `row` of panel `panel` starts; `row` may be `k` (the end of the panel).
     pub(super) fn panel_ptr(&self, panel: usize, row: usize) -> *const f32 {
-        self.data.as_ptr().wrapping_add((panel * self.k + row) * NR)
+        // PanelRow is NR floats with no padding, so the rows are one run of floats.
+        self.data
+            .as_ptr()
+            .cast::<f32>()
+            .wrapping_add((panel * self.k + row) * NR)
     }
 }
