@@ -12,12 +12,12 @@
 use rayon::prelude::*;
 use repvgg_arch::ArchSpec;
 use repvgg_checkpoint::quantized::{ActivationQuant, QuantizedModel};
-use repvgg_kernels::Isa;
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
 use repvgg_kernels::int8::{
     Conv8, Epilogue, Int8Kernels, PackedB8, Product8, conv3x3_k, conv3x3_overrun, conv3x3_u8s8,
     gemm_u8s8,
 };
+use repvgg_kernels::{CACHE_LINE, Isa, line_aligned};
 
 use crate::error::{EngineError, check_input};
 use crate::layer::ConvLayer;
@@ -34,9 +34,6 @@ thread_local! {
 
 /// The longest kernel row of patches copied as one fixed-size copy.
 const SHORT_COPY: usize = 16;
-
-/// Bytes of a cache line: where the rows of A start.
-const CACHE_LINE: usize = 64;
 
 /// Output rows per task: enough to amortise a task, few enough that a layer at batch 1 has
 /// tasks for every thread (a 7x7 map has 49).
@@ -688,7 +685,8 @@ impl Int8Layer {
         let (pw, line) = (w + 2, (w + 2) * cin);
         let grid = n * (h + 2) * line;
         let slack = conv3x3_overrun(cin, pw);
-        // Every byte is written below; the slack's only need to be initialized.
+        // Every byte is written below; the slack's only need to be initialized. The caller
+        // reads the grid from the returned offset, a cache line.
         padded.resize(grid + slack + CACHE_LINE, pad);
         let start = padded.as_ptr().align_offset(CACHE_LINE);
         let padded = &mut padded[start..];
@@ -798,13 +796,9 @@ impl Int8Layer {
         let (stride, dilation) = (self.stride, self.dilation);
         // Grows once per thread; the bytes past each row's k meet zero weights, whatever
         // they hold.
-        if patches.len() < count * lda + CACHE_LINE {
-            patches.resize(count * lda + CACHE_LINE, 0);
-        }
         // Rows start on cache lines where `lda` is a multiple of one (AMX's whole tiles): a
         // tile row is then one line, not two.
-        let aligned = patches.as_ptr().align_offset(CACHE_LINE);
-        let patches = &mut patches[aligned..aligned + count * lda];
+        let patches = line_aligned(patches, count * lda, 0);
         for g in 0..self.groups {
             // The output position of each row, stepped rather than divided out per row (the
             // stem has 12,544 rows an image of few bytes each).

@@ -39,6 +39,22 @@ pub mod winograd;
 
 pub use isa::{Isa, UnavailableIsa, UnknownIsa};
 
+/// Bytes in a cache line: where the kernels' scratch rows start, so that a vector load of a
+/// row reads one line, not two.
+pub const CACHE_LINE: usize = 64;
+
+/// `len` values of `buffer` starting on a cache line, the buffer grown with `fill` when too
+/// short (never shrunk, so a thread's scratch is allocated once). The allocator's own
+/// alignment is not enough: glibc starts large blocks 16 bytes into a page.
+pub fn line_aligned<T: Clone>(buffer: &mut Vec<T>, len: usize, fill: T) -> &mut [T] {
+    let slack = CACHE_LINE / std::mem::size_of::<T>().max(1);
+    if buffer.len() < len + slack {
+        buffer.resize(len + slack, fill);
+    }
+    let start = buffer.as_ptr().align_offset(CACHE_LINE).min(slack);
+    &mut buffer[start..start + len]
+}
+
 /// A raw pointer that parallel tasks write through, each to a disjoint block of one output:
 /// the tasks' closures must be `Send` and `Sync`, which a raw pointer is not.
 #[derive(Clone, Copy)]

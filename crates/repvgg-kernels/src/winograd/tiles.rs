@@ -105,9 +105,6 @@ unsafe fn tiles_avx512<const M: usize, const A: usize, T: Transform<M, A>>(
     unsafe { tiles_with::<M, A, T, Avx512>(Isa::Avx512, layer, task, ring) }
 }
 
-/// Floats in a 64-byte cache line.
-const LINE_FLOATS: usize = 16;
-
 /// A stride of at least `len` floats that is an odd number of cache lines, so that the points
 /// a transform reads or writes together fall in different cache sets: at a multiple of 4 KiB
 /// every point of a tile lands in the same L1 set.
@@ -364,11 +361,7 @@ unsafe fn tiles_with<const M: usize, const A: usize, T: Transform<M, A>, V: Vect
     let slot = skewed(count * row);
     // Slots start on a cache line (rows and slots are whole lines apart when the channels
     // are a multiple of 16), so that vector loads and stores of a row touch one line each.
-    if ring.len() < (points + 1) * slot + LINE_FLOATS {
-        ring.resize((points + 1) * slot + LINE_FLOATS, 0.0);
-    }
-    let aligned = ring.as_ptr().align_offset(4 * LINE_FLOATS).min(LINE_FLOATS);
-    let ring = &mut ring[aligned..];
+    let ring = crate::line_aligned(ring, (points + 1) * slot, 0.0);
     // Input transform. A class other than 0 exists only for F(4x4) (whose grid holds the rim's
     // places), so the rim variants below never run with another transform.
     for t in 0..count {
