@@ -6,7 +6,7 @@ use repvgg_arch::{ArchSpec, Form};
 use repvgg_checkpoint::Checkpoint;
 use repvgg_checkpoint::layout::{HEAD, REPARAM, SE_DOWN, SE_UP, prefix};
 use repvgg_kernels::gemm::{self, PackedB, Product, strided};
-use repvgg_kernels::{Isa, OutPtr};
+use repvgg_kernels::{Isa, OutPtr, line_aligned};
 
 use crate::error::{EngineError, check_input};
 use crate::layer::{ConvLayer, run_tasks};
@@ -247,29 +247,35 @@ impl Engine {
         if leading > 0 {
             (h, w, len) = self.run_leading_by_image(input, n, h, w, leading, ws, parallel);
         } else {
-            nchw_to_nhwc(input, n, c, h, w, &mut ws.a);
+            nchw_to_nhwc(input, c, h, w, line_aligned(&mut ws.a, len, 0.0));
         }
         for (i, layer) in self.layers.iter().enumerate().skip(leading) {
             let (oh, ow) = layer.output_size(h, w);
             let out_len = n * oh * ow * layer.geometry.out_channels;
-            // Buffers only ever grow (zero-filled once), so a warm workspace costs nothing here.
-            if ws.b.len() < out_len {
-                ws.b.resize(out_len, 0.0);
-            }
+            // Buffers only ever grow (zero-filled once), so a warm workspace costs nothing
+            // here; maps start on cache lines, as the kernels' vectors of channels then do.
             if n > 0 {
-                let (src, dst) = (&ws.a[..len], &mut ws.b[..out_len]);
+                let src = line_aligned(&mut ws.a, len, 0.0);
+                let dst = line_aligned(&mut ws.b, out_len, 0.0);
                 layer.forward(self.isa, &self.choices, src, n, h, w, dst, parallel);
             }
             std::mem::swap(&mut ws.a, &mut ws.b);
             (h, w, len) = (oh, ow, out_len);
             if let Some(observer) = observer.as_mut() {
-                observer(i, h, w, &ws.a[..len]);
+                observer(i, h, w, line_aligned(&mut ws.a, len, 0.0));
             }
         }
         let Workspace {
             a, pooled, logits, ..
         } = ws;
-        self.head(&a[..len], n, h * w, pooled, logits, parallel)
+        self.head(
+            line_aligned(a, len, 0.0),
+            n,
+            h * w,
+            pooled,
+            logits,
+            parallel,
+        )
     }
 
     /// Runs the first `leading` layers image by image, leaving the batch's output NHWC in
@@ -294,9 +300,6 @@ impl Engine {
                     (oh, ow, layer.geometry.out_channels)
                 });
         let out_len = oh * ow * channels;
-        if ws.a.len() < n * out_len {
-            ws.a.resize(n * out_len, 0.0);
-        }
         let Workspace {
             a,
             image_a,
@@ -305,23 +308,20 @@ impl Engine {
         } = ws;
         for (image, out) in input
             .chunks_exact(c * h * w)
-            .zip(a.chunks_exact_mut(out_len))
+            .zip(line_aligned(a, n * out_len, 0.0).chunks_exact_mut(out_len))
         {
-            nchw_to_nhwc(image, 1, c, h, w, image_a);
+            nchw_to_nhwc(image, c, h, w, line_aligned(image_a, c * h * w, 0.0));
             let (mut ih, mut iw) = (h, w);
             for (i, layer) in self.layers[..leading].iter().enumerate() {
                 let (lh, lw) = layer.output_size(ih, iw);
                 let len = lh * lw * layer.geometry.out_channels;
-                if image_b.len() < len {
-                    image_b.resize(len, 0.0);
-                }
                 // The last leading layer writes its image's place in the batch.
                 let dst = if i + 1 == leading {
                     &mut *out
                 } else {
-                    &mut image_b[..len]
+                    line_aligned(image_b, len, 0.0)
                 };
-                let src = &image_a[..ih * iw * layer.geometry.in_channels];
+                let src = line_aligned(image_a, ih * iw * layer.geometry.in_channels, 0.0);
                 layer.forward(self.isa, &self.choices, src, 1, ih, iw, dst, parallel);
                 std::mem::swap(image_a, image_b);
                 (ih, iw) = (lh, lw);

@@ -358,8 +358,8 @@ impl Int8Engine {
     fn input_activations(&self, input: &[f32], n: usize, h: usize, w: usize) -> Activations {
         match self.layers.first() {
             Some(Layer::Float(_)) => {
-                let mut nhwc = Vec::new();
-                nchw_to_nhwc(input, n, self.spec.in_channels, h, w, &mut nhwc);
+                let mut nhwc = vec![0.0; input.len()];
+                nchw_to_nhwc(input, self.spec.in_channels, h, w, &mut nhwc);
                 Activations::F32(nhwc)
             }
             _ => Activations::U8(self.quantize_input(input, n, h, w)),

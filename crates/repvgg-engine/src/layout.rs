@@ -1,25 +1,23 @@
 //! Conversions between the callers' NCHW and the engine's NHWC, and per-channel means.
 
-/// NCHW input -> NHWC, into `out` (grown if needed).
-pub(crate) fn nchw_to_nhwc(
-    input: &[f32],
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    out: &mut Vec<f32>,
-) {
-    if out.len() < n * c * h * w {
-        out.resize(n * c * h * w, 0.0);
-    }
-    // Pixel by pixel, so that the output is written once, in order (channel by channel, an
-    // RGB image's output would be rewritten three times, at a stride of three values).
-    let plane = h * w;
-    for (image, pixels) in out[..n * c * plane].chunks_exact_mut(c * plane).enumerate() {
-        let planes = &input[image * c * plane..(image + 1) * c * plane];
-        for (p, pixel) in pixels.chunks_exact_mut(c).enumerate() {
-            for (ch, value) in pixel.iter_mut().enumerate() {
-                *value = planes[ch * plane + p];
+/// NCHW input -> NHWC, into `out` (`n * c * h * w` values).
+pub(crate) fn nchw_to_nhwc(input: &[f32], c: usize, h: usize, w: usize, out: &mut [f32]) {
+    let image = c * h * w;
+    for (pixels, planes) in out.chunks_exact_mut(image).zip(input.chunks_exact(image)) {
+        if c == 3 {
+            // RGB, nearly every model's case: the three planes zipped, so that the loop has
+            // no index to check and writes the output once, in order.
+            let (red, rest) = planes.split_at(h * w);
+            let (green, blue) = rest.split_at(h * w);
+            let rgb = red.iter().zip(green).zip(blue);
+            for (pixel, ((&r, &g), &b)) in pixels.chunks_exact_mut(3).zip(rgb) {
+                pixel.copy_from_slice(&[r, g, b]);
+            }
+            continue;
+        }
+        for (ch, plane) in planes.chunks_exact(h * w).enumerate() {
+            for (pixel, &value) in pixels.chunks_exact_mut(c).zip(plane) {
+                pixel[ch] = value;
             }
         }
     }
@@ -56,16 +54,23 @@ mod tests {
 
     #[test]
     fn layouts_round_trip_and_means_are_per_channel() {
-        let (n, c, h, w) = (2, 3, 2, 5);
-        let nchw: Vec<f32> = (0..n * c * h * w).map(|i| i as f32).collect();
-        let mut nhwc = Vec::new();
-        nchw_to_nhwc(&nchw, n, c, h, w, &mut nhwc);
-        // Image 1, channel 2, pixel (1, 3) sits at ((1 * h + 1) * w + 3) * c + 2 in NHWC.
-        assert_eq!(
-            nhwc[((h + 1) * w + 3) * c + 2],
-            nchw[((c + 2) * h + 1) * w + 3]
-        );
-        assert_eq!(nhwc_to_nchw(&nhwc, n, h, w), nchw);
+        // RGB (its own loop) and two other channel counts.
+        for c in [3, 1, 4] {
+            let (n, h, w) = (2, 2, 5);
+            let nchw: Vec<f32> = (0..n * c * h * w).map(|i| i as f32).collect();
+            let mut nhwc = vec![f32::NAN; nchw.len()];
+            nchw_to_nhwc(&nchw, c, h, w, &mut nhwc);
+            // Image 1, channel c - 1, pixel (1, 3): ((1 * h + 1) * w + 3) * c + c - 1 in NHWC.
+            assert_eq!(
+                nhwc[((h + 1) * w + 3) * c + c - 1],
+                nchw[((c + c - 1) * h + 1) * w + 3]
+            );
+            assert_eq!(nhwc_to_nchw(&nhwc, n, h, w), nchw);
+        }
+        let (c, h, w) = (3, 2, 5);
+        let nchw: Vec<f32> = (0..c * h * w).map(|i| i as f32).collect();
+        let mut nhwc = vec![0.0; nchw.len()];
+        nchw_to_nhwc(&nchw, c, h, w, &mut nhwc);
         let mut means = vec![0.0; c];
         channel_means_into(&nhwc[..c * h * w], &mut means);
         let want: Vec<f32> = (0..c)
