@@ -581,7 +581,7 @@ fn layer_table(
         };
         println!("batch {batch}, {threads} threads, {h}x{w}, {kernels} kernels");
         println!(
-            "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}",
+            "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9} {:>8}  method",
             "block", "in", "out", "stride", "out map", "ms", "GOP/s"
         );
         let mut total = 0.0;
@@ -593,7 +593,7 @@ fn layer_table(
             total += sec;
             let (cin, cout, oh, ow) = t.shape;
             println!(
-                "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9.3} {:>8.1}",
+                "{:<10} {:>6} {:>6} {:>6} {:>9} {:>9.3} {:>8.1}  {}",
                 t.name,
                 cin,
                 if t.groups > 1 {
@@ -604,7 +604,8 @@ fn layer_table(
                 t.stride,
                 format!("{oh}x{ow}"),
                 sec * 1e3,
-                2.0 * t.macs as f64 / sec / 1e9
+                2.0 * t.macs as f64 / sec / 1e9,
+                t.method
             );
         }
         println!("total convs: {:.2} ms", total * 1e3);

@@ -542,6 +542,68 @@ fn bench_names_the_int8_kernels_it_ran() {
     );
 }
 
+/// `bench --layers` says how each block ran, since both engines choose per layer: the INT8
+/// engine leaves reductions too short for AMX's tiles (the stem's 27, 8 channels' 72) to
+/// AVX-512 VNNI.
+#[test]
+fn bench_layers_name_how_each_block_ran() {
+    use repvgg_kernels::int8::Int8Kernels;
+    let arch = "depths=1,1,1,1;widths=8,8,16,16;stem=8;classes=10";
+    let rows = |precision: &str| -> Vec<(String, String)> {
+        let out = ok(&[
+            "bench",
+            "--arch",
+            arch,
+            "--size",
+            "32",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--layers",
+            "--precision",
+            precision,
+        ]);
+        let rows: Vec<(String, String)> = out
+            .lines()
+            .filter(|l| l.starts_with("stage"))
+            .map(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                (fields[0].to_string(), fields[7..].join(" "))
+            })
+            .collect();
+        assert_eq!(rows.len(), 5, "{out}");
+        rows
+    };
+    let schemes = [
+        "winograd F(2x2)",
+        "winograd F(4x4)",
+        "winograd F(2x2) s2",
+        "im2col",
+        "implicit",
+    ];
+    for (block, method) in rows("fp32") {
+        assert!(schemes.contains(&method.as_str()), "{block}: {method}");
+    }
+    let int8 = rows("int8");
+    for (block, method) in &int8 {
+        assert!(
+            Int8Kernels::ALL.iter().any(|k| k.name() == method),
+            "{block}: {method}"
+        );
+    }
+    let method = |block: &str| &int8.iter().find(|(b, _)| b == block).unwrap().1;
+    if Int8Kernels::Amx.is_available() {
+        assert_eq!(method("stage0"), "avx512-vnni");
+        assert_eq!(method("stage1.0"), "avx512-vnni");
+        assert_eq!(method("stage4.0"), "amx");
+    } else {
+        assert_ne!(method("stage0"), "amx");
+    }
+}
+
 #[test]
 fn bench_times_a_training_step() {
     let out = ok(&[

@@ -365,14 +365,17 @@ impl Engine {
         let (mut in_h, mut in_w) = (h, w);
         let mut last = std::time::Instant::now();
         let mut observe = |i: usize, oh: usize, ow: usize, _: &[f32]| {
-            let (g, block) = (&self.layers[i].geometry, &blocks[i]);
+            let seconds = last.elapsed().as_secs_f64();
+            let (layer, block) = (&self.layers[i], &blocks[i]);
+            let g = &layer.geometry;
             timings.push(LayerTiming {
                 name: block.name(),
-                seconds: last.elapsed().as_secs_f64(),
+                seconds,
                 macs: n as u64 * block.macs(Form::Deploy, in_h, in_w),
                 stride: g.stride,
                 groups: g.groups,
                 shape: (g.in_channels, g.out_channels, oh, ow),
+                method: layer.method(&self.choices, n, in_h, in_w, true),
             });
             (in_h, in_w) = (oh, ow);
             last = std::time::Instant::now();

@@ -286,16 +286,25 @@ impl Int8Engine {
         &self.spec
     }
 
-    /// The INT8 kernel sets the layers run on (the slowest first).
+    /// The INT8 kernel set most layers run on (of two as common, the faster): a layer whose
+    /// reduction is too short for it, such as the stem's, may run on another
+    /// ([`Int8Kernels::best_for`]).
     pub fn kernels(&self) -> Int8Kernels {
-        self.layers
-            .iter()
-            .filter_map(|l| match l {
-                Layer::Int8(l) => Some(l.kernels),
-                Layer::Float(_) => None,
-            })
-            .min()
-            .unwrap_or(Int8Kernels::Portable)
+        let mut layers = [0usize; Int8Kernels::ALL.len()];
+        for layer in &self.layers {
+            if let Layer::Int8(l) = layer {
+                layers[Int8Kernels::ALL
+                    .iter()
+                    .position(|k| *k == l.kernels)
+                    .expect("listed")] += 1;
+            }
+        }
+        Int8Kernels::ALL
+            .into_iter()
+            .zip(layers)
+            .filter(|(_, n)| *n > 0)
+            .max_by_key(|(kernels, n)| (*n, *kernels))
+            .map_or(Int8Kernels::Portable, |(kernels, _)| kernels)
     }
 
     /// Logits `(n, classes)` for an NCHW float batch (a headless model's pooled features).
@@ -490,10 +499,15 @@ impl Int8Engine {
         let (mut in_h, mut in_w) = (h, w);
         let mut last = std::time::Instant::now();
         self.forward_with(input, n, h, w, |i, oh, ow, _| {
+            let seconds = last.elapsed().as_secs_f64();
             let block = &blocks[i];
             timings.push(crate::LayerTiming {
+                method: match &self.layers[i] {
+                    Layer::Int8(l) => l.kernels.name().to_string(),
+                    Layer::Float(_) => "float".to_string(),
+                },
                 name: block.name(),
-                seconds: last.elapsed().as_secs_f64(),
+                seconds,
                 macs: n as u64 * block.macs(repvgg_arch::Form::Deploy, in_h, in_w),
                 stride: block.stride,
                 groups: block.groups,

@@ -94,6 +94,31 @@ impl ConvLayer {
             .get_or_init(|| winograd::transform_filters(algorithm, &self.packed))
     }
 
+    /// How [`Layer::forward`] computes this call, as `bench --layers` names it.
+    pub fn method(
+        &self,
+        choices: &Choices,
+        n: usize,
+        h: usize,
+        w: usize,
+        parallel: bool,
+    ) -> String {
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let (oh, ow) = self.output_size(h, w);
+        let call = Call { n, oh, ow, threads };
+        match plan::plan(&self.geometry, &call, choices).scheme {
+            Scheme::Winograd(Algorithm::F2) => "winograd F(2x2)".into(),
+            Scheme::Winograd(Algorithm::F4) => "winograd F(4x4)".into(),
+            Scheme::Winograd(Algorithm::Stride2F2) => "winograd F(2x2) s2".into(),
+            Scheme::Im2col => "im2col".into(),
+            Scheme::Implicit => "implicit".into(),
+        }
+    }
+
     /// Computes the layer for `n` NHWC images of `h x w` into `output`. `parallel`: split it
     /// across the thread pool (latency mode), or run it on the calling thread (throughput
     /// mode, where threads take whole images).

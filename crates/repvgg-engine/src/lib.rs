@@ -94,6 +94,9 @@ pub struct LayerTiming {
     pub groups: usize,
     /// (in channels, out channels, output height, output width)
     pub shape: (usize, usize, usize, usize),
+    /// How the layer was computed: the float engine's scheme (`winograd F(4x4)`, `im2col`,
+    /// ...) or the INT8 kernel set, since the engines choose per layer.
+    pub method: String,
 }
 
 /// One stage's output feature map, NCHW.

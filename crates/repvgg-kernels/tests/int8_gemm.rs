@@ -346,3 +346,18 @@ fn amx_conv3x3_from_the_image_matches_the_integer_reference() {
         }
     }
 }
+
+/// AMX takes a layer only where its 64-byte tiles of k do not mostly compute zeros: a stem's
+/// reduction of 27 (three channels, nine taps) goes to VNNI's groups of four, a 48-channel
+/// layer's 432 to AMX where the machine has it.
+#[test]
+fn amx_is_chosen_only_for_reductions_that_fill_its_tiles() {
+    let cap = repvgg_kernels::Isa::best();
+    let stem = Int8Kernels::best_for(cap, &PackedB8::new(27, 48, |_, _| 1));
+    let wide = Int8Kernels::best_for(cap, &PackedB8::new(432, 48, |_, _| 1));
+    assert_ne!(stem, Int8Kernels::Amx);
+    assert_eq!(wide == Int8Kernels::Amx, Int8Kernels::Amx.is_available());
+    if Int8Kernels::Avx512Vnni.is_available() {
+        assert_eq!(stem, Int8Kernels::Avx512Vnni);
+    }
+}
