@@ -40,7 +40,7 @@ pub const TARGETS: &[Target] = &[
     ("cifar_reader", cifar_reader, &[]),
     ("image_preprocess", image_preprocess, &["fixtures/photos"]),
     ("engine_small", engine_small, &[]),
-    ("v2_infer_request", v2_infer_request, &[]),
+    ("v2_infer_request", v2_infer_request, &["fixtures/serve"]),
     ("image_folder", image_folder, &[]),
 ];
 

@@ -1,5 +1,6 @@
 //! `repvgg serve` over loopback with a real HTTP client: every route, the V2 JSON and binary
-//! forms against `repvgg forward`, classify against `predict`, the 400/404/413/503/504
+//! forms against `repvgg forward` (also through Triton's own Python client), classify against
+//! `predict`, the 400/404/413/503/504
 //! answers, draining on SIGTERM, and 64 clients at once.
 
 use std::io::{BufRead, BufReader};
@@ -275,6 +276,120 @@ fn v2_routes_and_infer_match_forward() {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
     assert!(metrics.contains("repvgg_http_request_duration_seconds_bucket"));
+}
+
+/// NVIDIA's Triton HTTP client, unchanged (`reference/triton_client.py`), gets from the server
+/// what `repvgg forward` computes, with binary tensors and with JSON ones (1e-6 relative, as
+/// above), reads the readiness routes and metadata, and is told why an FP16 tensor is refused.
+#[test]
+fn triton_client_works_unchanged() {
+    let Some(python) = repvgg_testing::python_with(&["tritonclient.http", "numpy", "safetensors"])
+    else {
+        return;
+    };
+    let weights = fixture("tiny/train_official.safetensors");
+    let server = Server::start(&weights, &["--name", "tiny"]);
+    let dir = tempfile::tempdir().unwrap();
+    let shape = [2, 3, 32, 32];
+    let input = pattern(shape.iter().product(), 7);
+    let reference = forward_logits(&weights, dir.path(), shape, &input);
+    let answers = dir.path().join("triton.safetensors");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/triton_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([&server.base, "tiny"])
+        .arg(dir.path().join("batch.safetensors"))
+        .arg(&answers)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "triton_client.py: {}\nserver: {}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log.lock().unwrap()
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["live"], true);
+    assert_eq!(report["ready"], true);
+    assert_eq!(report["model_ready"], true);
+    assert_eq!(report["metadata"]["name"], "tiny");
+    assert_eq!(report["metadata"]["outputs"][0]["shape"], json!([-1, 10]));
+    assert_eq!(report["fp16"]["status"], "400");
+    let message = report["fp16"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("FP16") && message.contains("FP32"),
+        "{message}"
+    );
+    let logits = repvgg_testing::read_f64(&answers);
+    for form in ["logits_binary", "logits_json"] {
+        let (got_shape, got) = &logits[form];
+        assert_eq!(got_shape, &vec![2, 10], "{form}");
+        let err = repvgg_testing::relative_error(got, &repvgg_testing::widen(&reference));
+        assert!(err < 1e-6, "{form}: {err:e}");
+    }
+}
+
+/// The requests KServe's own Python client writes (recorded by
+/// `reference/make_serve_fixtures.py`; they name the model in the body), JSON and binary, get
+/// what `repvgg forward` computes (1e-6 relative, as above); a body that names another model
+/// than its route gets 400 naming both.
+#[test]
+fn kserve_client_requests_are_answered() {
+    let weights = fixture("tiny/train_official.safetensors");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(fixture("serve/kserve_infer.meta.json")).unwrap())
+            .unwrap();
+    let json_body = std::fs::read(fixture("serve/kserve_infer.json")).unwrap();
+    let binary_body = std::fs::read(fixture("serve/kserve_infer.bin")).unwrap();
+    let header_length = meta["binary_header_length"].as_u64().unwrap() as usize;
+    let shape: [usize; 4] = serde_json::from_value(meta["shape"].clone()).unwrap();
+    let sent: Value = serde_json::from_slice(&json_body).unwrap();
+    assert_eq!(sent["model_name"], "tiny");
+    let input: Vec<f32> = sent["inputs"][0]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let binary_values: Vec<f32> = binary_body[header_length..]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        binary_values, input,
+        "the two recorded forms carry one tensor"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let reference = forward_logits(&weights, dir.path(), shape, &input);
+    let server = Server::start(&weights, &["--name", "tiny"]);
+    let url = server.url("/v2/models/tiny/infer");
+    let as_json = post(&url, "application/json", &json_body, &[]);
+    let as_binary = post(
+        &url,
+        "application/octet-stream",
+        &binary_body,
+        &[("inference-header-content-length", header_length.to_string())],
+    );
+    for (form, reply) in [("json", &as_json), ("binary", &as_binary)] {
+        let err = relative(&logits_of(reply), &reference);
+        assert!(err < 1e-6, "{form}: {err:e}");
+    }
+    assert_eq!(as_json.json()["id"], sent["id"]);
+
+    let other = Server::start(&weights, &["--name", "other"]);
+    let refused = post(
+        &other.url("/v2/models/other/infer"),
+        "application/json",
+        &json_body,
+        &[],
+    );
+    assert_eq!(refused.status, 400);
+    let message = refused.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("'tiny'") && message.contains("'other'"),
+        "{message}"
+    );
 }
 
 fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {

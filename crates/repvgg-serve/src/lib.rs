@@ -373,6 +373,29 @@ fn check_model(state: &AppState, params: &HashMap<String, String>) -> Result<(),
     }
 }
 
+/// A body that names a model (KServe's client sends `model_name` and `model_version`) must
+/// name the one its route does.
+fn check_named_model(state: &AppState, request: &protocol::InferRequest) -> Result<(), ApiError> {
+    if let Some(name) = request.model_name.as_deref().filter(|n| *n != state.name) {
+        return Err(ApiError::bad_request(format!(
+            "the body names model '{name}' but the route names '{}'",
+            state.name
+        )));
+    }
+    if let Some(version) = request
+        .model_version
+        .as_deref()
+        .filter(|v| !v.is_empty() && *v != MODEL_VERSION)
+    {
+        return Err(ApiError::bad_request(format!(
+            "the body names version '{version}' of model '{}', whose one version is \
+             '{MODEL_VERSION}'",
+            state.name
+        )));
+    }
+    Ok(())
+}
+
 async fn model_metadata(
     State(state): State<Arc<AppState>>,
     Path(params): Path<HashMap<String, String>>,
@@ -500,6 +523,7 @@ async fn infer(
             })?
     }
     .map_err(|e| ApiError::bad_request(e.0))?;
+    check_named_model(&state, &request)?;
     let n = request.n;
     let logits = run_batch(
         &state,

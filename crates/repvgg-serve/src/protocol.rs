@@ -27,6 +27,9 @@ fn bad(message: impl Into<String>) -> RequestError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferRequest {
     pub id: Option<String>,
+    /// The model and version the body names, if it does (KServe's client does).
+    pub model_name: Option<String>,
+    pub model_version: Option<String>,
     pub n: usize,
     pub h: usize,
     pub w: usize,
@@ -51,6 +54,10 @@ pub struct InputContract {
 #[serde(deny_unknown_fields)]
 struct RawRequest {
     id: Option<String>,
+    /// Not in the protocol's request, but KServe's Python client sends both: they must agree
+    /// with the route, which is what names the model.
+    model_name: Option<String>,
+    model_version: Option<String>,
     #[serde(default)]
     parameters: Map<String, Value>,
     inputs: Vec<RawInput>,
@@ -251,6 +258,8 @@ pub fn parse_infer(
     }
     Ok(InferRequest {
         id: raw.id,
+        model_name: raw.model_name,
+        model_version: raw.model_version,
         n,
         h,
         w,
@@ -416,6 +425,21 @@ mod tests {
         assert_eq!(a.data, values(6));
         assert_eq!(a, b);
         assert_eq!((a.n, a.h, a.w, a.binary_output), (1, 1, 2, false));
+    }
+
+    /// KServe's client names the model in the body; the server checks it against the route.
+    /// Any other field outside the protocol is still refused, so that a misspelt `outputs`
+    /// does not pass unseen.
+    #[test]
+    fn a_body_may_name_its_model_but_nothing_else_unknown() {
+        let named = json!({"model_name": "m", "model_version": "1", "inputs": [{"name": "input",
+            "shape": [1, 3, 1, 1], "datatype": "FP32", "data": [1, 2, 3]}]});
+        let request = parse_infer(named.to_string().as_bytes(), None, &FREE).unwrap();
+        assert_eq!(request.model_name.as_deref(), Some("m"));
+        assert_eq!(request.model_version.as_deref(), Some("1"));
+        let misspelt = json!({"inputs": [{"name": "input", "shape": [1, 3, 1, 1],
+            "datatype": "FP32", "data": [1, 2, 3]}], "output": [{"name": "logits"}]});
+        assert!(error_of(misspelt).contains("unknown field `output`"));
     }
 
     #[test]
