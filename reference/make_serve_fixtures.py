@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import orjson
 from kserve import InferInput, InferRequest
 
 MODEL = "tiny"
@@ -40,7 +41,8 @@ def main():
     as_json.set_data_from_numpy(values, binary_data=False)
     body, header_length = InferRequest(model_name=MODEL, infer_inputs=[as_json]).to_rest()
     assert header_length is None
-    (out / "kserve_infer.json").write_text(json.dumps(body))
+    # What InferenceRESTClient.infer posts: the dict through orjson.
+    (out / "kserve_infer.json").write_bytes(orjson.dumps(body))
 
     as_binary = InferInput("input", SHAPE, "FP32")
     as_binary.set_data_from_numpy(values, binary_data=True)

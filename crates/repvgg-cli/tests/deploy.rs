@@ -38,6 +38,11 @@ fn serve_and_probe(args: &[String], paths: &[&str]) -> Vec<u16> {
             _ => fixed.push(a),
         }
     }
+    // The manifest's arguments leave the address to the image's entry point: without one the
+    // server would take 8080 here, which something else on the machine may hold.
+    if !fixed.iter().any(|a| a.starts_with("--addr")) {
+        fixed.push("--addr=127.0.0.1:0".into());
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_repvgg"))
         .args(&fixed)
         .stderr(Stdio::piped())

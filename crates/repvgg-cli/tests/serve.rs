@@ -1,6 +1,6 @@
 //! `repvgg serve` over loopback with a real HTTP client: every route, the V2 JSON and binary
-//! forms against `repvgg forward` (also through Triton's own Python client), classify against
-//! `predict`, the 400/404/413/503/504
+//! forms against `repvgg forward` (also from Triton's and KServe's own clients), classify
+//! against `predict`, the 400/404/413/503/504
 //! answers, draining on SIGTERM, and 64 clients at once.
 
 use std::io::{BufRead, BufReader};
@@ -185,14 +185,20 @@ fn logits_of(reply: &Reply) -> Vec<f32> {
     }
 }
 
-/// Writes `input` (N, 3, H, W) as a safetensors batch and returns `repvgg forward`'s logits.
-fn forward_logits(weights: &Path, dir: &Path, shape: [usize; 4], input: &[f32]) -> Vec<f32> {
+/// `input` (N, 3, H, W) as tensor `input` of `dir/batch.safetensors`.
+fn write_batch(dir: &Path, shape: [usize; 4], input: &[f32]) -> PathBuf {
     let path = dir.join("batch.safetensors");
     let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
             .unwrap();
     safetensors::serialize_to_file([("input", view)], None, &path).unwrap();
+    path
+}
+
+/// `repvgg forward`'s logits for `input` (N, 3, H, W).
+fn forward_logits(weights: &Path, dir: &Path, shape: [usize; 4], input: &[f32]) -> Vec<f32> {
+    let path = write_batch(dir, shape, input);
     let out = dir.join("logits.safetensors");
     repvgg_ok(&[
         "forward",
@@ -279,8 +285,9 @@ fn v2_routes_and_infer_match_forward() {
 }
 
 /// NVIDIA's Triton HTTP client, unchanged (`reference/triton_client.py`), gets from the server
-/// what `repvgg forward` computes, with binary tensors and with JSON ones (1e-6 relative, as
-/// above), reads the readiness routes and metadata, and is told why an FP16 tensor is refused.
+/// what `repvgg forward` computes, with binary tensors, with JSON ones and with no output named
+/// (1e-6 relative, as above), reads the readiness routes and metadata, and is told why an FP16
+/// tensor and a request for class labels are refused.
 #[test]
 fn triton_client_works_unchanged() {
     let Some(python) = repvgg_testing::python_with(&["tritonclient.http", "numpy", "safetensors"])
@@ -293,12 +300,13 @@ fn triton_client_works_unchanged() {
     let shape = [2, 3, 32, 32];
     let input = pattern(shape.iter().product(), 7);
     let reference = forward_logits(&weights, dir.path(), shape, &input);
+    let batch = write_batch(dir.path(), shape, &input);
     let answers = dir.path().join("triton.safetensors");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../reference/triton_client.py");
     let out = Command::new(python)
         .arg(script)
         .args([&server.base, "tiny"])
-        .arg(dir.path().join("batch.safetensors"))
+        .arg(&batch)
         .arg(&answers)
         .output()
         .unwrap();
@@ -320,8 +328,11 @@ fn triton_client_works_unchanged() {
         message.contains("FP16") && message.contains("FP32"),
         "{message}"
     );
+    assert_eq!(report["class_count"]["status"], "400");
+    let message = report["class_count"]["message"].as_str().unwrap();
+    assert!(message.contains("classification"), "{message}");
     let logits = repvgg_testing::read_f64(&answers);
-    for form in ["logits_binary", "logits_json"] {
+    for form in ["logits_binary", "logits_json", "logits_default"] {
         let (got_shape, got) = &logits[form];
         assert_eq!(got_shape, &vec![2, 10], "{form}");
         let err = repvgg_testing::relative_error(got, &repvgg_testing::widen(&reference));
@@ -390,6 +401,28 @@ fn kserve_client_requests_are_answered() {
         message.contains("'tiny'") && message.contains("'other'"),
         "{message}"
     );
+    let mut versioned = sent.clone();
+    versioned["model_version"] = json!("2");
+    let refused = post(
+        &url,
+        "application/json",
+        versioned.to_string().as_bytes(),
+        &[],
+    );
+    assert_eq!(refused.status, 400);
+    let message = refused.json()["error"].as_str().unwrap().to_string();
+    assert!(message.contains("version '2'"), "{message}");
+    versioned["model_version"] = json!("1");
+    let err = relative(
+        &logits_of(&post(
+            &url,
+            "application/json",
+            versioned.to_string().as_bytes(),
+            &[],
+        )),
+        &reference,
+    );
+    assert!(err < 1e-6, "version 1: {err:e}");
 }
 
 fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {

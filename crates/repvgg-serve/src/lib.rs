@@ -373,8 +373,9 @@ fn check_model(state: &AppState, params: &HashMap<String, String>) -> Result<(),
     }
 }
 
-/// A body that names a model (KServe's client sends `model_name` and `model_version`) must
-/// name the one its route does.
+/// A body that names a model (KServe's client names it) must name the one its route does:
+/// such a request was meant for another model, and this one's logits would look like an
+/// answer. (KServe's own server routes by the path and ignores the body's name.)
 fn check_named_model(state: &AppState, request: &protocol::InferRequest) -> Result<(), ApiError> {
     if let Some(name) = request.model_name.as_deref().filter(|n| *n != state.name) {
         return Err(ApiError::bad_request(format!(

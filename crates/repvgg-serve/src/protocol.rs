@@ -27,7 +27,8 @@ fn bad(message: impl Into<String>) -> RequestError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferRequest {
     pub id: Option<String>,
-    /// The model and version the body names, if it does (KServe's client does).
+    /// The model and version the body names, if it does (KServe's REST client names the
+    /// model; its gRPC-shaped bodies and hand-written ones may name the version).
     pub model_name: Option<String>,
     pub model_version: Option<String>,
     pub n: usize,
@@ -54,8 +55,7 @@ pub struct InputContract {
 #[serde(deny_unknown_fields)]
 struct RawRequest {
     id: Option<String>,
-    /// Not in the protocol's request, but KServe's Python client sends both: they must agree
-    /// with the route, which is what names the model.
+    /// Not in the protocol's request, but KServe's Python client names the model in it.
     model_name: Option<String>,
     model_version: Option<String>,
     #[serde(default)]
@@ -184,6 +184,12 @@ pub fn parse_infer(
     }
     let [n, c, h, w] = check_shape(&input.shape, contract)?;
     let count = n * c * h * w;
+    if let Some(key) = shared_memory_key(&input.parameters) {
+        return Err(bad(format!(
+            "input '{INPUT_NAME}' asks for shared memory ({key}); this server takes tensors \
+             in the request body only (JSON or binary data)"
+        )));
+    }
     let binary_size = match input.parameters.get("binary_data_size") {
         None => None,
         Some(v) => Some(v.as_u64().ok_or_else(|| {
@@ -252,6 +258,20 @@ pub fn parse_infer(
                 output.name
             )));
         }
+        // Answering logits where the client asked for class labels or a shared-memory
+        // write would be a wrong answer its code cannot tell from a right one.
+        if output.parameters.contains_key("classification") {
+            return Err(bad(format!(
+                "output '{OUTPUT_NAME}' asks for classification (class_count); this server \
+                 answers logits only: take the top classes from them, or POST /v1/classify"
+            )));
+        }
+        if let Some(key) = shared_memory_key(&output.parameters) {
+            return Err(bad(format!(
+                "output '{OUTPUT_NAME}' asks for shared memory ({key}); this server answers \
+                 in the response body only (JSON or binary data)"
+            )));
+        }
         if output.parameters.contains_key("binary_data") {
             binary_output = flag(&output.parameters, "binary_data")?;
         }
@@ -266,6 +286,15 @@ pub fn parse_infer(
         data,
         binary_output,
     })
+}
+
+/// The first parameter of the shared-memory extension (Triton's `shared_memory_region`,
+/// `_byte_size`, `_offset`), which this server does not implement.
+fn shared_memory_key(parameters: &Map<String, Value>) -> Option<&str> {
+    parameters
+        .keys()
+        .map(String::as_str)
+        .find(|key| key.starts_with("shared_memory_"))
 }
 
 /// The binary extension's FP32 data, which is little-endian: one copy on the machines we run
@@ -440,6 +469,26 @@ mod tests {
         let misspelt = json!({"inputs": [{"name": "input", "shape": [1, 3, 1, 1],
             "datatype": "FP32", "data": [1, 2, 3]}], "output": [{"name": "logits"}]});
         assert!(error_of(misspelt).contains("unknown field `output`"));
+    }
+
+    /// Triton's client asks for class labels with `class_count` and for shared memory with
+    /// `set_shared_memory`; neither may be answered with plain logits.
+    #[test]
+    fn extensions_this_server_lacks_are_refused_by_name() {
+        let with = |input_parameters: Value, output_parameters: Value| {
+            error_of(json!({"inputs": [{"name": "input", "shape": [1, 3, 1, 1],
+                "datatype": "FP32", "data": [1, 2, 3], "parameters": input_parameters}],
+                "outputs": [{"name": "logits", "parameters": output_parameters}]}))
+        };
+        let message = with(json!({}), json!({"classification": 3}));
+        assert!(message.contains("classification"), "{message}");
+        let message = with(json!({}), json!({"shared_memory_region": "out"}));
+        assert!(message.contains("shared_memory_region"), "{message}");
+        let message = with(
+            json!({"shared_memory_region": "in", "shared_memory_byte_size": 12}),
+            json!({}),
+        );
+        assert!(message.contains("shared memory"), "{message}");
     }
 
     #[test]
