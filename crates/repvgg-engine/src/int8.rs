@@ -290,21 +290,18 @@ impl Int8Engine {
     /// reduction is too short for it, such as the stem's, may run on another
     /// ([`Int8Kernels::best_for`]).
     pub fn kernels(&self) -> Int8Kernels {
-        let mut layers = [0usize; Int8Kernels::ALL.len()];
-        for layer in &self.layers {
-            if let Layer::Int8(l) = layer {
-                layers[Int8Kernels::ALL
-                    .iter()
-                    .position(|k| *k == l.kernels)
-                    .expect("listed")] += 1;
-            }
-        }
+        let layers_on = |kernels: Int8Kernels| {
+            self.layers
+                .iter()
+                .filter(|l| matches!(l, Layer::Int8(l) if l.kernels == kernels))
+                .count()
+        };
         Int8Kernels::ALL
             .into_iter()
-            .zip(layers)
-            .filter(|(_, n)| *n > 0)
-            .max_by_key(|(kernels, n)| (*n, *kernels))
-            .map_or(Int8Kernels::Portable, |(kernels, _)| kernels)
+            .map(|kernels| (layers_on(kernels), kernels))
+            .filter(|(n, _)| *n > 0)
+            .max()
+            .map_or(Int8Kernels::Portable, |(_, kernels)| kernels)
     }
 
     /// Logits `(n, classes)` for an NCHW float batch (a headless model's pooled features).
@@ -503,8 +500,8 @@ impl Int8Engine {
             let block = &blocks[i];
             timings.push(crate::LayerTiming {
                 method: match &self.layers[i] {
-                    Layer::Int8(l) => l.kernels.name().to_string(),
-                    Layer::Float(_) => "float".to_string(),
+                    Layer::Int8(l) => l.kernels.name(),
+                    Layer::Float(_) => "float",
                 },
                 name: block.name(),
                 seconds,

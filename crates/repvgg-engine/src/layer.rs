@@ -9,7 +9,7 @@ use repvgg_kernels::gemm::PackedB;
 use repvgg_kernels::winograd::{self, Algorithm};
 use repvgg_kernels::{Isa, OutPtr};
 
-use crate::plan::{self, Call, Choices, Geometry, Scheme, TaskRange};
+use crate::plan::{self, Call, Choices, Geometry, LayerPlan, Scheme, TaskRange};
 use crate::se::SqueezeExcite;
 use crate::workspace::with_task_scratch;
 
@@ -94,6 +94,25 @@ impl ConvLayer {
             .get_or_init(|| winograd::transform_filters(algorithm, &self.packed))
     }
 
+    /// The plan [`Layer::forward`] follows for `n` images of `h x w`, and its output size.
+    fn plan(
+        &self,
+        choices: &Choices,
+        n: usize,
+        h: usize,
+        w: usize,
+        parallel: bool,
+    ) -> (LayerPlan, usize, usize) {
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let (oh, ow) = self.output_size(h, w);
+        let call = Call { n, oh, ow, threads };
+        (plan::plan(&self.geometry, &call, choices), oh, ow)
+    }
+
     /// How [`Layer::forward`] computes this call, as `bench --layers` names it.
     pub fn method(
         &self,
@@ -102,21 +121,8 @@ impl ConvLayer {
         h: usize,
         w: usize,
         parallel: bool,
-    ) -> String {
-        let threads = if parallel {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        let (oh, ow) = self.output_size(h, w);
-        let call = Call { n, oh, ow, threads };
-        match plan::plan(&self.geometry, &call, choices).scheme {
-            Scheme::Winograd(Algorithm::F2) => "winograd F(2x2)".into(),
-            Scheme::Winograd(Algorithm::F4) => "winograd F(4x4)".into(),
-            Scheme::Winograd(Algorithm::Stride2F2) => "winograd F(2x2) s2".into(),
-            Scheme::Im2col => "im2col".into(),
-            Scheme::Implicit => "implicit".into(),
-        }
+    ) -> &'static str {
+        self.plan(choices, n, h, w, parallel).0.scheme.name()
     }
 
     /// Computes the layer for `n` NHWC images of `h x w` into `output`. `parallel`: split it
@@ -134,14 +140,7 @@ impl ConvLayer {
         output: &mut [f32],
         parallel: bool,
     ) {
-        let threads = if parallel {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        let (oh, ow) = self.output_size(h, w);
-        let call = Call { n, oh, ow, threads };
-        let plan = plan::plan(&self.geometry, &call, choices);
+        let (plan, oh, ow) = self.plan(choices, n, h, w, parallel);
         let split = plan.split;
         let out = OutPtr(output.as_mut_ptr());
         let relu = self.se.is_none();

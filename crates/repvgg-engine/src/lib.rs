@@ -96,7 +96,7 @@ pub struct LayerTiming {
     pub shape: (usize, usize, usize, usize),
     /// How the layer was computed: the float engine's scheme (`winograd F(4x4)`, `im2col`,
     /// ...) or the INT8 kernel set, since the engines choose per layer.
-    pub method: String,
+    pub method: &'static str,
 }
 
 /// One stage's output feature map, NCHW.

@@ -89,6 +89,19 @@ pub(crate) enum Scheme {
     Implicit,
 }
 
+impl Scheme {
+    /// As `bench --layers` prints it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scheme::Winograd(Algorithm::F2) => "winograd F(2x2)",
+            Scheme::Winograd(Algorithm::F4) => "winograd F(4x4)",
+            Scheme::Winograd(Algorithm::Stride2F2) => "winograd F(2x2) s2",
+            Scheme::Im2col => "im2col",
+            Scheme::Implicit => "implicit",
+        }
+    }
+}
+
 /// A layer's work cut into tasks: runs of items (output positions, or Winograd tiles, over the
 /// whole batch) times groups times slices of each group's output channels. Every (item,
 /// group, output channel) belongs to exactly one task.
