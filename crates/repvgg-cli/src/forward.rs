@@ -136,6 +136,13 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
         // Images were checked before they were decoded.
         crate::check_memory(spec, n, h, w, false, &input)?;
     }
+    // A headless model ends with its pooled features instead of logits.
+    let (key, width) = if spec.num_classes == 0 {
+        ("pooled", spec.feature_width())
+    } else {
+        ("logits", spec.num_classes)
+    };
+    let shape = [n, spec.in_channels, h, w];
     if ckpt.int8.is_some() {
         if features || out_indices.is_some() {
             bail!(
@@ -145,17 +152,11 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
         }
         let mut runner = repvgg_engine::Runner::new(&ckpt, bn_eps, isa)?;
         let logits = runner.forward(&values, n, h, w)?;
-        // A headless model ends with its pooled features instead of logits.
-        let (key, width) = if spec.num_classes == 0 {
-            ("pooled", spec.feature_width())
-        } else {
-            ("logits", spec.num_classes)
-        };
         let mut out = StateDict::new();
         out.insert(key.to_string(), CkptTensor::new(vec![n, width], logits));
         write_safetensors(output, &out, None)?;
         eprintln!(
-            "{} ({}, {}) on {input} -> {}: {key} [{n}, {width}]",
+            "{} ({}, {}) on {input} {shape:?} -> {}: {key} [{n}, {width}]",
             weights.display(),
             spec.name,
             runner.describe(),
@@ -191,12 +192,6 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
             );
         }
     })?;
-    // A headless model ends with its pooled features instead of logits.
-    let (key, width) = if spec.num_classes == 0 {
-        ("pooled", spec.feature_width())
-    } else {
-        ("logits", spec.num_classes)
-    };
     out.insert(key.to_string(), CkptTensor::new(vec![n, width], logits));
 
     write_safetensors(output, &out, None)?;
@@ -206,13 +201,11 @@ pub fn run(args: ForwardRun<'_>) -> Result<()> {
         String::new()
     };
     eprintln!(
-        "{} ({}, {} form, {} kernels) on {} {:?} -> {}: {key} [{n}, {width}]{features_note}",
+        "{} ({}, {} form, {} kernels) on {input} {shape:?} -> {}: {key} [{n}, {width}]{features_note}",
         weights.display(),
         spec.name,
         ckpt.form,
         engine.isa(),
-        input,
-        [n, spec.in_channels, h, w],
         output.display(),
     );
     Ok(())
