@@ -8,7 +8,9 @@ use clap::Args;
 use repvgg_data::DataKind;
 use repvgg_train::{RunOptions, TrainConfig};
 
-use crate::train::{arch_for, fit_batch, open_data, train_and_finish, warn_about_schedule};
+use crate::train::{
+    announce, arch_for, fit_batch, open_data, train_and_finish, warn_about_schedule,
+};
 
 /// Whether `checkpoint` is a demo run's: the demo's network, whatever its data.
 fn is_demo_run(checkpoint: &Path) -> bool {
@@ -112,16 +114,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         );
     }
     if !args.quiet {
-        eprintln!(
-            "demo: training {} ({} parameters) on {} ({} training, {} test images) for {} epoch{}",
-            arch,
-            crate::count(config.arch.params(repvgg_arch::Form::Train) as u64),
-            dir.display(),
-            data.train.len(),
-            data.test.len(),
-            config.epochs,
-            if config.epochs == 1 { "" } else { "s" }
-        );
+        announce("demo", &arch, &config, &dir, &data);
     }
     let options = RunOptions {
         resume: args.resume,

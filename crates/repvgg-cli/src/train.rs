@@ -245,6 +245,50 @@ pub(crate) fn fit_batch(preset: usize, images: usize, quiet: bool) -> usize {
     fitted
 }
 
+/// The run's first line: what trains on what, at which input size, so that a surprise (an
+/// image folder's 28x28 images trained at the ImageNet preset's 224) shows before the
+/// minutes go.
+pub(crate) fn announce(who: &str, arch: &str, config: &TrainConfig, dir: &Path, data: &DataSplits) {
+    let [h, w] = config.preprocessing(data).size;
+    eprintln!(
+        "{who}: training {arch} ({} parameters) on {} ({} training, {} evaluation images) for {} \
+         epoch{} at {h}x{w}, batch {}, lr {}",
+        crate::count(config.arch.params(repvgg_arch::Form::Train) as u64),
+        dir.display(),
+        data.train.len(),
+        data.test.len(),
+        config.epochs,
+        if config.epochs == 1 { "" } else { "s" },
+        config.batch_size,
+        config.lr,
+    );
+}
+
+/// An image folder whose images are at most half the training crop each way is upscaled
+/// into it: the cost of a 224 crop for a 28-pixel image's information. Judged on the first
+/// training image (one decode), as folders of one data set share a size.
+fn note_small_images(config: &TrainConfig, data: &DataSplits, dir: &Path) {
+    let Augment::RandomResizedCrop { size } = config.augment else {
+        return;
+    };
+    if data.kind != DataKind::ImageFolder || data.train.is_empty() {
+        return;
+    }
+    let Ok(image) = data.train.image(0) else {
+        return;
+    };
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    if 2 * w <= size && 2 * h <= size {
+        eprintln!(
+            "note: images in {} are small ({} is {w}x{h}) and are upscaled to {size}x{size} \
+             crops; --size {} trains near their own size, at a fraction of the cost",
+            dir.display(),
+            data.train.describe(0),
+            w.max(h)
+        );
+    }
+}
+
 /// A warm-up as long as the run never reaches the peak rate: legal, but rarely meant.
 pub(crate) fn warn_about_schedule(c: &TrainConfig, remedy: &str) {
     if c.warmup_epochs >= c.epochs as f64 {
@@ -414,6 +458,10 @@ pub fn train(args: TrainArgs) -> Result<()> {
             path,
             config.arch.num_classes,
         )?);
+    }
+    if !args.quiet {
+        announce("train", &args.arch, &config, &args.data, &data);
+        note_small_images(&config, &data, &args.data);
     }
     let options = RunOptions {
         resume: args.resume,

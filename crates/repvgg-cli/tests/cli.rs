@@ -875,6 +875,52 @@ fn png_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// `train` says first what it trains on and at which size, and an image folder of small images
+/// (Fashion-MNIST's 28x28) under the default ImageNet preset is told that its images are
+/// upscaled to 224 crops and which `--size` would train near theirs; at that size, no note.
+#[test]
+fn train_says_its_input_size_and_notes_upscaled_small_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("folders");
+    write_named_folder(&data.join("train"), 4, false);
+    write_named_folder(&data.join("val"), 2, true);
+    let out = dir.path().join("run");
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--arch",
+            TINY,
+            "--data",
+            data,
+            "--out",
+            out,
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--stop-after-steps",
+            "1",
+            "--overwrite",
+        ];
+        args.extend(extra);
+        ok_with_stderr(&args).1
+    };
+    let err = run(&[]);
+    assert!(
+        err.contains("train: training") && err.contains("(8 training, 4 evaluation images)"),
+        "{err}"
+    );
+    assert!(err.contains("at 224x224"), "{err}");
+    assert!(
+        err.contains("are upscaled to 224x224 crops; --size 28 trains near their own size"),
+        "{err}"
+    );
+    let err = run(&["--size", "28"]);
+    assert!(err.contains("at 28x28"), "{err}");
+    assert!(!err.contains("upscaled"), "{err}");
+}
+
 /// Issue 19's newcomer path: a model trained on named class folders records its
 /// preprocessing and class names, so that `predict` with no flags answers in folder names and
 /// agrees with `eval`; every command takes the training checkpoint as a weights file.
