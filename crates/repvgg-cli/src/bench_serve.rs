@@ -118,26 +118,22 @@ fn build_request(args: &BenchServeArgs) -> Result<Request> {
 /// One answer: its status (0: no HTTP answer at all) and latency.
 type Sample = (u16, Duration);
 
-fn send(agent: &ureq::Agent, request: &Request) -> u16 {
+/// The answer's status, or why there was no HTTP answer (no server, a reset, a timeout).
+fn send(agent: &ureq::Agent, request: &Request) -> Result<u16, ureq::Error> {
     let mut call = agent
         .post(&request.url)
         .header("content-type", request.content_type);
     if let Some(len) = request.header_length {
         call = call.header("inference-header-content-length", len.to_string());
     }
-    match call.send(&request.body[..]) {
-        Ok(mut response) => {
-            let status = response.status().as_u16();
-            // The body is read in full, as a real client would.
-            let _ = response
-                .body_mut()
-                .with_config()
-                .limit(1 << 30)
-                .read_to_vec();
-            status
-        }
-        Err(_) => 0,
-    }
+    let mut response = call.send(&request.body[..])?;
+    // The body is read in full, as a real client would.
+    let _ = response
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec();
+    Ok(response.status().as_u16())
 }
 
 fn agent() -> ureq::Agent {
@@ -171,15 +167,31 @@ fn run_level(
     // Warm-up: every client's connection opened, the server's buffers grown.
     let agents: Vec<ureq::Agent> = (0..concurrency).map(|_| agent()).collect();
     let rounds = args.warmup.div_ceil(concurrency).max(1);
-    std::thread::scope(|s| {
-        for agent in &agents {
-            s.spawn(|| {
-                for _ in 0..rounds {
-                    send(agent, request);
-                }
-            });
-        }
+    // Each client's last warm-up outcome.
+    let warmed: Vec<Result<u16, ureq::Error>> = std::thread::scope(|s| {
+        let clients: Vec<_> = agents
+            .iter()
+            .map(|agent| {
+                s.spawn(move || {
+                    let mut last = send(agent, request);
+                    for _ in 1..rounds {
+                        last = send(agent, request);
+                    }
+                    last
+                })
+            })
+            .collect();
+        clients.into_iter().filter_map(|c| c.join().ok()).collect()
     });
+    // A server that answered none of them is not there: say so rather than time it.
+    if let [Err(e), rest @ ..] = &warmed[..]
+        && rest.iter().all(Result::is_err)
+    {
+        bail!(
+            "{}: no HTTP answer to the warm-up requests: {e}",
+            request.url
+        );
+    }
     let samples = Arc::new(Mutex::new(Vec::<Sample>::with_capacity(args.requests)));
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(Mutex::new(None::<f64>));
@@ -223,7 +235,7 @@ fn run_level(
                             }
                             None => Instant::now(),
                         };
-                        let status = send(agent, &request);
+                        let status = send(agent, &request).unwrap_or(0);
                         samples.lock().unwrap().push((status, due.elapsed()));
                     }
                 })

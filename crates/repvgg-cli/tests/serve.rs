@@ -864,4 +864,30 @@ fn bench_serve_counts_statuses_and_reports_latency_only_for_successes() {
     assert_eq!(row["ok_per_s"], 0.0, "{row}");
     let text = run(&elsewhere, false);
     assert!(text.contains("p50 - ms, p99 - ms"), "{text}");
+
+    // Nothing listening: an error naming the URL, not a run of unanswered requests.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_repvgg"))
+        .args([
+            "bench-serve",
+            "--url",
+            &url,
+            "--concurrency",
+            "1",
+            "--requests",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{url}/v2/models/repvgg/infer: no HTTP answer")),
+        "{err}"
+    );
 }
