@@ -9,7 +9,7 @@ use repvgg_data::DataKind;
 use repvgg_train::{RunOptions, TrainConfig};
 
 use crate::train::{
-    announce, arch_for, fit_batch, open_data, train_and_finish, warn_about_schedule,
+    RunLabel, arch_for, fit_batch, open_data, train_and_finish, warn_about_schedule,
 };
 
 /// Whether `checkpoint` is a demo run's: the demo's network, whatever its data.
@@ -113,16 +113,18 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             args.out.display()
         );
     }
-    if !args.quiet {
-        announce("demo", &arch, &config, &dir, &data);
-    }
     let options = RunOptions {
         resume: args.resume,
         overwrite,
         progress: !args.quiet,
         ..RunOptions::default()
     };
-    let Some(mut result) = train_and_finish(config, &data, &args.out, options)? else {
+    let label = RunLabel {
+        who: "demo",
+        arch: &arch,
+        data_dir: &dir,
+    };
+    let Some(mut result) = train_and_finish(config, &data, &args.out, label, options)? else {
         return Ok(());
     };
     // The third form: the deployed model in INT8, calibrated on training images.

@@ -245,16 +245,28 @@ pub(crate) fn fit_batch(preset: usize, images: usize, quiet: bool) -> usize {
     fitted
 }
 
-/// The run's first line: what trains on what, at which input size, so that a surprise (an
-/// image folder's 28x28 images trained at the ImageNet preset's 224) shows before the
-/// minutes go.
-pub(crate) fn announce(who: &str, arch: &str, config: &TrainConfig, dir: &Path, data: &DataSplits) {
+/// Which command trains what on which data, for the run's first line.
+pub(crate) struct RunLabel<'a> {
+    pub who: &'a str,
+    pub arch: &'a str,
+    pub data_dir: &'a Path,
+}
+
+/// The run's first line, once its settings have passed every check: what trains on what, at
+/// which input size, so that a surprise (an image folder's 28x28 images trained at the
+/// ImageNet preset's 224) shows before the minutes go.
+fn announce(label: &RunLabel, config: &TrainConfig, data: &DataSplits) {
     let [h, w] = config.preprocessing(data).size;
+    let RunLabel {
+        who,
+        arch,
+        data_dir,
+    } = label;
     eprintln!(
         "{who}: training {arch} ({} parameters) on {} ({} training, {} evaluation images) for {} \
          epoch{} at {h}x{w}, batch {}, lr {}",
         crate::count(config.arch.params(repvgg_arch::Form::Train) as u64),
-        dir.display(),
+        data_dir.display(),
         data.train.len(),
         data.test.len(),
         config.epochs,
@@ -370,6 +382,7 @@ pub(crate) fn train_and_finish(
     config: TrainConfig,
     data: &DataSplits,
     out: &Path,
+    label: RunLabel,
     options: RunOptions,
 ) -> Result<Option<serde_json::Value>> {
     let quiet = !options.progress;
@@ -382,6 +395,10 @@ pub(crate) fn train_and_finish(
         &out.display().to_string(),
     )?;
     let mut trainer = Trainer::new(config, data, out, options)?;
+    if !quiet {
+        announce(&label, trainer.config(), data);
+        note_small_images(trainer.config(), data, label.data_dir);
+    }
     if let Some((epoch, step, global)) = trainer.resumed_at() {
         let epochs = trainer.config().epochs;
         let at = if epoch >= epochs {
@@ -459,10 +476,6 @@ pub fn train(args: TrainArgs) -> Result<()> {
             config.arch.num_classes,
         )?);
     }
-    if !args.quiet {
-        announce("train", &args.arch, &config, &args.data, &data);
-        note_small_images(&config, &data, &args.data);
-    }
     let options = RunOptions {
         resume: args.resume,
         overwrite: args.overwrite,
@@ -472,7 +485,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
         backend: args.device.into(),
         ..RunOptions::default()
     };
-    let result = train_and_finish(config, &data, &args.out, options)?;
+    let label = RunLabel {
+        who: "train",
+        arch: &args.arch,
+        data_dir: &args.data,
+    };
+    let result = train_and_finish(config, &data, &args.out, label, options)?;
     if let (true, Some(result)) = (args.json, result) {
         println!("{result}");
     }
